@@ -1,0 +1,1 @@
+"""miras: Titans and MIRAS."""

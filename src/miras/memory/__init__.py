@@ -1,0 +1,29 @@
+"""Tier 1 of miras: the memory engine, pure functions on tensors (no parameters).
+
+>>> from miras.memory import TITANS, Gates, chunked, recurrent, read
+"""
+
+from .architectures import LinearMemory, MLPMemory
+from .chunked import chunked
+from .objectives import GD, L2, Decay, DotProduct, Momentum, NoRetention
+from .recurrent import initial_state, read, recurrent
+from .rules import (
+    DELTANET,
+    LINEAR_ATTENTION,
+    MAMBA2,
+    PRESETS,
+    TITANS,
+    TITANS_LINEAR,
+    TTT_LINEAR,
+    TTT_MLP,
+    MemoryRule,
+    get_rule,
+)
+from .state import Gates, MemoryState
+
+__all__ = [
+    "LinearMemory", "MLPMemory", "L2", "DotProduct", "NoRetention", "Decay", "GD", "Momentum",
+    "MemoryRule", "Gates", "MemoryState", "recurrent", "chunked", "read", "initial_state",
+    "get_rule", "PRESETS", "TITANS", "TITANS_LINEAR", "DELTANET", "LINEAR_ATTENTION", "MAMBA2",
+    "TTT_LINEAR", "TTT_MLP",
+]

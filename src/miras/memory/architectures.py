@@ -1,0 +1,148 @@
+"""Memory architectures: the first MIRAS axis (what the memory M is).
+
+An architecture is pure math: a frozen dataclass with no parameters. Both engine paths use it
+through three methods, so a new architecture slots in without touching them:
+
+- ``apply(x, linear)``: run M on ``x`` where ``linear(l, u)`` computes layer l's pre-activation
+  ``W_l u``. The reference passes the plain matmul; the chunked path passes the dual-form read
+  (DESIGN.md §2.4), whose layer-l weights differ per token.
+- ``signals(weights, x, output_grad)``: forward at fixed weights, then the closed-form backward.
+  Returns, per layer, the back-propagated signal δ_l ``[..., N, out]`` and the layer input
+  a_l ``[..., N, in]``; the per-token weight gradient is their outer product δ_l ⊗ a_l.
+- ``weight_shapes`` / ``default_weights``: the ``(out, in)`` of each layer and the default init.
+
+Weights are ``[B, H, out, in]``; inputs ``[B, H, N, D]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Linear = Callable[[int, Tensor], Tensor]
+LN_EPS = 1e-5
+
+
+def matmul_linear(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
+    """``linear(l, u) = u W_lᵀ``: the plain forward pass at fixed weights."""
+    return lambda layer, u: torch.matmul(u, weights[layer].transpose(-1, -2))
+
+
+def _gelu_grad(z: Tensor) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + z * pdf
+
+
+def _silu_grad(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+# name -> (activation, its derivative)
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    "gelu": (F.gelu, _gelu_grad),
+    "silu": (F.silu, _silu_grad),
+    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearMemory:
+    """A matrix memory: M(W; x) = W x, W ``[dv, dk]``. Default (state=None) init: zeros."""
+
+    kind: ClassVar[str] = "linear"
+
+    def check_dims(self, dk: int, dv: int) -> None:
+        pass
+
+    def weight_shapes(self, dk: int, dv: int) -> list[tuple[int, int]]:
+        return [(dv, dk)]
+
+    def default_weights(self, dk: int, dv: int, *, dtype: torch.dtype, device=None) -> list[Tensor]:
+        return [torch.zeros(dv, dk, dtype=dtype, device=device)]
+
+    def apply(self, x: Tensor, linear: Linear) -> Tensor:
+        return linear(0, x)
+
+    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor]):
+        pred = torch.matmul(x, weights[0].transpose(-1, -2))
+        return pred, [output_grad(pred)], [x]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPMemory:
+    """A deep memory (Titans §3.1, MIRAS §5.3): M(x) = x + LN(W_L σ(… σ(W_1 x))).
+
+    LN is ``layer_norm`` over the last dim with no affine parameters (eps 1e-5); hidden width is
+    ``expansion * d``; σ is exact (erf) GELU by default. The residual needs dk == dv.
+    Default (state=None) init: N(0, 1/fan_in) from a fixed seed, identical for every batch row and
+    head (a zero init is a saddle point of the inner loss: no gradient would ever reach W_1).
+    """
+
+    depth: int = 2
+    expansion: int = 4
+    activation: str = "gelu"
+    kind: ClassVar[str] = "mlp"
+
+    def __post_init__(self):
+        if self.depth < 2:
+            raise ValueError(f"MLPMemory needs depth >= 2 (depth 1 is LinearMemory), got {self.depth}")
+        if self.expansion < 1:
+            raise ValueError(f"MLPMemory expansion must be >= 1, got {self.expansion}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}")
+
+    def check_dims(self, dk: int, dv: int) -> None:
+        if dk != dv:
+            raise ValueError(f"MLPMemory has a residual connection and needs key and value dims equal, got {dk}, {dv}")
+
+    def weight_shapes(self, dk: int, dv: int) -> list[tuple[int, int]]:
+        hidden = self.expansion * dk
+        widths = [dk] + [hidden] * (self.depth - 1) + [dv]
+        return [(widths[i + 1], widths[i]) for i in range(self.depth)]
+
+    def default_weights(self, dk: int, dv: int, *, dtype: torch.dtype, device=None) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return [(torch.randn(out, inp, generator=gen, dtype=torch.float64) / math.sqrt(inp)).to(dtype=dtype,
+                                                                                                 device=device)
+                for out, inp in self.weight_shapes(dk, dv)]
+
+    def apply(self, x: Tensor, linear: Linear) -> Tensor:
+        act = ACTIVATIONS[self.activation][0]
+        u = x
+        for layer in range(self.depth):
+            u = linear(layer, u)
+            if layer < self.depth - 1:
+                u = act(u)
+        return x + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
+
+    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor]):
+        act, act_grad = ACTIVATIONS[self.activation]
+        acts, pre = [x], []
+        u = x
+        for layer in range(self.depth):
+            z = torch.matmul(u, weights[layer].transpose(-1, -2))
+            pre.append(z)
+            if layer < self.depth - 1:
+                u = act(z)
+                acts.append(u)
+        # LayerNorm (no affine) forward and its closed-form backward.
+        mean = z.mean(-1, keepdim=True)
+        centered = z - mean
+        rstd = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + LN_EPS)
+        normed = centered * rstd
+        pred = x + normed
+        dy = output_grad(pred)
+        dz = rstd * (dy - dy.mean(-1, keepdim=True) - normed * (dy * normed).mean(-1, keepdim=True))
+        deltas = [dz]
+        for layer in range(self.depth - 1, 0, -1):
+            dz = torch.matmul(dz, weights[layer]) * act_grad(pre[layer - 1])
+            deltas.append(dz)
+        return pred, deltas[::-1], acts

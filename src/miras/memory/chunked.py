@@ -1,0 +1,148 @@
+"""The fast path: the chunkwise dual form of DESIGN.md §2.4, equal to ``recurrent``.
+
+Within a chunk every gradient is taken at the chunk-start weights W⁰, so each per-token gradient
+is a sum over layers of outer products g_t = δ_t ⊗ a_t, and the momentum and decay recurrences are
+linear. With E_s = Π_{j≤s} η_j and β_t = Π_{j≤t} (1 − α_j) inside the chunk:
+
+    W_t = β_t W⁰ + c_t S⁰ + Σ_{i≤t} A[t, i] δ_i ⊗ a_i,    c_t = Σ_{s≤t} (β_t/β_s) E_s
+    S_t = E_t S⁰ − Σ_{i≤t} P[t, i] δ_i ⊗ a_i,
+    A = −D P,   D[t, s] = β_t/β_s (t ≥ s),   P[s, i] = θ_i E_s/E_i (s ≥ i)   (GD: P = diag θ)
+
+A read at token t through layer l is then attention-like: W_t u_t = β_t W⁰u_t + c_t S⁰u_t +
+Σ_i A[t, i] (a_i · u_t) δ_i, i.e. a masked C×C matmul, and the state at the chunk end is the last
+row. No per-token weights are ever formed; the only weight tensors made are the chunk-boundary
+states, which autograd keeps for the backward pass (so memory grows linearly in T).
+
+All gate algebra (D, P, A, c) is computed for every chunk at once, before the sequential loop, in
+log space where every exponent is <= 0. A last partial chunk is padded with tokens whose lr is 0;
+padded tokens only touch rows after the last real one (A is lower-triangular), and the final state
+is read from the last real row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .recurrent import initial_state
+from .rules import MemoryRule
+from .state import Gates, MemoryState, check_inputs
+
+
+def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
+            state: MemoryState | None = None, chunk_size: int = 16) -> tuple[Tensor, MemoryState]:
+    """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state."""
+    check_inputs(rule, q, k, v, gates, state, chunk_size)
+    batch, tokens, heads, dk = k.shape
+    dv = v.shape[-1]
+    if state is None:
+        state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
+    size = min(chunk_size, tokens)
+    chunks = -(-tokens // size)
+    last = tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
+    coef = _chunk_coefficients(rule, gates, chunks, size)
+    # [N, B, H, C, D]: chunk n is one contiguous block.
+    q, k, v = (_to_chunks(x, chunks, size) for x in (q, k, v))
+
+    arch, bias = rule.architecture, rule.bias
+    weights, surprise = state.weights, state.momentum
+    outputs = []
+    for n in range(chunks):
+        row = last if n == chunks - 1 else size - 1
+        if n > 0:
+            weights = rule.retention.chunk_end(weights)
+        target = v[n]
+        _, deltas, acts = arch.signals(weights, k[n], lambda pred: bias.output_grad(pred, target))
+        mix = coef.mix[n]  # A, [B, H, C, C]
+        beta = coef.beta[n]
+        carry = None if coef.carry is None else coef.carry[n]
+
+        def linear(layer, u, weights=weights, surprise=surprise, deltas=deltas, acts=acts,
+                   mix=mix, beta=beta, carry=carry):
+            z = beta * torch.matmul(u, weights[layer].transpose(-1, -2))
+            if surprise is not None:
+                z = z + carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
+            scores = mix * torch.matmul(u, acts[layer].transpose(-1, -2))
+            return z + torch.matmul(scores, deltas[layer])
+
+        outputs.append(arch.apply(q[n], linear))
+        weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, n, row)
+    weights = rule.retention.chunk_end(weights)
+    y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
+    return y[:, :tokens], MemoryState(weights, surprise)
+
+
+@dataclass(frozen=True)
+class _Coefficients:
+    """Per-chunk gate algebra, leading dims [N, B, H]. With momentum, else the last three are None."""
+
+    mix: Tensor                   # A, [.., C, C]
+    beta: Tensor                  # β_t, [.., C, 1]
+    carry: Tensor | None          # c_t, [.., C, 1]
+    surprise_mix: Tensor | None   # P, [.., C, C]
+    surprise_keep: Tensor | None  # E_t, [.., C]
+
+
+def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int) -> _Coefficients:
+    lr = _gate_chunks(gates.lr, chunks, size, pad=0.0)
+    log_retain = rule.retention.log_retain(gates)
+    lower = torch.ones(size, size, dtype=torch.bool, device=lr.device).tril()
+    if log_retain is None:
+        log_beta = torch.zeros_like(lr)
+    else:
+        log_beta = _gate_chunks(log_retain, chunks, size, pad=0.0).cumsum(-1)
+    decay = _ratio(log_beta, lower)  # D[t, s] = β_t / β_s
+    beta = torch.exp(log_beta)
+    if rule.algorithm.uses_momentum:
+        log_e = _gate_chunks(rule.algorithm.log_momentum(gates), chunks, size, pad=0.0).cumsum(-1)
+        propagate = _ratio(log_e, lower) * lr.unsqueeze(-2)  # P[s, i] = θ_i E_s / E_i
+        mix = -torch.matmul(decay, propagate)
+        e = torch.exp(log_e)
+        carry = torch.matmul(decay, e.unsqueeze(-1))  # c_t = Σ_s D[t, s] E_s
+        surprise_mix, surprise_keep = propagate, e
+    else:
+        mix = -decay * lr.unsqueeze(-2)  # A = −D diag(θ)
+        carry = surprise_mix = surprise_keep = None
+    return _Coefficients(mix, beta.unsqueeze(-1), carry, surprise_mix, surprise_keep)
+
+
+def _ratio(log_cumulative: Tensor, lower: Tensor) -> Tensor:
+    """exp(x_t − x_s) for t >= s, 0 above the diagonal; masked before exp, so nothing overflows."""
+    diff = log_cumulative.unsqueeze(-1) - log_cumulative.unsqueeze(-2)
+    return torch.exp(diff.masked_fill(~lower, float("-inf")))
+
+
+def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, n: int, row: int):
+    """The state after token ``row`` of chunk ``n``: W = β W⁰ + c S⁰ + Σ_i A[row, i] δ_i ⊗ a_i."""
+    beta = coef.beta[n, :, :, row:row + 1]          # [B, H, 1, 1]
+    mix = coef.mix[n, :, :, row].unsqueeze(-1)      # [B, H, C, 1]
+    new_weights = []
+    for layer, (w, delta, act) in enumerate(zip(weights, deltas, acts)):
+        base = beta * w
+        if surprise is not None:
+            base = base + coef.carry[n, :, :, row:row + 1] * surprise[layer]
+        new_weights.append(base + torch.matmul((mix * delta).transpose(-1, -2), act))
+    if surprise is None:
+        return tuple(new_weights), None
+    keep = coef.surprise_keep[n, :, :, row, None, None]
+    retain = coef.surprise_mix[n, :, :, row].unsqueeze(-1)
+    new_surprise = tuple(keep * s - torch.matmul((retain * delta).transpose(-1, -2), act)
+                         for s, delta, act in zip(surprise, deltas, acts))
+    return tuple(new_weights), new_surprise
+
+
+def _to_chunks(x: Tensor, chunks: int, size: int) -> Tensor:
+    """[B, T, H, D] -> [N, B, H, C, D], zero-padded at the end, contiguous."""
+    batch, tokens, heads, dim = x.shape
+    x = F.pad(x, (0, 0, 0, 0, 0, chunks * size - tokens))
+    return x.reshape(batch, chunks, size, heads, dim).permute(1, 0, 3, 2, 4).contiguous()
+
+
+def _gate_chunks(g: Tensor, chunks: int, size: int, pad: float) -> Tensor:
+    """[B, T, H] -> [N, B, H, C], padded with ``pad``."""
+    batch, tokens, heads = g.shape
+    g = F.pad(g, (0, 0, 0, chunks * size - tokens), value=pad)
+    return g.reshape(batch, chunks, size, heads).permute(1, 0, 3, 2)

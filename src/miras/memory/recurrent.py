@@ -1,0 +1,80 @@
+"""The reference: the memory update written token by token, exactly as DESIGN.md §2.2 pins it.
+
+For a chunk that starts with weights W⁰ (and momentum S⁰), each token t of the chunk, in order:
+
+    g_t = ∇_W ℓ(M(W⁰; k_t), v_t)      # autograd, at the chunk-start weights
+    S_t = η_t S_{t−1} − θ_t g_t        # Momentum; GD: S_t = −θ_t g_t
+    W_t = (1 − α_t) W_{t−1} + S_t      # Decay;    NoRetention: α ≡ 0
+    y_t = M(W_t; q_t)                  # read after write
+
+This is the specification the fast path is tested against: short, slow and obvious. It uses
+autograd for g_t (with ``create_graph`` so that outer gradients flow through the inner ones).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .architectures import matmul_linear
+from .rules import MemoryRule
+from .state import Gates, MemoryState, check_inputs
+
+
+def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
+                  device=None) -> MemoryState:
+    """The rule's default state (zero linear memory / the architecture's default MLP init;
+    zero momentum), broadcast to ``[B, H, out, in]``."""
+    weights = tuple(w.expand(batch, heads, *w.shape).clone()
+                    for w in rule.architecture.default_weights(dk, dv, dtype=dtype, device=device))
+    momentum = tuple(torch.zeros_like(w) for w in weights) if rule.algorithm.uses_momentum else None
+    return MemoryState(weights, momentum)
+
+
+def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
+    """Retrieval without a write (Titans Eq. 15): y = M*(q). q ``[B, T, H, Dk]`` -> ``[B, T, H, Dv]``."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be a 4-d tensor [B, T, H, D], got {tuple(q.shape)}")
+    weights = state.weights
+    y = rule.architecture.apply(q.transpose(1, 2), matmul_linear(weights))
+    return y.transpose(1, 2)
+
+
+def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
+              state: MemoryState | None = None, chunk_size: int = 16) -> tuple[Tensor, MemoryState]:
+    """Reference path: one token at a time. Returns y ``[B, T, H, Dv]`` and the final state."""
+    check_inputs(rule, q, k, v, gates, state, chunk_size)
+    batch, tokens, heads, dk = k.shape
+    if state is None:
+        state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+    arch, momentum = rule.architecture, rule.algorithm.uses_momentum
+    log_retain = rule.retention.log_retain(gates)
+    weights, surprise = list(state.weights), list(state.momentum) if momentum else None
+    outputs = []
+    outer_grad = torch.is_grad_enabled()
+    for t in range(tokens):
+        if t % chunk_size == 0:
+            if t > 0:
+                weights = list(rule.retention.chunk_end(tuple(weights)))
+            start = _differentiable(weights)
+        with torch.enable_grad():
+            pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(start))
+            loss = rule.bias.loss(pred, v[:, t].unsqueeze(2)).sum()
+            grads = torch.autograd.grad(loss, start, create_graph=outer_grad)
+        lr = gates.lr[:, t, :, None, None]
+        keep = None if log_retain is None else torch.exp(log_retain[:, t, :, None, None])
+        for i, g in enumerate(grads):
+            step = -lr * g
+            if momentum:
+                surprise[i] = gates.momentum[:, t, :, None, None] * surprise[i] + step
+                step = surprise[i]
+            weights[i] = (weights[i] if keep is None else keep * weights[i]) + step
+        outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2))
+    weights = list(rule.retention.chunk_end(tuple(weights)))
+    final = MemoryState(tuple(weights), tuple(surprise) if momentum else None)
+    return torch.stack(outputs, dim=1), final
+
+
+def _differentiable(weights: list[Tensor]) -> list[Tensor]:
+    """The chunk-start weights as tensors autograd can differentiate the inner loss against."""
+    return [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]

@@ -1,0 +1,109 @@
+"""A MIRAS rule is four choices (MIRAS §3): architecture, attentional bias, retention, algorithm.
+
+Presets are values, not flags. Every model of MIRAS Table 1 that these axes express is one line
+here; ``memory/README.md`` maps them to the papers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .architectures import LinearMemory, MLPMemory
+from .objectives import GD, L2, Decay, DotProduct, Momentum, NoRetention
+
+Architecture = LinearMemory | MLPMemory
+Bias = L2 | DotProduct
+Retention = NoRetention | Decay
+Algorithm = GD | Momentum
+
+# kind -> class, per axis: the single place a new axis value is registered for serialisation.
+AXES: dict[str, dict[str, type]] = {
+    "architecture": {c.kind: c for c in (LinearMemory, MLPMemory)},
+    "bias": {c.kind: c for c in (L2, DotProduct)},
+    "retention": {c.kind: c for c in (NoRetention, Decay)},
+    "algorithm": {c.kind: c for c in (GD, Momentum)},
+}
+
+
+@dataclass(frozen=True)
+class MemoryRule:
+    """How the memory learns at test time: ``MemoryRule(architecture, bias, retention, algorithm)``."""
+
+    architecture: Architecture
+    bias: Bias
+    retention: Retention
+    algorithm: Algorithm
+
+    def __post_init__(self):
+        for axis, classes in AXES.items():
+            value = getattr(self, axis)
+            if type(value) not in classes.values():
+                raise TypeError(f"{axis} must be one of {[c.__name__ for c in classes.values()]}, "
+                                f"got {type(value).__name__}")
+
+    def needed_gates(self) -> set[str]:
+        """Names of the Gates fields (besides lr) this rule reads."""
+        return set(self.bias.gates | self.retention.gates | self.algorithm.gates)
+
+    def name(self) -> str:
+        return "MemoryRule(" + ", ".join(_describe(getattr(self, a)) for a in AXES) + ")"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {axis: {"kind": getattr(self, axis).kind, **asdict(getattr(self, axis))} for axis in AXES}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> MemoryRule:
+        if set(data) != set(AXES):
+            raise ValueError(f"a rule needs exactly the axes {list(AXES)}, got {list(data)}")
+        values = {}
+        for axis, spec in data.items():
+            spec = dict(spec)
+            kind = spec.pop("kind", None)
+            if kind not in AXES[axis]:
+                raise ValueError(f"unknown {axis} kind {kind!r}; valid: {sorted(AXES[axis])}")
+            klass = AXES[axis][kind]
+            allowed = {f.name for f in fields(klass)}
+            unknown = set(spec) - allowed
+            if unknown:
+                raise ValueError(f"unknown field(s) {sorted(unknown)} for {klass.__name__}; valid: {sorted(allowed)}")
+            values[axis] = klass(**spec)
+        return cls(**values)
+
+
+def _describe(value) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in asdict(value).items())
+    return f"{type(value).__name__}({args})"
+
+
+# Titans (LMM): 2-layer MLP memory, L2 bias, weight-decay forgetting, momentum (surprise).
+TITANS = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), Decay(), Momentum())
+# Titans with a matrix memory (L_M = 1, Titans §5.5 ablation).
+TITANS_LINEAR = MemoryRule(LinearMemory(), L2(), Decay(), Momentum())
+# The delta rule (DeltaNet): exact at chunk_size=1; larger chunks give its mini-batch form.
+DELTANET = MemoryRule(LinearMemory(), L2(), NoRetention(), GD())
+# Linear attention: Hebbian write M_t = M_{t−1} + θ_t v_t k_tᵀ.
+LINEAR_ATTENTION = MemoryRule(LinearMemory(), DotProduct(), NoRetention(), GD())
+# Mamba2-style / gated linear attention: M_t = (1 − α_t) M_{t−1} + θ_t v_t k_tᵀ.
+MAMBA2 = MemoryRule(LinearMemory(), DotProduct(), Decay(), GD())
+# TTT-Linear and TTT-MLP (Sun et al. 2024): mini-batch GD, no forgetting, no momentum.
+TTT_LINEAR = MemoryRule(LinearMemory(), L2(), NoRetention(), GD())
+TTT_MLP = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), NoRetention(), GD())
+
+PRESETS: dict[str, MemoryRule] = {
+    "titans": TITANS,
+    "titans-linear": TITANS_LINEAR,
+    "deltanet": DELTANET,
+    "linear-attention": LINEAR_ATTENTION,
+    "mamba2": MAMBA2,
+    "ttt-linear": TTT_LINEAR,
+    "ttt-mlp": TTT_MLP,
+}
+
+
+def get_rule(name: str) -> MemoryRule:
+    """The preset rule called ``name``; an unknown name is an error listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown memory rule {name!r}; valid: {sorted(PRESETS)}") from None

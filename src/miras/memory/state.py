@@ -1,0 +1,122 @@
+"""Gates and recurrent state of the memory engine, and the input checks both paths share.
+
+Conventions (DESIGN.md §2.2): per token and head, θ_t = ``lr``, η_t = ``momentum``,
+α_t = ``decay``, each ``[B, T, H]``. The state is the memory's weights, a tuple of
+``[B, H, out, in]`` tensors in application order, plus the momentum S (same shapes) or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Per-token, per-head gates, each ``[B, T, H]``.
+
+    lr: θ_t, the inner learning rate (>= 0).
+    momentum: η_t in [0, 1], the weight of past surprise; None for rules without momentum.
+    decay: α_t in [0, 1], the forgetting rate; None for rules without retention.
+    """
+
+    lr: Tensor
+    momentum: Tensor | None = None
+    decay: Tensor | None = None
+
+    def slice(self, start: int, stop: int) -> Gates:
+        """The gates of tokens ``start:stop``."""
+        return Gates(**{f.name: _maybe(getattr(self, f.name), lambda g: g[:, start:stop]) for f in fields(self)})
+
+    def present(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def _maybe(x, fn):
+    return None if x is None else fn(x)
+
+
+@dataclass(frozen=True)
+class MemoryState:
+    """The memory's recurrent state: ``weights`` (``[B, H, out, in]`` each, first layer first)
+    and ``momentum`` (same shapes) or None when the rule has no momentum."""
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...] | None = None
+
+    def detach(self) -> MemoryState:
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        return MemoryState(
+            tuple(w.detach() for w in self.weights),
+            _maybe(self.momentum, lambda m: tuple(s.detach() for s in m)),
+        )
+
+    def to(self, *args, **kwargs) -> MemoryState:
+        return MemoryState(
+            tuple(w.to(*args, **kwargs) for w in self.weights),
+            _maybe(self.momentum, lambda m: tuple(s.to(*args, **kwargs) for s in m)),
+        )
+
+    def nbytes(self) -> int:
+        """Size of the state in bytes (for the whole batch)."""
+        tensors = self.weights + (self.momentum or ())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: MemoryState | None,
+                 chunk_size: int) -> None:
+    """Raise a ValueError/TypeError that says what is wrong and what is allowed."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 4-d tensor [B, T, H, D], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, Dk], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must match k in [B, T, H] (batch, tokens, heads), got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    batch, tokens, heads = k.shape[:3]
+    if tokens < 1:
+        raise ValueError("the sequence must have at least one token (T >= 1)")
+    rule.architecture.check_dims(k.shape[-1], v.shape[-1])
+    _check_gates(rule, gates, (batch, tokens, heads))
+    if state is not None:
+        check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1])
+
+
+def _check_gates(rule, gates: Gates, shape: tuple[int, int, int]) -> None:
+    if not isinstance(gates, Gates):
+        raise TypeError(f"gates must be a miras.memory.Gates, got {type(gates).__name__}")
+    needed = {"lr"} | rule.needed_gates()
+    for name, gate in gates.present().items():
+        if name not in needed:
+            raise ValueError(f"gates.{name} was given but the rule {rule.name()} does not use it; "
+                             f"it uses {sorted(needed)}")
+        if tuple(gate.shape) != shape:
+            raise ValueError(f"gates.{name} must have shape [B, T, H] = {list(shape)}, got {list(gate.shape)}")
+    missing = needed - set(gates.present())
+    if missing:
+        raise ValueError(f"the rule {rule.name()} needs gates {sorted(missing)}, which are None")
+
+
+def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: int) -> None:
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a miras.memory.MemoryState or None, got {type(state).__name__}")
+    shapes = rule.architecture.weight_shapes(dk, dv)
+    expected = [(batch, heads, *s) for s in shapes]
+    got = [tuple(w.shape) for w in state.weights]
+    if got != expected:
+        raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture}, got {got}")
+    if rule.algorithm.uses_momentum:
+        if state.momentum is None or [tuple(s.shape) for s in state.momentum] != expected:
+            got_m = None if state.momentum is None else [tuple(s.shape) for s in state.momentum]
+            raise ValueError(f"state.momentum must have shapes {expected} (the rule uses momentum), got {got_m}")
+    elif state.momentum is not None:
+        raise ValueError("state.momentum must be None: the rule has no momentum")
