@@ -146,19 +146,41 @@ def test_read_after_write(name):
     torch.testing.assert_close(read(rule, final, q[:, -1:]), y[:, -1:], rtol=0, atol=1e-12)
 
 
+def _stream(impl, rule, q, k, v, gates, state, chunk_size, cuts):
+    outputs, bounds = [], [0, *cuts, q.shape[1]]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        y, state = impl(rule, q[:, start:stop], k[:, start:stop], v[:, start:stop], gates.slice(start, stop), state,
+                        chunk_size)
+        outputs.append(y)
+    return torch.cat(outputs, 1), state
+
+
+@pytest.mark.parametrize("impl", [recurrent, chunked])
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_segments_carry_state(name):
-    """Processing [0, 10) then [10, 23) with the state carried equals one call on [0, 23)."""
+@pytest.mark.parametrize("cuts", [[3, 10, 11], list(range(1, 23))], ids=["segments", "token-by-token"])
+def test_streaming_is_exact(impl, name, cuts):
+    """Any split into calls, with the state carried (mid-chunk too), equals one call."""
     rule = PRESETS[name]
     q, k, v, gates, state = make_inputs(rule, tokens=23)
     y, final = chunked(rule, q, k, v, gates, state, 5)
-    y1, mid = chunked(rule, q[:, :10], k[:, :10], v[:, :10], gates.slice(0, 10), state, 5)
-    y2, end = chunked(rule, q[:, 10:], k[:, 10:], v[:, 10:], gates.slice(10, 23), mid, 5)
-    # Chunk boundaries move (10 is not a multiple of 5... it is; 23 is not), so compare where
-    # the chunking is the same: both splits put boundaries at multiples of 5.
-    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=0, atol=1e-12)
-    for a, b in zip(end.weights, final.weights):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    y_stream, final_stream = _stream(impl, rule, q, k, v, gates, state, 5, cuts)
+    torch.testing.assert_close(y_stream, y, rtol=0, atol=1e-11)
+    assert final_stream.position == final.position == 3
+    for a, b in zip(final_stream.tensors(), final.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_streaming_gradients_match_one_call():
+    rule = TITANS
+    q, k, v, gates, state = make_inputs(rule, tokens=11, requires_grad=True)
+    y, final = chunked(rule, q, k, v, gates, state, 4)
+    y_stream, _ = _stream(chunked, rule, q, k, v, gates, state, 4, [2, 7])
+    cotangent = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(3))
+    named = leaves(q, k, v, gates, state)
+    g_one = torch.autograd.grad((y * cotangent).sum(), [t for _, t in named])
+    g_stream = torch.autograd.grad((y_stream * cotangent).sum(), [t for _, t in named])
+    for (name, _), a, b in zip(named, g_stream, g_one):
+        assert_close(a, b, name)
 
 
 def test_float32_close_to_float64():

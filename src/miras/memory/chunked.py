@@ -40,39 +40,50 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     dv = v.shape[-1]
     if state is None:
         state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
-    size = min(chunk_size, tokens)
-    chunks = -(-tokens // size)
-    last = tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
-    coef = _chunk_coefficients(rule, gates, chunks, size)
-    # [N, B, H, C, D]: chunk n is one contiguous block.
-    q, k, v = (_to_chunks(x, chunks, size) for x in (q, k, v))
+    # A state left mid-chunk continues its chunk: the sequence is laid out as if `offset`
+    # (inert, masked) tokens came first, so that chunk boundaries stay where they were.
+    offset = state.position
+    size = min(chunk_size, offset + tokens)
+    chunks = -(-(offset + tokens) // size)
+    layout = (offset, chunks * size - offset - tokens)  # padding (front, back)
+    last = offset + tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
+    coef = _chunk_coefficients(rule, gates, chunks, size, layout)
+    q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
 
     arch, bias = rule.architecture, rule.bias
     weights, surprise = state.weights, state.momentum
+    anchor = state.chunk_start if offset else weights
     outputs = []
     for n in range(chunks):
-        row = last if n == chunks - 1 else size - 1
         if n > 0:
-            weights = rule.retention.chunk_end(weights)
+            weights = anchor = rule.retention.chunk_end(weights)
         target = v[n]
-        _, deltas, acts = arch.signals(weights, k[n], lambda pred: bias.output_grad(pred, target))
-        mix = coef.mix[n]  # A, [B, H, C, C]
-        beta = coef.beta[n]
-        carry = None if coef.carry is None else coef.carry[n]
-
-        def linear(layer, u, weights=weights, surprise=surprise, deltas=deltas, acts=acts,
-                   mix=mix, beta=beta, carry=carry):
-            z = beta * torch.matmul(u, weights[layer].transpose(-1, -2))
-            if surprise is not None:
-                z = z + carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
-            scores = mix * torch.matmul(u, acts[layer].transpose(-1, -2))
-            return z + torch.matmul(scores, deltas[layer])
-
-        outputs.append(arch.apply(q[n], linear))
+        _, deltas, acts = arch.signals(anchor, k[n], lambda pred: bias.output_grad(pred, target))
+        read = _dual_read(weights, surprise, deltas, acts, coef.mix[n], coef.beta[n],
+                          None if coef.carry is None else coef.carry[n])
+        outputs.append(arch.apply(q[n], read))
+        row = last if n == chunks - 1 else size - 1
         weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, n, row)
-    weights = rule.retention.chunk_end(weights)
+    position = (offset + tokens) % chunk_size
+    if position == 0:
+        weights = rule.retention.chunk_end(weights)
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
-    return y[:, :tokens], MemoryState(weights, surprise)
+    final = MemoryState(weights, surprise, anchor if position else None, position)
+    return y[:, offset:offset + tokens], final
+
+
+def _dual_read(weights, surprise, deltas, acts, mix, beta, carry):
+    """Layer l of the memory at every token of the chunk, applied to that token's input u_t:
+    β_t W⁰u_t + c_t S⁰u_t + Σ_i A[t, i] (a_i · u_t) δ_i."""
+
+    def linear(layer: int, u: Tensor) -> Tensor:
+        z = beta * torch.matmul(u, weights[layer].transpose(-1, -2))
+        if surprise is not None:
+            z = z + carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
+        scores = mix * torch.matmul(u, acts[layer].transpose(-1, -2))
+        return z + torch.matmul(scores, deltas[layer])
+
+    return linear
 
 
 @dataclass(frozen=True)
@@ -86,22 +97,26 @@ class _Coefficients:
     surprise_keep: Tensor | None  # E_t, [.., C]
 
 
-def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int) -> _Coefficients:
-    lr = _gate_chunks(gates.lr, chunks, size, pad=0.0)
+def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int, layout) -> _Coefficients:
+    # Padding tokens get lr 0 and log-gates 0 (η = 1, α = 0): they write nothing and scale nothing.
+    lr = _gate_chunks(gates.lr, chunks, size, layout)
     log_retain = rule.retention.log_retain(gates)
     lower = torch.ones(size, size, dtype=torch.bool, device=lr.device).tril()
     if log_retain is None:
         log_beta = torch.zeros_like(lr)
     else:
-        log_beta = _gate_chunks(log_retain, chunks, size, pad=0.0).cumsum(-1)
+        log_beta = _gate_chunks(log_retain, chunks, size, layout).cumsum(-1)
     decay = _ratio(log_beta, lower)  # D[t, s] = β_t / β_s
     beta = torch.exp(log_beta)
     if rule.algorithm.uses_momentum:
-        log_e = _gate_chunks(rule.algorithm.log_momentum(gates), chunks, size, pad=0.0).cumsum(-1)
+        log_e = _gate_chunks(rule.algorithm.log_momentum(gates), chunks, size, layout).cumsum(-1)
         propagate = _ratio(log_e, lower) * lr.unsqueeze(-2)  # P[s, i] = θ_i E_s / E_i
         mix = -torch.matmul(decay, propagate)
         e = torch.exp(log_e)
-        carry = torch.matmul(decay, e.unsqueeze(-1))  # c_t = Σ_s D[t, s] E_s
+        # c_t = Σ_s D[t, s] E_s over real tokens s: a front padding token must not add S⁰ to W.
+        real = torch.ones_like(e)
+        real[0, ..., :layout[0]] = 0
+        carry = torch.matmul(decay, (e * real).unsqueeze(-1))
         surprise_mix, surprise_keep = propagate, e
     else:
         mix = -decay * lr.unsqueeze(-2)  # A = −D diag(θ)
@@ -134,15 +149,15 @@ def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, n: in
     return tuple(new_weights), new_surprise
 
 
-def _to_chunks(x: Tensor, chunks: int, size: int) -> Tensor:
-    """[B, T, H, D] -> [N, B, H, C, D], zero-padded at the end, contiguous."""
-    batch, tokens, heads, dim = x.shape
-    x = F.pad(x, (0, 0, 0, 0, 0, chunks * size - tokens))
+def _to_chunks(x: Tensor, chunks: int, size: int, layout: tuple[int, int]) -> Tensor:
+    """[B, T, H, D] -> [N, B, H, C, D], zero-padded (front, back), contiguous."""
+    batch, _, heads, dim = x.shape
+    x = F.pad(x, (0, 0, 0, 0, *layout))
     return x.reshape(batch, chunks, size, heads, dim).permute(1, 0, 3, 2, 4).contiguous()
 
 
-def _gate_chunks(g: Tensor, chunks: int, size: int, pad: float) -> Tensor:
-    """[B, T, H] -> [N, B, H, C], padded with ``pad``."""
-    batch, tokens, heads = g.shape
-    g = F.pad(g, (0, 0, 0, chunks * size - tokens), value=pad)
+def _gate_chunks(g: Tensor, chunks: int, size: int, layout: tuple[int, int]) -> Tensor:
+    """[B, T, H] -> [N, B, H, C], zero-padded (front, back)."""
+    batch, _, heads = g.shape
+    g = F.pad(g, (0, 0, *layout))
     return g.reshape(batch, chunks, size, heads).permute(1, 0, 3, 2)

@@ -50,13 +50,17 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     arch, momentum = rule.architecture, rule.algorithm.uses_momentum
     log_retain = rule.retention.log_retain(gates)
     weights, surprise = list(state.weights), list(state.momentum) if momentum else None
+    offset = state.position
+    anchor = list(state.chunk_start) if offset else None
+    start = _differentiable(anchor) if offset else None
     outputs = []
     outer_grad = torch.is_grad_enabled()
     for t in range(tokens):
-        if t % chunk_size == 0:
+        if (offset + t) % chunk_size == 0:
             if t > 0:
                 weights = list(rule.retention.chunk_end(tuple(weights)))
-            start = _differentiable(weights)
+            anchor = list(weights)
+            start = _differentiable(anchor)
         with torch.enable_grad():
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(start))
             loss = rule.bias.loss(pred, v[:, t].unsqueeze(2)).sum()
@@ -70,8 +74,11 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 step = surprise[i]
             weights[i] = (weights[i] if keep is None else keep * weights[i]) + step
         outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2))
-    weights = list(rule.retention.chunk_end(tuple(weights)))
-    final = MemoryState(tuple(weights), tuple(surprise) if momentum else None)
+    position = (offset + tokens) % chunk_size
+    if position == 0:
+        weights = list(rule.retention.chunk_end(tuple(weights)))
+    final = MemoryState(tuple(weights), tuple(surprise) if momentum else None,
+                        tuple(anchor) if position else None, position)
     return torch.stack(outputs, dim=1), final
 
 

@@ -39,29 +39,39 @@ def _maybe(x, fn):
 
 @dataclass(frozen=True)
 class MemoryState:
-    """The memory's recurrent state: ``weights`` (``[B, H, out, in]`` each, first layer first)
-    and ``momentum`` (same shapes) or None when the rule has no momentum."""
+    """The memory's recurrent state.
+
+    weights: ``[B, H, out, in]`` each, first layer first: the memory after the last token.
+    momentum: the surprise S, same shapes, or None when the rule has no momentum.
+    chunk_start, position: a call may end inside a chunk; then ``position`` (0 < position <
+    chunk_size) tokens of the current chunk are already written and ``chunk_start`` holds the
+    weights at the chunk start, where the rest of the chunk takes its gradients. At a chunk
+    boundary, position is 0 and chunk_start None. This makes streaming exact: any split of a
+    sequence into calls gives the same outputs and state as one call.
+    """
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...] | None = None
+    chunk_start: tuple[Tensor, ...] | None = None
+    position: int = 0
+
+    def _map(self, fn) -> MemoryState:
+        return MemoryState(tuple(map(fn, self.weights)), _maybe(self.momentum, lambda m: tuple(map(fn, m))),
+                           _maybe(self.chunk_start, lambda m: tuple(map(fn, m))), self.position)
 
     def detach(self) -> MemoryState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
-        return MemoryState(
-            tuple(w.detach() for w in self.weights),
-            _maybe(self.momentum, lambda m: tuple(s.detach() for s in m)),
-        )
+        return self._map(lambda t: t.detach())
 
     def to(self, *args, **kwargs) -> MemoryState:
-        return MemoryState(
-            tuple(w.to(*args, **kwargs) for w in self.weights),
-            _maybe(self.momentum, lambda m: tuple(s.to(*args, **kwargs) for s in m)),
-        )
+        return self._map(lambda t: t.to(*args, **kwargs))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.weights + (self.momentum or ()) + (self.chunk_start or ())
 
     def nbytes(self) -> int:
         """Size of the state in bytes (for the whole batch)."""
-        tensors = self.weights + (self.momentum or ())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: MemoryState | None,
@@ -89,6 +99,9 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     _check_gates(rule, gates, (batch, tokens, heads))
     if state is not None:
         check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1])
+        if not 0 <= state.position < chunk_size:
+            raise ValueError(f"state.position is {state.position}: the state was left inside a chunk of a larger "
+                             f"chunk_size; continue it with a chunk_size > {state.position}, got {chunk_size}")
 
 
 def _check_gates(rule, gates: Gates, shape: tuple[int, int, int]) -> None:
@@ -120,3 +133,8 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
             raise ValueError(f"state.momentum must have shapes {expected} (the rule uses momentum), got {got_m}")
     elif state.momentum is not None:
         raise ValueError("state.momentum must be None: the rule has no momentum")
+    if (state.position == 0) != (state.chunk_start is None):
+        raise ValueError("state.chunk_start must be given exactly when state.position > 0 (a state left mid-chunk)")
+    if state.chunk_start is not None and [tuple(w.shape) for w in state.chunk_start] != expected:
+        got_c = [tuple(w.shape) for w in state.chunk_start]
+        raise ValueError(f"state.chunk_start must have shapes {expected}, got {got_c}")
