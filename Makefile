@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow bench lint clean
+.PHONY: install test test-slow bench bench-baseline-venv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,8 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# A throwaway venv with titans-pytorch 0.5.5 for the benchmark comparison (never a dependency).
+bench-baseline-venv:
+	test -x .bench/titans-venv/bin/python || $(PYTHON) -m venv .bench/titans-venv
+	.bench/titans-venv/bin/python -m pip install -q $(TORCH_SPEC) titans-pytorch==0.5.5

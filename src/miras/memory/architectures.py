@@ -5,7 +5,8 @@ through three methods, so a new architecture slots in without touching them:
 
 - ``apply(x, linear)``: run M on ``x`` where ``linear(l, u)`` computes layer l's pre-activation
   ``W_l u``. The reference passes the plain matmul; the chunked path passes the dual-form read
-  (DESIGN.md §2.4), whose layer-l weights differ per token.
+  (DESIGN.md §2.4), whose layer-l weights differ per token. Layer 0 must read ``x`` itself
+  (the chunked path precomputes its scores from the raw queries and keys).
 - ``signals(weights, x, output_grad)``: forward at fixed weights, then the closed-form backward.
   Returns, per layer, the back-propagated signal δ_l ``[..., N, out]`` and the layer input
   a_l ``[..., N, in]``; the per-token weight gradient is their outer product δ_l ⊗ a_l.
@@ -34,22 +35,17 @@ def matmul_linear(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
     return lambda layer, u: torch.matmul(u, weights[layer].transpose(-1, -2))
 
 
-def _gelu_grad(z: Tensor) -> Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
-
-
-def _silu_grad(z: Tensor) -> Tensor:
+def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s))
+    return grad * s * (1.0 + z * (1.0 - s))
 
 
-# name -> (activation, its derivative)
-ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "gelu": (F.gelu, _gelu_grad),
-    "silu": (F.silu, _silu_grad),
-    "relu": (F.relu, lambda z: (z > 0).to(z.dtype)),
+# name -> (activation, backward(grad_out, pre_activation) -> grad_in). Each backward must itself be
+# differentiable (the outer loop differentiates through it): aten's gelu_backward is, silu's is not.
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
+    "gelu": (F.gelu, torch.ops.aten.gelu_backward),
+    "silu": (F.silu, _silu_backward),
+    "relu": (F.relu, lambda grad, z: grad * (z > 0).to(grad.dtype)),
 }
 
 
@@ -124,25 +120,24 @@ class MLPMemory:
         return x + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
 
     def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor]):
-        act, act_grad = ACTIVATIONS[self.activation]
+        act, act_backward = ACTIVATIONS[self.activation]
         acts, pre = [x], []
         u = x
         for layer in range(self.depth):
-            z = torch.matmul(u, weights[layer].transpose(-1, -2))
+            # Under autocast the matmul returns bf16; the elementwise work stays in the engine dtype.
+            z = torch.matmul(u, weights[layer].transpose(-1, -2)).to(x.dtype)
             pre.append(z)
             if layer < self.depth - 1:
                 u = act(z)
                 acts.append(u)
-        # LayerNorm (no affine) forward and its closed-form backward.
-        mean = z.mean(-1, keepdim=True)
-        centered = z - mean
-        rstd = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + LN_EPS)
-        normed = centered * rstd
+        # aten's LayerNorm forward/backward pair: one kernel each, and twice differentiable.
+        shape = [z.shape[-1]]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(z, shape, None, None, LN_EPS)
         pred = x + normed
-        dy = output_grad(pred)
-        dz = rstd * (dy - dy.mean(-1, keepdim=True) - normed * (dy * normed).mean(-1, keepdim=True))
+        dz = torch.ops.aten.native_layer_norm_backward(output_grad(pred), z, shape, mean, rstd, None, None,
+                                                       [True, False, False])[0]
         deltas = [dz]
         for layer in range(self.depth - 1, 0, -1):
-            dz = torch.matmul(dz, weights[layer]) * act_grad(pre[layer - 1])
+            dz = act_backward(torch.matmul(dz, weights[layer]).to(x.dtype), pre[layer - 1])
             deltas.append(dz)
         return pred, deltas[::-1], acts

@@ -47,23 +47,33 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     chunks = -(-(offset + tokens) // size)
     layout = (offset, chunks * size - offset - tokens)  # padding (front, back)
     last = offset + tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
-    coef = _chunk_coefficients(rule, gates, chunks, size, layout)
+    with torch.autocast(q.device.type, enabled=False):  # gate algebra: part of the write path
+        coef = _chunk_coefficients(rule, gates, chunks, size, layout)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
+    # Every architecture's first layer reads the raw query and writes with the raw key, so the
+    # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
+    first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
 
     arch, bias = rule.architecture, rule.bias
     weights, surprise = state.weights, state.momentum
     anchor = state.chunk_start if offset else weights
+    # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
+    # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
+    per_chunk = zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind())
+    # Under autocast only the reads run in low precision. The write path (inner gradients, gate
+    # algebra, state update) is a long recurrence that compounds rounding: with bf16 writes the
+    # state is ~17% off float64 after 1K tokens at the Titans defaults, with float32 writes 2e-5.
+    full_precision = torch.autocast(q.device.type, enabled=False)
     outputs = []
-    for n in range(chunks):
+    for n, (q_n, k_n, v_n, first_n, coef_n) in enumerate(per_chunk):
         if n > 0:
             weights = anchor = rule.retention.chunk_end(weights)
-        target = v[n]
-        _, deltas, acts = arch.signals(anchor, k[n], lambda pred: bias.output_grad(pred, target))
-        read = _dual_read(weights, surprise, deltas, acts, coef.mix[n], coef.beta[n],
-                          None if coef.carry is None else coef.carry[n])
-        outputs.append(arch.apply(q[n], read))
+        with full_precision:
+            _, deltas, acts = arch.signals(anchor, k_n, lambda pred, v_n=v_n: bias.output_grad(pred, v_n))
+        outputs.append(arch.apply(q_n, _dual_read(weights, surprise, deltas, acts, first_n, coef_n)))
         row = last if n == chunks - 1 else size - 1
-        weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, n, row)
+        with full_precision:
+            weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef_n, row)
     position = (offset + tokens) % chunk_size
     if position == 0:
         weights = rule.retention.chunk_end(weights)
@@ -72,15 +82,15 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     return y[:, offset:offset + tokens], final
 
 
-def _dual_read(weights, surprise, deltas, acts, mix, beta, carry):
+def _dual_read(weights, surprise, deltas, acts, first_scores, coef: _Coefficients):
     """Layer l of the memory at every token of the chunk, applied to that token's input u_t:
     β_t W⁰u_t + c_t S⁰u_t + Σ_i A[t, i] (a_i · u_t) δ_i."""
 
     def linear(layer: int, u: Tensor) -> Tensor:
-        z = beta * torch.matmul(u, weights[layer].transpose(-1, -2))
+        z = coef.beta * torch.matmul(u, weights[layer].transpose(-1, -2))
         if surprise is not None:
-            z = z + carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
-        scores = mix * torch.matmul(u, acts[layer].transpose(-1, -2))
+            z = z + coef.carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
+        scores = first_scores if layer == 0 else coef.mix * torch.matmul(u, acts[layer].transpose(-1, -2))
         return z + torch.matmul(scores, deltas[layer])
 
     return linear
@@ -95,6 +105,12 @@ class _Coefficients:
     carry: Tensor | None          # c_t, [.., C, 1]
     surprise_mix: Tensor | None   # P, [.., C, C]
     surprise_keep: Tensor | None  # E_t, [.., C]
+
+    def unbind(self) -> list[_Coefficients]:
+        """One _Coefficients per chunk (views), leading dims [B, H]."""
+        parts = [[None] * len(self.mix) if t is None else t.unbind(0)
+                 for t in (self.mix, self.beta, self.carry, self.surprise_mix, self.surprise_keep)]
+        return [_Coefficients(*values) for values in zip(*parts)]
 
 
 def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int, layout) -> _Coefficients:
@@ -130,20 +146,20 @@ def _ratio(log_cumulative: Tensor, lower: Tensor) -> Tensor:
     return torch.exp(diff.masked_fill(~lower, float("-inf")))
 
 
-def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, n: int, row: int):
-    """The state after token ``row`` of chunk ``n``: W = β W⁰ + c S⁰ + Σ_i A[row, i] δ_i ⊗ a_i."""
-    beta = coef.beta[n, :, :, row:row + 1]          # [B, H, 1, 1]
-    mix = coef.mix[n, :, :, row].unsqueeze(-1)      # [B, H, C, 1]
+def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, row: int):
+    """The state after token ``row`` of the chunk: W = β W⁰ + c S⁰ + Σ_i A[row, i] δ_i ⊗ a_i."""
+    beta = coef.beta[:, :, row:row + 1]          # [B, H, 1, 1]
+    mix = coef.mix[:, :, row].unsqueeze(-1)      # [B, H, C, 1]
     new_weights = []
     for layer, (w, delta, act) in enumerate(zip(weights, deltas, acts)):
         base = beta * w
         if surprise is not None:
-            base = base + coef.carry[n, :, :, row:row + 1] * surprise[layer]
+            base = base + coef.carry[:, :, row:row + 1] * surprise[layer]
         new_weights.append(base + torch.matmul((mix * delta).transpose(-1, -2), act))
     if surprise is None:
         return tuple(new_weights), None
-    keep = coef.surprise_keep[n, :, :, row, None, None]
-    retain = coef.surprise_mix[n, :, :, row].unsqueeze(-1)
+    keep = coef.surprise_keep[:, :, row, None, None]
+    retain = coef.surprise_mix[:, :, row].unsqueeze(-1)
     new_surprise = tuple(keep * s - torch.matmul((retain * delta).transpose(-1, -2), act)
                          for s, delta, act in zip(surprise, deltas, acts))
     return tuple(new_weights), new_surprise

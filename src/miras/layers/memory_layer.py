@@ -1,0 +1,140 @@
+"""The Titans neural long-term memory as a token mixer (Titans §3.1, §4.4; MIRAS §5.4; DESIGN.md §3).
+
+    x ─ Linear ─ causal depthwise conv (kernel 4) ─ SiLU ─┬─ q, k (L2-normalised per head), v
+    x ─ Linear ─ sigmoid ─ θ_t = max_lr·σ, η_t = σ, α_t = σ   (per token and head)
+    y = engine(rule, q, k, v, gates, state)                   (read after write, §2.2)
+    out = Linear( RMSNorm_head(y) ⊙ SiLU(Linear(x)) )
+
+Choices where the papers are silent (PAPERS.md §4), and why:
+- Gates are token-level, per head, from one linear map of x_t. The gate projection's weight starts
+  at zero, so at initialisation every gate equals its bias, set to give ``GATE_INIT``
+  (θ = 0.1, η = 0.9, α = 0.01) whatever ``max_lr`` (the upper bound of θ) is. With unit-norm
+  keys the inner problem's curvature is O(1),
+  so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
+  without NaN (tested).
+- The initial memory weights are learned, one set per head (meta-learned M_0): N(0, 1/fan_in)
+  for MLP memories, zero for matrix memories. The initial momentum is zero.
+- The engine runs in the dtype of the initial weights (float32 by default), also under bf16
+  autocast: the projections and the memory reads then run in bf16, while the write path (inner
+  gradients, gate algebra, state update) stays float32 (see ``memory/chunked.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
+
+IMPLS = {"chunked": chunked, "recurrent": recurrent}
+# Gate values at initialisation (before any training): the biases are set to produce these.
+GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01}
+
+
+@dataclass(frozen=True)
+class MemoryLayerState:
+    """What a MemoryLayer carries between calls: the memory and the conv inputs' tail."""
+
+    memory: MemoryState
+    conv: Tensor  # [B, kernel - 1, 3 * heads * head_dim], the last pre-conv projections
+
+    def detach(self) -> MemoryLayerState:
+        return MemoryLayerState(self.memory.detach(), self.conv.detach())
+
+    def nbytes(self) -> int:
+        return self.memory.nbytes() + self.conv.numel() * self.conv.element_size()
+
+
+class MemoryLayer(nn.Module):
+    """A MIRAS/Titans memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``."""
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
+                 chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked"):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass head_dim explicitly")
+            head_dim = dim // heads
+        if max_lr <= GATE_INIT["lr"]:
+            raise ValueError(f"max_lr must exceed the initial lr {GATE_INIT['lr']}, got {max_lr}")
+        self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
+        self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
+        inner = heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
+        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(conv_size), 1 / math.sqrt(conv_size))
+        self.gate_names = ["lr"] + sorted(rule.needed_gates())
+        self.gate_proj = nn.Linear(dim, heads * len(self.gate_names))
+        shapes = rule.architecture.weight_shapes(head_dim, head_dim)
+        self.initial_weights = nn.ParameterList(nn.Parameter(self._initial_weight(out, inp)) for out, inp in shapes)
+        self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
+        self.out_gate = nn.Linear(dim, inner, bias=False)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        self.reset_gates()
+
+    def _initial_weight(self, out: int, inp: int) -> Tensor:
+        if self.rule.architecture.kind == "linear":
+            return torch.zeros(self.heads, out, inp)
+        return torch.randn(self.heads, out, inp) / math.sqrt(inp)
+
+    def reset_gates(self) -> None:
+        """Zero gate weights and biases that give ``GATE_INIT`` at every token."""
+        nn.init.zeros_(self.gate_proj.weight)
+        bias = []
+        for name in self.gate_names:
+            value = GATE_INIT[name] / (self.max_lr if name == "lr" else 1.0)
+            bias.append(torch.full((self.heads,), math.log(value / (1 - value))))
+        with torch.no_grad():
+            self.gate_proj.bias.copy_(torch.cat(bias))
+
+    def init_state(self, batch: int) -> MemoryLayerState:
+        """The learned initial memory for ``batch`` sequences, zero momentum, an empty conv tail."""
+        weights = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in self.initial_weights)
+        momentum = tuple(torch.zeros_like(w) for w in weights) if self.rule.algorithm.uses_momentum else None
+        conv = self.conv_weight.new_zeros(batch, self.conv_weight.shape[1] - 1, self.conv_weight.shape[0])
+        return MemoryLayerState(MemoryState(weights, momentum), conv)
+
+    def forward(self, x: Tensor, state: MemoryLayerState | None = None) -> tuple[Tensor, MemoryLayerState]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        batch, tokens, _ = x.shape
+        if state is None:
+            state = self.init_state(batch)
+        elif not isinstance(state, MemoryLayerState) or state.conv.shape[0] != batch:
+            got = state.conv.shape[0] if isinstance(state, MemoryLayerState) else type(state).__name__
+            raise ValueError(f"state must be a MemoryLayerState for a batch of {batch} (from init_state or a "
+                             f"previous call on the same batch), got {got}")
+        qkv, conv_tail = self._conv(self.qkv(x), state.conv)
+        engine_dtype = self.initial_weights[0].dtype
+        q, k, v = F.silu(qkv).to(engine_dtype).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        y, memory = IMPLS[self.impl](self.rule, q, k, v, self._gates(x, engine_dtype), state.memory, self.chunk_size)
+        y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(y.dtype), eps=1e-6)
+        y = y.reshape(batch, tokens, -1).to(x.dtype) * F.silu(self.out_gate(x))
+        return self.out_proj(y), MemoryLayerState(memory, conv_tail)
+
+    def _conv(self, u: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+        """Causal depthwise conv over time, continuing from the previous call's last inputs."""
+        kernel = self.conv_weight.shape[1]
+        padded = torch.cat([tail.to(u.dtype), u], dim=1)
+        out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(u.dtype), groups=u.shape[-1])
+        return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):]
+
+    def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
+        raw = torch.sigmoid(self.gate_proj(x).to(dtype)).view(*x.shape[:2], len(self.gate_names), self.heads)
+        values = dict(zip(self.gate_names, raw.unbind(2)))
+        values["lr"] = self.max_lr * values["lr"]
+        return Gates(**values)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, chunk_size={self.chunk_size}, "
+                f"impl={self.impl!r}, rule={self.rule.name()}")
