@@ -1,4 +1,4 @@
-# Two commands: `make test` (set-up + the CPU test suite) and `make demo` (set-up + the demo).
+# `make test`: set up .venv and run the CPU test suite. `make bench`: the memory-layer benchmark.
 # TORCH_SPEC picks the torch that is installed when the venv has none; the default is the
 # CPU build (override e.g. `make test TORCH_SPEC="torch==2.5.1 --index-url ..."`).
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow bench bench-baseline-venv lint clean
+.PHONY: install test bench bench-baseline-venv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,6 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest
-
-test-slow: install
-	$(PY) -m pytest -m slow
 
 bench: install
 	$(PY) benchmarks/memory_layer.py

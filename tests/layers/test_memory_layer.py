@@ -87,6 +87,16 @@ def test_bf16_autocast_close_to_float32():
     assert rel < 0.03, f"bf16 relative error {rel:.3f}"
 
 
+@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
+def test_inference_under_no_grad(impl):
+    layer, x = make_layer(impl=impl), inputs(tokens=9)
+    expected, _ = layer(x)
+    with torch.no_grad():
+        y, state = layer(x)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, expected.detach(), rtol=0, atol=1e-12)
+
+
 def test_learned_initial_memory_is_used():
     layer, x = make_layer(), inputs(tokens=5)
     y, _ = layer(x)

@@ -51,16 +51,16 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     log_retain = rule.retention.log_retain(gates)
     weights, surprise = list(state.weights), list(state.momentum) if momentum else None
     offset = state.position
-    anchor = list(state.chunk_start) if offset else None
-    start = _differentiable(anchor) if offset else None
-    outputs = []
     outer_grad = torch.is_grad_enabled()
+    anchor = list(state.chunk_start) if offset else None
+    start = _differentiable(anchor, outer_grad) if offset else None
+    outputs = []
     for t in range(tokens):
         if (offset + t) % chunk_size == 0:
             if t > 0:
                 weights = list(rule.retention.chunk_end(tuple(weights)))
             anchor = list(weights)
-            start = _differentiable(anchor)
+            start = _differentiable(anchor, outer_grad)
         with torch.enable_grad():
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(start))
             loss = rule.bias.loss(pred, v[:, t].unsqueeze(2)).sum()
@@ -82,6 +82,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     return torch.stack(outputs, dim=1), final
 
 
-def _differentiable(weights: list[Tensor]) -> list[Tensor]:
-    """The chunk-start weights as tensors autograd can differentiate the inner loss against."""
-    return [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+def _differentiable(weights: list[Tensor], outer_grad: bool) -> list[Tensor]:
+    """The chunk-start weights as tensors autograd can differentiate the inner loss against. Under
+    no_grad a view of a parameter still says requires_grad but belongs to no graph: detach it."""
+    return [w if outer_grad and w.requires_grad else w.detach().requires_grad_(True) for w in weights]
