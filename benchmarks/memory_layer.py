@@ -59,14 +59,11 @@ def build(case):
     return MemoryLayer(DIM, heads=HEADS, rule=TITANS, chunk_size=case["chunk"], impl=case["layer"])
 
 
-def run_case(case) -> dict:
-    """Runs in a child process: build, count FLOPs, warm up, time, report peak RSS."""
-    torch.set_num_threads(case["threads"])
-    layer = build(case)
-    x = torch.randn(case["batch"], case["T"], DIM, generator=torch.Generator().manual_seed(1))
+def make_step(layer, x, case):
+    """One timed unit: forward (no grad) or forward + backward of a squared-mean loss."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["dtype"] == "bfloat16")
 
-    def step(inp):
+    def step(inp=x):
         if case["mode"] == "fwd":
             with torch.no_grad(), autocast:
                 return layer(inp)[0]
@@ -76,6 +73,31 @@ def run_case(case) -> dict:
         y.float().square().mean().backward()
         return y
 
+    return step
+
+
+def time_case(case, step, flops=None) -> dict:
+    """Warm up once, then time up to ``repeats`` runs within ``budget_s``; median, peak RSS."""
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    finite = bool(torch.isfinite(step().float()).all())
+    times = []
+    while len(times) < case["repeats"] and sum(times) < case["budget_s"]:
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds,
+            "gflops": None if flops is None else flops / seconds / 1e9, "runs": len(times), "finite": finite,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": rss_before}
+
+
+def run_case(case) -> dict:
+    """Runs in a child process: build, count FLOPs, then time."""
+    torch.set_num_threads(case["threads"])
+    layer = build(case)
+    x = torch.randn(case["batch"], case["T"], DIM, generator=torch.Generator().manual_seed(1))
+    step = make_step(layer, x, case)
     flops = None
     if case["layer"] != "recurrent":
         from torch.utils.flop_counter import FlopCounterMode
@@ -86,19 +108,7 @@ def run_case(case) -> dict:
             step(x[:, :count_t])
         scale = case["T"] / count_t if case["layer"] != "attention" else (case["T"] / count_t) ** 2
         flops = counter.get_total_flops() * scale
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    y = step(x)  # warm-up
-    finite = bool(torch.isfinite(y.float()).all())
-    times = []
-    while len(times) < case["repeats"] and sum(times) < case["budget_s"]:
-        start = time.perf_counter()
-        step(x)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds,
-            "gflops": None if flops is None else flops / seconds / 1e9, "runs": len(times), "finite": finite,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_mb": rss_before}
+    return time_case(case, step, flops)
 
 
 def matmul_rate(dtype: torch.dtype, threads: int, n: int = 2048) -> float:

@@ -13,12 +13,10 @@ per chunk (pooled), not per token; no q/k L2 norm (its qk_rmsnorm is off to matc
 """
 
 import json
-import resource
-import statistics
 import sys
-import time
 
 import torch
+from memory_layer import make_step, time_case  # this folder is on sys.path when run as a script
 from titans_pytorch import MemoryMLP, NeuralMemory
 
 
@@ -34,32 +32,8 @@ def build(chunk: int) -> NeuralMemory:
 def main():
     case = json.loads(sys.argv[1])
     torch.set_num_threads(case["threads"])
-    layer = build(case["chunk"])
     x = torch.randn(case["batch"], case["T"], 256, generator=torch.Generator().manual_seed(1))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["dtype"] == "bfloat16")
-
-    def step():
-        if case["mode"] == "fwd":
-            with torch.no_grad(), autocast:
-                return layer(x)[0]
-        layer.zero_grad(set_to_none=True)
-        with autocast:
-            y = layer(x)[0]
-        y.float().square().mean().backward()
-        return y
-
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    y = step()
-    times = []
-    while len(times) < case["repeats"] and sum(times) < case["budget_s"]:
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    print(json.dumps({**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds,
-                      "gflops": None, "runs": len(times), "finite": bool(torch.isfinite(y.float()).all()),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "rss_before_mb": rss_before}))
+    print(json.dumps(time_case(case, make_step(build(case["chunk"]), x, case))))
 
 
 if __name__ == "__main__":
