@@ -1,7 +1,7 @@
 """Throughput and peak memory of MemoryLayer (TITANS rule) against a causal SDPA attention layer of
 the same width, and against titans-pytorch's NeuralMemory where a throwaway venv has it.
 
-    make bench                                          # everything, ~15 min on 2 cores
+    make bench                                          # everything, ~30 min on 2 cores
     .venv/bin/python benchmarks/memory_layer.py --quick # a subset, ~3 min
     make bench-baseline-venv                            # once: titans-pytorch 0.5.5 in .bench/
 
@@ -102,10 +102,12 @@ def run_case(case) -> dict:
     if case["layer"] != "recurrent":
         from torch.utils.flop_counter import FlopCounterMode
 
+        # Count on the eager twin (same math, same FLOPs): the counter cannot see into compiled code.
+        twin = make_step(build({**case, "layer": "chunked"}), x, case) if case["layer"] == "compiled" else step
         count_t = min(case["T"], 1024)  # matmul FLOPs are linear in T for the memory layer
         counter = FlopCounterMode(display=False)
         with counter:
-            step(x[:, :count_t])
+            twin(x[:, :count_t])
         scale = case["T"] / count_t if case["layer"] != "attention" else (case["T"] / count_t) ** 2
         flops = counter.get_total_flops() * scale
     return time_case(case, step, flops)
@@ -181,9 +183,18 @@ def cases(quick: bool, threads: int, baseline: bool):
                        "dtype": "float32", **common}
         yield {"layer": "recurrent", "chunk": 16, "batch": 1, "T": 1024, "mode": mode, "dtype": "float32",
                **common, "repeats": 1}
-    for length in lengths:
-        yield {"layer": "chunked", "chunk": 16, "batch": 1, "T": length, "mode": "fwdbwd", "dtype": "bfloat16",
-               **common}
+    # impl="compiled": each chunk step under torch.compile (compiled once per process, in the warm-up).
+    for chunk in (16, 64):
+        for batch in batches:
+            for length in lengths:
+                yield {"layer": "compiled", "chunk": chunk, "batch": batch, "T": length, "mode": "fwdbwd",
+                       "dtype": "float32", **common}
+    for length in (lengths[0], lengths[-1]):
+        yield {"layer": "compiled", "chunk": 16, "batch": 1, "T": length, "mode": "fwd", "dtype": "float32", **common}
+    for layer in ("chunked", "compiled"):
+        for length in lengths:
+            yield {"layer": layer, "chunk": 16, "batch": 1, "T": length, "mode": "fwdbwd", "dtype": "bfloat16",
+                   **common}
     if baseline:
         for chunk in (16, 64):
             for length in lengths[:2]:

@@ -221,3 +221,20 @@ def test_no_retention_and_padding_edge():
     a, _ = chunked(rule, q, k, v, gates, state, 64)
     b, _ = recurrent(rule, q, k, v, gates, state, 1)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_compiled_step_equals_eager():
+    """chunked(compile=True): same outputs, state and gradients as the eager fast path."""
+    rule = TITANS
+    eager_out, eager_grads = run_with_grads(chunked, rule, make_inputs(rule, tokens=11, requires_grad=True), 4)
+
+    def compiled(*args):
+        return chunked(*args, compile=True)
+
+    out, grads = run_with_grads(compiled, rule, make_inputs(rule, tokens=11, requires_grad=True), 4)
+    for i, (a, b) in enumerate(zip(out, eager_out)):
+        assert_close(a, b, f"output {i}")
+    for key in grads:
+        assert_close(grads[key], eager_grads[key], f"d/d {key}")
+    with pytest.raises(TypeError, match="compile must be a bool"):
+        chunked(rule, *make_inputs(rule, tokens=3)[:4], None, 4, compile="yes")

@@ -21,6 +21,7 @@ Choices where the papers are silent (PAPERS.md §4), and why:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,11 @@ from torch import Tensor
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 
-IMPLS = {"chunked": chunked, "recurrent": recurrent}
+IMPLS = {
+    "chunked": chunked,
+    "compiled": functools.partial(chunked, compile=True),  # chunked, each chunk step torch.compile'd
+    "recurrent": recurrent,
+}
 # Gate values at initialisation (before any training): the biases are set to produce these.
 GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01}
 
@@ -51,7 +56,11 @@ class MemoryLayerState:
 
 
 class MemoryLayer(nn.Module):
-    """A MIRAS/Titans memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``."""
+    """A MIRAS/Titans memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``.
+
+    ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
+    ``torch.compile``: fastest after a one-off compile per shape) or "recurrent" (the reference).
+    """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
                  chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked"):

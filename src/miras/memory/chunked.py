@@ -33,9 +33,18 @@ from .state import Gates, MemoryState, check_inputs
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
-            state: MemoryState | None = None, chunk_size: int = 16) -> tuple[Tensor, MemoryState]:
-    """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state."""
+            state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False
+            ) -> tuple[Tensor, MemoryState]:
+    """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state.
+
+    ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
+    faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
+    of seconds), later calls reuse it. Same math, tested equal to the eager path.
+    """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    step = _compiled_step() if compile else _chunk_step
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
@@ -54,32 +63,50 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
     first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
 
-    arch, bias = rule.architecture, rule.bias
     weights, surprise = state.weights, state.momentum
     anchor = state.chunk_start if offset else weights
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
     per_chunk = zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind())
-    # Under autocast only the reads run in low precision. The write path (inner gradients, gate
-    # algebra, state update) is a long recurrence that compounds rounding: with bf16 writes the
-    # state is ~17% off float64 after 1K tokens at the Titans defaults, with float32 writes 2e-5.
-    full_precision = torch.autocast(q.device.type, enabled=False)
     outputs = []
     for n, (q_n, k_n, v_n, first_n, coef_n) in enumerate(per_chunk):
         if n > 0:
             weights = anchor = rule.retention.chunk_end(weights)
-        with full_precision:
-            _, deltas, acts = arch.signals(anchor, k_n, lambda pred, v_n=v_n: bias.output_grad(pred, v_n))
-        outputs.append(arch.apply(q_n, _dual_read(weights, surprise, deltas, acts, first_n, coef_n)))
         row = last if n == chunks - 1 else size - 1
-        with full_precision:
-            weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef_n, row)
+        y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row)
+        outputs.append(y_n)
     position = (offset + tokens) % chunk_size
     if position == 0:
         weights = rule.retention.chunk_end(weights)
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
     final = MemoryState(weights, surprise, anchor if position else None, position)
     return y[:, offset:offset + tokens], final
+
+
+def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scores, coef: _Coefficients, row: int):
+    """One chunk: gradient signals at ``anchor``, the dual-form read of every query, the state after
+    token ``row``. Returns (y [B, H, C, Dv], weights, momentum)."""
+    # Under autocast only the reads run in low precision. The write path (inner gradients, gate
+    # algebra, state update) is a long recurrence that compounds rounding: with bf16 writes the
+    # state is ~17% off float64 after 1K tokens at the Titans defaults, with float32 writes 2e-5.
+    full_precision = torch.autocast(q.device.type, enabled=False)
+    with full_precision:
+        _, deltas, acts = rule.architecture.signals(anchor, k, lambda pred: rule.bias.output_grad(pred, v))
+    y = rule.architecture.apply(q, _dual_read(weights, surprise, deltas, acts, first_scores, coef))
+    with full_precision:
+        weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, row)
+    return y, weights, surprise
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_step():
+    """``_chunk_step`` under torch.compile, made on first use (importing miras compiles nothing).
+    Shapes are static: each new (batch, heads, chunk, dims, dtype) compiles once."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(_chunk_step, dynamic=False)
+    return _COMPILED["step"]
 
 
 def _dual_read(weights, surprise, deltas, acts, first_scores, coef: _Coefficients):
