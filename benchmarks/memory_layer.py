@@ -56,8 +56,7 @@ def build(case):
     torch.manual_seed(0)
     if case["layer"] == "attention":
         return CausalAttention(DIM, HEADS)
-    return MemoryLayer(DIM, heads=HEADS, rule=TITANS, chunk_size=case["chunk"], impl=case["layer"],
-                       checkpoint=case.get("checkpoint", False))
+    return MemoryLayer(DIM, heads=HEADS, rule=TITANS, chunk_size=case["chunk"], impl=case["layer"])
 
 
 def make_step(layer, x, case):
@@ -192,10 +191,6 @@ def cases(quick: bool, threads: int, baseline: bool):
                        "dtype": "float32", **common}
     for length in (lengths[0], lengths[-1]):
         yield {"layer": "compiled", "chunk": 16, "batch": 1, "T": length, "mode": "fwd", "dtype": "float32", **common}
-    # Activation recomputation: memory against time, at the longest length.
-    for layer in ("chunked", "compiled"):
-        yield {"layer": layer, "chunk": 16, "batch": 1, "T": lengths[-1], "mode": "fwdbwd", "dtype": "float32",
-               "checkpoint": True, **common}
     for layer in ("chunked", "compiled"):
         for length in lengths:
             yield {"layer": layer, "chunk": 16, "batch": 1, "T": length, "mode": "fwdbwd", "dtype": "bfloat16",
@@ -230,8 +225,7 @@ def table(results, rates) -> str:
             continue
         gflops = "" if r.get("gflops") is None else f"{r['gflops']:.1f}"
         share = "" if r.get("gflops") is None else f"{100 * r['gflops'] / rates['float32']:.0f}%"
-        layer = r["layer"] + (" +checkpoint" if r.get("checkpoint") else "")
-        rows.append(f"| {layer} | {r['chunk'] or ''} | {r['batch']} | {r['T']} | {r['mode']} | {r['dtype']} "
+        rows.append(f"| {r['layer']} | {r['chunk'] or ''} | {r['batch']} | {r['T']} | {r['mode']} | {r['dtype']} "
                     f"| {r['tokens_per_s']:,.0f} | {gflops} | {share} | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(rows)
 

@@ -238,18 +238,3 @@ def test_compiled_step_equals_eager():
         assert_close(grads[key], eager_grads[key], f"d/d {key}")
     with pytest.raises(TypeError, match="compile must be a bool"):
         chunked(rule, *make_inputs(rule, tokens=3)[:4], None, 4, compile="yes")
-
-
-def test_checkpointed_equals_plain():
-    """chunked(checkpoint=True) recomputes chunk activations in backward: same values and gradients."""
-    rule = TITANS
-    plain_out, plain_grads = run_with_grads(chunked, rule, make_inputs(rule, tokens=13, requires_grad=True), 4)
-
-    def checkpointed(*args):
-        return chunked(*args, checkpoint=True)
-
-    out, grads = run_with_grads(checkpointed, rule, make_inputs(rule, tokens=13, requires_grad=True), 4)
-    for i, (a, b) in enumerate(zip(out, plain_out)):
-        assert_close(a, b, f"output {i}")
-    for key in grads:
-        assert_close(grads[key], plain_grads[key], f"d/d {key}")

@@ -60,13 +60,10 @@ class MemoryLayer(nn.Module):
 
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
     ``torch.compile``: fastest after a one-off compile per shape) or "recurrent" (the reference).
-    ``checkpoint``: recompute each chunk's activations in backward (much less memory when training
-    on long sequences; fast paths only).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
-                 chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
-                 checkpoint: bool = False):
+                 chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked"):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
@@ -77,9 +74,7 @@ class MemoryLayer(nn.Module):
         if max_lr <= GATE_INIT["lr"]:
             raise ValueError(f"max_lr must exceed the initial lr {GATE_INIT['lr']}, got {max_lr}")
         self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
-        if checkpoint and impl == "recurrent":
-            raise ValueError("checkpoint applies to the chunked paths; impl='recurrent' is the reference")
-        self.chunk_size, self.max_lr, self.impl, self.checkpoint = chunk_size, max_lr, impl, checkpoint
+        self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
@@ -131,9 +126,7 @@ class MemoryLayer(nn.Module):
         engine_dtype = self.initial_weights[0].dtype
         q, k, v = F.silu(qkv).to(engine_dtype).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        options = {"checkpoint": True} if self.checkpoint else {}
-        y, memory = IMPLS[self.impl](self.rule, q, k, v, self._gates(x, engine_dtype), state.memory, self.chunk_size,
-                                     **options)
+        y, memory = IMPLS[self.impl](self.rule, q, k, v, self._gates(x, engine_dtype), state.memory, self.chunk_size)
         y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(y.dtype), eps=1e-6)
         y = y.reshape(batch, tokens, -1).to(x.dtype) * F.silu(self.out_gate(x))
         return self.out_proj(y), MemoryLayerState(memory, conv_tail)

@@ -21,12 +21,10 @@ is read from the last real row.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor
 
 from .recurrent import initial_state
@@ -35,25 +33,18 @@ from .state import Gates, MemoryState, check_inputs
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
-            state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False,
-            checkpoint: bool = False) -> tuple[Tensor, MemoryState]:
+            state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False
+            ) -> tuple[Tensor, MemoryState]:
     """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state.
 
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
     faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
     of seconds), later calls reuse it. Same math, tested equal to the eager path.
-
-    ``checkpoint=True`` keeps only each chunk's inputs (the boundary state and the chunk's q, k, v,
-    gates) for backward and recomputes the chunk's activations there: several times less memory
-    for training on long sequences, for about one more forward pass of time.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
-    for name, flag in (("compile", compile), ("checkpoint", checkpoint)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
     step = _compiled_step() if compile else _chunk_step
-    if checkpoint and torch.is_grad_enabled():
-        step = functools.partial(torch.utils.checkpoint.checkpoint, step, use_reentrant=False)
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
