@@ -14,9 +14,10 @@ row. No per-token weights are ever formed; the only weight tensors made are the 
 states, which autograd keeps for the backward pass (so memory grows linearly in T).
 
 All gate algebra (D, P, A, c) is computed for every chunk at once, before the sequential loop, in
-log space where every exponent is <= 0. A last partial chunk is padded with tokens whose lr is 0;
-padded tokens only touch rows after the last real one (A is lower-triangular), and the final state
-is read from the last real row.
+log space where every exponent is <= 0. A last partial chunk is padded at the end with tokens
+whose lr is 0: they only touch rows after the last real one (A is lower-triangular), and the final
+state is read from the last real row. A state left mid-chunk by an earlier call is continued by
+padding at the front (lr 0, and masked out of the momentum carry c_t).
 """
 
 from __future__ import annotations
