@@ -1,0 +1,106 @@
+"""Causal self-attention with RoPE, optionally sliding-window with always-visible sink tokens (SWA*).
+
+``Attention(dim, heads, window=None, sinks=0)``:
+- ``window=None``: full causal attention (the Transformer baseline); its KV cache grows with the
+  context.
+- ``window=w``: each query sees the w most recent positions (itself included). ``sinks=s`` makes
+  the first s positions of the stream visible to every later query: with the persistent tokens
+  prepended to the stream (Titans Eq. 19), this is the SW-Attn* of MAG (Titans §4.2). The cache
+  then holds at most s + w − 1 keys, whatever the context length.
+
+Streaming is exact: ``forward(x, state)`` continues from the cache, so a sequence fed in pieces (or
+token by token) gives the same outputs as one call. RoPE uses absolute stream positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Keys (RoPE applied) and values ``[B, H, L, D]`` of the positions still visible to future
+    queries, their absolute positions ``[L]``, and the number of tokens seen so far."""
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    seen: int
+
+    def detach(self) -> KVCache:
+        return KVCache(self.keys.detach(), self.values.detach(), self.positions, self.seen)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+
+def rotary(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding (Su et al. 2021), half-split layout. x ``[B, H, T, D]``, positions ``[T]``."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    angles = positions.to(torch.float64)[:, None] * freqs[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x[..., :half], x[..., half:2 * half]
+    rotated = torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention: ``forward(x [B, T, dim], state=None) -> (y, KVCache)``."""
+
+    def __init__(self, dim: int, heads: int, *, window: int | None = None, sinks: int = 0,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive number of positions or None, got {window}")
+        if sinks and window is None:
+            raise ValueError("sinks only matter with a sliding window (full attention sees everything)")
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.window, self.sinks, self.rope_base = window, sinks, rope_base
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def init_state(self, batch: int) -> KVCache:
+        empty = self.out.weight.new_zeros(batch, self.heads, 0, self.head_dim)
+        return KVCache(empty, empty, torch.zeros(0, dtype=torch.long, device=empty.device), 0)
+
+    def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        batch, tokens, _ = x.shape
+        if state is None:
+            state = self.init_state(batch)
+        positions = torch.arange(state.seen, state.seen + tokens, device=x.device)
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        keys = torch.cat([state.keys.to(k.dtype), k], dim=2)
+        values = torch.cat([state.values.to(v.dtype), v], dim=2)
+        key_positions = torch.cat([state.positions, positions])
+        if self.window is None and state.seen == 0:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._visible(positions, key_positions))
+        y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
+        keep = self._kept(key_positions, state.seen + tokens)
+        return y, KVCache(keys[:, :, keep], values[:, :, keep], key_positions[keep], state.seen + tokens)
+
+    def _visible(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """[Tq, Tk] bool: key j is visible to query i."""
+        delta = query_positions[:, None] - key_positions[None, :]
+        visible = delta >= 0
+        if self.window is not None:
+            visible &= (delta < self.window) | (key_positions[None, :] < self.sinks)
+        return visible
+
+    def _kept(self, key_positions: Tensor, seen: int) -> Tensor:
+        """Which cached keys any future query (position >= seen) can still see."""
+        if self.window is None:
+            return torch.ones_like(key_positions, dtype=torch.bool)
+        return (key_positions > seen - self.window) | (key_positions < self.sinks)

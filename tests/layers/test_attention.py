@@ -1,0 +1,107 @@
+"""Attention: equals a naive softmax reference, causal, windowed with sinks, streams exactly, bounded cache."""
+
+import math
+
+import pytest
+import torch
+
+from miras.layers import Attention, TokenMixer, rotary
+
+CONFIGS = {"full": {}, "window": {"window": 5}, "window+sinks": {"window": 5, "sinks": 3}}
+
+
+def make(config="full", seed=0):
+    torch.manual_seed(seed)
+    return Attention(16, heads=2, **CONFIGS[config]).double()
+
+
+def inputs(tokens=23, batch=2, seed=1):
+    return torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def naive(layer: Attention, x):
+    """Softmax attention written out: scores, the visibility rule stated directly, softmax, sum."""
+    b, t, d = x.shape
+    q, k, v = layer.qkv(x).view(b, t, 3, layer.heads, layer.head_dim).permute(2, 0, 3, 1, 4)
+    pos = torch.arange(t)
+    q, k = rotary(q, pos), rotary(k, pos)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(layer.head_dim)
+    for i in range(t):
+        for j in range(t):
+            visible = j <= i and (layer.window is None or i - j < layer.window or j < layer.sinks)
+            if not visible:
+                scores[..., i, j] = float("-inf")
+    y = scores.softmax(-1) @ v
+    return layer.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_is_a_token_mixer():
+    assert isinstance(make(), TokenMixer)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_equals_naive_softmax(config):
+    layer, x = make(config), inputs()
+    torch.testing.assert_close(layer(x)[0], naive(layer, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_streams_exactly_with_bounded_cache(config):
+    layer, x = make(config), inputs()
+    y, cache = layer(x)
+    for cuts in ([4, 5, 13], list(range(1, 23))):
+        pieces, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, 23]):
+            out, state = layer(x[:, a:b], state)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)
+    expected = {"full": 23, "window": 5 - 1, "window+sinks": 3 + 5 - 1}[config]
+    assert cache.keys.shape[2] == state.keys.shape[2] == expected
+    assert cache.seen == 23
+
+
+def test_cache_does_not_grow_with_context():
+    layer = make("window+sinks")
+    state = None
+    sizes = []
+    for step in range(40):
+        _, state = layer(inputs(tokens=7, seed=step), state)
+        sizes.append(state.nbytes())
+    assert len(set(sizes[2:])) == 1, sizes
+
+
+def test_window_and_sinks_decide_what_is_seen():
+    layer, x = make("window+sinks"), inputs()
+    y, _ = layer(x)
+    for j, should_move in ((1, True), (10, False)):  # 1 is a sink; 10 is 12 back from 22, outside the window
+        x2 = x.clone()
+        x2[:, j] += 1.0
+        moved = (layer(x2)[0][:, 22] - y[:, 22]).abs().max() > 1e-9
+        assert moved == should_move, j
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_causal(config):
+    layer, x = make(config), inputs()
+    y, _ = layer(x)
+    x2 = x.clone()
+    x2[:, 9] += 1.0
+    torch.testing.assert_close(layer(x2)[0][:, :9], y[:, :9], rtol=0, atol=0)
+
+
+def test_rotary_depends_on_relative_position_only():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=gen, dtype=torch.float64), torch.randn(1, 1, 1, 8, generator=gen,
+                                                                                   dtype=torch.float64)
+    dots = [(rotary(q, torch.tensor([m + 3])) * rotary(k, torch.tensor([m]))).sum() for m in (0, 5, 100)]
+    torch.testing.assert_close(dots[0], dots[1])
+    torch.testing.assert_close(dots[0], dots[2])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        Attention(15, heads=2)
+    with pytest.raises(ValueError, match="sinks only matter with a sliding window"):
+        Attention(16, heads=2, sinks=4)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, dim=16\]"):
+        make()(torch.randn(2, 3, 8, dtype=torch.float64))
