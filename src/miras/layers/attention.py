@@ -32,6 +32,10 @@ class KVCache:
     positions: Tensor
     seen: int
 
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[0]
+
     def detach(self) -> KVCache:
         return KVCache(self.keys.detach(), self.values.detach(), self.positions, self.seen)
 

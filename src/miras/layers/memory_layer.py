@@ -48,6 +48,10 @@ class MemoryLayerState:
     memory: MemoryState
     conv: Tensor  # [B, kernel - 1, 3 * heads * head_dim], the last pre-conv projections
 
+    @property
+    def batch(self) -> int:
+        return self.conv.shape[0]
+
     def detach(self) -> MemoryLayerState:
         return MemoryLayerState(self.memory.detach(), self.conv.detach())
 

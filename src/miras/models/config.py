@@ -1,0 +1,101 @@
+"""Model configs and presets: ``<family>-<size>``, e.g. ``create("titans-lmm-tiny")``.
+
+A config is a frozen, keyword-only dataclass saved as JSON. The family picks the token mixer; the
+size picks widths (Titans Table 5 for the paper sizes: 170M/340M/760M/1.3B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+
+# family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
+FAMILIES: dict[str, str | None] = {
+    "titans-lmm": "titans",
+    "transformer": None,
+    "swa-transformer": None,
+    "deltanet": "deltanet",
+    "mamba2": "mamba2",
+    "linear-attention": "linear-attention",
+    "ttt-linear": "ttt-linear",
+    "ttt-mlp": "ttt-mlp",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything that defines a model's architecture."""
+
+    family: str
+    vocab_size: int = 256
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 8
+    chunk_size: int = 16  # memory update granularity (Titans §3.2)
+    window: int = 64  # sliding-window attention span (swa-transformer)
+    tie_embeddings: bool = True
+    impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
+        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+
+    @property
+    def rule(self) -> str | None:
+        return FAMILIES[self.family]
+
+    @property
+    def mlp_hidden(self) -> int:
+        return -(-int(self.mlp_ratio * self.dim) // 8) * 8
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls(**check_overrides(data, require_family=True))
+
+
+SIZES: dict[str, dict] = {
+    "tiny": {"dim": 64, "layers": 2, "heads": 2, "chunk_size": 8, "window": 32},
+    "small": {"dim": 256, "layers": 4, "heads": 4, "chunk_size": 16, "window": 256},
+    "170m": {"vocab_size": 32000, "dim": 768, "layers": 12, "heads": 16, "window": 2048},
+    "340m": {"vocab_size": 32000, "dim": 1024, "layers": 24, "heads": 16, "window": 2048},
+    "760m": {"vocab_size": 32000, "dim": 1536, "layers": 24, "heads": 16, "window": 2048},
+    "1.3b": {"vocab_size": 32000, "dim": 2048, "layers": 18, "heads": 8, "window": 2048},
+}
+
+PRESETS: dict[str, dict] = {f"{family}-{size}": {"family": family, **values}
+                            for family in FAMILIES for size, values in SIZES.items()}
+
+
+def check_overrides(values: dict, *, require_family: bool = False) -> dict:
+    """Unknown keys and wrongly typed values are errors that say what is valid."""
+    hints = typing.get_type_hints(ModelConfig)
+    valid = {f.name for f in fields(ModelConfig)}
+    unknown = set(values) - valid
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    if require_family and "family" not in values:
+        raise ValueError("a model config needs a 'family'")
+    for key, value in values.items():
+        expected = hints[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if expected is float else \
+            isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise TypeError(f"config field {key!r} must be {expected.__name__}, got {value!r}")
+    return values
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The config of preset ``name`` with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **check_overrides(overrides)})

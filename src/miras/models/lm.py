@@ -1,0 +1,132 @@
+"""The language model shared by every family (Llama macro, DESIGN.md §4).
+
+embedding → blocks (pre-RMSNorm residual: x + mixer(norm(x)), x + SwiGLU(norm(x))) → RMSNorm → head.
+One forward signature for all: ``model(ids [B, T], state=None) -> (logits [B, T, V], state)``;
+feeding a document in segments with the state carried equals one pass over it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import Attention, MemoryLayer
+from ..memory import get_rule
+from .config import ModelConfig, preset_config
+from .state import ModelState
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is any TokenMixer."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.mixer_norm, self.mixer = nn.RMSNorm(dim, eps=1e-6), mixer
+        self.mlp_norm, self.mlp = nn.RMSNorm(dim, eps=1e-6), mlp
+
+    def forward(self, x: Tensor, state=None):
+        y, state = self.mixer(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
+
+    def init_state(self, batch: int):
+        return self.mixer.init_state(batch)
+
+
+def build_mixer(config: ModelConfig) -> nn.Module:
+    if config.family == "transformer":
+        return Attention(config.dim, config.heads)
+    if config.family == "swa-transformer":
+        return Attention(config.dim, config.heads, window=config.window)
+    return MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
+                       impl=config.impl)
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden))
+                                    for _ in range(config.layers))
+        self.norm = nn.RMSNorm(config.dim, eps=1e-6)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_state(self, batch: int) -> ModelState:
+        return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0)
+
+    def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"ids must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        if state is None:
+            state = self.init_state(ids.shape[0])
+        x = self.embed(ids)
+        new_states = []
+        for block, block_state in zip(self.blocks, state.layers):
+            x, block_state = block(x, block_state)
+            new_states.append(block_state)
+        return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def state_bytes(self, state: ModelState) -> int:
+        """Recurrent state size in bytes per sequence."""
+        return state.nbytes() // state.layers[0].batch
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int = 0, state: ModelState | None = None
+                 ) -> tuple[Tensor, ModelState]:
+        """Prefill the prompt (fast path), then decode one token at a time with the carried state.
+        ``temperature=0`` is greedy. Returns the new tokens [B, max_new_tokens] and the state."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+        logits, state = self(prompt_ids, state)
+        tokens = []
+        for _ in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            tokens.append(token)
+            logits, state = self(token[:, None], state)
+        return torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0), state
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> Tensor:
+    """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        ordered, index = logits.sort(-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def create(name: str, **overrides) -> LanguageModel:
+    """``create("titans-lmm-tiny", dim=32)``: a model from a preset; unknown names and fields are errors."""
+    return LanguageModel(preset_config(name, **overrides))

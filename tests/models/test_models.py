@@ -1,0 +1,116 @@
+"""Every model family at `tiny`: causal, streams exactly, bounded state, generation, state files."""
+
+import pytest
+import torch
+
+from miras.models import FAMILIES, LanguageModel, ModelState, create, preset_config
+
+RECURRENT = [f for f in FAMILIES if f != "transformer"]
+
+
+def make(family, seed=0):
+    torch.manual_seed(seed)
+    return create(f"{family}-tiny").double()
+
+
+def ids(tokens=21, batch=2, seed=1):
+    return torch.randint(0, 256, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_causal(family):
+    model, x = make(family), ids()
+    logits, _ = model(x)
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 1) % 256
+    logits2, _ = model(x2)
+    torch.testing.assert_close(logits2[:, :11], logits[:, :11], rtol=0, atol=0)
+    assert (logits2[:, 11] - logits[:, 11]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_full_equals_segments_equals_token_by_token(family):
+    model, x = make(family), ids()
+    full, state = model(x)
+    for cuts in ([3, 12], list(range(1, 21))):
+        pieces, s = [], None
+        for a, b in zip([0, *cuts], [*cuts, 21]):
+            out, s = model(x[:, a:b], s)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+        assert s.seen == 21
+
+
+@pytest.mark.parametrize("family", RECURRENT)
+def test_state_size_does_not_grow(family):
+    """After 100 and after 10,004 tokens (both 4 into a chunk of 8) the state is the same size."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny")
+    with torch.no_grad():
+        _, short = model(ids(100, batch=1))
+        _, long = model(ids(10_004, batch=1))
+    assert model.state_bytes(short) == model.state_bytes(long) > 0
+
+
+def test_transformer_cache_grows():
+    model = make("transformer")
+    with torch.no_grad():
+        _, short = model(ids(10, batch=1))
+        _, long = model(ids(100, batch=1))
+    assert model.state_bytes(long) == 10 * model.state_bytes(short)
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "swa-transformer", "transformer"])
+def test_generate_is_cached_greedy_decoding(family):
+    """Greedy generate (prefill + one token at a time) == argmax of a full uncached forward."""
+    model, prompt = make(family), ids(9)
+    new, _ = model.generate(prompt, 6, temperature=0)
+    seq = prompt
+    for _ in range(6):
+        logits, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(new, seq[:, 9:], rtol=0, atol=0)
+
+
+def test_generate_is_reproducible():
+    model, prompt = make("titans-lmm"), ids(5)
+    a, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    b, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    c, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "swa-transformer"])
+def test_state_save_load_round_trips(family, tmp_path):
+    model, x = make(family), ids(30)
+    _, state = model(x[:, :13])
+    state.save(tmp_path / "state.pt")
+    loaded = ModelState.load(tmp_path / "state.pt")
+    expected, _ = model(x[:, 13:], state)
+    got, _ = model(x[:, 13:], loaded)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_state_load_rejects_other_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a state")
+    with pytest.raises(ValueError, match="not a readable miras state file"):
+        ModelState.load(bad)
+    torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a miras state file"):
+        ModelState.load(tmp_path / "other.pt")
+
+
+def test_presets_and_overrides():
+    model = create("titans-lmm-tiny", dim=32, layers=1)
+    assert isinstance(model, LanguageModel) and model.config.dim == 32 and model.config.vocab_size == 256
+    assert preset_config("transformer-170m").dim == 768
+    with pytest.raises(ValueError, match="unknown preset 'titans-lmm-huge'; valid:"):
+        create("titans-lmm-huge")
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['width'\]; valid:"):
+        create("titans-lmm-tiny", width=3)
+    with pytest.raises(TypeError, match="config field 'dim' must be int"):
+        create("titans-lmm-tiny", dim="64")
+    with pytest.raises(ValueError, match="token ids must be in"):
+        make("deltanet")(torch.tensor([[0, 256]]))
