@@ -60,7 +60,7 @@ def test_transformer_cache_grows():
     assert model.state_bytes(long) == 10 * model.state_bytes(short)
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "swa-transformer", "transformer"])
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mag", "titans-mal", "swa-transformer", "transformer"])
 def test_generate_is_cached_greedy_decoding(family):
     """Greedy generate (prefill + one token at a time) == argmax of a full uncached forward."""
     model, prompt = make(family), ids(9)
@@ -81,7 +81,7 @@ def test_generate_is_reproducible():
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "swa-transformer"])
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mag", "swa-transformer"])
 def test_state_save_load_round_trips(family, tmp_path):
     model, x = make(family), ids(30)
     _, state = model(x[:, :13])
@@ -114,3 +114,16 @@ def test_presets_and_overrides():
         create("titans-lmm-tiny", dim="64")
     with pytest.raises(ValueError, match="token ids must be in"):
         make("deltanet")(torch.tensor([[0, 256]]))
+
+
+@pytest.mark.parametrize("family", ["titans-mag", "titans-mal"])
+def test_persistent_tokens_are_used(family):
+    """P is prepended at the stream start: changing it changes outputs, even far past the window."""
+    model, x = make(family), ids(60)
+    assert model.config.persistent == 4
+    logits, _ = model(x)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.persistent.add_(0.5)
+    moved, _ = model(x)
+    assert (moved[:, -1] - logits[:, -1]).abs().max() > 1e-6

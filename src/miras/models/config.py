@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
     "titans-lmm": "titans",
+    "titans-mag": "titans",
+    "titans-mal": "titans",
     "transformer": None,
     "swa-transformer": None,
     "deltanet": "deltanet",
@@ -34,7 +36,8 @@ class ModelConfig:
     heads: int = 2
     mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 8
     chunk_size: int = 16  # memory update granularity (Titans §3.2)
-    window: int = 64  # sliding-window attention span (swa-transformer)
+    window: int = 64  # sliding-window attention span (swa-transformer, MAG, MAL)
+    persistent: int = 0  # N_p learned persistent tokens per layer, prepended at the stream start (Titans Eq. 19)
     tie_embeddings: bool = True
     impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent"
 
@@ -44,6 +47,8 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.persistent < 0:
+            raise ValueError(f"persistent must be >= 0, got {self.persistent}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
 
@@ -71,9 +76,14 @@ SIZES: dict[str, dict] = {
     "760m": {"vocab_size": 32000, "dim": 1536, "layers": 24, "heads": 16, "window": 2048},
     "1.3b": {"vocab_size": 32000, "dim": 2048, "layers": 18, "heads": 8, "window": 2048},
 }
+# Persistent tokens for the families that use them (the papers' 128 at the paper sizes).
+PERSISTENT = {"tiny": 4, "small": 16, "170m": 128, "340m": 128, "760m": 128, "1.3b": 128}
+PERSISTENT_FAMILIES = ("titans-mag", "titans-mal")
 
-PRESETS: dict[str, dict] = {f"{family}-{size}": {"family": family, **values}
-                            for family in FAMILIES for size, values in SIZES.items()}
+PRESETS: dict[str, dict] = {
+    f"{family}-{size}": {"family": family, **values,
+                         **({"persistent": PERSISTENT[size]} if family in PERSISTENT_FAMILIES else {})}
+    for family in FAMILIES for size, values in SIZES.items()}
 
 
 def check_overrides(values: dict, *, require_family: bool = False) -> dict:

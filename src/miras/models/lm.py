@@ -15,6 +15,7 @@ from torch import Tensor
 from ..layers import Attention, MemoryLayer
 from ..memory import get_rule
 from .config import ModelConfig, preset_config
+from .hybrids import MemoryAsGate, MemoryAsLayer
 from .state import ModelState
 
 
@@ -30,17 +31,27 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is any TokenMixer."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)); the mixer is any TokenMixer.
 
-    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module):
+    With ``persistent`` > 0 the block owns N_p learned, input-independent tokens P (Titans Eq. 19)
+    and, at the start of a stream, runs on P ‖ x and drops P's outputs: the mixer's state then
+    holds what it made of P (the attention keeps P visible as sink positions, the memory wrote it).
+    """
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, persistent: int = 0):
         super().__init__()
         self.mixer_norm, self.mixer = nn.RMSNorm(dim, eps=1e-6), mixer
         self.mlp_norm, self.mlp = nn.RMSNorm(dim, eps=1e-6), mlp
+        self.persistent = nn.Parameter(0.02 * torch.randn(persistent, dim)) if persistent else None
 
-    def forward(self, x: Tensor, state=None):
+    def forward(self, x: Tensor, state=None, *, start: bool = False):
+        prefix = 0
+        if start and self.persistent is not None:
+            prefix = self.persistent.shape[0]
+            x = torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        return (x + self.mlp(self.mlp_norm(x)))[:, prefix:], state
 
     def init_state(self, batch: int):
         return self.mixer.init_state(batch)
@@ -51,8 +62,14 @@ def build_mixer(config: ModelConfig) -> nn.Module:
         return Attention(config.dim, config.heads)
     if config.family == "swa-transformer":
         return Attention(config.dim, config.heads, window=config.window)
-    return MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
-                       impl=config.impl)
+    memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
+                         impl=config.impl)
+    if config.family == "titans-mag":
+        return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
+                                              sinks=config.persistent))
+    if config.family == "titans-mal":
+        return MemoryAsLayer(memory, Attention(config.dim, config.heads, window=config.window))
+    return memory
 
 
 class LanguageModel(nn.Module):
@@ -60,8 +77,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden))
-                                    for _ in range(config.layers))
+        self.blocks = nn.ModuleList(
+            Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden), config.persistent)
+            for _ in range(config.layers))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -81,7 +99,7 @@ class LanguageModel(nn.Module):
         x = self.embed(ids)
         new_states = []
         for block, block_state in zip(self.blocks, state.layers):
-            x, block_state = block(x, block_state)
+            x, block_state = block(x, block_state, start=state.seen == 0)
             new_states.append(block_state)
         return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1])
 
