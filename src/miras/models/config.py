@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
     "titans-lmm": "titans",
+    "titans-mac": "titans",
     "titans-mag": "titans",
     "titans-mal": "titans",
     "transformer": None,
@@ -37,14 +38,15 @@ class ModelConfig:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 8
     chunk_size: int = 16  # memory update granularity (Titans §3.2)
     window: int = 64  # sliding-window attention span (swa-transformer, MAG, MAL)
-    persistent: int = 0  # N_p learned persistent tokens per layer, prepended at the stream start (Titans Eq. 19)
+    persistent: int = 0  # N_p learned persistent tokens per layer (Titans Eq. 19)
+    segment: int = 64  # MAC segment length (attention span of one segment)
     tie_embeddings: bool = True
     impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
-        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window"):
+        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.persistent < 0:
@@ -69,16 +71,16 @@ class ModelConfig:
 
 
 SIZES: dict[str, dict] = {
-    "tiny": {"dim": 64, "layers": 2, "heads": 2, "chunk_size": 8, "window": 32},
-    "small": {"dim": 256, "layers": 4, "heads": 4, "chunk_size": 16, "window": 256},
-    "170m": {"vocab_size": 32000, "dim": 768, "layers": 12, "heads": 16, "window": 2048},
-    "340m": {"vocab_size": 32000, "dim": 1024, "layers": 24, "heads": 16, "window": 2048},
-    "760m": {"vocab_size": 32000, "dim": 1536, "layers": 24, "heads": 16, "window": 2048},
-    "1.3b": {"vocab_size": 32000, "dim": 2048, "layers": 18, "heads": 8, "window": 2048},
+    "tiny": {"dim": 64, "layers": 2, "heads": 2, "chunk_size": 8, "window": 32, "segment": 16},
+    "small": {"dim": 256, "layers": 4, "heads": 4, "chunk_size": 16, "window": 256, "segment": 128},
+    "170m": {"vocab_size": 32000, "dim": 768, "layers": 12, "heads": 16, "window": 2048, "segment": 512},
+    "340m": {"vocab_size": 32000, "dim": 1024, "layers": 24, "heads": 16, "window": 2048, "segment": 512},
+    "760m": {"vocab_size": 32000, "dim": 1536, "layers": 24, "heads": 16, "window": 2048, "segment": 512},
+    "1.3b": {"vocab_size": 32000, "dim": 2048, "layers": 18, "heads": 8, "window": 2048, "segment": 512},
 }
 # Persistent tokens for the families that use them (the papers' 128 at the paper sizes).
 PERSISTENT = {"tiny": 4, "small": 16, "170m": 128, "340m": 128, "760m": 128, "1.3b": 128}
-PERSISTENT_FAMILIES = ("titans-mag", "titans-mal")
+PERSISTENT_FAMILIES = ("titans-mac", "titans-mag", "titans-mal")
 
 PRESETS: dict[str, dict] = {
     f"{family}-{size}": {"family": family, **values,

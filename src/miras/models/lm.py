@@ -16,6 +16,7 @@ from ..layers import Attention, MemoryLayer
 from ..memory import get_rule
 from .config import ModelConfig, preset_config
 from .hybrids import MemoryAsGate, MemoryAsLayer
+from .mac import MemoryAsContext
 from .state import ModelState
 
 
@@ -69,6 +70,8 @@ def build_mixer(config: ModelConfig) -> nn.Module:
                                               sinks=config.persistent))
     if config.family == "titans-mal":
         return MemoryAsLayer(memory, Attention(config.dim, config.heads, window=config.window))
+    if config.family == "titans-mac":
+        return MemoryAsContext(memory, config.dim, config.heads, config.segment, config.persistent)
     return memory
 
 
@@ -78,7 +81,9 @@ class LanguageModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(
-            Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden), config.persistent)
+            Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden),
+                  # MAC keeps its persistent tokens inside its attention context instead.
+                  0 if config.family == "titans-mac" else config.persistent)
             for _ in range(config.layers))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)

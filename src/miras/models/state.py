@@ -19,9 +19,10 @@ from torch import Tensor
 from ..layers import KVCache, MemoryLayerState
 from ..memory import MemoryState
 from .hybrids import PairState
+from .mac import MACState
 
 # Every state type that can appear inside a ModelState, by name (for loading).
-STATE_TYPES = {cls.__name__: cls for cls in (KVCache, MemoryLayerState, MemoryState, PairState)}
+STATE_TYPES = {cls.__name__: cls for cls in (KVCache, MACState, MemoryLayerState, MemoryState, PairState)}
 
 
 @dataclass(frozen=True)

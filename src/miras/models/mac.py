@@ -1,0 +1,130 @@
+"""Titans MAC, memory as context (Titans §4.1, Eq. 21–25; DESIGN.md §4).
+
+Per segment S of ``segment`` tokens (counted from the stream start):
+1. h = M*_{before}(q(S)): every token of the segment retrieves from the memory as it was before the
+   segment (no write); q is a retrieval projection of the segment input, L2-normalised per head.
+2. Attention over [P ‖ h ‖ S]: token i of S sees all N_p persistent tokens P, h_1..h_i and
+   S_1..S_i (h_j comes from x_j's query, so seeing j > i would leak the future).
+3. y = the attention output at S. The memory writes y and reads it back (read after write):
+   r = M(y). The output is o = y ⊙ σ(norm(r)).
+
+Positions for RoPE follow the layout [P | h | S]: P at 0..N_p−1, h_j at N_p + j, S_j at
+N_p + segment + j, so distances do not depend on how much of the segment a call holds. Streaming
+is exact: the state carries the memory, its snapshot from the segment start, and the segment's
+keys and values so far. Memory used: the segment's KV (bounded by the segment), never the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import MemoryLayer, MemoryLayerState, rotary
+from ..memory import MemoryState, read
+
+
+@dataclass(frozen=True)
+class MACState:
+    """memory: the memory layer's state now; before: its weights at the segment start; keys/values:
+    [B, H, 2·n, D] for h_1..h_n and S_1..S_n of the current segment (h first), n = ``filled``."""
+
+    memory: MemoryLayerState
+    before: MemoryState
+    keys: Tensor
+    values: Tensor
+    filled: int
+
+    @property
+    def batch(self) -> int:
+        return self.memory.batch
+
+    def detach(self) -> MACState:
+        return MACState(self.memory.detach(), self.before.detach(), self.keys.detach(), self.values.detach(),
+                        self.filled)
+
+    def nbytes(self) -> int:
+        return (self.memory.nbytes() + self.before.nbytes()
+                + sum(t.numel() * t.element_size() for t in (self.keys, self.values)))
+
+
+class MemoryAsContext(nn.Module):
+    def __init__(self, memory: MemoryLayer, dim: int, heads: int, segment: int, persistent: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.memory, self.dim, self.heads, self.head_dim = memory, dim, heads, dim // heads
+        self.segment, self.n_persistent = segment, persistent
+        inner = memory.heads * memory.head_dim
+        self.retrieve_q = nn.Linear(dim, inner, bias=False)
+        self.retrieve_out = nn.Linear(inner, dim, bias=False)
+        self.persistent = nn.Parameter(0.02 * torch.randn(persistent, dim)) if persistent else None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.gate_norm = nn.RMSNorm(dim, eps=1e-6)
+
+    def init_state(self, batch: int) -> MACState:
+        memory = self.memory.init_state(batch)
+        empty = self.out.weight.new_zeros(batch, self.heads, 0, self.head_dim)
+        return MACState(memory, _weights_only(memory.memory), empty, empty, 0)
+
+    def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        state = state or self.init_state(x.shape[0])
+        outputs, start = [], 0
+        while start < x.shape[1]:
+            stop = min(x.shape[1], start + self.segment - state.filled)
+            y, state = self._piece(x[:, start:stop], state)
+            outputs.append(y)
+            start = stop
+        return torch.cat(outputs, 1), state
+
+    def retrieve(self, x: Tensor, before: MemoryState) -> Tensor:
+        """h = M*_{before}(q(x)), projected back to the model width. [B, T, dim]."""
+        batch, tokens, _ = x.shape
+        q = F.normalize(self.retrieve_q(x).view(batch, tokens, self.memory.heads, self.memory.head_dim), dim=-1)
+        h = read(self.memory.rule, before.to(q.dtype), q)
+        return self.retrieve_out(h.reshape(batch, tokens, -1).to(x.dtype))
+
+    def _piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
+        """Tokens filled..filled+T of one segment."""
+        batch, tokens, _ = x.shape
+        h = self.retrieve(x, state.before)
+        index = torch.arange(state.filled, state.filled + tokens, device=x.device)
+        q_s, k_s, v_s = self._project(x, self.n_persistent + self.segment + index)
+        _, k_h, v_h = self._project(h, self.n_persistent + index)
+        done = state.filled
+        # This segment's keys so far, h first then S: [h_1..h_n, S_1..S_n].
+        segment_keys = torch.cat([state.keys[:, :, :done], k_h, state.keys[:, :, done:], k_s], dim=2)
+        segment_values = torch.cat([state.values[:, :, :done], v_h, state.values[:, :, done:], v_s], dim=2)
+        keys, values = segment_keys, segment_values
+        # Visibility: query i (segment index) sees h_j and S_j for j <= i; P always.
+        seen = torch.arange(done + tokens, device=x.device)
+        causal = seen[None, :] <= index[:, None]
+        mask = torch.cat([causal, causal], dim=1)
+        if self.persistent is not None:
+            _, k_p, v_p = self._project(self.persistent.to(x.dtype).expand(batch, -1, -1),
+                                        torch.arange(self.n_persistent, device=x.device))
+            keys, values = torch.cat([k_p, keys], dim=2), torch.cat([v_p, values], dim=2)
+            mask = torch.cat([mask.new_ones(tokens, self.n_persistent), mask], dim=1)
+        y = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=mask)
+        y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
+        r, memory = self.memory(y, state.memory)
+        out = y * torch.sigmoid(self.gate_norm(r))
+        filled = done + tokens
+        if filled == self.segment:  # the segment is complete: the next one retrieves from here
+            empty = segment_keys[:, :, :0]
+            return out, MACState(memory, _weights_only(memory.memory), empty, empty, 0)
+        return out, MACState(memory, state.before, segment_keys, segment_values, filled)
+
+    def _project(self, x: Tensor, positions: Tensor):
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return rotary(q, positions), rotary(k, positions), v
+
+
+def _weights_only(state: MemoryState) -> MemoryState:
+    """The part of a memory state a read needs: the current weights."""
+    return MemoryState(state.weights)
