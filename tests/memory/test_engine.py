@@ -238,3 +238,21 @@ def test_compiled_step_equals_eager():
         assert_close(grads[key], eager_grads[key], f"d/d {key}")
     with pytest.raises(TypeError, match="compile must be a bool"):
         chunked(rule, *make_inputs(rule, tokens=3)[:4], None, 4, compile="yes")
+
+
+@pytest.mark.parametrize("name", ["titans", "mamba2"])
+def test_saturated_gates_give_finite_gradients(name):
+    """α = 1 and η = 0 exactly (a saturated sigmoid in float32) must not produce NaN gradients."""
+    rule = PRESETS[name]
+    q, k, v, gates, state = make_inputs(rule, tokens=9, dtype=torch.float32, requires_grad=True)
+    saturated = {n: g.detach().clone() for n, g in gates.present().items()}
+    saturated["decay"][:, 3] = 1.0
+    if "momentum" in saturated:
+        saturated["momentum"][:, 5] = 0.0
+    saturated = {n: g.requires_grad_() for n, g in saturated.items()}
+    y, final = chunked(rule, q, k, v, Gates(**saturated), state, 4)
+    (y.sum() + final.weights[0].sum()).backward()
+    for name_, tensor in [("q", q), ("k", k), ("v", v), *saturated.items()]:
+        assert torch.isfinite(tensor.grad).all(), name_
+    y_ref, _ = recurrent(rule, q, k, v, Gates(**saturated), state, 4)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)

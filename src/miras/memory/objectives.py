@@ -47,8 +47,17 @@ class DotProduct:
         return -target.expand_as(pred)
 
 
-# Below this, 1 − α is treated as 0 in log space: keeps cumulative sums finite when α_t = 1.
-_LOG_FLOOR = -60.0
+# Gates in [0, 1] are clamped one eps away from the end that logs to −inf before taking logs: a
+# saturated sigmoid (exactly 0 or 1 in float32 beyond |logit| ≈ 17) would otherwise give log 0 and
+# an infinite gradient, which turns into NaN further back (inf · 0).
+def _log_gate(eta: Tensor) -> Tensor:
+    """log η, with η >= eps."""
+    return torch.log(eta.clamp_min(torch.finfo(eta.dtype).eps))
+
+
+def _log_complement(alpha: Tensor) -> Tensor:
+    """log(1 − α), with α <= 1 − eps (log1p keeps small α exact)."""
+    return torch.log1p(-alpha.clamp_max(1.0 - torch.finfo(alpha.dtype).eps))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +82,7 @@ class Decay:
     gates: ClassVar[frozenset[str]] = frozenset({"decay"})
 
     def log_retain(self, gates) -> Tensor:
-        return torch.log1p(-gates.decay).clamp_min(_LOG_FLOOR)
+        return _log_complement(gates.decay)
 
     def chunk_end(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return weights
@@ -98,4 +107,4 @@ class Momentum:
 
     @staticmethod
     def log_momentum(gates) -> Tensor:
-        return torch.log(gates.momentum).clamp_min(_LOG_FLOOR)
+        return _log_gate(gates.momentum)
