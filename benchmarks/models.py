@@ -1,7 +1,7 @@
 """Training and decoding throughput and peak memory of every model family at the `small` preset.
 
-    .venv/bin/python benchmarks/models.py            # ~15 min on 2 cores
-    .venv/bin/python benchmarks/models.py --quick    # T = 1K only, decoding after 1K and 16K
+    .venv/bin/python benchmarks/models.py                       # T in {1K, 4K}; contexts {1K, 16K, 64K}
+    .venv/bin/python benchmarks/models.py --lengths 1024 4096 16384   # add 16K training (needs ~20 GB)
 
 Each case runs in its own process (peak RSS is per process), 2 threads, float32:
 - train: one forward + backward of a next-token loss on [1, T] random tokens, median of timed runs;
@@ -68,11 +68,9 @@ def run_case(case) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def cases(quick: bool):
+def cases(lengths: list[int], contexts: list[int]):
     from miras.models import FAMILIES
 
-    lengths = [1024] if quick else [1024, 4096, 16384]
-    contexts = [1024, 16384] if quick else [1024, 16384, 65536]
     for family in FAMILIES:
         for length in lengths:
             yield {"family": family, "kind": "train", "T": length}
@@ -83,7 +81,7 @@ def cases(quick: bool):
 
 def spawn(case) -> dict:
     out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                         timeout=3600)
+                         timeout=900)
     if out.returncode != 0:
         return {**case, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -107,18 +105,20 @@ def tables(results) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="training lengths")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384, 65536], help="decoding contexts")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return
     results = []
-    for case in cases(args.quick):
+    for case in cases(args.lengths, args.contexts):
         results.append(spawn(case))
         print(tables([results[-1]]).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": 2, "quick": args.quick, "preset": "small", "dtype": "float32"}
+    meta = {"torch": torch.__version__, "threads": 2, "preset": "small", "dtype": "float32",
+            "lengths": args.lengths, "contexts": args.contexts}
     (args.out / "models.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (args.out / "models.md").write_text(f"torch {torch.__version__}, 2 threads, float32, `<family>-small`.\n\n"
                                         + tables(results))
