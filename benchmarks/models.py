@@ -80,8 +80,11 @@ def cases(lengths: list[int], contexts: list[int]):
 
 
 def spawn(case) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                         timeout=900)
+    try:
+        out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
+                             timeout=900)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": "timed out after 900 s"}
     if out.returncode != 0:
         return {**case, "error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
