@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .architectures import matmul_linear
 from .recurrent import initial_state
 from .rules import MemoryRule
 from .state import Gates, MemoryState, check_inputs
@@ -50,6 +51,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     dv = v.shape[-1]
     if state is None:
         state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
+    if tokens == 1:  # decoding: the update written out for one token beats a padded chunk
+        return _one_token(rule, q, k, v, gates, state, chunk_size)
     # A state left mid-chunk continues its chunk: the sequence is laid out as if `offset`
     # (inert, masked) tokens came first, so that chunk boundaries stay where they were.
     offset = state.position
@@ -97,6 +100,30 @@ def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scor
     with full_precision:
         weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, row)
     return y, weights, surprise
+
+
+def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chunk_size: int):
+    """A single token, as DESIGN.md §2.2 writes it, with the closed-form gradient at the chunk start:
+    g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
+    anchor = state.chunk_start if state.position else state.weights
+    with torch.autocast(q.device.type, enabled=False):
+        _, deltas, acts = rule.architecture.signals(anchor, k, lambda pred: rule.bias.output_grad(pred, v))
+        lr = gates.lr[:, 0, :, None, None]
+        steps = [-lr * torch.matmul(delta.transpose(-1, -2), act) for delta, act in zip(deltas, acts)]
+        surprise = state.momentum
+        if rule.algorithm.uses_momentum:
+            eta = gates.momentum[:, 0, :, None, None]
+            surprise = tuple(eta * s + step for s, step in zip(surprise, steps))
+            steps = list(surprise)
+        log_retain = rule.retention.log_retain(gates)
+        keep = 1.0 if log_retain is None else torch.exp(log_retain[:, 0, :, None, None])
+        weights = tuple(keep * w + step for w, step in zip(state.weights, steps))
+    y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2)
+    position = (state.position + 1) % chunk_size
+    if position == 0:
+        return y, MemoryState(rule.retention.chunk_end(weights), surprise)
+    return y, MemoryState(weights, surprise, anchor, position)
 
 
 _COMPILED: dict[str, object] = {}
