@@ -41,18 +41,19 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
 
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
     faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
-    of seconds), later calls reuse it. Same math, tested equal to the eager path.
+    of seconds), later calls reuse it. Same math, tested equal to the eager path. A one-token
+    call (decoding) always takes the written-out single-token update, compiled or not.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
-    step = _compiled_step() if compile else _chunk_step
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
         state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
     if tokens == 1:  # decoding: the update written out for one token beats a padded chunk
         return _one_token(rule, q, k, v, gates, state, chunk_size)
+    step = _compiled_step() if compile else _chunk_step
     # A state left mid-chunk continues its chunk: the sequence is laid out as if `offset`
     # (inert, masked) tokens came first, so that chunk boundaries stay where they were.
     offset = state.position

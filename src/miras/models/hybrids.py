@@ -39,17 +39,24 @@ class PairState:
         return self.memory.nbytes() + self.attention.nbytes()
 
 
-class MemoryAsGate(nn.Module):
-    """MAG: the SWA* branch gated by the memory branch."""
+class _MemoryAndAttention(nn.Module):
+    """A mixer of a memory layer and an attention layer, whose state is the pair of theirs."""
 
     def __init__(self, memory: MemoryLayer, attention: Attention):
         super().__init__()
         self.memory, self.attention = memory, attention
-        self.attention_norm = nn.RMSNorm(attention.dim, eps=1e-6)
-        self.memory_norm = nn.RMSNorm(attention.dim, eps=1e-6)
 
     def init_state(self, batch: int) -> PairState:
         return PairState(self.memory.init_state(batch), self.attention.init_state(batch))
+
+
+class MemoryAsGate(_MemoryAndAttention):
+    """MAG: the SWA* branch gated by the memory branch."""
+
+    def __init__(self, memory: MemoryLayer, attention: Attention):
+        super().__init__(memory, attention)
+        self.attention_norm = nn.RMSNorm(attention.dim, eps=1e-6)
+        self.memory_norm = nn.RMSNorm(attention.dim, eps=1e-6)
 
     def forward(self, x: Tensor, state: PairState | None = None) -> tuple[Tensor, PairState]:
         state = state or self.init_state(x.shape[0])
@@ -58,15 +65,8 @@ class MemoryAsGate(nn.Module):
         return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), PairState(memory_state, attention_state)
 
 
-class MemoryAsLayer(nn.Module):
+class MemoryAsLayer(_MemoryAndAttention):
     """MAL: the memory layer, then sliding-window attention over its output."""
-
-    def __init__(self, memory: MemoryLayer, attention: Attention):
-        super().__init__()
-        self.memory, self.attention = memory, attention
-
-    def init_state(self, batch: int) -> PairState:
-        return PairState(self.memory.init_state(batch), self.attention.init_state(batch))
 
     def forward(self, x: Tensor, state: PairState | None = None) -> tuple[Tensor, PairState]:
         state = state or self.init_state(x.shape[0])
