@@ -18,11 +18,16 @@ log space where every exponent is <= 0. A last partial chunk is padded at the en
 whose lr is 0: they only touch rows after the last real one (A is lower-triangular), and the final
 state is read from the last real row. A state left mid-chunk by an earlier call is continued by
 padding at the front (lr 0, and masked out of the momentum carry c_t).
+
+Axis values that change this (as ``recurrent`` defines them): a decay-first retention (PreDecay,
+linear memory) takes token t's gradient at β_t W⁰, i.e. with the prediction scaled by β_t; a
+projecting retention projects the state at every complete chunk's end, and that chunk's last
+token is re-read from the projected state (one extra one-token read per chunk).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +36,7 @@ from torch import Tensor
 from .architectures import matmul_linear
 from .recurrent import initial_state
 from .rules import MemoryRule
-from .state import Gates, MemoryState, check_inputs
+from .state import Gates, MemoryState, check_inputs, needs_retained
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
@@ -51,6 +56,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     dv = v.shape[-1]
     if state is None:
         state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
+    gates = replace(gates, lr=rule.algorithm.effective_lr(gates.lr, k))
     if tokens == 1:  # decoding: the update written out for one token beats a padded chunk
         return _one_token(rule, q, k, v, gates, state, chunk_size)
     step = _compiled_step() if compile else _chunk_step
@@ -67,36 +73,53 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
     first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
+    # Per-token gates the bias reads (Huber's threshold), [N, B, H, C, 1].
+    extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
+             for name in sorted(rule.bias.gates)}
+    retention = rule.retention
+    # β since the chunk start: the decay-first gradient point and the KL projection's keep.
+    retained = coef.beta
+    if state.retained is not None:
+        retained = torch.cat([retained[:1] * state.retained[..., None, None], retained[1:]])
 
     weights, surprise = state.weights, state.momentum
     anchor = state.chunk_start if offset else weights
+    position = (offset + tokens) % chunk_size
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
-    per_chunk = zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind())
+    per_chunk = zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
+                    retained.unbind(0), *(x.unbind(0) for x in extra.values()))
     outputs = []
-    for n, (q_n, k_n, v_n, first_n, coef_n) in enumerate(per_chunk):
+    for n, (q_n, k_n, v_n, first_n, coef_n, retained_n, *extra_n) in enumerate(per_chunk):
         if n > 0:
-            weights = anchor = rule.retention.chunk_end(weights)
+            anchor = weights
         row = last if n == chunks - 1 else size - 1
-        y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row)
+        scale = retained_n if retention.decay_first else None
+        y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
+                                      scale, dict(zip(extra, extra_n)))
+        if retention.projects and (n < chunks - 1 or position == 0):
+            weights = retention.chunk_end(weights, anchor, retained_n[:, :, row, 0])
+            # The chunk's last token reads the projected state (as in the reference).
+            y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
+            y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
         outputs.append(y_n)
-    position = (offset + tokens) % chunk_size
-    if position == 0:
-        weights = rule.retention.chunk_end(weights)
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
-    final = MemoryState(weights, surprise, anchor if position else None, position)
+    kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
+    final = MemoryState(weights, surprise, anchor if position else None, position, kept)
     return y[:, offset:offset + tokens], final
 
 
-def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scores, coef: _Coefficients, row: int):
-    """One chunk: gradient signals at ``anchor``, the dual-form read of every query, the state after
-    token ``row``. Returns (y [B, H, C, Dv], weights, momentum)."""
+def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scores, coef: _Coefficients, row: int,
+                scale: Tensor | None, extra: dict[str, Tensor]):
+    """One chunk: gradient signals at ``anchor`` (at ``scale``·anchor per token if given), the
+    dual-form read of every query, the state after token ``row``. Returns (y [B, H, C, Dv], weights,
+    momentum)."""
     # Under autocast only the reads run in low precision. The write path (inner gradients, gate
     # algebra, state update) is a long recurrence that compounds rounding: with bf16 writes the
     # state is ~17% off float64 after 1K tokens at the Titans defaults, with float32 writes 2e-5.
     full_precision = torch.autocast(q.device.type, enabled=False)
     with full_precision:
-        _, deltas, acts = rule.architecture.signals(anchor, k, lambda pred: rule.bias.output_grad(pred, v))
+        _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
     y = rule.architecture.apply(q, _dual_read(weights, surprise, deltas, acts, first_scores, coef))
     with full_precision:
         weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, row)
@@ -105,11 +128,17 @@ def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scor
 
 def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chunk_size: int):
     """A single token, as DESIGN.md §2.2 writes it, with the closed-form gradient at the chunk start:
-    g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q)."""
+    g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
     anchor = state.chunk_start if state.position else state.weights
+    retention = rule.retention
     with torch.autocast(q.device.type, enabled=False):
-        _, deltas, acts = rule.architecture.signals(anchor, k, lambda pred: rule.bias.output_grad(pred, v))
+        log_retain = retention.log_retain(gates)
+        keep = None if log_retain is None else torch.exp(log_retain[:, 0])  # [B, H]
+        retained = keep if state.retained is None or keep is None else state.retained * keep
+        scale = retained[..., None, None] if retention.decay_first else None
+        extra = {name: getattr(gates, name)[:, 0, :, None, None] for name in rule.bias.gates}
+        _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
         lr = gates.lr[:, 0, :, None, None]
         steps = [-lr * torch.matmul(delta.transpose(-1, -2), act) for delta, act in zip(deltas, acts)]
         surprise = state.momentum
@@ -117,14 +146,23 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
             eta = gates.momentum[:, 0, :, None, None]
             surprise = tuple(eta * s + step for s, step in zip(surprise, steps))
             steps = list(surprise)
-        log_retain = rule.retention.log_retain(gates)
-        keep = 1.0 if log_retain is None else torch.exp(log_retain[:, 0, :, None, None])
-        weights = tuple(keep * w + step for w, step in zip(state.weights, steps))
+        factor = 1.0 if keep is None else keep[..., None, None]
+        weights = tuple(factor * w + step for w, step in zip(state.weights, steps))
+        position = (state.position + 1) % chunk_size
+        if position == 0 and retention.projects:
+            weights = retention.chunk_end(weights, anchor, retained)
     y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2)
-    position = (state.position + 1) % chunk_size
     if position == 0:
-        return y, MemoryState(rule.retention.chunk_end(weights), surprise)
-    return y, MemoryState(weights, surprise, anchor, position)
+        return y, MemoryState(weights, surprise)
+    return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None)
+
+
+def _output_grad(rule: MemoryRule, v: Tensor, scale: Tensor | None, extra: dict[str, Tensor]):
+    """δ at the output for a prediction ``pred`` at the gradient point: ∂ℓ/∂ŷ (ŷ scaled by ``scale``
+    for a decay-first retention, whose gradient point is the retained weights β_t W⁰)."""
+    if scale is None:
+        return lambda pred: rule.bias.output_grad(pred, v, **extra)
+    return lambda pred: rule.bias.output_grad(scale * pred, v, **extra)
 
 
 _COMPILED: dict[str, object] = {}

@@ -2,16 +2,24 @@
 
 Each is a frozen dataclass with no parameters. The engine uses them only through:
 
-- bias: ``loss(pred, target)`` (the reference differentiates it with autograd) and
-  ``output_grad(pred, target)`` = ∂ℓ/∂pred elementwise (the chunked path's closed form);
+- bias: ``loss(pred, target, **gates)`` (the reference differentiates it with autograd) and
+  ``output_grad(pred, target, **gates)`` = ∂ℓ/∂pred elementwise (the chunked path's closed form).
+  ``gates`` are the per-token values of the gates the bias names in ``gates`` (Huber's threshold
+  δ_t), each shaped to broadcast against ``pred`` (``[..., N, 1]``);
 - retention: ``log_retain(gates)`` = log(1 − α_t) per token, ``[B, T, H]``, or None when nothing
-  is forgotten, and ``chunk_end(weights)``, the projection applied at chunk ends (identity for
-  linear retention; non-linear retentions of MIRAS §5.2 override it);
-- algorithm: ``uses_momentum``.
+  is forgotten. A non-linear retention (MIRAS §5.2) has ``projects = True`` and
+  ``chunk_end(weights, start, keep)``: at the end of every complete chunk the state is projected
+  (``start``: the chunk-start weights, ``keep``: Π(1 − α) over the chunk, ``[B, H]``), and the
+  chunk's last token reads the projected state. ``decay_first`` (Gated DeltaNet's order) takes
+  each token's gradient at the retained weights instead of the chunk-start ones;
+- algorithm: ``uses_momentum`` and ``effective_lr(lr, k)`` (implicit GD rescales θ_t).
+
+``memory/README.md`` states each one's exact semantics and where it comes from in the papers.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +55,73 @@ class DotProduct:
         return -target.expand_as(pred)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Lp:
+    """ℓ(ŷ, v) = Σ_j |ŷ_j − v_j|_ε^p with the smooth |x|_ε = sqrt(x² + ε) (Moneta, MIRAS §5.1, p = 3).
+
+    Its gradient p · sgn_ε(e) ⊙ |e|_ε^{p−1} uses the smooth sign sgn_ε(e) = e / |e|_ε, the exact
+    derivative of the smooth |·|^p (the paper's tanh(a·e) surrogate has no closed-form loss, and
+    the reference differentiates the loss; both surrogates tend to sign(e) as ε, 1/a → 0).
+    """
+
+    p: float = 3.0
+    eps: float = 1e-6
+    kind: ClassVar[str] = "lp"
+    gates: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self):
+        if not self.p >= 1:
+            raise ValueError(f"Lp needs p >= 1, got {self.p}")
+        if not self.eps > 0:
+            raise ValueError(f"Lp needs eps > 0 (the smooth |x| = sqrt(x^2 + eps)), got {self.eps}")
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return ((pred - target).pow(2) + self.eps).pow(self.p / 2).sum(-1)
+
+    def output_grad(self, pred: Tensor, target: Tensor) -> Tensor:
+        error = pred - target
+        return self.p * error * (error.pow(2) + self.eps).pow(self.p / 2 - 1)
+
+
+HUBER_MODES = ("token", "coordinate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Huber:
+    """Yaad's Huber bias (MIRAS §5.1, Eq. 14/16) with the data-dependent threshold δ_t (``threshold`` gate).
+
+    ``per="token"`` (Eq. 16, the Yaad rule): the ℓ2 step e = ŷ − v if the token's RMS error
+    ‖e‖₂/√d ≤ δ_t, else δ_t · sign(e) (δ_t times the ℓ1 step). ``per="coordinate"`` (Eq. 14, the
+    classic Huber loss per feature): e_j where |e_j| ≤ δ_t, else δ_t · sign(e_j), i.e. the error
+    clipped to [−δ_t, δ_t]. δ_t is in RMS units in both, so one gate init suits both; the per-token
+    rule switches a whole token to sign steps, the per-coordinate one clips each outlier feature.
+    """
+
+    per: str = "token"
+    kind: ClassVar[str] = "huber"
+    gates: ClassVar[frozenset[str]] = frozenset({"threshold"})
+
+    def __post_init__(self):
+        if self.per not in HUBER_MODES:
+            raise ValueError(f"Huber per must be one of {HUBER_MODES}, got {self.per!r}")
+
+    def _small(self, error: Tensor, threshold: Tensor) -> Tensor:
+        if self.per == "token":
+            return error.pow(2).mean(-1, keepdim=True).sqrt() <= threshold
+        return error.abs() <= threshold
+
+    def loss(self, pred: Tensor, target: Tensor, threshold: Tensor) -> Tensor:
+        error = pred - target
+        small = self._small(error.detach(), threshold.detach())
+        if self.per == "token":
+            return torch.where(small.squeeze(-1), 0.5 * error.pow(2).sum(-1), (threshold * error.abs()).sum(-1))
+        return torch.where(small, 0.5 * error.pow(2), threshold * (error.abs() - 0.5 * threshold)).sum(-1)
+
+    def output_grad(self, pred: Tensor, target: Tensor, threshold: Tensor) -> Tensor:
+        error = pred - target
+        return torch.where(self._small(error.detach(), threshold.detach()), error, threshold * torch.sign(error))
+
+
 # Gates in [0, 1] are clamped one eps away from the end that logs to −inf before taking logs: a
 # saturated sigmoid (exactly 0 or 1 in float32 beyond |logit| ≈ 17) would otherwise give log 0 and
 # an infinite gradient, which turns into NaN further back (inf · 0).
@@ -66,12 +141,12 @@ class NoRetention:
 
     kind: ClassVar[str] = "none"
     gates: ClassVar[frozenset[str]] = frozenset()
+    projects: ClassVar[bool] = False
+    decay_first: ClassVar[bool] = False
+    tracks_keep: ClassVar[bool] = False  # the chunk step needs Π(1 − α) since the chunk start
 
     def log_retain(self, gates) -> Tensor | None:
         return None
-
-    def chunk_end(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,12 +155,107 @@ class Decay:
 
     kind: ClassVar[str] = "decay"
     gates: ClassVar[frozenset[str]] = frozenset({"decay"})
+    projects: ClassVar[bool] = False
+    decay_first: ClassVar[bool] = False
+    tracks_keep: ClassVar[bool] = False  # the chunk step needs Π(1 − α) since the chunk start
 
     def log_retain(self, gates) -> Tensor:
         return _log_complement(gates.decay)
 
-    def chunk_end(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return weights
+
+@dataclass(frozen=True, kw_only=True)
+class PreDecay(Decay):
+    """Gated DeltaNet's order (MIRAS Eq. 9): decay first, then the gradient step at the decayed weights.
+
+    Online: W_t = a_t W_{t−1} − θ_t ∇ℓ(a_t W_{t−1}), a_t = 1 − α_t; for the L2 bias that is
+    S_t = a_t (I − θ_t k kᵀ) S_{t−1} + θ_t v kᵀ (Yang et al. 2025). Within a chunk the gradient is
+    taken at β_t W⁰ (the chunk-start weights retained up to t). Linear memory only: the gradient
+    at scaled weights is then the gradient at W⁰ with the prediction scaled by β_t.
+    """
+
+    kind: ClassVar[str] = "predecay"
+    decay_first: ClassVar[bool] = True
+    tracks_keep: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class LqNormalize(Decay):
+    """Moneta's ℓ_q retention (MIRAS Eq. 24–25): A_t = (1 − α_t) A_{t−1} − θ_t g_t, W = A / ‖A‖_q^power.
+
+    The normalisation is non-linear, so (as MIRAS §5.4 trains it) it is applied at chunk ends only:
+    within a chunk the memory evolves linearly from the normalised chunk-start weights; at the
+    chunk end each weight matrix (per sequence and head) is divided by ‖A‖_q^power, ‖·‖_q being
+    the entrywise q-norm of that matrix.
+
+    ``power=1`` (default) leaves every matrix with unit q-norm at each chunk end. Eq. 24 prints
+    power = q − 2; with q = 4 that maps a matrix of q-norm s to one of q-norm 1/s, so the scale
+    flips between s and 1/s at every chunk end, and with the writes in between it wanders over
+    orders of magnitude (measured at chunk_size=1: q-norms from 0.01 to 24 within 37 tokens, and
+    rounding differences grew from 1e-15 to 1e-7). Pass ``power=q - 2`` for the printed rule.
+    """
+
+    q: float = 4.0
+    power: float = 1.0
+    kind: ClassVar[str] = "lq"
+    projects: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not self.q > 1:
+            raise ValueError(f"LqNormalize needs q > 1, got {self.q}")
+
+    def chunk_end(self, weights, start, keep):
+        return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLSoftmax(Decay):
+    """Memora's KL retention (MIRAS Eq. 21, 27): W_t = Softmax((1 − α_t) log W_{t−1} − θ_t g_t).
+
+    The softmax runs over each weight matrix's rows (each output is a convex combination of its
+    inputs), so the weights stay on the simplex: positive, rows summing to one. In logits the
+    rule is linear, Z_t = (1 − α_t) Z_{t−1} − θ_t g_t with W = softmax(Z); so a chunk's exact step
+    (gradients at the chunk-start weights W⁰, as every rule here) is, at the chunk end,
+    W = softmax(β log W⁰ + Σ_i (β/β_i)(−θ_i g_i)) with β = Π(1 − α) over the chunk, and the sum
+    is the linear update the engine already computed: (W_lin − β W⁰). Within a chunk the reads use
+    that linear (first-order) update; at ``chunk_size=1`` every read is exact. ``initial`` maps
+    any given initial weights (read as logits) onto the simplex.
+    """
+
+    kind: ClassVar[str] = "kl"
+    projects: ClassVar[bool] = True
+    tracks_keep: ClassVar[bool] = True
+
+    def initial(self, weights):
+        return tuple(torch.softmax(w, dim=-1) for w in weights)
+
+    def chunk_end(self, weights, start, keep):
+        keep = keep[..., None, None]
+        tiny = torch.finfo(start[0].dtype).tiny
+        return tuple(torch.softmax(keep * torch.log(w0.clamp_min(tiny)) + (w - keep * w0), dim=-1)
+                     for w, w0 in zip(weights, start))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ElasticNet(Decay):
+    """Hard plus soft forgetting (MIRAS §5.2, elastic net): the decay gate α_t shrinks every weight
+    (hard, ℓ2), and at chunk ends the smooth soft-threshold S_γ(w) = w · (2/π) arctan(|w|/γ) pulls
+    small weights to zero (soft, ℓ1). ``gamma`` is the threshold."""
+
+    gamma: float = 1e-3
+    kind: ClassVar[str] = "elastic"
+    projects: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not self.gamma > 0:
+            raise ValueError(f"ElasticNet needs gamma > 0, got {self.gamma}")
+
+    def chunk_end(self, weights, start, keep):
+        return tuple(w * torch.atan(w.abs() / self.gamma) * (2 / math.pi) for w in weights)
+
+
+def _entry_norm(w: Tensor, q: float) -> Tensor:
+    """The entrywise q-norm of each matrix of ``w [..., out, in]``, kept as ``[..., 1, 1]`` (>= tiny)."""
+    return w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1 / q).clamp_min(torch.finfo(w.dtype).tiny)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +266,25 @@ class GD:
     gates: ClassVar[frozenset[str]] = frozenset()
     uses_momentum: ClassVar[bool] = False
 
+    @staticmethod
+    def effective_lr(lr: Tensor, k: Tensor) -> Tensor:
+        return lr
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImplicitGD(GD):
+    """Implicit (proximal) GD, Longhorn (MIRAS Table 1): W_t = argmin_W θ_t ℓ(W; k_t, v_t) + ½‖W − W_{t−1}‖².
+
+    For a linear memory and the L2 bias it is GD with θ'_t = θ_t / (1 + θ_t ‖k_t‖²):
+    W_t = W_{t−1} − θ'_t (W_{t−1} k_t − v_t) k_tᵀ, exact at ``chunk_size=1``.
+    """
+
+    kind: ClassVar[str] = "implicit"
+
+    @staticmethod
+    def effective_lr(lr: Tensor, k: Tensor) -> Tensor:
+        return lr / (1 + lr * k.pow(2).sum(-1))
+
 
 @dataclass(frozen=True, kw_only=True)
 class Momentum:
@@ -104,6 +293,10 @@ class Momentum:
     kind: ClassVar[str] = "momentum"
     gates: ClassVar[frozenset[str]] = frozenset({"momentum"})
     uses_momentum: ClassVar[bool] = True
+
+    @staticmethod
+    def effective_lr(lr: Tensor, k: Tensor) -> Tensor:
+        return lr
 
     @staticmethod
     def log_momentum(gates) -> Tensor:

@@ -7,8 +7,12 @@ For a chunk that starts with weights W⁰ (and momentum S⁰), each token t of t
     W_t = (1 − α_t) W_{t−1} + S_t      # Decay;    NoRetention: α ≡ 0
     y_t = M(W_t; q_t)                  # read after write
 
-This is the specification the fast path is tested against: short, slow and obvious. It uses
-autograd for g_t (with ``create_graph`` so that outer gradients flow through the inner ones).
+and the variations some axis values make (``memory/README.md``): a decay-first retention takes
+g_t at β_t W⁰ (β_t = Π(1 − α) since the chunk start, Gated DeltaNet's order); a projecting
+retention (LqNormalize, KLSoftmax, ElasticNet) projects W at the end of every complete chunk,
+before the chunk's last token reads it; implicit GD rescales θ_t. This is the specification the
+fast path is tested against: short, slow and obvious. It uses autograd for g_t (with
+``create_graph`` so that outer gradients flow through the inner ones).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import Tensor
 
 from .architectures import matmul_linear
 from .rules import MemoryRule
-from .state import Gates, MemoryState, check_inputs
+from .state import Gates, MemoryState, check_inputs, needs_retained
 
 
 def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
@@ -27,6 +31,8 @@ def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *,
     zero momentum), broadcast to ``[B, H, out, in]``."""
     weights = tuple(w.expand(batch, heads, *w.shape).clone()
                     for w in rule.architecture.default_weights(dk, dv, dtype=dtype, device=device))
+    if hasattr(rule.retention, "initial"):  # a constrained memory (KLSoftmax: on the simplex)
+        weights = rule.retention.initial(weights)
     momentum = tuple(torch.zeros_like(w) for w in weights) if rule.algorithm.uses_momentum else None
     return MemoryState(weights, momentum)
 
@@ -47,38 +53,45 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     batch, tokens, heads, dk = k.shape
     if state is None:
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
-    arch, momentum = rule.architecture, rule.algorithm.uses_momentum
-    log_retain = rule.retention.log_retain(gates)
+    arch, momentum, retention = rule.architecture, rule.algorithm.uses_momentum, rule.retention
+    log_retain = retention.log_retain(gates)
+    lr_all = rule.algorithm.effective_lr(gates.lr, k)
     weights, surprise = list(state.weights), list(state.momentum) if momentum else None
     offset = state.position
     outer_grad = torch.is_grad_enabled()
     anchor = list(state.chunk_start) if offset else None
     start = _differentiable(anchor, outer_grad) if offset else None
+    # Π(1 − α) since the chunk start (decay-first gradients and the KL projection need it).
+    retained = state.retained if state.retained is not None else k.new_ones(batch, heads)
     outputs = []
     for t in range(tokens):
         if (offset + t) % chunk_size == 0:
-            if t > 0:
-                weights = list(rule.retention.chunk_end(tuple(weights)))
             anchor = list(weights)
             start = _differentiable(anchor, outer_grad)
+            retained = k.new_ones(batch, heads)
+        keep = None if log_retain is None else torch.exp(log_retain[:, t])
+        if keep is not None:
+            retained = retained * keep
         with torch.enable_grad():
-            pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(start))
-            loss = rule.bias.loss(pred, v[:, t].unsqueeze(2)).sum()
-            grads = torch.autograd.grad(loss, start, create_graph=outer_grad)
-        lr = gates.lr[:, t, :, None, None]
-        keep = None if log_retain is None else torch.exp(log_retain[:, t, :, None, None])
+            at = [retained[..., None, None] * w for w in start] if retention.decay_first else start
+            pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(at))
+            extra = {name: getattr(gates, name)[:, t, :, None, None] for name in rule.bias.gates}
+            loss = rule.bias.loss(pred, v[:, t].unsqueeze(2), **extra).sum()
+            grads = torch.autograd.grad(loss, at, create_graph=outer_grad)
+        lr = lr_all[:, t, :, None, None]
         for i, g in enumerate(grads):
             step = -lr * g
             if momentum:
                 surprise[i] = gates.momentum[:, t, :, None, None] * surprise[i] + step
                 step = surprise[i]
-            weights[i] = (weights[i] if keep is None else keep * weights[i]) + step
+            weights[i] = (weights[i] if keep is None else keep[..., None, None] * weights[i]) + step
+        if retention.projects and (offset + t + 1) % chunk_size == 0:
+            weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
         outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2))
     position = (offset + tokens) % chunk_size
-    if position == 0:
-        weights = list(rule.retention.chunk_end(tuple(weights)))
     final = MemoryState(tuple(weights), tuple(surprise) if momentum else None,
-                        tuple(anchor) if position else None, position)
+                        tuple(anchor) if position else None, position,
+                        retained if position and needs_retained(rule) else None)
     return torch.stack(outputs, dim=1), final
 
 

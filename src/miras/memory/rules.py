@@ -10,19 +10,33 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .architectures import LinearMemory, MLPMemory
-from .objectives import GD, L2, Decay, DotProduct, Momentum, NoRetention
+from .objectives import (
+    GD,
+    L2,
+    Decay,
+    DotProduct,
+    ElasticNet,
+    Huber,
+    ImplicitGD,
+    KLSoftmax,
+    Lp,
+    LqNormalize,
+    Momentum,
+    NoRetention,
+    PreDecay,
+)
 
 Architecture = LinearMemory | MLPMemory
-Bias = L2 | DotProduct
-Retention = NoRetention | Decay
-Algorithm = GD | Momentum
+Bias = L2 | DotProduct | Lp | Huber
+Retention = NoRetention | Decay | PreDecay | LqNormalize | KLSoftmax | ElasticNet
+Algorithm = GD | Momentum | ImplicitGD
 
 # kind -> class, per axis: the single place a new axis value is registered for serialisation.
 AXES: dict[str, dict[str, type]] = {
     "architecture": {c.kind: c for c in (LinearMemory, MLPMemory)},
-    "bias": {c.kind: c for c in (L2, DotProduct)},
-    "retention": {c.kind: c for c in (NoRetention, Decay)},
-    "algorithm": {c.kind: c for c in (GD, Momentum)},
+    "bias": {c.kind: c for c in (L2, DotProduct, Lp, Huber)},
+    "retention": {c.kind: c for c in (NoRetention, Decay, PreDecay, LqNormalize, KLSoftmax, ElasticNet)},
+    "algorithm": {c.kind: c for c in (GD, Momentum, ImplicitGD)},
 }
 
 
@@ -41,6 +55,14 @@ class MemoryRule:
             if type(value) not in classes.values():
                 raise TypeError(f"{axis} must be one of {[c.__name__ for c in classes.values()]}, "
                                 f"got {type(value).__name__}")
+        # Two closed forms hold only for a matrix memory (see their docstrings).
+        if self.retention.decay_first and not isinstance(self.architecture, LinearMemory):
+            raise ValueError(f"{type(self.retention).__name__} needs LinearMemory (its gradient at retained weights "
+                             f"is closed-form only for a matrix memory), got {type(self.architecture).__name__}")
+        if isinstance(self.algorithm, ImplicitGD) and not (
+                isinstance(self.architecture, LinearMemory) and isinstance(self.bias, L2)):
+            raise ValueError("ImplicitGD (Longhorn) is closed-form for LinearMemory with the L2 bias only, "
+                             f"got {type(self.architecture).__name__} with {type(self.bias).__name__}")
 
     def needed_gates(self) -> set[str]:
         """Names of the Gates fields (besides lr) this rule reads."""
@@ -89,15 +111,31 @@ MAMBA2 = MemoryRule(LinearMemory(), DotProduct(), Decay(), GD())
 # TTT-Linear and TTT-MLP (Sun et al. 2024): mini-batch GD, no forgetting, no momentum.
 TTT_LINEAR = MemoryRule(LinearMemory(), L2(), NoRetention(), GD())
 TTT_MLP = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), NoRetention(), GD())
+# Gated DeltaNet: S_t = a_t (I − θ_t k kᵀ) S_{t−1} + θ_t v kᵀ (decay before the delta step).
+GATED_DELTANET = MemoryRule(LinearMemory(), L2(), PreDecay(), GD())
+# Longhorn: the delta rule solved implicitly, θ'_t = θ_t / (1 + θ_t ‖k_t‖²).
+LONGHORN = MemoryRule(LinearMemory(), L2(), NoRetention(), ImplicitGD())
+# RetNet: M_t = γ M_{t−1} + v kᵀ; the Mamba2 rule with a fixed per-head decay (the layer's gating).
+RETNET = MemoryRule(LinearMemory(), DotProduct(), Decay(), GD())
+# MIRAS §5.3: 2-layer MLP memory (expansion 4), plain GD, retention decoupled from the lr.
+MONETA = MemoryRule(MLPMemory(depth=2, expansion=4), Lp(p=3.0), LqNormalize(q=4.0), GD())
+YAAD = MemoryRule(MLPMemory(depth=2, expansion=4), Huber(per="token"), Decay(), GD())
+MEMORA = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), KLSoftmax(), GD())
 
 PRESETS: dict[str, MemoryRule] = {
     "titans": TITANS,
     "titans-linear": TITANS_LINEAR,
     "deltanet": DELTANET,
+    "gated-deltanet": GATED_DELTANET,
+    "longhorn": LONGHORN,
     "linear-attention": LINEAR_ATTENTION,
     "mamba2": MAMBA2,
+    "retnet": RETNET,
     "ttt-linear": TTT_LINEAR,
     "ttt-mlp": TTT_MLP,
+    "moneta": MONETA,
+    "yaad": YAAD,
+    "memora": MEMORA,
 }
 
 

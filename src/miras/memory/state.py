@@ -1,7 +1,7 @@
 """Gates and recurrent state of the memory engine, and the input checks both paths share.
 
 Conventions (DESIGN.md §2.2): per token and head, θ_t = ``lr``, η_t = ``momentum``,
-α_t = ``decay``, each ``[B, T, H]``. The state is the memory's weights, a tuple of
+α_t = ``decay``, δ_t = ``threshold`` (Huber), each ``[B, T, H]``. The state is the memory's weights, a tuple of
 ``[B, H, out, in]`` tensors in application order, plus the momentum S (same shapes) or None.
 """
 
@@ -19,11 +19,13 @@ class Gates:
     lr: θ_t, the inner learning rate (>= 0).
     momentum: η_t in [0, 1], the weight of past surprise; None for rules without momentum.
     decay: α_t in [0, 1], the forgetting rate; None for rules without retention.
+    threshold: δ_t > 0, the Huber bias's switching threshold (Yaad); None for other biases.
     """
 
     lr: Tensor
     momentum: Tensor | None = None
     decay: Tensor | None = None
+    threshold: Tensor | None = None
 
     def slice(self, start: int, stop: int) -> Gates:
         """The gates of tokens ``start:stop``."""
@@ -37,6 +39,15 @@ def _maybe(x, fn):
     return None if x is None else fn(x)
 
 
+def _maybe_tuple(x) -> tuple:
+    return () if x is None else (x,)
+
+
+def needs_retained(rule) -> bool:
+    """Whether a state left mid-chunk must carry Π(1 − α) since the chunk start (``retained``)."""
+    return rule.retention.tracks_keep
+
+
 @dataclass(frozen=True)
 class MemoryState:
     """The memory's recurrent state.
@@ -48,16 +59,20 @@ class MemoryState:
     weights at the chunk start, where the rest of the chunk takes its gradients. At a chunk
     boundary, position is 0 and chunk_start None. This makes streaming exact: any split of a
     sequence into calls gives the same outputs and state as one call.
+    retained: ``[B, H]``, Π(1 − α) over those ``position`` tokens, kept (mid-chunk only) for the
+    retentions whose chunk step needs it (KLSoftmax, PreDecay; ``needs_retained(rule)``).
     """
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...] | None = None
     chunk_start: tuple[Tensor, ...] | None = None
     position: int = 0
+    retained: Tensor | None = None
 
     def _map(self, fn) -> MemoryState:
         return MemoryState(tuple(map(fn, self.weights)), _maybe(self.momentum, lambda m: tuple(map(fn, m))),
-                           _maybe(self.chunk_start, lambda m: tuple(map(fn, m))), self.position)
+                           _maybe(self.chunk_start, lambda m: tuple(map(fn, m))), self.position,
+                           _maybe(self.retained, fn))
 
     def detach(self) -> MemoryState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
@@ -67,7 +82,7 @@ class MemoryState:
         return self._map(lambda t: t.to(*args, **kwargs))
 
     def tensors(self) -> tuple[Tensor, ...]:
-        return self.weights + (self.momentum or ()) + (self.chunk_start or ())
+        return self.weights + (self.momentum or ()) + (self.chunk_start or ()) + _maybe_tuple(self.retained)
 
     def nbytes(self) -> int:
         """Size of the state in bytes (for the whole batch)."""
@@ -138,3 +153,9 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
     if state.chunk_start is not None and [tuple(w.shape) for w in state.chunk_start] != expected:
         got_c = [tuple(w.shape) for w in state.chunk_start]
         raise ValueError(f"state.chunk_start must have shapes {expected}, got {got_c}")
+    want_retained = state.position > 0 and needs_retained(rule)
+    if want_retained != (state.retained is not None):
+        raise ValueError("state.retained must be given exactly when the state was left mid-chunk by a rule whose "
+                         f"retention needs it (KLSoftmax, PreDecay); position={state.position}, rule {rule.name()}")
+    if state.retained is not None and tuple(state.retained.shape) != (batch, heads):
+        raise ValueError(f"state.retained must have shape {[batch, heads]}, got {list(state.retained.shape)}")

@@ -1,0 +1,284 @@
+"""The MIRAS axis values (Lp, Huber, LqNormalize, KLSoftmax, ElasticNet, PreDecay, ImplicitGD), their
+presets, and the exact blockwise delta rule: fast path == reference, chunk 1 == the papers' online rules."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from miras.memory import (
+    DELTANET,
+    GATED_DELTANET,
+    GD,
+    L2,
+    LONGHORN,
+    MEMORA,
+    MONETA,
+    RETNET,
+    TITANS,
+    YAAD,
+    Decay,
+    ElasticNet,
+    Gates,
+    Huber,
+    ImplicitGD,
+    LinearMemory,
+    LqNormalize,
+    MemoryRule,
+    MemoryState,
+    MLPMemory,
+    Momentum,
+    PreDecay,
+    chunked,
+    recurrent,
+)
+from miras.memory.delta import delta
+
+from .helpers import assert_close, make_inputs, run_with_grads
+
+MLP = MLPMemory(depth=2, expansion=4)
+# Axis values no preset uses, and the alternative forms of those presets use.
+EXTRA_RULES = {
+    "huber-coordinate": MemoryRule(MLP, Huber(per="coordinate"), Decay(), GD()),
+    "elastic-net": MemoryRule(MLP, L2(), ElasticNet(gamma=0.05), GD()),
+    "lq-linear-momentum": MemoryRule(LinearMemory(), L2(), LqNormalize(q=3.0), Momentum()),
+    "predecay-momentum": MemoryRule(LinearMemory(), L2(), PreDecay(), Momentum()),
+    "huber-linear": MemoryRule(LinearMemory(), Huber(), Decay(), GD()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_RULES))
+@pytest.mark.parametrize("chunk_size,tokens", [(1, 9), (4, 13), (5, 5), (16, 37)])
+def test_chunked_equals_recurrent_extra_rules(name, chunk_size, tokens):
+    rule = EXTRA_RULES[name]
+    ref_out, ref_grads = run_with_grads(recurrent, rule, make_inputs(rule, tokens=tokens, requires_grad=True),
+                                        chunk_size)
+    out, grads = run_with_grads(chunked, rule, make_inputs(rule, tokens=tokens, requires_grad=True), chunk_size)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        assert_close(a, b, f"output {i}")
+    for key in grads:
+        assert_close(grads[key], ref_grads[key], f"d/d {key}")
+
+
+DELTA_RULES = {"deltanet": DELTANET, "gated-deltanet": GATED_DELTANET, "longhorn": LONGHORN,
+               "titans-order": MemoryRule(LinearMemory(), L2(), Decay(), GD())}
+
+
+@pytest.mark.parametrize("name", sorted(DELTA_RULES))
+@pytest.mark.parametrize("block_size,tokens", list(itertools.product([1, 4, 16, 64], [1, 13, 37])))
+def test_delta_equals_online_recurrence(name, block_size, tokens):
+    """The blockwise WY/UT path is the online rule (chunk 1) at every block size: outputs, state, gradients."""
+    rule = DELTA_RULES[name]
+    ref_out, ref_grads = run_with_grads(recurrent, rule, make_inputs(rule, tokens=tokens, requires_grad=True), 1)
+    out, grads = run_with_grads(lambda *a: delta(*a[:-1], block_size=block_size), rule,
+                                make_inputs(rule, tokens=tokens, requires_grad=True), 1)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        assert_close(a, b, f"output {i}")
+    for key in grads:
+        assert_close(grads[key], ref_grads[key], f"d/d {key}")
+        assert ref_grads[key].abs().max() > 0, key
+
+
+def test_delta_streams_and_rejects_other_rules():
+    q, k, v, gates, state = make_inputs(GATED_DELTANET, tokens=23)
+    y, final = delta(GATED_DELTANET, q, k, v, gates, state, 8)
+    pieces, carried = [], state
+    for start, stop in [(0, 3), (3, 4), (4, 19), (19, 23)]:
+        y_n, carried = delta(GATED_DELTANET, q[:, start:stop], k[:, start:stop], v[:, start:stop],
+                             gates.slice(start, stop), carried, 8)
+        pieces.append(y_n)
+    torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(carried.weights[0], final.weights[0], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="delta computes LinearMemory"):
+        delta(TITANS, *make_inputs(TITANS, tokens=3)[:4])
+    with pytest.raises(ValueError, match="block_size must be an integer"):
+        delta(DELTANET, *make_inputs(DELTANET, tokens=3)[:4], block_size=0)
+
+
+IMPLS = {"recurrent": recurrent, "chunked": chunked, "delta": lambda *a: delta(*a[:-1], block_size=4)}
+
+
+def _by_hand(rule, impls, update, tokens=11, seed=0):
+    """Run ``rule`` at chunk 1 through each impl and compare every output and the final state with the
+    online ``update(W, t, q, k, v, gates) -> W`` written out token by token (y_t = M(W_t; q_t))."""
+    q, k, v, gates, state = make_inputs(rule, batch=2, tokens=tokens, heads=2, dim=4, seed=seed)
+    W = [w.clone() for w in state.weights]
+    expected = []
+    for t in range(tokens):
+        W = update(W, t, q, k, v, gates)
+        expected.append(_apply(rule, W, q[:, t]))
+    for name in impls:
+        y, final = IMPLS[name](rule, q, k, v, gates, state, 1)
+        for t in range(tokens):
+            torch.testing.assert_close(y[:, t], expected[t], rtol=0, atol=1e-11, msg=f"{name} token {t}")
+        for a, b in zip(final.weights, W):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=name)
+
+
+def _apply(rule, W, x):  # x [B, H, D]
+    if isinstance(rule.architecture, LinearMemory):
+        return torch.einsum("bhoi,bhi->bho", W[0], x)
+    h = F.gelu(torch.einsum("bhoi,bhi->bho", W[0], x))
+    return x + F.layer_norm(torch.einsum("bhoi,bhi->bho", W[1], h), (x.shape[-1],), eps=1e-5)
+
+
+def _col(g, t):
+    return g[:, t, :, None, None]
+
+
+def test_gated_deltanet_by_hand():
+    """S_t = a_t S_{t−1} (I − θ_t k kᵀ) + θ_t v kᵀ (Yang et al. 2025; [Dv, Dk] layout), a = 1 − α."""
+    def update(W, t, q, k, v, gates):
+        kt, vt = k[:, t, :, :, None], v[:, t, :, :, None]
+        a, theta = 1 - _col(gates.decay, t), _col(gates.lr, t)
+        eye = torch.eye(kt.shape[-2], dtype=kt.dtype)
+        return [a * W[0] @ (eye - theta * kt @ kt.transpose(-1, -2)) + theta * vt @ kt.transpose(-1, -2)]
+
+    _by_hand(GATED_DELTANET, ["recurrent", "chunked", "delta"], update)
+
+
+def test_longhorn_by_hand():
+    """Implicit GD: W_t = W − θ/(1 + θ‖k‖²) (W k − v) kᵀ (MIRAS Table 1)."""
+    def update(W, t, q, k, v, gates):
+        kt, vt, theta = k[:, t, :, :, None], v[:, t, :, :, None], _col(gates.lr, t)
+        step = theta / (1 + theta * (kt * kt).sum((-2, -1), keepdim=True))
+        return [W[0] - step * (W[0] @ kt - vt) @ kt.transpose(-1, -2)]
+
+    _by_hand(LONGHORN, ["recurrent", "chunked", "delta"], update)
+
+
+def test_retnet_by_hand():
+    """RetNet: M_t = γ M_{t−1} + v kᵀ with a fixed γ per head (the Mamba2 rule with constant gates)."""
+    q, k, v, _, state = make_inputs(RETNET, batch=1, tokens=9, heads=3, dim=4)
+    gamma = 1 - 2.0 ** (-5 - torch.arange(3, dtype=q.dtype))
+    gates = Gates(lr=torch.ones(1, 9, 3, dtype=q.dtype), decay=(1 - gamma).expand(1, 9, 3))
+    y, final = chunked(RETNET, q, k, v, gates, state, 4)
+    W = state.weights[0].clone()
+    for t in range(9):
+        W = gamma[None, :, None, None] * W + v[:, t, :, :, None] @ k[:, t, :, None, :]
+        torch.testing.assert_close(y[:, t], (W @ q[:, t, :, :, None]).squeeze(-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(final.weights[0], W, rtol=0, atol=1e-12)
+
+
+def _gradient(rule, W, kt, vt, loss_fn):
+    W0 = [w.clone().requires_grad_() for w in W]
+    return torch.autograd.grad(loss_fn(_apply(rule, W0, kt) - vt).sum(), W0)
+
+
+def test_moneta_by_hand():
+    """A = (1 − α) W − θ ∇ Σ|e|_ε³ at W, then W = A / ‖A‖_4 per matrix (MIRAS Eq. 24 with unit scale)."""
+    def update(W, t, q, k, v, gates):
+        grads = _gradient(MONETA, W, k[:, t], v[:, t], lambda e: (e * e + 1e-6).pow(1.5).sum(-1))
+        A = [(1 - _col(gates.decay, t)) * w - _col(gates.lr, t) * g for w, g in zip(W, grads)]
+        return [a / a.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25) for a in A]
+
+    _by_hand(MONETA, ["recurrent", "chunked"], update)
+
+
+@pytest.mark.parametrize("per", ["token", "coordinate"])
+def test_yaad_by_hand(per):
+    """Yaad (Eq. 26): the ℓ2 step if the error is within δ_t, else δ_t × the ℓ1 step; then the decay."""
+    rule = MemoryRule(MLP, Huber(per=per), Decay(), GD())
+
+    def update(W, t, q, k, v, gates):
+        delta_t = gates.threshold[:, t, :, None]
+
+        def loss(e):
+            if per == "token":
+                small = e.detach().pow(2).mean(-1, keepdim=True).sqrt() <= delta_t
+                return torch.where(small, 0.5 * e * e, delta_t * e.abs())
+            return torch.where(e.detach().abs() <= delta_t, 0.5 * e * e, delta_t * (e.abs() - 0.5 * delta_t))
+
+        grads = _gradient(rule, W, k[:, t], v[:, t], loss)
+        return [(1 - _col(gates.decay, t)) * w - _col(gates.lr, t) * g for w, g in zip(W, grads)]
+
+    _by_hand(rule, ["recurrent", "chunked"], update)
+
+
+def test_huber_modes_differ():
+    """Per-token switching and per-coordinate clipping are different rules on the same inputs."""
+    rules = [MemoryRule(MLP, Huber(per=per), Decay(), GD()) for per in ("token", "coordinate")]
+    q, k, v, gates, state = make_inputs(rules[0], tokens=16)
+    y_token, _ = chunked(rules[0], q, k, v, gates, state, 4)
+    y_coord, _ = chunked(rules[1], q, k, v, gates, state, 4)
+    assert (y_token - y_coord).abs().max() > 1e-2
+
+
+def test_memora_by_hand():
+    """W_t = Softmax_rows((1 − α_t) log W_{t−1} − θ_t ∇ℓ2(W_{t−1})) (MIRAS Eq. 27)."""
+    def update(W, t, q, k, v, gates):
+        grads = _gradient(MEMORA, W, k[:, t], v[:, t], lambda e: 0.5 * (e * e).sum(-1))
+        return [torch.softmax((1 - _col(gates.decay, t)) * torch.log(w) - _col(gates.lr, t) * g, -1)
+                for w, g in zip(W, grads)]
+
+    _by_hand(MEMORA, ["recurrent", "chunked"], update)
+
+
+def test_elastic_net_by_hand():
+    """Decay, the step, then the smooth soft threshold w (2/π) arctan(|w|/γ) at every chunk end."""
+    rule = EXTRA_RULES["elastic-net"]
+
+    def update(W, t, q, k, v, gates):
+        grads = _gradient(rule, W, k[:, t], v[:, t], lambda e: 0.5 * (e * e).sum(-1))
+        A = [(1 - _col(gates.decay, t)) * w - _col(gates.lr, t) * g for w, g in zip(W, grads)]
+        return [a * torch.atan(a.abs() / 0.05) * 2 / torch.pi for a in A]
+
+    _by_hand(rule, ["recurrent", "chunked"], update)
+
+
+def _constant_gates(rule, shape, dtype=torch.float32, **values):
+    defaults = {"lr": 0.1, "momentum": 0.9, "decay": 0.01, "threshold": 1.0}
+    names = {"lr"} | rule.needed_gates()
+    return Gates(**{n: torch.full(shape, values.get(n, defaults[n]), dtype=dtype) for n in names})
+
+
+def test_memora_stays_on_the_simplex_for_10k_tokens():
+    q, k, v, _, state = make_inputs(MEMORA, batch=1, tokens=10_000, heads=2, dim=8, dtype=torch.float32)
+    _, final = chunked(MEMORA, q, k, v, _constant_gates(MEMORA, q.shape[:3]), None, 16)
+    for w in final.weights:
+        assert (w > 0).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), rtol=0, atol=1e-5)
+
+
+def test_moneta_unit_q_norm_at_chunk_ends():
+    q, k, v, gates, state = make_inputs(MONETA, tokens=32, dim=8)
+    _, final = chunked(MONETA, q, k, v, gates, state, 8)
+    for w in final.weights:
+        norm = w.abs().pow(4).sum((-2, -1)).pow(0.25)
+        torch.testing.assert_close(norm, torch.ones_like(norm), rtol=0, atol=1e-12)
+    _, mid = chunked(MONETA, q[:, :30], k[:, :30], v[:, :30], gates.slice(0, 30), state, 8)
+    assert (mid.weights[0].abs().pow(4).sum((-2, -1)).pow(0.25) - 1).abs().max() > 1e-4  # not yet projected
+    # Eq. 24 as printed (power q − 2): the q-norm after the projection is 1 / (the q-norm before).
+    printed = MemoryRule(MLP, MONETA.bias, LqNormalize(q=4.0, power=2.0), GD())
+    weights = tuple(3.0 * w for w in state.weights)
+    projected = printed.retention.chunk_end(weights, weights, None)
+    for before, after in zip(weights, projected):
+        product = before.abs().pow(4).sum((-2, -1)).pow(0.25) * after.abs().pow(4).sum((-2, -1)).pow(0.25)
+        torch.testing.assert_close(product, torch.ones_like(product), rtol=1e-12, atol=0)
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="PreDecay needs LinearMemory"):
+        MemoryRule(MLP, L2(), PreDecay(), GD())
+    with pytest.raises(ValueError, match="ImplicitGD .* LinearMemory with the L2 bias"):
+        MemoryRule(MLP, L2(), Decay(), ImplicitGD())
+    with pytest.raises(ValueError, match="Huber per must be one of"):
+        Huber(per="row")
+    with pytest.raises(ValueError, match="needs gates \\['threshold'\\]"):
+        q, k, v, gates, state = make_inputs(YAAD, tokens=3)
+        chunked(YAAD, q, k, v, Gates(lr=gates.lr, decay=gates.decay), state, 4)
+    assert MemoryRule.from_dict(MONETA.to_dict()) == MONETA
+    assert MemoryRule.from_dict(YAAD.to_dict()) == YAAD
+
+
+def test_mid_chunk_state_carries_retention_product():
+    """KLSoftmax and PreDecay need Π(1 − α) since the chunk start when a call ends mid-chunk."""
+    for rule in (MEMORA, GATED_DELTANET):
+        q, k, v, gates, state = make_inputs(rule, tokens=6)
+        _, mid = chunked(rule, q, k, v, gates, state, 4)
+        assert mid.position == 2 and mid.retained is not None
+        expected = (1 - gates.decay[:, 4:6]).prod(1)
+        torch.testing.assert_close(mid.retained, expected, rtol=1e-12, atol=0)
+        with pytest.raises(ValueError, match="state.retained must be given"):
+            chunked(rule, q, k, v, gates, MemoryState(mid.weights, None, mid.chunk_start, 2), 4)
