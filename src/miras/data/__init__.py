@@ -1,0 +1,10 @@
+"""Data: synthetic long-context tasks, text corpora and tokenizers (DESIGN.md §5)."""
+
+from .base import IGNORE, Batches
+from .tasks import MQAR, TASKS, Example, FactQA, PassKey, TaskBatches, exact_match, generate, make_task, score
+from .text import Corpus, TextBatches, cached_tokens, load_corpus, windows
+from .tokenizers import ByteTokenizer, get_tokenizer, load_tokenizer
+
+__all__ = ["IGNORE", "Batches", "MQAR", "TASKS", "Example", "FactQA", "PassKey", "TaskBatches", "exact_match",
+           "generate", "make_task", "score", "Corpus", "TextBatches", "cached_tokens", "load_corpus", "windows",
+           "ByteTokenizer", "get_tokenizer", "load_tokenizer"]

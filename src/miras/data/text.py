@@ -1,0 +1,333 @@
+"""Text corpora, a token cache and language-modelling batches (DESIGN.md §5).
+
+Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func:`load_corpus`:
+
+- ``"stdlib"`` — the embedded default that exists on every machine: the ``*.py`` sources of the
+  running interpreter's standard library (``sysconfig.get_paths()["stdlib"]``), without its test
+  suites (``test``, ``tests``, ``idle_test``, ``test_*`` folders) and without ``site-packages``.
+  On CPython 3.11 that is ~730 files, ~12 MB of real, varied, long-range-structured text.
+- a text file, a folder (recursive; hidden entries, files with NUL bytes and files that are not
+  UTF-8 are skipped) or a glob.
+- ``"hf:<name>[:<split>]"`` — a Hugging Face dataset, when ``datasets`` is installed.
+
+**Train/validation split by document.** A document goes to validation when a stable hash
+(SHA-256) of its name — the file path relative to the folder given, so the split does not depend
+on where the folder lives — falls below ``validation_fraction`` (default 0.05). Adding a file never
+moves another file across the split. With two or more documents each split gets at least one
+(the lowest hash is moved to validation, or the highest to train). A corpus of a single document
+is cut at the line break nearest to ``1 - validation_fraction`` of its text instead.
+
+**Token cache.** :func:`cached_tokens` tokenises a split once into a flat ``np.memmap`` (uint16 when
+the vocabulary fits, else uint32) under ``~/.cache/miras/tokens`` (or ``$MIRAS_CACHE_DIR``), named by
+a hash of the split's document names and contents and of the tokenizer's identity, so a changed
+file or tokenizer gives a new cache and never a stale one. Each document is followed by the
+tokenizer's end-of-document marker (see ``tokenizers.py``). The file is written to a temporary
+name and renamed (``os.replace``) so that an interrupted run never leaves a partial cache.
+
+**Batches.** :class:`TextBatches` draws row ``i`` of step ``s`` as a window of ``seq_len + 1``
+tokens at an offset from a generator seeded by ``(seed, s, i)``: a pure function of its arguments,
+so any rank and any resumed step see the same rows. :func:`windows` walks a split in order for
+perplexity, predicting every token after the first exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import IGNORE
+from .tokenizers import Tokenizer
+
+SPLITS = ("train", "validation")
+ALLOWED = "expected 'stdlib', 'hf:<name>[:<split>]', a text file, a folder of text files or a glob"
+STDLIB_SKIPPED = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+CACHE_FORMAT = 1  # bump when the cache layout changes, to orphan old files
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # stable identifier: the path relative to the folder given, or "<dataset>/<split>/<row>"
+    text: str
+
+
+def _hash_fraction(name: str) -> float:
+    """A uniform number in [0, 1) fixed by ``name`` (unlike ``hash()``, the same in every process)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Named documents with a deterministic train/validation split by document (see module doc)."""
+
+    source: str                       # what was loaded: "stdlib", the path or glob, "hf:<name>"
+    documents: tuple[Document, ...]
+    validation_fraction: float = 0.05
+
+    def __post_init__(self):
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction={self.validation_fraction}: must be in (0, 1)")
+        if not any(document.text for document in self.documents):
+            raise ValueError(f"corpus {self.source!r}: no text found; {ALLOWED}")
+
+    def split(self, name: str) -> tuple[Document, ...]:
+        """The documents of split ``name`` ("train" or "validation"), in corpus order."""
+        if name not in SPLITS:
+            raise ValueError(f"split {name!r}: expected one of {SPLITS}")
+        return self._splits[name]
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, tuple[Document, ...]]:
+        documents = [document for document in self.documents if document.text]
+        if len(documents) == 1:
+            return _cut_document(documents[0], self.validation_fraction)
+        fractions = [_hash_fraction(document.name) for document in documents]
+        validation = {i for i, fraction in enumerate(fractions) if fraction < self.validation_fraction}
+        if not validation:
+            validation = {min(range(len(documents)), key=fractions.__getitem__)}
+        if len(validation) == len(documents):
+            validation.remove(max(range(len(documents)), key=fractions.__getitem__))
+        return {
+            "train": tuple(d for i, d in enumerate(documents) if i not in validation),
+            "validation": tuple(d for i, d in enumerate(documents) if i in validation),
+        }
+
+
+def _cut_document(document: Document, validation_fraction: float) -> dict[str, tuple[Document, ...]]:
+    """Split one document's text at the line break before ``1 - validation_fraction`` of it."""
+    text = document.text
+    target = int(len(text) * (1 - validation_fraction))
+    cut = text.rfind("\n", 0, target) + 1
+    if cut <= 0 or cut >= len(text):
+        cut = min(max(target, 1), len(text))
+    train = (Document(document.name + "[train]", text[:cut]),)
+    validation = (Document(document.name + "[validation]", text[cut:]),) if cut < len(text) else ()
+    return {"train": train, "validation": validation}
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it looks binary (a NUL byte) or is not UTF-8."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _walk(root: Path, skipped: frozenset[str] = frozenset(), skip_test_folders: bool = False) -> list[Path]:
+    """Every file under ``root``, sorted, not entering hidden or ``skipped`` folders."""
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [
+            name for name in subfolders
+            if not name.startswith(".") and name not in skipped
+            and not (skip_test_folders and name.startswith("test_"))
+        ]
+        files.extend(Path(folder) / name for name in names if not name.startswith("."))
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def _documents(paths: Sequence[Path], root: Path) -> tuple[Document, ...]:
+    documents = []
+    for path in paths:
+        text = _read_text(path)
+        if text is not None:
+            documents.append(Document(path.relative_to(root).as_posix(), text))
+    return tuple(documents)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob starts from: its leading parts without wildcards."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def from_path(path_or_glob: str | Path, validation_fraction: float = 0.05) -> Corpus:
+    """A text file, a folder of text files (recursive) or a glob such as ``"books/**/*.txt"``."""
+    spec = str(path_or_glob)
+    path = Path(spec).expanduser()
+    if glob.has_magic(spec):
+        root = _glob_root(str(path))
+        paths = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not paths:
+            raise ValueError(f"corpus {spec!r}: the glob matches no file; {ALLOWED}")
+        documents = _documents(paths, root)
+    elif path.is_file():
+        documents = _documents([path], path.parent)
+    elif path.is_dir():
+        documents = _documents(_walk(path), path)
+    else:
+        raise ValueError(f"corpus {spec!r}: no such file or folder; {ALLOWED}")
+    return Corpus(spec, documents, validation_fraction)
+
+
+def stdlib(validation_fraction: float = 0.05) -> Corpus:
+    """The running interpreter's standard-library ``*.py`` sources, without tests and site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = [path for path in _walk(root, STDLIB_SKIPPED, skip_test_folders=True) if path.suffix == ".py"]
+    return Corpus("stdlib", _documents(paths, root), validation_fraction)
+
+
+def from_hf(
+    name: str, split: str = "train", text_field: str = "text", validation_fraction: float = 0.05,
+    limit: int | None = None,
+) -> Corpus:
+    """Rows of a Hugging Face dataset (held in memory; ``limit`` keeps the first rows)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"corpus 'hf:{name}' needs the Hugging Face `datasets` package: pip install datasets"
+        ) from None
+    dataset = datasets.load_dataset(name, split=split)
+    if text_field not in dataset.column_names:
+        raise ValueError(f"corpus 'hf:{name}': no field {text_field!r}; the fields are {dataset.column_names}")
+    rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    documents = tuple(Document(f"{name}/{split}/{i}", row[text_field]) for i, row in enumerate(rows))
+    return Corpus(f"hf:{name}:{split}", documents, validation_fraction)
+
+
+def load_corpus(spec: str, validation_fraction: float = 0.05) -> Corpus:
+    """``"stdlib"`` | ``"hf:<name>[:<split>]"`` | a text file, folder or glob."""
+    if spec == "stdlib":
+        return stdlib(validation_fraction)
+    if spec.startswith("hf:"):
+        name, _, split = spec.removeprefix("hf:").partition(":")
+        if not name:
+            raise ValueError(f"corpus {spec!r}: no dataset name; {ALLOWED}")
+        return from_hf(name, split or "train", validation_fraction=validation_fraction)
+    return from_path(spec, validation_fraction)
+
+
+# -------------------------------------------------------------------------------------- token cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MIRAS_CACHE_DIR", "~/.cache/miras/tokens")).expanduser()
+
+
+def _cache_key(documents: Sequence[Document], tokenizer: Tokenizer, split: str) -> str:
+    digest = hashlib.sha256(f"format={CACHE_FORMAT}\0{tokenizer.identity}\0{split}\0".encode())
+    for document in documents:
+        name, text = document.name.encode("utf-8"), document.text.encode("utf-8")
+        # lengths first, so that no two different document lists hash the same bytes
+        digest.update(f"{len(name)}:{len(text)}\0".encode() + name + text)
+    return digest.hexdigest()[:32]
+
+
+def cached_tokens(
+    corpus: Corpus, tokenizer: Tokenizer, split: str = "train", cache_dir: str | Path | None = None,
+    chunk_chars: int = 1 << 23,
+) -> np.memmap:
+    """The ids of ``corpus``'s ``split``, each document followed by its end marker, as a read-only memmap.
+
+    Tokenised on the first call only; later calls open the file. ``chunk_chars`` bounds the text
+    tokenised at once (memory), not the result.
+    """
+    documents = corpus.split(split)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = folder / f"{_cache_key(documents, tokenizer, split)}.{dtype.name}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                for chunk in _chunks(documents, chunk_chars):
+                    tokenizer.encode_documents([document.text for document in chunk]).astype(dtype).tofile(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    if path.stat().st_size == 0:
+        raise ValueError(f"corpus {corpus.source!r}: the {split} split has no tokens")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _chunks(documents: Sequence[Document], chunk_chars: int) -> Iterator[Sequence[Document]]:
+    start, size = 0, 0
+    for i, document in enumerate(documents):
+        size += len(document.text)
+        if size >= chunk_chars:
+            yield documents[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(documents):
+        yield documents[start:]
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+class TextBatches:
+    """Random windows of a token array (``Batches``): row ``i`` of step ``s`` depends on (seed, s, i) only."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a flat array, got shape {tokens.shape}")
+        if batch_size < 1 or seq_len < 1 or seed < 0:
+            raise ValueError(f"batch_size={batch_size}, seq_len={seq_len} must be >= 1 and seed={seed} >= 0")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"seq_len={seq_len} needs at least {seq_len + 1} tokens (inputs plus the next token); "
+                f"the corpus has {len(tokens)}: use a shorter seq_len or a larger corpus"
+            )
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+
+    def offsets(self, step: int, rows: range) -> np.ndarray:
+        """Start of each row's window: one generator per (seed, step, row), so rows are independent."""
+        high = len(self.tokens) - self.seq_len  # exclusive: the window's last token is tokens[high - 1 + seq_len]
+        return np.array([np.random.default_rng((self.seed, step, row)).integers(high) for row in rows])
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        if self.batch_size % world:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by world={world} (the number of ranks)")
+        if not 0 <= rank < world or step < 0:
+            raise ValueError(f"rank={rank} must be in [0, world={world}) and step={step} >= 0")
+        rows = self.batch_size // world
+        starts = self.offsets(step, range(rank * rows, (rank + 1) * rows))
+        window = np.stack([self.tokens[start : start + self.seq_len + 1] for start in starts]).astype(np.int64)
+        window = torch.from_numpy(window)
+        return window[:, :-1], window[:, 1:]
+
+
+def windows(tokens: np.ndarray, seq_len: int, batch_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive windows over ``tokens`` for perplexity: ``(inputs, targets)`` of ``[b, seq_len]`` int64.
+
+    Window ``j`` reads tokens ``[j * seq_len, (j + 1) * seq_len + 1)``, so every token but the first is
+    a target exactly once. The last window is padded after its real tokens (inputs with 0, targets
+    with ``IGNORE``), which a causal model's real positions never see; the last batch may be smaller.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+    if len(tokens) < 2:
+        raise ValueError(f"windows need at least 2 tokens (an input and its target), got {len(tokens)}")
+    count = -(-(len(tokens) - 1) // seq_len)
+    for first in range(0, count, batch_size):
+        inputs = torch.zeros(min(batch_size, count - first), seq_len, dtype=torch.int64)
+        targets = torch.full_like(inputs, IGNORE)
+        for row, start in enumerate(range(first * seq_len, (first + len(inputs)) * seq_len, seq_len)):
+            window = torch.from_numpy(np.asarray(tokens[start : start + seq_len + 1], dtype=np.int64))
+            inputs[row, : len(window) - 1] = window[:-1]
+            targets[row, : len(window) - 1] = window[1:]
+        yield inputs, targets

@@ -1,0 +1,244 @@
+"""Tokenizers: UTF-8 bytes by default, a byte-level BPE trained locally, or any local HF tokenizer.
+
+All three share one small interface (:class:`Tokenizer`): ``encode``, ``decode``, ``vocab_size``,
+``eos_id``, ``identity``, ``encode_documents`` and ``save``; :func:`load_tokenizer` restores whichever
+kind was saved from the ``miras_tokenizer.json`` written next to the tokenizer's own files.
+
+Why these three (DESIGN.md §5):
+
+- **Bytes** (256 ids) need no training and no files, so every machine can train on any text at once;
+  the cost is ~4x longer sequences than BPE for English, which long-context memory models can afford.
+- **BPE** is byte-level (GPT-2 style: every string encodes, ``decode(encode(s)) == s``), trained
+  with the Rust ``tokenizers`` library on the corpus's *train* split and saved with the run as its
+  ``tokenizer.json``. Training has no randomness: the same texts and vocabulary size give the
+  same merges (checked across processes), so there is no seed.
+- **HF** wraps a ``transformers`` tokenizer on local disk: a folder, or a name in the local HF cache
+  (``transformers`` is optional and imported only when one is asked for; nothing is downloaded).
+
+Documents are joined for language modelling by ``encode_documents``: each document's ids followed
+by the end-of-document token when the tokenizer has one (BPE: ``<|endoftext|>``, HF: its
+``eos_token``), and otherwise by the encoding of a blank line ``"\\n\\n"``: the 256 byte ids have no
+spare id for a marker, and a blank line is how plain text already separates its parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:
+    from .text import Corpus
+
+METADATA = "miras_tokenizer.json"   # written by every ``save``; names the kind to restore
+END_OF_TEXT = "<|endoftext|>"       # the BPE's end-of-document token (id 0: special tokens come first)
+DOCUMENT_SEPARATOR = "\n\n"         # joins documents for tokenizers without an end-of-document token
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> ids. ``identity`` names the exact vocabulary (it keys the token cache)."""
+
+    kind: str               # the key ``load_tokenizer`` restores it by
+    vocab_size: int
+    eos_id: int | None      # end-of-document id, None when the tokenizer has none
+
+    @property
+    def identity(self) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """The ids of every text, each followed by the end-of-document marker, as one int64 array."""
+        ...
+
+    def save(self, directory: str | Path) -> None: ...
+
+
+def _write_metadata(directory: str | Path, kind: str, vocab_size: int) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / METADATA).write_text(json.dumps({"kind": kind, "vocab_size": vocab_size}) + "\n")
+    return directory
+
+
+def _join(id_lists: Sequence[Sequence[int]], separator: Sequence[int]) -> np.ndarray:
+    """Concatenate ``ids + separator`` for every document."""
+    parts = []
+    for ids in id_lists:
+        parts.append(np.asarray(ids, dtype=np.int64))
+        parts.append(np.asarray(separator, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: id = byte value. No end-of-document token (documents are joined by a blank line)."""
+
+    kind = "byte"
+    vocab_size = 256
+    eos_id = None
+
+    @property
+    def identity(self) -> str:
+        return "byte"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # a model may emit a byte sequence that is not valid UTF-8: show it, don't fail
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        # one join and one frombuffer: ~10 MB/s in a Python loop becomes ~1 GB/s
+        joined = "".join(text + DOCUMENT_SEPARATOR for text in texts).encode("utf-8")
+        return np.frombuffer(joined, dtype=np.uint8).astype(np.int64)
+
+    def save(self, directory: str | Path) -> None:
+        _write_metadata(directory, self.kind, self.vocab_size)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ByteTokenizer:
+        return cls()
+
+
+class BPETokenizer:
+    """A byte-level BPE (``tokenizers`` library) with ``<|endoftext|>`` as id 0."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: _RustTokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eos_id = tokenizer.token_to_id(END_OF_TEXT)
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int) -> BPETokenizer:
+        """Learn merges on ``texts`` until ``vocab_size`` ids (fewer if the texts run out of pairs).
+
+        Deterministic: the same texts and size give the same tokenizer.
+        """
+        minimum = 256 + 1  # every byte plus <|endoftext|>
+        if vocab_size < minimum:
+            raise ValueError(f"BPE vocab_size={vocab_size}: must be at least {minimum} (256 bytes + {END_OF_TEXT})")
+        tokenizer = _RustTokenizer(models.BPE())
+        # GPT-2 style: map bytes to printable characters first, so that every string round-trips
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(texts, trainer)
+        return cls(tokenizer)
+
+    @property
+    def identity(self) -> str:
+        return "bpe-" + hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return _join([encoding.ids for encoding in encodings], [self.eos_id])
+
+    def save(self, directory: str | Path) -> None:
+        directory = _write_metadata(directory, self.kind, self.vocab_size)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BPETokenizer:
+        return cls(_RustTokenizer.from_file(str(Path(directory) / "tokenizer.json")))
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer from a local folder or the local HF cache (never downloaded)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str | Path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ImportError(
+                f"tokenizer {str(path)!r} is a Hugging Face tokenizer, which needs `transformers`: "
+                "pip install transformers"
+            ) from None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # we tokenise whole documents, never feed them to a model at once: silence the length warning
+        self.tokenizer.model_max_length = 2**62
+        self.vocab_size = len(self.tokenizer)
+        self.eos_id = self.tokenizer.eos_token_id
+
+    @property
+    def identity(self) -> str:
+        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
+        return "hf-" + hashlib.sha256(f"{type(self.tokenizer).__name__}:{vocab}".encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        separator = [self.eos_id] if self.eos_id is not None else self.encode(DOCUMENT_SEPARATOR)
+        return _join(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"], separator)
+
+    def save(self, directory: str | Path) -> None:
+        directory = _write_metadata(directory, self.kind, self.vocab_size)
+        self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFTokenizer:
+        return cls(directory)
+
+
+KINDS = {"byte": ByteTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Restore the tokenizer that ``save(directory)`` wrote, whatever its kind."""
+    path = Path(directory) / METADATA
+    if not path.is_file():
+        raise ValueError(f"tokenizer folder {str(directory)!r}: no {METADATA} (was it written by Tokenizer.save?)")
+    kind = json.loads(path.read_text())["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer folder {str(directory)!r}: unknown kind {kind!r}; known: {sorted(KINDS)}")
+    return KINDS[kind].load(directory)
+
+
+def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
+    """``"byte"`` | ``"bpe:<vocab_size>"`` (trained on ``corpus``'s train split) | ``"hf:<name>"`` (a Hugging
+    Face tokenizer already in the local HF cache) | a local folder: one written by ``Tokenizer.save``,
+    or else a Hugging Face tokenizer."""
+    allowed = "expected 'byte', 'bpe:<vocab_size>', 'hf:<name>' or a local folder (a saved or Hugging Face tokenizer)"
+    if spec == "byte":
+        return ByteTokenizer()
+    if spec.startswith("hf:"):
+        return HFTokenizer(spec.removeprefix("hf:"))
+    if spec.startswith("bpe:"):
+        size = spec.removeprefix("bpe:")
+        if not size.isdigit():
+            raise ValueError(f"tokenizer {spec!r}: the vocabulary size must be an integer; {allowed}")
+        if corpus is None:
+            raise ValueError(f"tokenizer {spec!r}: a BPE is trained on a corpus; pass the corpus to train it on")
+        return BPETokenizer.train([document.text for document in corpus.split("train")], int(size))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_tokenizer(path) if (path / METADATA).is_file() else HFTokenizer(path)
+    raise ValueError(f"tokenizer {spec!r}: not a known kind and no such folder; {allowed}")

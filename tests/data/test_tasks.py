@@ -1,0 +1,315 @@
+"""Synthetic tasks: exact lengths, answers checked by solving each task from its text, depth, scoring, batches."""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from miras.data import IGNORE, Batches
+from miras.data.tasks import (
+    MQAR,
+    TASKS,
+    Example,
+    FactQA,
+    MultiKeyNeedle,
+    NumberNeedle,
+    PassKey,
+    SelectiveCopy,
+    TaskBatches,
+    WordNeedle,
+    exact_match,
+    generate,
+    make_task,
+    score,
+)
+
+# A corpus of our own: short sentences, no digits and nothing that looks like a needle or a fact.
+CORPUS = (
+    "The old lighthouse stood on the cliff above the bay. Its lamp had been dark for years. "
+    "Fishermen still looked up at it when the fog rolled in!\nA gull circled the tower and cried. "
+    "Was anyone left to climb the stairs? Nobody in the village could say. "
+    "In spring the meadow below turned yellow with flowers, and children ran through it. "
+)
+LONGEST_CORPUS_SENTENCE = max(len(s) for s in re.split(r"(?<=[.!?\n]) ?", CORPUS)) + 1
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def configs(length: int) -> list:
+    """One config per task and variant, with parameters small enough to fit `length` >= 257."""
+    text = {"haystack": "text", "corpus": CORPUS}
+    return [
+        PassKey(context_length=length),
+        PassKey(context_length=length, digits=9, **text),
+        NumberNeedle(context_length=length),
+        NumberNeedle(context_length=length, **text),
+        WordNeedle(context_length=length),
+        WordNeedle(context_length=length, kind="uuid", **text),
+        MultiKeyNeedle(context_length=length, needles=2),
+        FactQA(context_length=length, facts=4),
+        FactQA(context_length=length, facts=4, question="object", **text),
+        MQAR(context_length=length, pairs=8, queries=5),
+        SelectiveCopy(context_length=length, content_tokens=16),
+    ]
+
+
+def split(example: Example) -> tuple[str, str]:
+    """(prompt text, answer text) of a text task, whose answer is one run of tokens at the very end."""
+    where = example.answer.nonzero().flatten()
+    assert where.tolist() == list(range(len(example.tokens) - len(where), len(example.tokens)))
+    cut = len(example.tokens) - len(where)
+    return bytes(example.tokens[:cut].tolist()).decode(), example.answer_text()
+
+
+# ---------------------------------------------------------------- independent solvers, from the text alone
+def solve_passkey(prompt: str) -> str:
+    found = re.findall(r"The pass key is (\d+)\. Remember it\. (\d+) is the pass key\. ", prompt)
+    assert len(found) == 1 and found[0][0] == found[0][1]
+    assert prompt.endswith("\nWhat is the pass key? The pass key is ")
+    return found[0][0]
+
+
+def solve_magic(prompt: str, needles: int = 1) -> str:
+    noun, key = re.search(r"What is the special magic (\w+) for ([\w-]+)\? The special magic \1 for \2 is: $",
+                          prompt).groups()
+    assert len(re.findall(rf"One of the special magic {noun}s for [\w-]+ is: [\w-]+\. ", prompt)) == needles
+    found = re.findall(rf"One of the special magic {noun}s for {key} is: ([\w-]+)\. ", prompt)
+    assert len(found) == 1
+    return found[0]
+
+
+FACT = re.compile(r"([A-Z]\w+) (went to|moved to|travelled to|journeyed to|picked up|grabbed|got|dropped|put down"
+                  r"|discarded) the (\w+)\. ")
+
+
+MOVES = ("went to", "moved to", "travelled to", "journeyed to")
+
+
+def solve_fact_qa(prompt: str, facts: int) -> str:
+    place, holder, lying = {}, {}, {}
+    events = FACT.findall(prompt)
+    assert len(events) == facts
+    for person, verb, thing in events:
+        if verb in MOVES:
+            place[person] = thing
+        elif verb in ("picked up", "grabbed", "got"):
+            assert thing not in holder and person in place
+            holder[thing] = person
+        else:
+            assert holder.pop(thing) == person
+            lying[thing] = place[person]
+    the, subject = re.search(r"\nWhere is (the )?(\w+)\? Answer: $", prompt).groups()
+    if the is None:
+        moves = [e for e in events if e[0] == subject and e[1] in MOVES]
+        assert len(moves) >= min(facts, 3)  # the asked person moves several times: only the last move counts
+        return place[subject]
+    return place[holder[subject]] if subject in holder else lying[subject]
+
+
+def check_mqar(example: Example, task: MQAR) -> None:
+    tokens, length = example.tokens.tolist(), task.context_length
+    keys, values = tokens[0 : 2 * task.pairs : 2], tokens[1 : 2 * task.pairs : 2]
+    assert len(set(keys)) == task.pairs and all(128 <= k < 192 for k in keys) and all(v >= 192 for v in values)
+    assert all(t < 128 for t in tokens[2 * task.pairs : length - 2 * task.queries])
+    where = example.answer.nonzero().flatten().tolist()
+    assert where == list(range(length - 2 * task.queries + 1, length, 2))
+    asked = [tokens[t - 1] for t in where]
+    assert len(set(asked)) == task.queries
+    assert [tokens[t] for t in where] == [dict(zip(keys, values))[k] for k in asked]
+
+
+def check_selective_copy(example: Example, task: SelectiveCopy) -> None:
+    tokens, count = example.tokens.tolist(), task.content_tokens
+    prompt = tokens[: -count - 1]
+    assert tokens[-count - 1] == 0 and all(t > 0 for t in prompt)
+    assert example.answer.nonzero().flatten().tolist() == list(range(len(tokens) - count, len(tokens)))
+    assert tokens[-count:] == [t for t in prompt if t >= 128]
+
+
+def check_answer(example: Example, task) -> None:
+    """Solve the example from its content alone and compare with tokens[answer]."""
+    if isinstance(task, MQAR):
+        return check_mqar(example, task)
+    if isinstance(task, SelectiveCopy):
+        return check_selective_copy(example, task)
+    prompt, answer = split(example)
+    if isinstance(task, PassKey):
+        assert answer == solve_passkey(prompt) and len(answer) == task.digits
+    elif isinstance(task, FactQA):
+        assert answer == solve_fact_qa(prompt, task.facts)
+    else:
+        assert answer == solve_magic(prompt, getattr(task, "needles", 1))
+        if isinstance(task, WordNeedle) and task.kind == "uuid":
+            assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", answer)
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("task", configs(600), ids=lambda t: f"{t.name}-{getattr(t, 'haystack', '')}")
+def test_deterministic_per_generator_seed(task):
+    torch.manual_seed(0)
+    first = generate(task, gen(11))
+    torch.manual_seed(1)  # the global RNG must play no part
+    again = generate(task, gen(11))
+    other = generate(task, gen(12))
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.answer, again.answer)
+    assert not torch.equal(first.tokens, other.tokens)
+
+
+@pytest.mark.parametrize("length", [64, 257, 1000, 4099, 16411])
+def test_exact_length_and_byte_range(length):
+    tasks = [MQAR(context_length=length, pairs=8, queries=8), SelectiveCopy(context_length=length, content_tokens=8)]
+    if length >= 257:
+        tasks += configs(length)
+    for seed, task in enumerate(tasks):
+        example = generate(task, gen(seed))
+        assert example.tokens.shape == (length,) and example.answer.shape == (length,)
+        assert example.tokens.dtype == torch.int64 and example.answer.dtype == torch.bool
+        assert 0 <= int(example.tokens.min()) and int(example.tokens.max()) < 256
+        assert example.answer[-1] and not example.answer[0]
+        check_answer(example, task)
+
+
+@pytest.mark.parametrize("task", configs(700), ids=lambda t: f"{t.name}-{getattr(t, 'haystack', '')}")
+def test_answer_correct_by_construction(task):
+    for seed in range(25):
+        check_answer(generate(task, gen(seed)), task)
+
+
+def test_fact_qa_object_answers_cover_dropped_and_carried():
+    task = FactQA(context_length=2000, facts=12, question="object")
+    prompts = [split(generate(task, gen(seed)))[0] for seed in range(30)]
+    dropped = [p for p in prompts if re.search(r"(dropped|put down|discarded) the "
+                                               + re.search(r"Where is the (\w+)\?", p).group(1), p)]
+    assert 0 < len(dropped) < len(prompts)  # both cases occur, and the solver above agrees on all of them
+    for seed, prompt in enumerate(prompts):
+        assert solve_fact_qa(prompt, 12) == generate(task, gen(seed)).answer_text()
+
+
+@pytest.mark.parametrize("haystack", ["repeat", "text"])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
+def test_needle_depth_is_respected(haystack, depth):
+    corpus = CORPUS if haystack == "text" else None
+    slack = LONGEST_CORPUS_SENTENCE if haystack == "text" else len("There and back again. ")
+    cases = [
+        (PassKey(context_length=4099, depth=depth, haystack=haystack, corpus=corpus), r"The pass key is \d+\. .*?\. "),
+        (MultiKeyNeedle(context_length=4099, needles=5, depth=depth, haystack=haystack, corpus=corpus), None),
+    ]
+    for task, pattern in cases:
+        prompt, _ = split(generate(task, gen(3)))
+        haystack_end = prompt.rindex("\nWhat is")
+        if pattern is None:  # the asked needle of a multi-key example
+            key = re.search(r"What is the special magic number for ([\w-]+)\?", prompt).group(1)
+            pattern = rf"One of the special magic numbers for {key} is: \d+\. "
+        needles = list(re.finditer(r"The pass key is \d+\. .*?key\. |One of the special magic \w+ for .*?\. ",
+                                   prompt[:haystack_end]))
+        needle = re.search(pattern, prompt)
+        filler = haystack_end - sum(m.end() - m.start() for m in needles)
+        before = needle.start() - sum(m.end() - m.start() for m in needles if m.start() < needle.start())
+        # the needle moves back to a sentence start: never after the requested point, never by more than a sentence
+        assert 0 <= depth * filler - before <= slack, (depth, before, filler)
+
+
+def test_too_short_contexts_and_bad_parameters_are_clear_errors():
+    with pytest.raises(ValueError, match=r"context_length=64 is too short.*at least 103 tokens.*needle"):
+        PassKey(context_length=64)
+    with pytest.raises(ValueError, match=r"MQAR: context_length=20 is too short.*at least 24"):
+        MQAR(context_length=20, pairs=8, queries=4)
+    need = FactQA(context_length=10_000, facts=20).minimum_length()
+    with pytest.raises(ValueError, match=f"at least {need} tokens to hold 20 facts"):
+        FactQA(context_length=need - 1, facts=20)
+    for task in configs(10_000):  # every draw fits in exactly the minimum length, haystack empty or not
+        shortest = dataclasses.replace(task, context_length=task.minimum_length())
+        for seed in range(5):
+            example = generate(shortest, gen(seed))
+            assert example.tokens.shape == (shortest.context_length,)
+            check_answer(example, shortest)
+    bad = [
+        (lambda: NumberNeedle(context_length=1000, haystack="text"), r"haystack='text'.*corpus.*none given"),
+        (lambda: NumberNeedle(context_length=1000, corpus="words"), r"corpus.*only read with haystack='text'"),
+        (lambda: WordNeedle(context_length=1000, haystack="book"), r"haystack must be one of 'repeat', 'text'"),
+        (lambda: WordNeedle(context_length=1000, kind="emoji"), r"kind must be one of 'word', 'uuid'"),
+        (lambda: PassKey(context_length=1000, depth=1.5), r"depth must be a number in \[0, 1\] or None"),
+        (lambda: PassKey(context_length=1000, digits=0), r"digits must be an int in \[1, 64\], got 0"),
+        (lambda: MQAR(context_length=100, pairs=4, queries=5), r"queries must be an int in \[1, 4\], got 5"),
+        (lambda: MultiKeyNeedle(context_length=9000, needles=20, digits=1), r"needles must be an int in \[2, 9\]"),
+        (lambda: FactQA(context_length=1000, facts=1, question="object"), r"facts must be an int >= 2"),
+        (lambda: SelectiveCopy(context_length=1.5), r"context_length must be an int >= 2"),
+    ]
+    for make, message in bad:
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+def test_registry_names_params_and_round_trip():
+    assert sorted(TASKS) == ["fact_qa", "mqar", "multikey_needle", "number_needle", "passkey", "selective_copy",
+                             "word_needle"]
+    with pytest.raises(ValueError, match=r"unknown task 'niah'; valid names: fact_qa, mqar, .*word_needle"):
+        make_task("niah", context_length=100)
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) digit; valid parameters: context_length, "
+                                         r"haystack, corpus, digits, depth"):
+        make_task("passkey", context_length=1000, digit=3)
+    with pytest.raises(ValueError, match=r"missing required parameter\(s\) context_length"):
+        make_task("mqar", pairs=4)
+    for task in configs(500):
+        rebuilt = make_task(**{"name": task.name, **dataclasses.asdict(task)})
+        assert rebuilt == task and hash(rebuilt) == hash(task)
+        assert torch.equal(generate(rebuilt, gen(0)).tokens, generate(task, gen(0)).tokens)
+
+
+def perfect_logits(example: Example, seed: int, length: int | None = None) -> torch.Tensor:
+    """Random logits, except that row t - 1 puts its largest value on tokens[t] at every answer position t."""
+    logits = torch.randn(len(example.tokens), 256, generator=gen(seed))
+    for t in example.answer.nonzero().flatten().tolist():
+        logits[t - 1, example.tokens[t]] = 50.0
+    return logits[:length]
+
+
+def test_score_is_teacher_forced_exact_match():
+    for task in [MQAR(context_length=64, pairs=6, queries=3), PassKey(context_length=300), FactQA(context_length=400,
+                                                                                                    facts=3)]:
+        example = generate(task, gen(0))
+        logits = perfect_logits(example, seed=1)
+        assert score(logits, example) == 1.0
+        assert score(logits[:-1], example) == 1.0  # logits over inputs (tokens[:-1]) only
+        where = example.answer.nonzero().flatten().tolist()
+        for t in (where[0], where[len(where) // 2], where[-1]):  # one wrong answer token is a wrong example
+            wrong = logits.clone()
+            wrong[t - 1, (example.tokens[t] + 1) % 256] = 99.0
+            assert score(wrong, example) == 0.0
+    others = [generate(task, gen(seed)) for seed in (5, 6, 7, 8)]
+    batch = torch.stack([perfect_logits(e, seed) for seed, e in enumerate(others)])
+    t = int(others[2].answer.nonzero()[0])
+    batch[2, t - 1, (others[2].tokens[t] + 7) % 256] = 99.0
+    assert exact_match(batch, others).tolist() == [True, True, False, True]
+    assert score(batch, others) == 0.75
+    with pytest.raises(ValueError, match="expected 400 or 399"):
+        score(batch[:, :100], others)
+
+
+def test_task_batches_slice_by_rank_resume_and_targets():
+    task = FactQA(context_length=400, facts=3)
+    batches = TaskBatches(task, batch_size=4, seed=9)
+    assert isinstance(batches, Batches) and batches.seq_len == 399
+    inputs, targets = batches.batch(5)
+    assert inputs.shape == targets.shape == (4, 399) and inputs.dtype == targets.dtype == torch.int64
+    for rank in (0, 1):
+        part = batches.batch(5, rank=rank, world=2)
+        assert torch.equal(part[0], inputs[2 * rank : 2 * rank + 2]) and torch.equal(part[1], targets[2 * rank :][:2])
+    resumed = TaskBatches(task, batch_size=4, seed=9).batch(5)  # a fresh source at the same step: same rows
+    assert torch.equal(resumed[0], inputs) and torch.equal(resumed[1], targets)
+    assert not torch.equal(batches.batch(6)[0], inputs)
+    assert not torch.equal(TaskBatches(task, batch_size=4, seed=10).batch(5)[0], inputs)
+    for row in range(4):
+        example = batches.example(5, row)
+        assert torch.equal(inputs[row], example.tokens[:-1])
+        marked = targets[row] != IGNORE
+        assert torch.equal(marked, example.answer[1:]) and marked.sum() == len(example.answer_text())
+        assert torch.equal(targets[row][marked], example.tokens[1:][marked])
+        assert bytes(targets[row][marked].tolist()).decode() == solve_fact_qa(split(example)[0], 3)
+    with pytest.raises(ValueError, match="batch_size=4 must be divisible by world=3"):
+        batches.batch(0, rank=0, world=3)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 1\], got 2"):
+        batches.batch(0, rank=2, world=2)

@@ -1,0 +1,342 @@
+"""Corpora, tokenizers, the token cache and text batches (miras.data.text, miras.data.tokenizers)."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from miras.data.base import IGNORE, Batches
+from miras.data.text import (
+    Corpus,
+    Document,
+    TextBatches,
+    cached_tokens,
+    from_hf,
+    from_path,
+    load_corpus,
+    stdlib,
+    windows,
+)
+from miras.data.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    load_tokenizer,
+)
+
+SAMPLE = "Héllo wörld — ünïcode ✓ 日本語\n\n\tdef f(x):\n        return x  # done\n"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """20 text files in nested folders, one binary file, one non-UTF-8 file, one hidden folder."""
+    for i in range(20):
+        sub = tmp_path / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"doc{i:02d}.txt").write_text(f"document {i}\n" + "words and more words\n" * (i + 1))
+    (tmp_path / "image.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "config").write_text("hidden")
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------ corpora
+
+
+def test_folder_corpus_splits_by_file_deterministically_and_skips_binary(folder):
+    corpus = from_path(folder)
+    names = [document.name for document in corpus.documents]
+    assert len(names) == 20 and names == sorted(names)
+    assert names[0] == "part0/doc00.txt" and all(name.endswith(".txt") for name in names)
+    assert "latin1.txt" not in names and "image.bin" not in names
+    train, validation = corpus.split("train"), corpus.split("validation")
+    assert len(train) >= 1 and len(validation) >= 1 and len(train) + len(validation) == 20
+    # whole files, each in exactly one split, texts untouched
+    assert sorted(d.name for d in train + validation) == names
+    assert {d.text for d in train + validation} == {d.text for d in corpus.documents}
+    again = from_path(folder)
+    assert again.split("validation") == validation and again.split("train") == train
+    # the split follows the file name, not the folder's location: a copy elsewhere splits the same way
+    corpus_b = Corpus("copy", tuple(reversed(corpus.documents)))
+    assert sorted(d.name for d in corpus_b.split("validation")) == sorted(d.name for d in validation)
+
+
+def test_larger_validation_fraction_moves_more_files_and_keeps_old_ones():
+    documents = tuple(Document(f"file{i}.txt", f"text {i}") for i in range(200))
+    small = {d.name for d in Corpus("x", documents, 0.05).split("validation")}
+    large = {d.name for d in Corpus("x", documents, 0.5).split("validation")}
+    assert 2 <= len(small) <= 25 and 70 <= len(large) <= 130
+    assert small <= large  # thresholds on one hash: growing the fraction only adds files
+
+
+def test_single_file_is_cut_at_a_line_break(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    corpus = from_path(path)
+    (train,), (validation,) = corpus.split("train"), corpus.split("validation")
+    assert train.text + validation.text == path.read_text()
+    assert train.text.endswith("\n") and validation.text.startswith("line ")
+    assert len(validation.text) == pytest.approx(0.05 * len(path.read_text()), abs=10)
+
+
+def test_glob(folder):
+    corpus = from_path(str(folder / "part1" / "*.txt"))
+    # names are relative to the glob's folder, so the split does not depend on where it lives
+    assert [d.name for d in corpus.documents] == [f"doc{i:02d}.txt" for i in range(1, 20, 3)]
+    recursive = load_corpus(str(folder / "**" / "doc1*.txt"))
+    assert [d.name for d in recursive.documents] == sorted(f"part{i % 3}/doc{i}.txt" for i in range(10, 20))
+
+
+def test_errors_say_what_was_given_and_what_is_allowed(tmp_path):
+    with pytest.raises(ValueError, match=r"'.*missing': no such file or folder; expected 'stdlib'"):
+        load_corpus(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match=r"the glob matches no file; expected 'stdlib', 'hf:<name>"):
+        load_corpus(str(tmp_path / "*.nothing"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blob.dat").write_bytes(b"\0\1\2")
+    with pytest.raises(ValueError, match=r"no text found; expected 'stdlib'"):
+        load_corpus(str(tmp_path))
+    with pytest.raises(ValueError, match=r"split 'test'"):
+        Corpus("x", (Document("a", "text"),)).split("test")
+
+
+def test_hf_without_datasets_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without it looks like
+    with pytest.raises(ImportError, match="pip install datasets"):
+        from_hf("wikitext")
+    with pytest.raises(ImportError, match="pip install datasets"):
+        load_corpus("hf:wikitext:validation")
+
+
+def test_importing_miras_data_imports_no_optional_package():
+    code = (
+        "import sys, miras.data.text, miras.data.tokenizers; "
+        "print(*(name in sys.modules for name in ('datasets', 'transformers')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_stdlib_corpus_tokenised_once_with_bytes(tmp_path):
+    start = time.perf_counter()
+    corpus = stdlib()
+    names = [d.name for d in corpus.documents]
+    assert len(names) > 300 and names == sorted(names)
+    assert "os.py" in names and "json/decoder.py" in names
+    skipped = {"test", "tests", "idle_test", "site-packages"}
+    assert not any(skipped & set(name.split("/")[:-1]) for name in names)
+    assert not any(part.startswith("test_") for name in names for part in name.split("/")[:-1])
+    assert all(name.endswith(".py") for name in names)
+    again = stdlib()
+    assert [d.name for d in again.split("validation")] == [d.name for d in corpus.split("validation")]
+    train = corpus.split("train")
+    assert len(corpus.split("validation")) >= 10
+    tokens = cached_tokens(corpus, ByteTokenizer(), "train", cache_dir=tmp_path)
+    expected = sum(len(d.text.encode("utf-8")) + 2 for d in train)
+    assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16 and len(tokens) == expected
+    first = train[0].text.encode("utf-8")
+    assert bytes(tokens[: len(first) + 2].astype(np.uint8)) == first + b"\n\n"
+    assert time.perf_counter() - start < 10
+
+
+# --------------------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trips_non_ascii(tmp_path):
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode(SAMPLE)
+    assert ids[:3] == [72, 0xC3, 0xA9] and max(ids) < 256 and len(ids) == len(SAMPLE.encode("utf-8"))
+    assert tokenizer.decode(ids) == SAMPLE
+    assert tokenizer.decode([0xFF, 65]) == "\ufffdA"  # invalid UTF-8 from a model shows, not fails
+    np.testing.assert_array_equal(tokenizer.encode_documents(["a", "é"]), [97, 10, 10, 0xC3, 0xA9, 10, 10])
+    tokenizer.save(tmp_path)
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer) and isinstance(tokenizer, Tokenizer)
+    assert isinstance(get_tokenizer("byte"), ByteTokenizer)
+
+
+def _bpe_texts():
+    return [f"def function_{i}(value):\n    return value * {i} + offset  # café\n" * 3 for i in range(60)]
+
+
+def test_bpe_is_deterministic_round_trips_and_reloads(tmp_path):
+    first, second = BPETokenizer.train(_bpe_texts(), 400), BPETokenizer.train(_bpe_texts(), 400)
+    text = "def function_7(value):\n    return value * 7 + offset  # café ✓\n"
+    ids = first.encode(text)
+    assert first.vocab_size == 400 and first.eos_id == 0
+    assert ids == second.encode(text) and first.identity == second.identity
+    # merges learnt: far fewer ids than bytes, and every string (even unseen characters) round-trips
+    assert len(ids) < len(text.encode("utf-8")) / 2
+    assert first.decode(ids) == text and first.decode(first.encode(SAMPLE)) == SAMPLE
+    joined = first.encode_documents(["def a", "return b"])
+    np.testing.assert_array_equal(joined, first.encode("def a") + [0] + first.encode("return b") + [0])
+    first.save(tmp_path / "tokenizer")
+    restored = load_tokenizer(tmp_path / "tokenizer")
+    assert isinstance(restored, BPETokenizer) and restored.encode(text) == ids
+    assert restored.identity == first.identity and restored.decode(ids) == text
+    assert get_tokenizer(str(tmp_path / "tokenizer")).encode(text) == ids
+
+
+def test_get_tokenizer_trains_bpe_on_the_train_split_only():
+    # every document has its own word, so a BPE that saw the validation files would merge other pairs
+    corpus = Corpus("x", tuple(Document(f"f{i}", f"common words {i * 7919:x}zq\n" * 5) for i in range(40)), 0.2)
+    tokenizer = get_tokenizer("bpe:320", corpus)
+    assert tokenizer.identity == BPETokenizer.train([d.text for d in corpus.split("train")], 320).identity
+    assert tokenizer.identity != BPETokenizer.train([d.text for d in corpus.documents], 320).identity
+
+
+def test_get_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"'bpe:big': the vocabulary size must be an integer"):
+        get_tokenizer("bpe:big")
+    with pytest.raises(ValueError, match="pass the corpus"):
+        get_tokenizer("bpe:512")
+    with pytest.raises(ValueError, match="at least 257"):
+        BPETokenizer.train(["abc"], 100)
+    with pytest.raises(ValueError, match=r"'gpt9': not a known kind and no such folder; expected 'byte'"):
+        get_tokenizer("gpt9")
+    with pytest.raises(ValueError, match="no miras_tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_hf_tokenizer_without_transformers_names_the_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without it looks like
+    with pytest.raises(ImportError, match="pip install transformers"):
+        HFTokenizer(tmp_path)
+    with pytest.raises(ImportError, match="pip install transformers"):
+        get_tokenizer(str(tmp_path))
+    with pytest.raises(ImportError, match="pip install transformers"):
+        get_tokenizer("hf:gpt2")
+
+
+def test_hf_tokenizer_from_a_local_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, eos_token="<|endoftext|>")
+    wrapped.save_pretrained(tmp_path / "hf")
+    tokenizer = get_tokenizer(str(tmp_path / "hf"))
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == 300 and tokenizer.eos_id == 0
+    assert tokenizer.encode(SAMPLE) == bpe.encode(SAMPLE) and tokenizer.decode(tokenizer.encode(SAMPLE)) == SAMPLE
+    np.testing.assert_array_equal(tokenizer.encode_documents(["a b", "c"]), bpe.encode_documents(["a b", "c"]))
+    tokenizer.save(tmp_path / "run")
+    restored = load_tokenizer(tmp_path / "run")
+    assert isinstance(restored, HFTokenizer) and restored.identity == tokenizer.identity
+
+
+# -------------------------------------------------------------------------------------- token cache
+
+
+class CountingByteTokenizer(ByteTokenizer):
+    def __init__(self):
+        self.calls = 0
+
+    def encode_documents(self, texts):
+        self.calls += 1
+        return super().encode_documents(texts)
+
+
+def test_cache_is_written_once_reused_and_holds_the_concatenated_tokens(folder, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    corpus, tokenizer = from_path(folder), CountingByteTokenizer()
+    tokens = cached_tokens(corpus, tokenizer, "train", cache_dir=cache, chunk_chars=100)
+    calls = tokenizer.calls
+    assert calls > 1  # chunked: several small encode calls, one file
+    (path,) = cache.iterdir()
+    assert path.suffix == ".uint16" and not list(cache.glob("*.tmp"))
+    expected = b"".join(d.text.encode("utf-8") + b"\n\n" for d in corpus.split("train"))
+    assert bytes(np.asarray(tokens, dtype=np.uint8)) == expected
+    modified = path.stat().st_mtime_ns
+    again = cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache)
+    assert tokenizer.calls == calls and path.stat().st_mtime_ns == modified
+    np.testing.assert_array_equal(again, tokens)
+    # a changed file or another split or tokenizer is another cache, never a stale one
+    cached_tokens(corpus, tokenizer, "validation", cache_dir=cache)
+    (folder / corpus.split("train")[0].name).write_text("changed")
+    changed = cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache)
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    bpe_tokens = cached_tokens(corpus, bpe, "train", cache_dir=cache)
+    assert len(list(cache.iterdir())) == 4
+    assert len(changed) != len(tokens) or not np.array_equal(changed, tokens)
+    np.testing.assert_array_equal(bpe_tokens, bpe.encode_documents([d.text for d in corpus.split("train")]))
+
+
+def test_cache_defaults_to_the_environment_folder(folder, tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.mktemp("env_cache")
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
+    cached_tokens(from_path(folder), ByteTokenizer(), "validation")
+    assert len(list(cache.iterdir())) == 1
+
+
+def test_interrupted_cache_leaves_no_file(folder, tmp_path_factory):
+    class Failing(ByteTokenizer):
+        def encode_documents(self, texts):
+            raise KeyboardInterrupt
+
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.raises(KeyboardInterrupt):
+        cached_tokens(from_path(folder), Failing(), "train", cache_dir=cache)
+    assert list(cache.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def test_text_batches_are_deterministic_rank_sliced_and_shifted():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = TextBatches(tokens, batch_size=6, seq_len=17, seed=3)
+    assert isinstance(batches, Batches)
+    inputs, targets = batches.batch(5)
+    assert inputs.shape == targets.shape == (6, 17) and inputs.dtype == targets.dtype == torch.int64
+    # consecutive tokens: each row is a real window, and targets are inputs shifted by one
+    assert torch.equal(targets, inputs + 1) and torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert torch.equal(inputs[:, 1:] - inputs[:, :-1], torch.ones(6, 16, dtype=torch.int64))
+    assert int(inputs.min()) >= 0 and int(targets.max()) <= 999
+    again = TextBatches(tokens, 6, 17, 3).batch(5)
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], targets)
+    assert len(set(inputs[:, 0].tolist())) > 3  # rows differ
+    assert not torch.equal(batches.batch(6)[0], inputs)
+    assert not torch.equal(TextBatches(tokens, 6, 17, seed=4).batch(5)[0], inputs)
+    for world in (2, 3, 6):
+        b = 6 // world
+        for rank in range(world):
+            part_inputs, part_targets = batches.batch(5, rank, world)
+            assert torch.equal(part_inputs, inputs[rank * b : (rank + 1) * b])
+            assert torch.equal(part_targets, targets[rank * b : (rank + 1) * b])
+
+
+def test_text_batches_cover_the_whole_array_with_a_memmap(tmp_path):
+    path = tmp_path / "tokens.uint16"
+    np.arange(30, dtype=np.uint16).tofile(path)
+    batches = TextBatches(np.memmap(path, dtype=np.uint16, mode="r"), batch_size=8, seq_len=29, seed=0)
+    inputs, targets = batches.batch(0)  # the only window that fits: all 30 tokens
+    assert torch.equal(inputs, torch.arange(29).expand(8, 29)) and torch.equal(targets, inputs + 1)
+    starts = {int(TextBatches(np.arange(30), 4, 5, 0).batch(step)[0][row, 0]) for step in range(50) for row in range(4)}
+    assert starts == set(range(25))  # every start from 0 to len - seq_len - 1 is drawn
+
+
+def test_text_batches_errors():
+    batches = TextBatches(np.arange(100), batch_size=6, seq_len=8, seed=0)
+    with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by world=4"):
+        batches.batch(0, rank=0, world=4)
+    with pytest.raises(ValueError, match=r"rank=2 must be in \[0, world=2\)"):
+        batches.batch(0, rank=2, world=2)
+    with pytest.raises(ValueError, match=r"seq_len=100 needs at least 101 tokens .* the corpus has 100"):
+        TextBatches(np.arange(100), batch_size=2, seq_len=100, seed=0)
+
+
+def test_windows_predict_every_token_once_in_order():
+    tokens = np.arange(1, 24, dtype=np.uint16)  # 23 tokens: 22 targets
+    batches = list(windows(tokens, seq_len=5, batch_size=2))
+    assert [inputs.shape[0] for inputs, _ in batches] == [2, 2, 1]
+    inputs = torch.cat([inputs for inputs, _ in batches])
+    targets = torch.cat([targets for _, targets in batches])
+    assert torch.equal(targets[targets != IGNORE], torch.arange(2, 24))
+    assert torch.equal(inputs[0], torch.arange(1, 6)) and torch.equal(targets[0], torch.arange(2, 7))
+    assert targets[-1].tolist() == [22, 23, IGNORE, IGNORE, IGNORE] and inputs[-1].tolist() == [21, 22, 0, 0, 0]
+    exact = list(windows(np.arange(11), seq_len=5))
+    assert len(exact) == 2 and torch.equal(exact[-1][1], torch.arange(6, 11)[None])
+
