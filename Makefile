@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test bench bench-baseline-venv lint clean
+.PHONY: install test test-slow bench bench-baseline-venv lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest
+
+# The tests kept out of the default run for time (each preset at 16K tokens, fp32 and bf16).
+test-slow: install
+	$(PY) -m pytest -m slow
 
 bench: install
 	$(PY) benchmarks/memory_layer.py

@@ -4,15 +4,18 @@ import pytest
 import torch
 
 from miras.layers import MemoryLayer, TokenMixer
-from miras.memory import DELTANET, MAMBA2, PRESETS, TITANS, Gates, chunked
+from miras.memory import DELTANET, GATED_DELTANET, MAMBA2, PRESETS, RETNET, TITANS, Gates, chunked
+
+ONLINE = ("deltanet", "gated-deltanet", "longhorn")  # the presets the exact delta path computes
 
 
-def make_layer(rule=TITANS, impl="chunked", dtype=torch.float64, chunk_size=4, seed=0):
+def make_layer(rule=TITANS, impl="chunked", dtype=torch.float64, chunk_size=4, seed=0, **kwargs):
     torch.manual_seed(seed)
-    layer = MemoryLayer(16, heads=2, rule=rule, chunk_size=chunk_size, impl=impl).to(dtype)
+    layer = MemoryLayer(16, heads=2, rule=rule, chunk_size=chunk_size, impl=impl, **kwargs).to(dtype)
     # Random (not the zero init) gate weights, so gates really vary per token in these tests.
-    with torch.no_grad():
-        layer.gate_proj.weight.normal_(0, 0.3)
+    if layer.gate_proj is not None:
+        with torch.no_grad():
+            layer.gate_proj.weight.normal_(0, 0.3)
     return layer
 
 
@@ -37,10 +40,19 @@ def test_causal(name):
 
 
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
-@pytest.mark.parametrize("name", ["titans", "deltanet"])
+@pytest.mark.parametrize("name", ["titans", "deltanet", "moneta", "yaad", "memora", "gated-deltanet"])
 def test_streams(impl, name):
     """One call == pieces with the state carried == token by token."""
     layer, x = make_layer(PRESETS[name], impl), inputs()
+    _check_streams(layer, x)
+
+
+@pytest.mark.parametrize("name", ONLINE)
+def test_delta_impl_streams(name):
+    _check_streams(make_layer(PRESETS[name], "delta", chunk_size=1, block_size=8), inputs())
+
+
+def _check_streams(layer, x):
     y, state = layer(x)
     for cuts in ([5, 6, 17], list(range(1, 23))):
         pieces, s = [], None
@@ -53,9 +65,15 @@ def test_streams(impl, name):
         torch.testing.assert_close(s.conv, state.conv, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["titans", "mamba2"])
+@pytest.mark.parametrize("name", ["titans", "mamba2", "moneta", "yaad", "memora", "delta:gated-deltanet",
+                                  "delta:longhorn"])
 def test_paths_agree_with_parameter_gradients(name):
-    fast, slow = make_layer(PRESETS[name], "chunked"), make_layer(PRESETS[name], "recurrent")
+    if name.startswith("delta:"):  # the exact blockwise online rule against the reference at chunk 1
+        rule = PRESETS[name[6:]]
+        fast = make_layer(rule, "delta", chunk_size=1, block_size=4)
+        slow = make_layer(rule, "recurrent", chunk_size=1)
+    else:
+        fast, slow = make_layer(PRESETS[name], "chunked"), make_layer(PRESETS[name], "recurrent")
     x = inputs(tokens=11)
     (fast(x)[0] ** 2).sum().backward()
     (slow(x)[0] ** 2).sum().backward()
@@ -72,6 +90,62 @@ def test_stable_at_16k_tokens_with_defaults():
         y, state = layer(torch.randn(1, 16384, 64))
     assert torch.isfinite(y).all()
     assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in state.memory.tensors())
+
+
+def _run_presets_at(tokens: int):
+    """Every preset at the layer defaults (the online ones through the delta path), float32 and bf16
+    autocast: finite outputs and states, and Memora's memory still on the simplex."""
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(0))
+    for name, rule in PRESETS.items():
+        torch.manual_seed(0)
+        options = {"chunk_size": 1, "impl": "delta"} if name in ONLINE else {}
+        if name == "retnet":
+            options["gating"] = "fixed"
+        layer = MemoryLayer(32, heads=2, rule=rule, **options)
+        for low_precision in (False, True):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+                y, state = layer(x)
+            where = f"{name}, {tokens} tokens, bf16={low_precision}"
+            assert torch.isfinite(y).all(), where
+            assert all(torch.isfinite(w).all() and w.abs().max() < 1e3 for w in state.memory.tensors()), where
+            if name == "memora":
+                assert all((w > 0).all() for w in state.memory.weights), where
+
+
+def test_every_preset_finite_at_2k_tokens():
+    _run_presets_at(2048)
+
+
+@pytest.mark.slow
+def test_every_preset_finite_at_16k_tokens():
+    _run_presets_at(16384)
+
+
+def test_retnet_fixed_gating():
+    layer = make_layer(RETNET, gating="fixed")
+    gates = layer._gates(inputs(tokens=3), torch.float64)
+    torch.testing.assert_close(gates.lr, torch.ones(2, 3, 2, dtype=torch.float64))
+    torch.testing.assert_close(gates.decay[0, 0], torch.tensor([2.0 ** -5, 2.0 ** -6], dtype=torch.float64))
+    assert not any("gate_proj" in n for n, _ in layer.named_parameters())
+    _check_streams(layer, inputs())
+
+
+def test_layer_options_are_checked():
+    with pytest.raises(ValueError, match="impl='delta' computes the online rule"):
+        MemoryLayer(16, heads=2, rule=GATED_DELTANET, chunk_size=16, impl="delta")
+    with pytest.raises(ValueError, match="impl='delta' computes the online rule"):
+        MemoryLayer(16, heads=2, rule=TITANS, chunk_size=1, impl="delta")
+    with pytest.raises(ValueError, match="gating must be one of"):
+        MemoryLayer(16, heads=2, gating="channel-ish")
+    with pytest.raises(ValueError, match="gating='fixed' sets lr and decay only"):
+        MemoryLayer(16, heads=2, rule=TITANS, gating="fixed")
+
+
+def test_huber_threshold_gate_starts_at_one():
+    layer = MemoryLayer(16, heads=2, rule=PRESETS["yaad"])
+    gates = layer._gates(torch.randn(1, 3, 16), torch.float32)
+    torch.testing.assert_close(gates.threshold, torch.ones(1, 3, 2))
+    torch.testing.assert_close(gates.lr, torch.full((1, 3, 2), 0.1))
 
 
 def test_bf16_autocast_close_to_float32():

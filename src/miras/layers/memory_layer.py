@@ -12,8 +12,16 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   keys the inner problem's curvature is O(1),
   so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
   without NaN (tested).
+- Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
+  (RMS units, see ``miras.memory.Huber``).
+- ``gating="fixed"`` (RetNet): no data-dependent gates; θ ≡ 1 and a fixed decay per head,
+  α_h = 2^(−5−h) (γ_h = 1 − 2^(−5−h), Sun et al. 2023), for rules whose gates are lr and decay.
 - The initial memory weights are learned, one set per head (meta-learned M_0): N(0, 1/fan_in)
-  for MLP memories, zero for matrix memories. The initial momentum is zero.
+  for MLP memories, zero for matrix memories; a constrained memory maps them onto its set
+  (KLSoftmax: row softmax, so the learned parameters are logits, initialised N(0, 1) so that the
+  rows start peaked rather than uniform). The initial momentum is zero.
+- ``impl="delta"`` computes the online rule (``chunk_size=1``) exactly, in blocks of
+  ``block_size`` tokens (``miras.memory.delta``): DeltaNet, Gated DeltaNet, Longhorn.
 - The engine runs in the dtype of the initial weights (float32 by default), also under bf16
   autocast: the projections and the memory reads then run in bf16, while the write path (inner
   gradients, gate algebra, state update) stays float32 (see ``memory/chunked.py``).
@@ -21,7 +29,6 @@ Choices where the papers are silent (PAPERS.md §4), and why:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -31,14 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
+from ..memory.delta import delta, supports_delta
 
-IMPLS = {
-    "chunked": chunked,
-    "compiled": functools.partial(chunked, compile=True),  # chunked, each chunk step torch.compile'd
-    "recurrent": recurrent,
-}
+IMPLS = ("chunked", "compiled", "recurrent", "delta")
+GATINGS = ("token", "fixed")
 # Gate values at initialisation (before any training): the biases are set to produce these.
-GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01}
+GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01, "threshold": 1.0}
 
 
 @dataclass(frozen=True)
@@ -63,14 +68,25 @@ class MemoryLayer(nn.Module):
     """A MIRAS/Titans memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``.
 
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
-    ``torch.compile``: fastest after a one-off compile per shape) or "recurrent" (the reference).
+    ``torch.compile``: fastest after a one-off compile per shape), "recurrent" (the reference), or
+    "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
+    ``gating``: "token" (data-dependent gates per token and head) or "fixed" (RetNet's constants).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
-                 chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked"):
+                 chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
+                 block_size: int = 64, gating: str = "token"):
         super().__init__()
         if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
+            raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+        if impl == "delta" and (chunk_size != 1 or not supports_delta(rule)):
+            raise ValueError("impl='delta' computes the online rule (chunk_size=1) of a LinearMemory + L2 + "
+                             f"linear-retention + (implicit) GD rule; got chunk_size={chunk_size}, {rule.name()}")
+        if gating not in GATINGS:
+            raise ValueError(f"gating must be one of {list(GATINGS)}, got {gating!r}")
+        if gating == "fixed" and not rule.needed_gates() <= {"decay"}:
+            raise ValueError(f"gating='fixed' sets lr and decay only; the rule {rule.name()} needs "
+                             f"{sorted(rule.needed_gates())}")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass head_dim explicitly")
@@ -79,12 +95,13 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"max_lr must exceed the initial lr {GATE_INIT['lr']}, got {max_lr}")
         self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
+        self.block_size, self.gating = block_size, gating
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
         nn.init.uniform_(self.conv_weight, -1 / math.sqrt(conv_size), 1 / math.sqrt(conv_size))
         self.gate_names = ["lr"] + sorted(rule.needed_gates())
-        self.gate_proj = nn.Linear(dim, heads * len(self.gate_names))
+        self.gate_proj = nn.Linear(dim, heads * len(self.gate_names)) if gating == "token" else None
         shapes = rule.architecture.weight_shapes(head_dim, head_dim)
         self.initial_weights = nn.ParameterList(nn.Parameter(self._initial_weight(out, inp)) for out, inp in shapes)
         self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
@@ -93,23 +110,34 @@ class MemoryLayer(nn.Module):
         self.reset_gates()
 
     def _initial_weight(self, out: int, inp: int) -> Tensor:
+        if hasattr(self.rule.retention, "initial"):
+            # Logits of a simplex-constrained memory: N(0, 1) gives peaked rows. With N(0, 1/fan_in)
+            # the rows are near uniform, every output averages the same inputs, and Memora did not
+            # learn the recall task in 200 steps (loss 2.46 vs 0.98 with this init; chance 2.77).
+            return torch.randn(self.heads, out, inp)
         if self.rule.architecture.kind == "linear":
             return torch.zeros(self.heads, out, inp)
         return torch.randn(self.heads, out, inp) / math.sqrt(inp)
 
     def reset_gates(self) -> None:
         """Zero gate weights and biases that give ``GATE_INIT`` at every token."""
+        if self.gate_proj is None:
+            return
         nn.init.zeros_(self.gate_proj.weight)
         bias = []
         for name in self.gate_names:
             value = GATE_INIT[name] / (self.max_lr if name == "lr" else 1.0)
-            bias.append(torch.full((self.heads,), math.log(value / (1 - value))))
+            # softplus⁻¹ for the unbounded threshold, logit for the gates in (0, 1)
+            inverse = math.log(math.expm1(value)) if name == "threshold" else math.log(value / (1 - value))
+            bias.append(torch.full((self.heads,), inverse))
         with torch.no_grad():
             self.gate_proj.bias.copy_(torch.cat(bias))
 
     def init_state(self, batch: int) -> MemoryLayerState:
         """The learned initial memory for ``batch`` sequences, zero momentum, an empty conv tail."""
         weights = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in self.initial_weights)
+        if hasattr(self.rule.retention, "initial"):  # a constrained memory (KLSoftmax: the simplex)
+            weights = self.rule.retention.initial(weights)
         momentum = tuple(torch.zeros_like(w) for w in weights) if self.rule.algorithm.uses_momentum else None
         conv = self.conv_weight.new_zeros(batch, self.conv_weight.shape[1] - 1, self.conv_weight.shape[0])
         return MemoryLayerState(MemoryState(weights, momentum), conv)
@@ -130,7 +158,7 @@ class MemoryLayer(nn.Module):
         engine_dtype = self.initial_weights[0].dtype
         q, k, v = F.silu(qkv).to(engine_dtype).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        y, memory = IMPLS[self.impl](self.rule, q, k, v, self._gates(x, engine_dtype), state.memory, self.chunk_size)
+        y, memory = self._engine(q, k, v, self._gates(x, engine_dtype), state.memory)
         y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(y.dtype), eps=1e-6)
         y = y.reshape(batch, tokens, -1).to(x.dtype) * F.silu(self.out_gate(x))
         return self.out_proj(y), MemoryLayerState(memory, conv_tail)
@@ -142,12 +170,27 @@ class MemoryLayer(nn.Module):
         out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(u.dtype), groups=u.shape[-1])
         return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):]
 
+    def _engine(self, q, k, v, gates: Gates, memory: MemoryState):
+        if self.impl == "delta":
+            return delta(self.rule, q, k, v, gates, memory, self.block_size)
+        if self.impl == "recurrent":
+            return recurrent(self.rule, q, k, v, gates, memory, self.chunk_size)
+        return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled")
+
     def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
-        raw = torch.sigmoid(self.gate_proj(x).to(dtype)).view(*x.shape[:2], len(self.gate_names), self.heads)
+        shape = (*x.shape[:2], self.heads)
+        if self.gate_proj is None:  # RetNet: θ = 1, α_h = 2^(−5−h)
+            values = {"lr": torch.ones(shape, dtype=dtype, device=x.device)}
+            if "decay" in self.gate_names:
+                alpha = 2.0 ** (-5.0 - torch.arange(self.heads, dtype=dtype, device=x.device))
+                values["decay"] = alpha.expand(shape)
+            return Gates(**values)
+        raw = self.gate_proj(x).to(dtype).view(*x.shape[:2], len(self.gate_names), self.heads)
         values = dict(zip(self.gate_names, raw.unbind(2)))
+        values = {name: F.softplus(g) if name == "threshold" else torch.sigmoid(g) for name, g in values.items()}
         values["lr"] = self.max_lr * values["lr"]
         return Gates(**values)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, chunk_size={self.chunk_size}, "
-                f"impl={self.impl!r}, rule={self.rule.name()}")
+                f"impl={self.impl!r}, gating={self.gating!r}, rule={self.rule.name()}")

@@ -19,11 +19,26 @@ FAMILIES: dict[str, str | None] = {
     "transformer": None,
     "swa-transformer": None,
     "deltanet": "deltanet",
+    "gated-deltanet": "gated-deltanet",
+    "longhorn": "longhorn",
     "mamba2": "mamba2",
+    "retnet": "retnet",
     "linear-attention": "linear-attention",
     "ttt-linear": "ttt-linear",
     "ttt-mlp": "ttt-mlp",
+    "moneta": "moneta",
+    "yaad": "yaad",
+    "memora": "memora",
+    "moneta-h": "moneta",
+    "yaad-h": "yaad",
+    "memora-h": "memora",
 }
+# Samba-style hybrids (MIRAS §5.4): blocks alternate the memory layer and sliding-window attention.
+HYBRID_FAMILIES = ("moneta-h", "yaad-h", "memora-h")
+# The classic delta-rule RNNs run their exact online rule (chunk_size=1) through the blockwise delta path.
+ONLINE_FAMILIES = ("deltanet", "gated-deltanet", "longhorn")
+# RetNet's decay is fixed per head, not data-dependent.
+FIXED_GATE_FAMILIES = ("retnet",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,17 +51,18 @@ class ModelConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 8
-    chunk_size: int = 16  # memory update granularity (Titans §3.2)
+    chunk_size: int = 16  # memory update granularity (Titans §3.2); 1 = the online rule
     window: int = 64  # sliding-window attention span (swa-transformer, MAG, MAL)
     persistent: int = 0  # N_p learned persistent tokens per layer (Titans Eq. 19)
     segment: int = 64  # MAC segment length (attention span of one segment)
     tie_embeddings: bool = True
-    impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent"
+    impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent" | "delta"
+    block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
-        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment"):
+        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.persistent < 0:
@@ -82,9 +98,12 @@ SIZES: dict[str, dict] = {
 PERSISTENT = {"tiny": 4, "small": 16, "170m": 128, "340m": 128, "760m": 128, "1.3b": 128}
 PERSISTENT_FAMILIES = ("titans-mac", "titans-mag", "titans-mal")
 
+ONLINE = {"chunk_size": 1, "impl": "delta"}
+
 PRESETS: dict[str, dict] = {
     f"{family}-{size}": {"family": family, **values,
-                         **({"persistent": PERSISTENT[size]} if family in PERSISTENT_FAMILIES else {})}
+                         **({"persistent": PERSISTENT[size]} if family in PERSISTENT_FAMILIES else {}),
+                         **(ONLINE if family in ONLINE_FAMILIES else {})}
     for family in FAMILIES for size, values in SIZES.items()}
 
 

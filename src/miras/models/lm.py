@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..layers import Attention, MemoryLayer
 from ..memory import get_rule
-from .config import ModelConfig, preset_config
+from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config
 from .hybrids import MemoryAsGate, MemoryAsLayer
 from .mac import MemoryAsContext
 from .state import ModelState
@@ -58,13 +58,15 @@ class Block(nn.Module):
         return self.mixer.init_state(batch)
 
 
-def build_mixer(config: ModelConfig) -> nn.Module:
+def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
+    """The token mixer of block ``index``."""
     if config.family == "transformer":
         return Attention(config.dim, config.heads)
-    if config.family == "swa-transformer":
+    if config.family == "swa-transformer" or (config.family in HYBRID_FAMILIES and index % 2 == 1):
         return Attention(config.dim, config.heads, window=config.window)
     memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
-                         impl=config.impl)
+                         impl=config.impl, block_size=config.block_size,
+                         gating="fixed" if config.family in FIXED_GATE_FAMILIES else "token")
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
                                               sinks=config.persistent))
@@ -81,10 +83,10 @@ class LanguageModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(
-            Block(config.dim, build_mixer(config), SwiGLU(config.dim, config.mlp_hidden),
+            Block(config.dim, build_mixer(config, index), SwiGLU(config.dim, config.mlp_hidden),
                   # MAC keeps its persistent tokens inside its attention context instead.
                   0 if config.family == "titans-mac" else config.persistent)
-            for _ in range(config.layers))
+            for index in range(config.layers))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
