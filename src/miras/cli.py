@@ -1,0 +1,231 @@
+"""The ``miras`` command line: ``miras train | generate | presets``.
+
+    miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
+    miras generate runs/passkey --prompt "The " --max-new-tokens 100
+    miras presets
+    torchrun --nproc_per_node 2 -m miras.cli train titans-mac-small data=text:stdlib batch_size=64
+
+Every subcommand is one ``Command`` in ``COMMANDS`` (bottom of this file): its one-line help, its
+examples, a function adding its arguments to its parser and a function running it (returning the
+exit code). Adding a subcommand is adding an entry there. Errors a user can fix (a ``ConfigError``
+from ``miras.train``, or raised by a command) print one line on stderr and exit with code 2.
+Nothing heavy is imported until a command runs, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str  # one line, shown in ``miras --help``
+    examples: str | Callable[[], str]  # the end of ``miras <name> --help``; a function runs only when shown
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when the help is printed."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", metavar="PRESET", help="model preset (`miras presets` lists them)")
+    parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="train config fields, model.<field>")
+
+
+def _train_examples() -> str:
+    import dataclasses
+
+    from .models import ModelConfig
+    from .train import TrainConfig
+
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model":
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            keys.append(f"  {f.name:<18} default {'runs/<preset>' if f.name == 'out_dir' else repr(default)}")
+    model_fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "family")
+    return f"""examples:
+  miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
+  miras train transformer-small data=text:stdlib seq_len=512 batch_size=32 precision=bf16 model.dim=384
+  miras train titans-lmm-tiny data=task:passkey out_dir=runs/passkey resume=true max_steps=400
+  torchrun --nproc_per_node 4 -m miras.cli train titans-mac-small batch_size=64 parallel=ddp
+
+Running again with the same out_dir continues from its latest checkpoint; resume=true also lets
+max_steps, logging, device and the other run-time settings change.
+
+keys (bools true/false, dicts and lists as JSON, optional values none):
+{chr(10).join(keys)}
+  model.<field>      overrides a field of the preset: {model_fields}"""
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import config_from_args, train
+
+    train(config_from_args(args.preset, args.overrides))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `miras train`")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+
+GENERATE_EXAMPLES = """examples:
+  miras generate runs/shakespeare --prompt "ROMEO:" --max-new-tokens 300
+  miras generate runs/shakespeare --prompt "To be" --temperature 0 --max-new-tokens 50
+  miras generate runs/shakespeare --prompt "The " --top-p 0.9 --seed 3 --device cuda
+
+Prints the continuation only. The run's tokenizer is used if it saved one, else UTF-8 bytes."""
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.tokenizers import get_tokenizer
+    from .train import ConfigError, load_run
+
+    model, _, tokenizer = load_run(args.run_dir, args.device)
+    if tokenizer is None:  # a run trained on a DataSource without one (tests, custom data)
+        if model.config.vocab_size > 256:
+            raise ConfigError(f"{args.run_dir} saved no tokenizer and its vocabulary is not bytes")
+        tokenizer = get_tokenizer("byte")
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
+    if prompt.numel() == 0:
+        raise ConfigError("the prompt is empty")
+    tokens, _ = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)
+    print(tokenizer.decode(tokens[0].tolist()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    from .models import PRESETS, preset_config
+
+    print(f"{'preset':<26}{'dim':>6}{'layers':>8}{'heads':>7}{'vocab':>8}")
+    for name in sorted(PRESETS):
+        config = preset_config(name)
+        print(f"{name:<26}{config.dim:>6}{config.layers:>8}{config.heads:>7}{config.vocab_size:>8}")
+    return 0
+
+
+PRESETS_EXAMPLES = """examples:
+  miras presets
+  miras presets | grep titans-mac"""
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+EVAL_EXAMPLES = """examples:
+  miras eval runs/passkey
+  miras eval runs/passkey --tasks passkey,mqar --lengths 256,1024,4096,16384 --examples 50
+  miras eval runs/text --perplexity stdlib"""
+
+
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .evaluate import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_eval
+
+    return run_eval(args)
+
+
+BENCH_EXAMPLES = """examples:
+  miras bench --families titans-lmm transformer --lengths 1024 --contexts 1024 16384
+  miras bench --size tiny --out runs/bench-tiny"""
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+# The subcommands, in the order of `miras --help`: Command(help, examples, add_arguments, run), with heavy
+# imports inside `run`.
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model (single process or under torchrun)", _train_examples, _train_arguments,
+                     _run_train),
+    "generate": Command("continue a prompt with a trained run", GENERATE_EXAMPLES, _generate_arguments,
+                        _run_generate),
+    "eval": Command("evaluate a run: task accuracy over context lengths, perplexity, report and plots",
+                    EVAL_EXAMPLES, _eval_arguments, _run_eval),
+    "bench": Command("training/decoding throughput, peak memory and state size per model family",
+                     BENCH_EXAMPLES, _bench_arguments, _run_bench),
+    "presets": Command("list the model presets", PRESETS_EXAMPLES, lambda parser: None, _run_presets),
+}
+
+EXAMPLES = """examples:
+  miras presets
+  miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
+  miras generate runs/passkey --prompt "The " --max-new-tokens 100
+  torchrun --nproc_per_node 2 -m miras.cli train titans-mac-small batch_size=64
+
+`miras COMMAND --help` shows each command's options and examples."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="miras", description="Titans and MIRAS: long-context memory models.", epilog=EXAMPLES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help, epilog=command.examples,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``miras ...``: returns the exit code (0 done, 2 a usage or config error reported on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except BrokenPipeError:  # `miras presets | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except ValueError as error:
+        from .train import ConfigError
+
+        if not isinstance(error, ConfigError):
+            raise
+        print(f"miras {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

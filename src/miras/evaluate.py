@@ -1,0 +1,445 @@
+"""Evaluation: task accuracy over a sweep of context lengths, perplexity, and a report (DESIGN.md §5).
+
+From the shell (the ``eval`` subcommand of ``miras``)::
+
+    miras eval runs/passkey                                   # the run's task, train length x 1 .. 64
+    miras eval runs/passkey --tasks passkey,mqar --lengths 256,1024,16384 --examples 200
+    miras eval runs/text --perplexity stdlib --out reports/text
+
+From Python::
+
+    from miras.evaluate import evaluate, markdown_table, plot_accuracy, write_json
+    results = evaluate({"lmm": model}, {"mqar": MQAR(context_length=256)}, [256, 1024, 16384])
+    print(markdown_table(results))
+
+Choices written down here:
+
+- **Streaming.** Every length, however long, is fed through ``model(ids, state)`` in segments of
+  ``segment`` tokens with the state carried (exact for every model: see ``models/lm.py``). Only the
+  logits that are scored are kept: a task's answer is the last part of its example, so
+  ``stream_logits`` keeps the last ``keep`` positions and drops the rest of each segment at once.
+  Memory is then one segment's activations plus the model's state: constant for the recurrent
+  models, a KV cache that grows with the context for the full-attention Transformer (the baseline).
+- **Scoring** is the tasks module's ``exact_match``, applied to the tail of each example that starts
+  one token before its first answer token (the same verdict as on the whole example).
+- **Seeds.** Example ``i`` at context length ``L`` is drawn from a ``torch.Generator`` seeded by a hash
+  of ``(seed, L, i)``: independent of the batch size, the other lengths and the model.
+- **Confidence interval**: the 95% Wilson score interval of the binomial proportion (it stays inside
+  [0, 1] and is not empty at 0 or n successes, unlike the normal approximation). The JSON holds its
+  ends (``ci_low``, ``ci_high``); the markdown's ``acc ± h`` shows its half-width h.
+- **State size** is ``model.state_bytes(state)`` (bytes per sequence), the largest seen while
+  streaming; ``None`` for a model without ``state_bytes``.
+- **Perplexity** is ``exp`` of the mean next-token loss over consecutive windows of ``seq_len``
+  tokens (``miras.data.text.windows``: every token but the first is predicted exactly once), each
+  window starting from an empty state; ``bits_per_token`` is the loss in bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.base import IGNORE
+from .data.tasks import Example, Task, exact_match, generate
+from .data.text import windows
+
+RESULTS_FORMAT = "miras.eval/1"
+WILSON_Z = 1.959963984540054  # the 97.5% quantile of the standard normal: a two-sided 95% interval
+
+
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def _segments(model: nn.Module, ids: Tensor, segment: int) -> Iterator[tuple[int, Tensor, object]]:
+    """``(start, logits [B, t, V], state)`` for each segment ``ids[:, start:start + segment]``, state carried."""
+    if segment < 1:
+        raise ValueError(f"segment must be >= 1, got {segment}")
+    state = None
+    for start in range(0, ids.shape[1], segment):
+        logits, state = model(ids[:, start : start + segment], state)
+        yield start, logits, state
+
+
+def _state_bytes(model: nn.Module, state) -> int | None:
+    measure = getattr(model, "state_bytes", None)
+    return None if measure is None else int(measure(state))
+
+
+def _device(model: nn.Module) -> torch.device:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What ``stream_logits`` keeps: the last positions' logits, the final state and the peak state size."""
+
+    logits: Tensor            # [B, keep, V]: logits of positions T - keep .. T - 1
+    state: object             # the state after all T tokens
+    state_bytes: int | None   # the largest state seen, in bytes per sequence (None: the model does not say)
+
+
+@torch.no_grad()
+def stream_logits(model: nn.Module, ids: Tensor, segment: int, keep: int = 1) -> Streamed:
+    """Feed ``ids [B, T]`` through ``model`` in segments of ``segment`` tokens and keep the logits of the last
+    ``keep`` positions only, so memory does not grow with T (beyond the model's own state)."""
+    length = ids.shape[1]
+    if not 1 <= keep <= length:
+        raise ValueError(f"keep must be in [1, T={length}], got {keep}")
+    first, tail, peak, state = length - keep, [], None, None
+    for start, logits, state in _segments(model, ids.to(_device(model)), segment):
+        if start + logits.shape[1] > first:
+            # clone: a view would keep the whole segment's logits alive
+            tail.append(logits[:, max(0, first - start) :].clone())
+        size = _state_bytes(model, state)
+        peak = size if peak is None else max(peak, size)
+    return Streamed(torch.cat(tail, dim=1), state, peak)
+
+
+# ------------------------------------------------------------------------------------------ task accuracy
+
+
+def example_generator(seed: int, context_length: int, index: int) -> torch.Generator:
+    """The generator of example ``index`` at ``context_length``: a hash, so nearby triples get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{context_length}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def wilson_interval(successes: int, trials: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for the default z)."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes}/{trials}")
+    p, z2 = successes / trials, z * z
+    center = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    # exact at the ends, where rounding would leave 1 - 1e-16
+    return (0.0 if successes == 0 else center - half), (1.0 if successes == trials else center + half)
+
+
+def _correct(model: nn.Module, examples: Sequence[Example], segment: int) -> tuple[int, int | None]:
+    """How many of ``examples`` (one length) the model gets exactly right, and the peak state size."""
+    tokens = torch.stack([example.tokens for example in examples])
+    # Score the tail from one token before the earliest answer token: the logits of the inputs
+    # tokens[:-1] at those positions are all that exact_match reads.
+    start = min(int(example.answer.nonzero()[0]) for example in examples) - 1
+    streamed = stream_logits(model, tokens[:, :-1], segment, keep=tokens.shape[1] - 1 - start)
+    tails = [Example(example.tokens[start:], example.answer[start:]) for example in examples]
+    return int(exact_match(streamed.logits, tails).sum()), streamed.state_bytes
+
+
+def task_accuracy(model: nn.Module, task: Task, lengths: Sequence[int], examples: int = 100, seed: int = 0,
+                  segment: int = 1024, batch_size: int = 8) -> list[dict]:
+    """Exact-match accuracy of ``model`` on ``task`` at each context length, one dict per length: ``context_length``,
+    ``examples``, ``correct``, ``accuracy``, ``ci_low`` / ``ci_high`` (95% Wilson), ``seconds``, ``tokens_per_s``
+    and ``state_bytes`` (peak, per sequence)."""
+    if examples < 1 or batch_size < 1:
+        raise ValueError(f"examples={examples} and batch_size={batch_size} must be >= 1")
+    rows = []
+    for length in lengths:
+        config = dataclasses.replace(task, context_length=length)
+        correct, peak, began = 0, None, time.perf_counter()
+        for first in range(0, examples, batch_size):
+            batch = [generate(config, example_generator(seed, length, i))
+                     for i in range(first, min(first + batch_size, examples))]
+            right, size = _correct(model, batch, segment)
+            correct += right
+            peak = size if peak is None else max(peak, size)
+        seconds = time.perf_counter() - began
+        low, high = wilson_interval(correct, examples)
+        rows.append({"context_length": length, "examples": examples, "correct": correct,
+                     "accuracy": correct / examples, "ci_low": low, "ci_high": high, "seconds": seconds,
+                     "tokens_per_s": examples * (length - 1) / max(seconds, 1e-9), "state_bytes": peak})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- perplexity
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: np.ndarray, seq_len: int, segment: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 1) -> dict:
+    """Mean next-token ``loss`` (nats), ``perplexity`` and ``bits_per_token`` over consecutive windows of
+    ``seq_len`` tokens, each streamed in segments of ``segment`` (default: whole windows). ``max_tokens``
+    scores only the first that many targets."""
+    if max_tokens is not None:
+        tokens = tokens[: max_tokens + 1]
+    device, total, count, began = _device(model), 0.0, 0, time.perf_counter()
+    for inputs, targets in windows(tokens, seq_len, batch_size):
+        targets = targets.to(device)
+        for start, logits, _ in _segments(model, inputs.to(device), segment or seq_len):
+            target = targets[:, start : start + logits.shape[1]]
+            total += F.cross_entropy(logits.double().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            count += int((target != IGNORE).sum())
+    loss, seconds = total / count, time.perf_counter() - began
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2), "tokens": count,
+            "seconds": seconds, "tokens_per_s": count / max(seconds, 1e-9)}
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def _task_record(task: Task) -> dict:
+    config = {"name": task.name, **dataclasses.asdict(task)}
+    if config.get("corpus") is not None:  # the filler text itself would swamp the JSON
+        config["corpus"] = f"<{len(config['corpus'])} characters>"
+    return config
+
+
+def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequence[int], *, examples: int = 100,
+             seed: int = 0, segment: int = 1024, batch_size: int = 8, train_length: int | None = None,
+             text: np.ndarray | None = None, seq_len: int | None = None, max_tokens: int | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Every task's accuracy for every model over ``lengths`` (those a task is too short for are skipped and
+    listed), and the perplexity on ``text`` (token ids, windows of ``seq_len``) when given: a JSON-ready dict."""
+    log = log or (lambda message: None)
+    results = {"format": RESULTS_FORMAT, "lengths": list(lengths), "examples": examples, "seed": seed,
+               "segment": segment, "train_length": train_length,
+               "models": {name: {"parameters": sum(p.numel() for p in model.parameters())}
+                          for name, model in models.items()},
+               "tasks": {}}
+    for task_name, task in tasks.items():
+        usable = [length for length in lengths if length >= task.minimum_length()]
+        entry = {"config": _task_record(task), "skipped_lengths": [n for n in lengths if n not in usable],
+                 "results": {}}
+        for model_name, model in models.items():
+            entry["results"][model_name] = rows = task_accuracy(model, task, usable, examples, seed, segment,
+                                                                batch_size)
+            for row in rows:
+                log(f"{task_name} {model_name} L={row['context_length']}: {row['accuracy']:.3f} "
+                    f"({row['seconds']:.1f} s)")
+        results["tasks"][task_name] = entry
+    if text is not None:
+        if seq_len is None:
+            raise ValueError("perplexity on `text` needs its window length `seq_len`")
+        results["perplexity"] = {"seq_len": seq_len, "results": {}}
+        for model_name, model in models.items():
+            row = perplexity(model, text, seq_len, segment, max_tokens, batch_size)
+            results["perplexity"]["results"][model_name] = row
+            log(f"perplexity {model_name}: {row['perplexity']:.3f}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def write_json(results: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def _short(length: int) -> str:
+    for size, suffix in ((2**20, "M"), (2**10, "K")):
+        if length >= size and length % size == 0:
+            return f"{length // size}{suffix}"
+    return str(length)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _cell(row: dict | None) -> str:
+    return "–" if row is None else f"{row['accuracy']:.2f} ± {(row['ci_high'] - row['ci_low']) / 2:.2f}"
+
+
+def _peak_states(results: dict) -> dict[str, dict[int, int]]:
+    """model -> context length -> the largest state size (bytes per sequence) over the tasks."""
+    states: dict[str, dict[int, int]] = {}
+    for entry in results["tasks"].values():
+        for model_name, rows in entry["results"].items():
+            for row in rows:
+                if row["state_bytes"] is not None:
+                    known = states.setdefault(model_name, {})
+                    known[row["context_length"]] = max(known.get(row["context_length"], 0), row["state_bytes"])
+    return states
+
+
+def markdown_table(results: dict) -> str:
+    """One table per task (rows: models, columns: context lengths, cells ``accuracy ± h``, h the half-width of the
+    95% Wilson interval), the state size per sequence, and the perplexity when measured."""
+    lines, lengths = [], results["lengths"]
+    header = ["model", *(_short(n) for n in lengths)]
+    for task_name, entry in results["tasks"].items():
+        rows = []
+        for model_name, cells in entry["results"].items():
+            found = {row["context_length"]: row for row in cells}
+            rows.append([model_name, *(_cell(found.get(n)) for n in lengths)])
+        lines += [f"### {task_name}: exact-match accuracy ({results['examples']} examples, 95% Wilson interval)", "",
+                  *_table(header, rows), ""]
+    states = _peak_states(results)
+    if states:
+        rows = [[name, *(f"{known[n] / 2**10:.1f}" if n in known else "–" for n in lengths)]
+                for name, known in states.items()]
+        lines += ["### State size per sequence (KiB)", "", *_table(header, rows), ""]
+    if "perplexity" in results:
+        rows = [[name, f"{row['loss']:.4f}", f"{row['perplexity']:.3f}", str(row["tokens"])]
+                for name, row in results["perplexity"]["results"].items()]
+        lines += [f"### Perplexity (windows of {results['perplexity']['seq_len']} tokens)", "",
+                  *_table(["model", "loss", "perplexity", "tokens"], rows), ""]
+    return "\n".join(lines)
+
+
+def _figure(panels: int):
+    # Figure + its own Agg canvas, not pyplot: no global backend switch, no window, safe in threads.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5 * panels, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(1, panels, squeeze=False)[0]
+
+
+def plot_accuracy(results: dict, path: str | os.PathLike) -> Path:
+    """Accuracy vs context length (log2 axis, Wilson error bars), one panel per task, one line per model."""
+    figure, axes = _figure(max(1, len(results["tasks"])))
+    for axis, (task_name, entry) in zip(axes, results["tasks"].items()):
+        for model_name, rows in entry["results"].items():
+            x = [row["context_length"] for row in rows]
+            y = np.array([row["accuracy"] for row in rows])
+            errors = [y - [row["ci_low"] for row in rows], [row["ci_high"] for row in rows] - y]
+            axis.errorbar(x, y, yerr=np.clip(errors, 0, None), marker="o", capsize=3, label=model_name)
+        if results.get("train_length"):
+            axis.axvline(results["train_length"], color="gray", linestyle=":", label="train length")
+        axis.set_xscale("log", base=2)
+        axis.set(title=task_name, xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a training run's ``metrics.jsonl`` (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics: dict[str, str | os.PathLike], path: str | os.PathLike) -> Path:
+    """Training loss (solid) and validation loss (dashed, when logged) against step, one colour per run."""
+    figure, (axis,) = _figure(1)
+    for index, (name, source) in enumerate(metrics.items()):
+        records, color = read_metrics(source), f"C{index}"
+        for key, style, label in (("loss", "-", name), ("val_loss", "--", f"{name} (validation)")):
+            points = [(record["step"], record[key]) for record in records if key in record]
+            if points:
+                axis.plot(*zip(*points), style, marker="o", markersize=2, color=color, label=label)
+    axis.set(xlabel="step", ylabel="loss (nats per token)", title="training")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def _integers(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers like 256,1024") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected context lengths >= 2")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``miras eval <run_dir>``."""
+    parser.add_argument("run_dir", help="a training run's folder (its config.json and checkpoints)")
+    parser.add_argument("--tasks", type=_names, default=None,
+                        help="comma-separated task names (default: the run's task, or passkey,mqar for text runs)")
+    parser.add_argument("--lengths", type=_integers, default=None,
+                        help="comma-separated context lengths (default: the training length x 1, 2, 4, ..., 64)")
+    parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
+    parser.add_argument("--segment", type=int, default=None,
+                        help="tokens per forward call while streaming (default: the training length)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated examples (default 0)")
+    parser.add_argument("--perplexity", metavar="CORPUS", default=None,
+                        help="also the perplexity on CORPUS's validation split "
+                             "(stdlib, a file, folder, glob or hf:<name>)")
+    parser.add_argument("--perplexity-tokens", type=int, default=2**18,
+                        help="tokens scored for the perplexity (default 262144)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--out", default=None,
+                        help="folder for results.json, results.md and the plots (default: run_dir)")
+    return parser
+
+
+def _training_length(train_config) -> int:
+    """A task run's context length (its ``data_params`` may set one), else the run's ``seq_len``."""
+    kind, _, spec = train_config.data.partition(":")
+    return train_config.data_params.get("context_length", train_config.seq_len) if kind == "task" \
+        else train_config.seq_len
+
+
+def _run_tasks(train_config, names: list[str] | None, length: int) -> dict[str, Task]:
+    """The task configs to evaluate: the run's own task with its parameters, the others with their defaults."""
+    from .data.tasks import make_task
+
+    kind, _, spec = train_config.data.partition(":")
+    own = spec if kind == "task" else None
+    tasks = {}
+    for name in names or ([own] if own else ["passkey", "mqar"]):
+        params = {"context_length": length, **(train_config.data_params if name == own else {})}
+        tasks[name] = dataclasses.replace(make_task(name, **params), context_length=length)
+    return tasks
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``miras eval``: evaluate a run and write results.json, results.md, accuracy.png (and loss.png)."""
+    from .train import load_run
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, train_config, tokenizer = load_run(args.run_dir, device=device)
+        train_length = _training_length(train_config)
+        lengths = args.lengths or [train_length * 2**k for k in range(7)]
+        tasks = _run_tasks(train_config, args.tasks, max(lengths))
+    except ValueError as error:
+        print(f"miras eval: {error}", file=sys.stderr)
+        return 2
+    text = None
+    if args.perplexity:
+        from .data.text import cached_tokens, load_corpus
+        from .data.tokenizers import ByteTokenizer
+
+        text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
+    name = Path(args.run_dir).resolve().name
+    results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
+                       segment=args.segment or train_length, batch_size=args.batch_size, train_length=train_length,
+                       text=text, seq_len=train_config.seq_len, max_tokens=args.perplexity_tokens,
+                       log=lambda message: print(message, file=sys.stderr))
+    out = Path(args.out or args.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "results.json")
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    plot_accuracy(results, out / "accuracy.png")
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        plot_losses({name: metrics}, out / "loss.png")
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and the plots in {out}")
+    return 0

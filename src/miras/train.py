@@ -1,0 +1,705 @@
+"""Training: one flat loop (nanoGPT-style), DDP or FSDP2 under ``torchrun``, atomic checkpoints, exact resume.
+
+From the shell (``miras train --help`` lists every key)::
+
+    miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
+    torchrun --nproc_per_node 8 -m miras.cli train titans-mac-170m data=text:stdlib batch_size=256 precision=bf16
+
+From Python::
+
+    from miras.train import TrainConfig, train, load_run
+    run_dir = train(TrainConfig(model="titans-lmm-tiny", data="task:passkey", max_steps=200))
+    model, config, tokenizer = load_run(run_dir)
+
+Choices DESIGN.md §5 leaves open, written down here:
+
+- ``batch_size`` is the global batch of one optimizer step. It is cut into ``world * grad_accum``
+  row slices; micro-batch ``i`` of rank ``r`` is slice ``r * grad_accum + i``
+  (``Batches.batch(step, slice, world * grad_accum)``), so a step trains on the same rows whatever
+  the number of processes and of accumulation steps.
+- The loss of a step is the sum of the token losses over the whole global batch divided by its
+  number of scored tokens (targets != IGNORE). Every micro-batch, BPTT segment and rank adds its
+  share of that one mean, so a 2-process run logs and optimises the loss of a 1-process run.
+- ``bptt``: each row is fed in segments of ``bptt`` tokens, the model state carried and detached
+  between them, each segment backpropagated on its own (activation memory of one segment).
+- Weight decay applies only to the weight matrices of ``nn.Linear`` layers. Embeddings (also when
+  tied to the output head), norms, biases (a gate's bias sets its resting value), depthwise conv
+  kernels, the memory's learned initial weights and persistent tokens are not decayed: pulling
+  those towards zero changes what the model computes instead of regularising a linear map.
+- The learning rate is a pure function of the step (linear warmup, cosine to ``lr * min_lr_ratio``
+  at ``max_steps``), so the step stored in a checkpoint is the scheduler's whole state.
+- Checkpoints: ``out_dir/checkpoints/step_XXXXXXXX.pt``, one file holding full (unsharded) model and
+  optimizer state dicts, RNG states, the step and both configs, written to a temp file in the same
+  folder and renamed (a crash never leaves a half-written checkpoint); the last
+  ``keep_checkpoints`` are kept. They are read with ``torch.load(weights_only=True)``: plain
+  containers of tensors, never pickled code. Python's ``random`` and torch's RNGs are saved (rank
+  0's; training draws from neither, the data being a function of the step); numpy's global RNG is
+  not used anywhere (the text batches seed a generator per row).
+- Resume: running again with the same ``out_dir`` and config continues from the latest checkpoint,
+  and the losses after it equal those of an uninterrupted run exactly. A saved run whose config
+  differs is an error naming the fields; with ``resume=true`` the fields in ``RUNTIME_FIELDS``
+  (``max_steps``, logging, device, ...) may change.
+- ``parallel="fsdp"`` shards parameters, gradients and optimizer state with FSDP2 (``fully_shard``,
+  see ``_shard``) instead of replicating them with DDP; checkpoints are gathered into the same full
+  format, so a run may switch between them. DDP is the tested path; FSDP2 runs the same loop and
+  state-dict code (checked by hand on CPU/gloo: same losses as one process, resume included).
+- Data (``make_batches``): ``data="task:<name>"`` generates ``miras.data.tasks`` examples of
+  ``seq_len + 1`` bytes (``data_params`` are the task's parameters) and validates on the same task
+  under another seed; ``data="text:<spec>"`` reads a corpus (``stdlib``, a file, folder or glob,
+  ``hf:<name>``), tokenises it with ``tokenizer`` and validates on its held-out documents. The
+  tokenizer is saved in the run directory, where ``load_run`` finds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from .data.base import IGNORE, Batches
+from .models import PRESETS, LanguageModel, ModelConfig, preset_config
+from .models.config import check_overrides
+
+CHECKPOINT_FORMAT = "miras.checkpoint/1"
+# Fields that may change when a run is resumed with resume=true: they do not change the maths of a
+# step (grad_accum included: see the module docstring), or they extend the run (max_steps).
+RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
+                            "eval_batches", "save_every", "keep_checkpoints", "tensorboard", "progress"})
+# Not compared at all: where the run lives, and the flag that allows RUNTIME_FIELDS to change.
+UNCOMPARED_FIELDS = frozenset({"out_dir", "resume"})
+VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task under seed + this offset
+
+
+class ConfigError(ValueError):
+    """A bad config, out_dir or checkpoint: raised before anything is written, with a one-line message."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run; saved as ``config.json`` in the run directory."""
+
+    model: str  # a preset of miras.models.PRESETS
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {"dim": 128}
+    data: str = "text:stdlib"  # "task:<name>" or "text:<corpus spec>"
+    data_params: dict = field(default_factory=dict)  # parameters of the task (miras.data.tasks.make_task)
+    tokenizer: str = "byte"  # text data only
+    seq_len: int = 256
+    batch_size: int = 16  # global: sequences per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
+    seed: int = 0
+    out_dir: str = ""  # "" means runs/<model>
+    log_every: int = 10
+    eval_every: int = 200  # 0: never; needs data with a validation split
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    resume: bool = False  # allow RUNTIME_FIELDS to differ from the saved run's
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        if self.model not in PRESETS:
+            raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
+        try:
+            preset_config(self.model, **check_overrides(self.model_overrides))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model_overrides: {error}") from None
+        kind, _, spec = self.data.partition(":")
+        if kind not in ("task", "text") or not spec:
+            raise ConfigError(f"data must be 'task:<name>' or 'text:<corpus>', got {self.data!r}")
+        if kind == "task" and ("context_length" in self.data_params or self.tokenizer != "byte"):
+            raise ConfigError("a task's length is seq_len + 1 and its tokens are bytes: set seq_len, not "
+                              "data_params.context_length, and leave tokenizer='byte'")
+        for name in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_batches", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bptt is not None and self.bptt < 1:
+            raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
+                              f"min_lr_ratio={self.min_lr_ratio}, betas={list(self.betas)}")
+        for name, valid in (("precision", ("fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        if not self.out_dir:
+            object.__setattr__(self, "out_dir", f"runs/{self.model}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``json.dumps(config.to_dict())`` round-trips through ``from_dict``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ConfigError(f"unknown train config key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+        if "model" not in values:
+            raise ConfigError("a train config needs a 'model' (a preset name)")
+        return cls(**values)
+
+
+def config_from_args(model: str, pairs: Sequence[str]) -> TrainConfig:
+    """``config_from_args("titans-lmm-tiny", ["lr=3e-4", "bptt=64", "model.dim=128"])``: each ``key=value``
+    parsed as its field's type (bool: true/false; dict and tuple: JSON; optional: none). Model fields are
+    ``model.<field>``. Unknown keys and badly typed values raise ConfigError saying what is valid."""
+    hints = typing.get_type_hints(TrainConfig)
+    model_hints = typing.get_type_hints(ModelConfig)
+    values, overrides = {}, {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        if key.startswith("model."):
+            name = key.removeprefix("model.")
+            if name not in model_hints:
+                raise ConfigError(f"unknown model field {name!r}; valid: "
+                                  f"{', '.join('model.' + n for n in sorted(model_hints))}")
+            overrides[name] = _parse(key, text, model_hints[name])
+        elif key == "model":
+            raise ConfigError("the preset is the first argument (miras train <preset> key=value ...), not a key")
+        elif key in hints:
+            values[key] = _parse(key, text, hints[key])
+        else:
+            valid = sorted(set(hints) - {"model"}) + ["model.<field>"]
+            raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid)}")
+    if overrides:
+        values["model_overrides"] = {**values.get("model_overrides", {}), **overrides}
+    try:
+        return TrainConfig(model=model, **values)
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _optional(kind) -> tuple[object, bool]:
+    """``int | None`` -> (int, True); any other type -> (it, False)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+def _type_name(kind) -> str:
+    inner, optional = _optional(kind)
+    names = {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string",
+             dict: 'a JSON object like {"key": 1}'}
+    name = names.get(inner, "a JSON list like [0.9, 0.95]")
+    return name + " or none" if optional else name
+
+
+def _parse(key: str, text: str, kind) -> object:
+    """A ``key=value`` string as a value of type ``kind``; ConfigError if it is not one."""
+    inner, optional = _optional(kind)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    booleans = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        if inner is bool:
+            return booleans[text.lower()]
+        if inner in (int, float, str):
+            return inner(text)
+        return json.loads(text)  # dict and tuple fields; their shape is checked by the dataclass
+    except (KeyError, ValueError):
+        raise ConfigError(f"{key}={text!r}: expected {_type_name(kind)}") from None
+
+
+def _coerce(name: str, value, kind):
+    """``value`` checked against the field type ``kind`` (ints accepted as floats, lists as tuples)."""
+    inner, optional = _optional(kind)
+    if value is None and optional:
+        return None
+    if typing.get_origin(inner) is tuple and isinstance(value, (list, tuple)):
+        items = typing.get_args(inner)
+        if len(value) == len(items):
+            return tuple(_coerce(name, v, item) for v, item in zip(value, items))
+    elif inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"{name} must be {_type_name(kind)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What ``train`` reads: training batches, optional validation batches (same shapes), the
+    tokenizer to save beside the run (anything with ``save(dir)``) and the data's vocabulary size."""
+
+    train: Batches
+    validation: Batches | None = None
+    tokenizer: object | None = None
+    vocab_size: int | None = None
+
+
+def make_batches(config: TrainConfig) -> DataSource:
+    """The data of ``config.data``. A task (``miras.data.tasks``, in bytes) has examples of ``seq_len + 1``
+    tokens and validates on the same task under another seed; a text corpus (``miras.data.text``) is
+    tokenised once into the token cache and validates on its held-out documents."""
+    from .data.tokenizers import get_tokenizer
+
+    kind, _, spec = config.data.partition(":")
+    try:
+        if kind == "task":
+            from .data.tasks import TaskBatches, make_task
+
+            task = make_task(spec, context_length=config.seq_len + 1, **config.data_params)
+            return DataSource(TaskBatches(task, config.batch_size, config.seed),
+                              TaskBatches(task, config.batch_size, config.seed + VALIDATION_SEED_OFFSET),
+                              get_tokenizer("byte"), 256)
+        from .data.text import TextBatches, cached_tokens, load_corpus
+
+        corpus = load_corpus(spec)
+        tokenizer = get_tokenizer(config.tokenizer, corpus)
+        train_tokens, validation_tokens = (cached_tokens(corpus, tokenizer, split) for split in ("train", "validation"))
+        return DataSource(TextBatches(train_tokens, config.batch_size, config.seq_len, config.seed),
+                          TextBatches(validation_tokens, config.batch_size, config.seq_len, config.seed),
+                          tokenizer, tokenizer.vocab_size)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"data {config.data!r}: {error}") from None
+
+
+# ------------------------------------------------------------------------------------- optimizer, schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the weights of ``nn.Linear`` layers that are not also embeddings; nothing else."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in parameters if id(p) in linear], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if id(p) not in linear], "weight_decay": 0.0}]
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (from 0): linear warmup to ``lr`` over ``warmup_steps``,
+    then a cosine that reaches ``lr * min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps - 1))
+    low = config.lr * config.min_lr_ratio
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - low)
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Distributed:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # we initialised the process group, so we destroy it
+
+
+def _setup_distributed(device: str) -> _Distributed:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPU; one GPU per local rank."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        chosen = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; e.g. auto, cpu, cuda, cuda:1") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
+        chosen = torch.device("cuda", local_rank if chosen.index is None else chosen.index)
+        torch.cuda.set_device(chosen)
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return _Distributed(rank, world, chosen, owns)
+
+
+def _all_reduce(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _wrap(model: nn.Module, config: TrainConfig, world: int, bptt_segments: int
+          ) -> tuple[nn.Module, Callable[[bool], contextlib.AbstractContextManager]]:
+    """The model to call (compiled, DDP-wrapped) and ``sync(last)``, the context of each forward/backward:
+    gradients are all-reduced only on the last backward of a step and accumulate locally before."""
+    raw_model = model
+    if config.compile:
+        model = torch.compile(model)
+    if world == 1:
+        return model, lambda last: contextlib.nullcontext()
+    if config.parallel == "fsdp":
+        def sync(last: bool) -> contextlib.AbstractContextManager:
+            raw_model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return model, sync
+    # After the first BPTT segment the persistent tokens are not used: DDP must be told to expect that.
+    wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bptt_segments > 1)
+    return wrapped, lambda last: contextlib.nullcontext() if last else wrapped.no_sync()
+
+
+def _shard(model: nn.Module) -> None:
+    """FSDP2: parameters, gradients and optimizer state sharded over the ranks, gathered for each forward.
+
+    One unit for the whole model: ``LanguageModel.forward`` builds every block's initial state (from the
+    blocks' parameters) before any block runs, so per-block units would be read while still sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)
+
+
+# ----------------------------------------------------------------------------------- run dir, checkpoints
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoint files, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.stem.removeprefix("step_")))
+
+
+def _atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
+    """Write through a temp file in the same folder and rename it over ``path``: all or nothing."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        hint = f"; delete it to resume from {previous.name}" if previous else ""
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"checkpoint {path} is unreadable ({message}){hint}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+def _read_run_config(run_dir: Path) -> dict | None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict):
+            return saved
+    except (OSError, ValueError):
+        pass
+    raise ConfigError(f"{path} is not a miras run config; use another out_dir")
+
+
+def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
+    """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS)."""
+    defining, runtime = [], []
+    for prefix, old, new in (("", saved["train"], config.to_dict()), ("model.", saved["model"],
+                                                                       model_config.to_dict())):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS):
+                change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
+    return defining, runtime
+
+
+def _resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
+    """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
+    saved = _read_run_config(run_dir)
+    if saved is not None:
+        defining, runtime = _differences(saved, config, model_config)
+        if defining:
+            raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
+                              "use another out_dir")
+        if runtime and not config.resume:
+            raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
+                              "pass resume=true to continue it with the new ones")
+    paths = checkpoints(run_dir)
+    if not paths:
+        return None
+    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
+    defining, _ = _differences({"train": payload["train_config"], "model": payload["model_config"]},
+                               config, model_config)
+    if defining:
+        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
+    return payload
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics lines after ``step`` (written after the checkpoint we resume from, or torn)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    _atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
+
+
+def _write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
+    """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
+        stale.unlink()
+    saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
+    _atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
+    if tokenizer is not None:
+        tokenizer.save(run_dir)
+    _keep_metrics_until(run_dir / "metrics.jsonl", step)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train(config: TrainConfig, data: DataSource | None = None) -> Path:
+    """Train ``config.model`` on ``data`` (default: ``make_batches(config)``); returns the run directory.
+
+    Under ``torchrun`` every rank calls this; rank 0 alone prints and writes. Raises ConfigError, before
+    writing anything, for an unusable config, out_dir or checkpoint."""
+    distributed = _setup_distributed(config.device)
+    try:
+        return _train(config, data, distributed)
+    finally:
+        if distributed.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, data: DataSource | None, distributed: _Distributed) -> Path:
+    rank, world, device = distributed.rank, distributed.world, distributed.device
+    main, slices, accum = rank == 0, world * config.grad_accum, config.grad_accum
+    if config.batch_size % slices:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by world size {world} x grad_accum "
+                          f"{config.grad_accum}")
+    model_config, run_dir = preset_config(config.model, **config.model_overrides), Path(config.out_dir)
+    checkpoint = _resume_point(run_dir, config, model_config)
+    if config.tensorboard and main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    data = data if data is not None else make_batches(config)
+    if (data.train.batch_size, data.train.seq_len) != (config.batch_size, config.seq_len):
+        raise ConfigError(f"data gives batches of {data.train.batch_size} x {data.train.seq_len}, config says "
+                          f"batch_size={config.batch_size}, seq_len={config.seq_len}")
+    if data.vocab_size is not None and data.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"the data has {data.vocab_size} token ids but the model's vocab_size is "
+                          f"{model_config.vocab_size}; set model.vocab_size={data.vocab_size}")
+    if world > 1:
+        dist.barrier()  # every rank has validated the run before rank 0 writes to it
+
+    torch.manual_seed(config.seed)
+    raw_model = LanguageModel(model_config).to(device)
+    if world > 1 and config.parallel == "fsdp":
+        _shard(raw_model)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, config.weight_decay), lr=config.lr, betas=config.betas)
+    step, elapsed = 0, 0.0
+    if checkpoint is not None:
+        set_state_dict(raw_model, optimizer, model_state_dict=checkpoint["model"],
+                       optim_state_dict=checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
+        _set_rng_state(checkpoint["rng"])
+        step, elapsed = checkpoint["step"], checkpoint["elapsed"]
+    segment = min(config.bptt or config.seq_len, config.seq_len)
+    model, sync = _wrap(raw_model, config, world, math.ceil(config.seq_len / segment))
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+
+    metrics, writer, bar = None, None, None
+    if main:
+        _write_run_dir(run_dir, config, model_config, data.tokenizer, step)
+        metrics = open(run_dir / "metrics.jsonl", "a")  # closed in the finally below
+        writer = SummaryWriter(str(run_dir / "tensorboard")) if config.tensorboard else None
+        print(f"{config.model}: {raw_model.num_parameters():,} parameters, {world} process(es) on {device}, "
+              f"{config.batch_size * config.seq_len:,} tokens/step, run dir {run_dir}"
+              + (f", resuming at step {step}" if step else ""))
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not config.progress)
+
+    last_saved, tokens_per_step = step if checkpoint is not None else None, config.batch_size * config.seq_len
+    clock, last_log = time.perf_counter(), (time.perf_counter(), step)
+    try:
+        while step < config.max_steps:
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [tuple(t.to(device, non_blocking=True) for t in data.train.batch(step, rank * accum + i, slices))
+                     for i in range(accum)]
+            # The step's loss is one mean over the global batch's scored tokens, whatever the layout.
+            scored = _all_reduce(sum((y != IGNORE).sum() for _, y in micro), world).clamp(min=1)
+            step_loss = torch.zeros((), device=device)
+            for i, (inputs, targets) in enumerate(micro):
+                state = None
+                for start in range(0, config.seq_len, segment):
+                    end = start + segment
+                    with sync(i == accum - 1 and end >= config.seq_len):
+                        with autocast():
+                            logits, state = model(inputs[:, start:end], state)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, start:end].flatten(),
+                                               ignore_index=IGNORE, reduction="sum") / scored
+                        # DDP and FSDP average gradients over ranks; scaling by world makes that a sum.
+                        (loss * world).backward()
+                    state = state.detach()
+                    step_loss += loss.detach()
+            grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % config.log_every == 0 or step == config.max_steps:
+                loss_value = _all_reduce(step_loss, world).item()
+                now = time.perf_counter()
+                tokens_per_s = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
+                last_log = (now, step)
+                record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens_seen": step * tokens_per_step, "tokens_per_s": tokens_per_s,
+                          "elapsed": elapsed + now - clock}
+                if main:
+                    _log(metrics, writer, record)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            if data.validation is not None and config.eval_every and (step % config.eval_every == 0
+                                                                     or step == config.max_steps):
+                val_loss = evaluate(raw_model, data.validation, config, rank, world, autocast)
+                if main:
+                    _log(metrics, writer, {"step": step, "val_loss": val_loss, "elapsed": elapsed + time.perf_counter()
+                                           - clock})
+            if step % config.save_every == 0 or step == config.max_steps:
+                _save(run_dir, raw_model, optimizer, config, model_config, step, elapsed + time.perf_counter() - clock,
+                      main)
+                last_saved = step
+            if main:
+                bar.update(1)
+        if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
+            _save(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
+    finally:
+        if main:
+            bar.close()
+            metrics.close()
+            if writer is not None:
+                writer.close()
+    return run_dir
+
+
+def _log(metrics: typing.TextIO, writer, record: dict) -> None:
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    if writer is not None:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
+            if key in record:
+                writer.add_scalar(f"{'val' if key == 'val_loss' else 'train'}/{key}", record[key], record["step"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, config: TrainConfig, rank: int = 0, world: int = 1,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Mean loss per scored token over the first ``config.eval_batches`` global batches of ``batches``
+    (each rank evaluates its slices, the same micro-batches as training; the sums are all-reduced)."""
+    device = next(model.parameters()).device
+    slices, totals = world * config.grad_accum, torch.zeros(2, dtype=torch.float64, device=device)
+    for index in range(config.eval_batches):
+        for i in range(config.grad_accum):
+            inputs, targets = (t.to(device) for t in batches.batch(index, rank * config.grad_accum + i, slices))
+            with autocast():
+                logits, _ = model(inputs)
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                         reduction="sum")
+            totals[1] += (targets != IGNORE).sum()
+    _all_reduce(totals, world)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+          model_config: ModelConfig, step: int, elapsed: float, main: bool) -> None:
+    """Every rank gathers the full state dicts (FSDP needs all of them); rank 0 writes and prunes."""
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "model": model_state,
+               "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
+               "model_config": model_config.to_dict()}
+    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
+    _atomic_write(path, lambda handle: torch.save(payload, handle))
+    for old in checkpoints(run_dir)[:-config.keep_checkpoints]:
+        old.unlink()
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageModel, TrainConfig, object | None]:
+    """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
+    the run's data had none, e.g. a generated task)."""
+    run_dir = Path(run_dir)
+    saved = _read_run_config(run_dir)
+    if saved is None:
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+    config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    paths = checkpoints(run_dir)
+    if not paths:
+        raise ConfigError(f"{run_dir} has no checkpoint")
+    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
+    if payload["model_config"] != saved["model"]:
+        defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
+        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
+    model = LanguageModel(model_config)
+    model.load_state_dict(payload["model"])
+    tokenizer = None
+    if saved.get("tokenizer"):
+        from .data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)
+    return model.to(device).eval(), config, tokenizer

@@ -1,0 +1,125 @@
+"""The `miras` command: help with examples, one-line errors with exit code 2, presets, generate from a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from miras.cli import COMMANDS, main
+from miras.models import PRESETS
+from miras.train import DataSource, TrainConfig, load_run, train
+
+TEXT = b"hello world!\n"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is as fast and does not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class RepeatedText:
+    """Rows cut from ``TEXT`` repeated, at a random offset per row and step (bytes are the tokens)."""
+
+    batch_size, seq_len = 8, 24
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = torch.tensor(list(TEXT * 4))
+        offsets = torch.randint(0, len(TEXT), (self.batch_size,), generator=torch.Generator().manual_seed(step))
+        rows = torch.stack([stream[o:o + self.seq_len + 1] for o in offsets.tolist()])
+        size = self.batch_size // world
+        rows = rows[rank * size:(rank + 1) * size]
+        return rows[:, :-1], rows[:, 1:]
+
+
+def test_the_subcommands_are_frozen():
+    assert list(COMMANDS) == ["train", "generate", "eval", "bench", "presets"]
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["bench"], ["presets"]])
+def test_help_shows_examples(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:\n  miras " in out
+    if argv == ["train"]:
+        assert "seq_len            default 256" in out and "model.<field>" in out and "chunk_size" in out
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "miras"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "miras train titans-lmm-tiny" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "titans-tiny"], "miras train: error: unknown preset 'titans-tiny'; valid: deltanet-1.3b, "),
+    (["train", "transformer-tiny", "steps=3"], "miras train: error: unknown key 'steps'; valid: batch_size, "),
+    (["train", "transformer-tiny", "lr=big"], "miras train: error: lr='big': expected a number"),
+])
+def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    assert main([*argv, f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    if "unknown preset" in message:
+        assert all(name in err for name in PRESETS)
+    assert not (tmp_path / "run").exists()
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == sorted(PRESETS)
+    assert lines[1 + sorted(PRESETS).index("titans-mac-small")].split()[1:] == ["256", "4", "4", "256"]
+
+
+def test_train_then_generate_prints_the_continuation_the_run_learned(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 400)
+    run_dir = tmp_path / "run"
+    assert main(["train", "transformer-tiny", f"data=text:{tmp_path / 'corpus.txt'}", f"out_dir={run_dir}",
+                 "seq_len=24", "batch_size=8", "max_steps=40", "lr=1e-2", "warmup_steps=5", "log_every=20",
+                 "eval_every=20", "eval_batches=2", "progress=false"]) == 0
+    capsys.readouterr()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "val_loss" in r) for r in records] == [(20, False), (20, True), (40, False), (40, True)]
+    assert records[-1]["val_loss"] < 0.5
+    assert main(["generate", str(run_dir), "--prompt", "hello wor", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "ld!\nhello wo\n"
+    model, _, tokenizer = load_run(run_dir)
+    tokens, _ = model.generate(torch.tensor([list(b"hello wor")]), 12, temperature=0)
+    assert tokenizer.decode(tokens[0].tolist()) == printed[:-1]
+    # Sampling among the single likeliest token is greedy decoding.
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hello wor", "--max-new-tokens", "12", "--top-k",
+                 "1", "--temperature", "1.5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_generate_without_a_saved_tokenizer_uses_bytes(tmp_path, capsys):
+    config = TrainConfig(model="transformer-tiny", out_dir=str(tmp_path / "run"), seq_len=24, batch_size=8,
+                         max_steps=1, progress=False)
+    train(config, DataSource(RepeatedText()))
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "4", "--temperature",
+                 "0"]) == 0
+    model, _, tokenizer = load_run(tmp_path / "run")
+    tokens, _ = model.generate(torch.tensor([list(b"hi")]), 4, temperature=0)
+    assert tokenizer is None
+    assert capsys.readouterr().out == bytes(tokens[0].tolist()).decode("utf-8", errors="replace") + "\n"
+
+
+def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'nowhere'} is not a run directory " \
+                                      "(no config.json)\n"

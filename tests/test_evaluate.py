@@ -1,0 +1,272 @@
+"""miras.evaluate: streaming equals one pass, scoring against a causal oracle, perplexity, reports, bounded memory."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import types
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from miras.data.tasks import MQAR, generate
+from miras.evaluate import (
+    WILSON_Z,
+    add_eval_arguments,
+    evaluate,
+    example_generator,
+    markdown_table,
+    perplexity,
+    plot_accuracy,
+    plot_losses,
+    run_eval,
+    stream_logits,
+    task_accuracy,
+    wilson_interval,
+    write_json,
+)
+from miras.models import create
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class SuccessorOracle(nn.Module):
+    """A causal model that solves MQAR: after token a it predicts the token that last followed a.
+
+    Its state is a table [B, V] of last successors (-1: none yet) and the previous token, carried between
+    calls, so it scores 1.0 only if the state really streams across segments. Tokens >= ``blind`` are never
+    predicted (it guesses 0 instead), which makes its accuracy depend on the examples drawn.
+    """
+
+    def __init__(self, vocab_size: int = 256, blind: int | None = None):
+        super().__init__()
+        self.vocab_size, self.blind = vocab_size, blind
+
+    def forward(self, ids, state=None):
+        batch, length = ids.shape
+        if state is None:
+            state = (torch.full((batch, self.vocab_size), -1), None)
+        table, previous = state[0].clone(), state[1]
+        rows = torch.arange(batch)
+        guesses = torch.empty_like(ids)
+        for t in range(length):
+            if previous is not None:
+                table[rows, previous] = ids[:, t]
+            guesses[:, t] = table[rows, ids[:, t]]
+            previous = ids[:, t]
+        if self.blind is not None:
+            guesses = guesses.masked_fill(guesses >= self.blind, -1)
+        logits = F.one_hot(guesses.clamp(min=0), self.vocab_size).double()
+        return logits.masked_fill((guesses < 0)[..., None], 0.0), (table, previous)
+
+    def state_bytes(self, state) -> int:
+        table = state[0]
+        return table.element_size() * table.shape[1]
+
+
+class Uniform(nn.Module):
+    """Equal logits over the vocabulary: its loss is log V at every token."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def forward(self, ids, state=None):
+        return torch.zeros(*ids.shape, self.vocab_size), state
+
+
+class Spy(nn.Module):
+    """Wraps a model and records, at each call, how many logits tensors of earlier calls are still alive."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.outputs, self.alive, self.widths = model, [], [], []
+
+    def forward(self, ids, state=None):
+        self.alive.append(sum(ref() is not None for ref in self.outputs))
+        self.widths.append(ids.shape[1])
+        logits, state = self.model(ids, state)
+        self.outputs.append(weakref.ref(logits))
+        return logits, state
+
+    def state_bytes(self, state) -> int:
+        return self.model.state_bytes(state)
+
+
+def tiny(name: str, **overrides):
+    torch.manual_seed(0)
+    return create(name, **overrides).eval()
+
+
+@pytest.mark.parametrize("name", ["titans-lmm-tiny", "transformer-tiny", "titans-mac-tiny"])
+def test_streamed_tail_equals_one_pass(name):
+    model = tiny(name, dim=16, heads=2).double()
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full, state = model(ids)
+    streamed = stream_logits(model, ids, segment=7, keep=11)
+    assert streamed.logits.shape == (2, 11, 256)
+    torch.testing.assert_close(streamed.logits, full[:, -11:], rtol=0, atol=1e-10)
+    assert streamed.state.seen == 45
+    # the peak over the segments (MAC's segment buffer is larger part-way than at the end)
+    sizes, carried = [], None
+    with torch.no_grad():
+        for start in range(0, 45, 7):
+            _, carried = model(ids[:, start : start + 7], carried)
+            sizes.append(model.state_bytes(carried))
+    assert streamed.state_bytes == max(sizes) >= model.state_bytes(state)
+
+
+def test_task_accuracy_of_a_causal_oracle_is_one():
+    task = MQAR(context_length=40, pairs=4, queries=4)
+    # 100 is not a multiple of the segment 16, 10 examples not a multiple of the batch 4
+    rows = task_accuracy(SuccessorOracle(), task, [40, 100], examples=10, seed=3, segment=16, batch_size=4)
+    assert [row["context_length"] for row in rows] == [40, 100]
+    for row in rows:
+        assert (row["correct"], row["examples"], row["accuracy"]) == (10, 10, 1.0)
+        assert row["ci_high"] == 1.0
+        assert row["ci_low"] == pytest.approx(10 / (10 + WILSON_Z**2), abs=1e-12)
+        assert row["state_bytes"] == 256 * 8
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_task_accuracy_counts_exactly_the_examples_it_gets_right():
+    task, examples = MQAR(context_length=48, pairs=3, queries=1), 24
+    # the blind oracle is right exactly when the single answer (a value in [192, 256)) is below 224
+    expected = sum(int(generate(task, example_generator(5, 48, i)).tokens[-1] < 224) for i in range(examples))
+    assert 0 < expected < examples
+    first = task_accuracy(SuccessorOracle(blind=224), task, [48], examples=examples, seed=5, segment=10,
+                          batch_size=5)
+    again = task_accuracy(SuccessorOracle(blind=224), task, [48], examples=examples, seed=5, segment=48,
+                          batch_size=24)
+    assert first[0]["correct"] == again[0]["correct"] == expected
+    assert first[0]["accuracy"] == expected / examples
+    other = generate(task, example_generator(6, 48, 0)).tokens
+    assert not torch.equal(other, generate(task, example_generator(5, 48, 0)).tokens)
+    assert torch.equal(generate(task, example_generator(5, 48, 7)).tokens,
+                       generate(task, example_generator(5, 48, 7)).tokens)
+
+
+def test_untrained_model_is_near_chance():
+    task = MQAR(context_length=32, pairs=2, queries=1)
+    (row,) = task_accuracy(tiny("titans-lmm-tiny", dim=16), task, [32], examples=16, segment=16, batch_size=8)
+    assert row["accuracy"] <= 3 / 16
+    # chance: one of the 64 values
+    assert row["ci_low"] <= 1 / 64 <= row["ci_high"]
+    assert row["state_bytes"] > 0
+
+
+def test_wilson_interval_closed_forms():
+    z2 = WILSON_Z**2
+    assert wilson_interval(0, 20) == (0.0, pytest.approx(z2 / (20 + z2)))
+    assert wilson_interval(20, 20) == (pytest.approx(20 / (20 + z2)), 1.0)
+    low, high = wilson_interval(50, 100)
+    assert (low + high) / 2 == pytest.approx(0.5)
+    assert high - low == pytest.approx(2 * WILSON_Z * math.sqrt(0.25 / 100 + z2 / 40000) / (1 + z2 / 100))
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    tokens = (np.arange(1000) * 7 % 50).astype(np.uint16)
+    result = perplexity(Uniform(50), tokens, seq_len=64, segment=24, max_tokens=500, batch_size=3)
+    assert result["tokens"] == 500
+    assert result["loss"] == pytest.approx(math.log(50), abs=1e-12)
+    assert abs(result["perplexity"] - 50) < 1e-5
+    assert result["bits_per_token"] == pytest.approx(math.log2(50), abs=1e-12)
+
+
+def test_streamed_perplexity_equals_the_loss_of_whole_windows():
+    model = tiny("transformer-tiny", dim=16).double()
+    tokens = torch.randint(0, 256, (301,), generator=torch.Generator().manual_seed(2)).numpy()
+    result = perplexity(model, tokens, seq_len=64, segment=20, batch_size=2)
+    losses = []
+    with torch.no_grad():
+        for start in range(0, 300, 64):
+            window = torch.from_numpy(tokens[start : start + 65]).long()[None]
+            logits, _ = model(window[:, :-1])
+            losses.append(F.cross_entropy(logits[0], window[0, 1:], reduction="none"))
+    expected = torch.cat(losses)
+    assert result["tokens"] == 300 == len(expected)
+    assert result["loss"] == pytest.approx(expected.mean().item(), abs=1e-10)
+
+
+def test_reports_are_written(tmp_path):
+    models = {"oracle": SuccessorOracle(), "blind": SuccessorOracle(blind=224)}
+    tokens = (np.arange(200) % 256).astype(np.uint16)
+    results = evaluate(models, {"mqar": MQAR(context_length=32, pairs=4, queries=1)}, [8, 32, 64], examples=6,
+                       segment=16, batch_size=4, train_length=32, text=tokens, seq_len=50)
+    assert results["tasks"]["mqar"]["skipped_lengths"] == [8]  # 4 pairs and 1 query need 10 tokens
+    assert [row["accuracy"] for row in results["tasks"]["mqar"]["results"]["oracle"]] == [1.0, 1.0]
+    assert results["perplexity"]["results"]["oracle"]["tokens"] == 199
+    assert json.loads(write_json(results, tmp_path / "results.json").read_text()) == results
+
+    table = markdown_table(results)
+    assert "| model | 8 | 32 | 64 |" in table
+    assert "| oracle | – | 1.00 ± 0." in table
+    assert "### State size per sequence (KiB)" in table and "| oracle | – | 2.0 | 2.0 |" in table
+    assert "### Perplexity (windows of 50 tokens)" in table
+
+    png = plot_accuracy(results, tmp_path / "accuracy.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in
+                               [{"step": s, "loss": 5 / (s + 1)} for s in range(10)] + [{"step": 9, "val_loss": 1.0}]))
+    png = plot_losses({"run": metrics}, tmp_path / "loss.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+
+
+def test_memory_stays_bounded_at_long_context():
+    """A recurrent model over 8192 tokens in segments of 512: at no call is more than one earlier segment's
+    logits alive, what is returned holds only the kept positions, and the state does not grow."""
+    spy = Spy(tiny("deltanet-tiny", dim=16, layers=1, heads=1))
+    ids = torch.randint(0, 256, (1, 8192), generator=torch.Generator().manual_seed(0))
+    streamed = stream_logits(spy, ids, segment=512, keep=5)
+    assert spy.widths == [512] * 16
+    assert max(spy.alive) <= 1
+    assert streamed.logits.shape == (1, 5, 256)
+    assert streamed.logits.untyped_storage().nbytes() == 5 * 256 * 4
+    with torch.no_grad():
+        _, first = spy.model(ids[:, :512])
+    assert streamed.state_bytes == spy.model.state_bytes(first) == spy.model.state_bytes(streamed.state)
+
+
+def test_importing_miras_does_not_import_matplotlib():
+    code = "import sys, miras, miras.evaluate; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(tmp_path / "run"), "--tasks", "mqar", "--lengths", "32,64", "--examples", "4",
+                              "--segment", "16", "--out", str(tmp_path / "out")])
+    assert (args.tasks, args.lengths, args.examples, args.segment) == (["mqar"], [32, 64], 4, 16)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--lengths", "32,x"])
+    capsys.readouterr()
+
+    config = types.SimpleNamespace(data="task:mqar", seq_len=32, data_params={"pairs": 3, "queries": 2})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, None)
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"]["mqar"]["config"] == {"name": "mqar", "context_length": 64, "pairs": 3, "queries": 2}
+    assert [row["accuracy"] for row in results["tasks"]["mqar"]["results"]["run"]] == [1.0, 1.0]
+    assert (tmp_path / "out" / "results.md").read_text().startswith("### mqar")
+    assert (tmp_path / "out" / "accuracy.png").read_bytes().startswith(PNG_SIGNATURE)
+
+    # defaults: the training length x 1 .. 64
+    args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", "--out", str(tmp_path / "defaults")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "defaults" / "results.json").read_text())
+    assert results["lengths"] == [32 * 2**k for k in range(7)] and results["segment"] == 32
+
+    args = parser.parse_args([str(tmp_path / "run"), "--tasks", "nope", "--out", str(tmp_path / "bad")])
+    assert run_eval(args) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

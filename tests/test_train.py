@@ -1,0 +1,362 @@
+"""The trainer: typed overrides, loss going down, exact resume, atomic checkpoints, BPTT, DDP under torchrun.
+
+Run as a script by torchrun, this file is one DDP rank of ``test_ddp_matches_single_process``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import miras.train as train_module
+from miras.data.base import IGNORE, Batches
+from miras.models import create
+from miras.train import (
+    ConfigError,
+    DataSource,
+    TrainConfig,
+    checkpoints,
+    config_from_args,
+    load_run,
+    lr_at,
+    make_batches,
+    param_groups,
+    train,
+)
+
+SEQ_LEN, BATCH = 32, 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is as fast and does not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """Stands for the process dying while it trains."""
+
+
+class CopyBatches:
+    """A tiny deterministic copy task: a random half row, then the same tokens again; only the copy is
+    scored. The global batch of a step is a function of (seed, step); ranks get disjoint row slices."""
+
+    def __init__(self, batch_size: int = BATCH, seq_len: int = SEQ_LEN, seed: int = 0, vocab: int = 16,
+                 kill_at: int | None = None):
+        self.batch_size, self.seq_len, self.seed, self.vocab, self.kill_at = batch_size, seq_len, seed, vocab, kill_at
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if step == self.kill_at:
+            raise Killed(f"killed before step {step}")
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        half = (self.seq_len + 2) // 2
+        prefix = torch.randint(2, self.vocab, (self.batch_size, half), generator=generator)
+        rows = torch.cat([prefix, prefix], 1)[:, :self.seq_len + 1]
+        inputs, targets = rows[:, :-1], rows[:, 1:].clone()
+        targets[:, :half - 1] = IGNORE
+        size = self.batch_size // world
+        return inputs[rank * size:(rank + 1) * size], targets[rank * size:(rank + 1) * size]
+
+
+def tiny(out_dir: Path, model: str = "transformer-tiny", **values) -> TrainConfig:
+    settings = {"seq_len": SEQ_LEN, "batch_size": BATCH, "max_steps": 20, "lr": 1e-2, "warmup_steps": 2,
+                "log_every": 1, "save_every": 100, "progress": False, **values}
+    return TrainConfig(model=model, out_dir=str(out_dir), **settings)
+
+
+def source(**values) -> DataSource:
+    return DataSource(CopyBatches(**values))
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+
+
+def validation(run_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["val_loss"] for line in lines if "val_loss" in line]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_copy_batches_follow_the_batches_contract():
+    batches = CopyBatches(batch_size=8)
+    assert isinstance(batches, Batches)
+    inputs, targets = batches.batch(3)
+    halves = [batches.batch(3, rank, 2) for rank in range(2)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), inputs) and torch.equal(torch.cat([h[1] for h in halves]),
+                                                                                 targets)
+    assert not torch.equal(batches.batch(4)[0], inputs)
+
+
+# ------------------------------------------------------------------------------------------ config parsing
+
+
+def test_overrides_are_parsed_as_their_field_types():
+    config = config_from_args("titans-lmm-tiny", [
+        "lr=3e-4", "max_steps=7", "compile=false", "progress=no", "bptt=16", "betas=[0.8, 0.9]", "grad_clip=0",
+        'data_params={"needles": 2}', "data=task:passkey", "model.dim=32", "model.tie_embeddings=false"])
+    assert (config.lr, config.max_steps, config.compile, config.progress, config.bptt) == (3e-4, 7, False, False, 16)
+    assert config.betas == (0.8, 0.9) and config.grad_clip == 0.0 and isinstance(config.grad_clip, float)
+    assert config.data_params == {"needles": 2} and config.data == "task:passkey"
+    assert config.model_overrides == {"dim": 32, "tie_embeddings": False}
+    assert config.out_dir == "runs/titans-lmm-tiny"
+    assert config_from_args("titans-lmm-tiny", ["bptt=16", "bptt=none"]).bptt is None
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("lr=fast", "lr='fast': expected a number"),
+    ("max_steps=1.5", "max_steps='1.5': expected an integer"),
+    ("compile=maybe", "compile='maybe': expected a bool (true/false)"),
+    ("bptt=x", "bptt='x': expected an integer or none"),
+    ("data_params=[1]", "data_params must be a JSON object"),
+    ("betas=[0.9]", "betas must be a JSON list like [0.9, 0.95], got [0.9]"),
+    ("learning_rate=1", "unknown key 'learning_rate'; valid: batch_size, betas, bptt, compile,"),
+    ("model.width=8", "unknown model field 'width'; valid: model."),
+    ("model.dim=big", "model.dim='big': expected an integer"),
+    ("model.dim=33", "model_overrides: dim 33 must be divisible by heads 2"),
+    ("model=transformer-tiny", "the preset is the first argument"),
+    ("lr", "override 'lr' is not key=value"),
+    ("precision=fp16", "precision must be one of ['fp32', 'bf16'], got 'fp16'"),
+    ("batch_size=6", "batch_size 6 must be divisible by grad_accum 4"),
+    ("data=corpus.txt", "data must be 'task:<name>' or 'text:<corpus>'"),
+    ("lr=-1", "need lr > 0"),
+])
+def test_bad_overrides_say_what_is_valid(pair, message):
+    extra = ["grad_accum=4"] if pair.startswith("batch_size") else []
+    with pytest.raises(ConfigError) as error:
+        config_from_args("titans-lmm-tiny", [pair, *extra])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'titans-tiny'; valid: .*titans-lmm-tiny"):
+        TrainConfig(model="titans-tiny")
+    with pytest.raises(TypeError, match="lr must be a number, got '1'"):
+        TrainConfig(model="transformer-tiny", lr="1")
+    with pytest.raises(ConfigError, match=r"unknown train config key\(s\) \['width'\]"):
+        TrainConfig.from_dict({"model": "transformer-tiny", "width": 3})
+
+
+# ---------------------------------------------------------------------------------- optimizer and schedule
+
+
+def test_weight_decay_only_on_linear_weight_matrices():
+    model = create("titans-mac-tiny")
+    decay, keep = param_groups(model, 0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} - {"head.weight"}
+    assert decayed == linear and (decay["weight_decay"], keep["weight_decay"]) == (0.1, 0.0)
+    kept = {names[id(p)] for p in keep["params"]}
+    assert {"embed.weight", "norm.weight", "blocks.0.mixer.persistent", "blocks.0.mixer.memory.gate_proj.bias",
+            "blocks.0.mixer.memory.initial_weights.0", "blocks.0.mixer.memory.conv_weight"} <= kept
+    assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    config = TrainConfig(model="transformer-tiny", lr=1.0, warmup_steps=10, max_steps=111, min_lr_ratio=0.1)
+    assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(10, config) == 1.0 and lr_at(60, config) == pytest.approx(0.55) and lr_at(110, config) == 0.1
+    after = [lr_at(s, config) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("model", ["transformer-tiny", "titans-lmm-tiny"])
+def test_training_lowers_the_loss_and_logs_metrics(tmp_path, model):
+    run_dir = train(tiny(tmp_path / "run", model), source())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "elapsed"}
+    assert records[-1]["tokens_seen"] == 20 * BATCH * SEQ_LEN
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-3:]) / 3
+    assert first == pytest.approx(math.log(256), rel=0.05) and last < 0.7 * first
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["train"]["model"] == model and saved["model"]["dim"] == 64
+    assert [p.name for p in checkpoints(run_dir)] == ["step_00000020.pt"]
+    loaded, config, tokenizer = load_run(run_dir)
+    assert config == tiny(tmp_path / "run", model) and tokenizer is None
+    state = torch.load(checkpoints(run_dir)[0], weights_only=True)["model"]
+    assert all(torch.equal(state[name], value) for name, value in loaded.state_dict().items())
+
+
+def test_resume_after_a_kill_gives_identical_losses(tmp_path):
+    config = tiny(tmp_path / "whole", "titans-mac-tiny", max_steps=8, save_every=3, keep_checkpoints=2)
+    train(config, source())
+    assert [p.name for p in checkpoints(config.out_dir)] == ["step_00000006.pt", "step_00000008.pt"]
+    interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "interrupted"))
+    with pytest.raises(Killed):
+        train(interrupted, source(kill_at=7))
+    assert [step for step, _ in losses(tmp_path / "interrupted")] == list(range(1, 8))  # 7 logged, saved at 6
+    train(interrupted, source())
+    assert losses(tmp_path / "interrupted") == losses(tmp_path / "whole")  # exactly, steps 7 and 8 included
+    before = snapshot(tmp_path / "interrupted")
+    train(interrupted, source())  # finished: nothing to do
+    assert snapshot(tmp_path / "interrupted") == before
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1, keep_checkpoints=5)
+    train(config, source())
+
+    def dying_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module.torch, "save", dying_save)
+    longer = dataclasses.replace(config, max_steps=3, resume=True)
+    with pytest.raises(OSError, match="disk full"):
+        train(longer, source())
+    monkeypatch.undo()
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000001.pt", "step_00000002.pt"]
+    train(longer, source())
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_unusable_checkpoints_and_run_dirs_are_one_line_errors_that_write_nothing(tmp_path, monkeypatch):
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1)
+    train(config, source())
+    other = train(tiny(tmp_path / "other", max_steps=1, model_overrides={"dim": 32}), source())
+    run_dir, latest = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000002.pt"
+    cases = [
+        (dataclasses.replace(config, lr=0.5), "holds a run with a different config (lr: 0.01 -> 0.5)"),
+        (dataclasses.replace(config, max_steps=4), "other settings (max_steps: 2 -> 4); pass resume=true"),
+        (dataclasses.replace(config, model_overrides={"heads": 4}), "model.heads: 2 -> 4"),
+    ]
+    before = snapshot(run_dir)
+    for bad, message in cases:
+        with pytest.raises(ConfigError) as error:
+            train(bad, source())
+        assert message in str(error.value) and "\n" not in str(error.value)
+        assert snapshot(run_dir) == before
+
+    (run_dir / "checkpoints" / "step_00000003.pt").write_bytes(checkpoints(other)[-1].read_bytes())
+    with pytest.raises(ConfigError, match=r"step_00000003.pt belongs to a different config \(.*model.dim: 32 -> 64\)"):
+        train(dataclasses.replace(config, max_steps=4, resume=True), source())
+    (run_dir / "checkpoints" / "step_00000003.pt").unlink()
+
+    latest.write_bytes(b"not a checkpoint")
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"step_00000002.pt is unreadable \(.*\); delete it to resume from "
+                                          r"step_00000001.pt$"):
+        train(dataclasses.replace(config, max_steps=4, resume=True), source())
+    assert snapshot(run_dir) == before
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
+        train(tiny(tmp_path / "board", tensorboard=True), source())
+    assert not (tmp_path / "board").exists()
+
+
+def test_make_batches_builds_the_task_or_corpus_of_the_config(tmp_path, monkeypatch):
+    data = make_batches(TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"pairs": 4, "queries": 4},
+                                    seq_len=31, batch_size=2))
+    inputs, targets = data.train.batch(0)
+    assert inputs.shape == targets.shape == (2, 31) and (targets != IGNORE).sum().item() == 2 * 4
+    assert not torch.equal(data.validation.batch(0)[0], inputs) and data.vocab_size == 256
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_text("line one\n" * 50 + "line two\n" * 10)
+    data = make_batches(TrainConfig(model="transformer-tiny", data=f"text:{tmp_path / 'corpus.txt'}", seq_len=8,
+                                    batch_size=3))
+    inputs, targets = data.train.batch(5, 1, 3)
+    assert bytes(inputs[0].tolist()) in (b"line one\n" * 2) and torch.equal(inputs[0, 1:], targets[0, :-1])
+    assert data.tokenizer.decode(data.validation.batch(0)[0][0].tolist()) in "line two\n" * 3
+    with pytest.raises(ConfigError, match="^data 'task:mqar': mqar: unknown parameter"):
+        make_batches(TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"keys": 4}))
+    with pytest.raises(ConfigError, match="set seq_len, not data_params.context_length"):
+        TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"context_length": 4})
+
+
+def test_bptt_streams_the_rows_and_still_learns(tmp_path):
+    plain = losses(train(tiny(tmp_path / "plain", "titans-lmm-tiny", max_steps=12), source()))
+    whole = losses(train(tiny(tmp_path / "whole", "titans-lmm-tiny", max_steps=12, bptt=SEQ_LEN), source()))
+    assert whole == plain
+    segmented = losses(train(tiny(tmp_path / "bptt", "titans-lmm-tiny", max_steps=12, bptt=8), source()))
+    # Before the first update the segments with carried state compute exactly the loss of one pass.
+    assert segmented[0][1] == pytest.approx(plain[0][1], rel=1e-5)
+    assert segmented[1][1] != plain[1][1]  # the gradients were truncated
+    assert sum(loss for _, loss in segmented[-3:]) / 3 < 0.7 * segmented[0][1]
+
+
+def test_bf16_autocast_trains(tmp_path):
+    fp32 = losses(train(tiny(tmp_path / "fp32", max_steps=10), source()))
+    bf16 = losses(train(tiny(tmp_path / "bf16", max_steps=10, precision="bf16"), source()))
+    assert bf16[0][1] == pytest.approx(fp32[0][1], rel=2e-2) and bf16[0][1] != fp32[0][1]
+    assert bf16[-1][1] < 0.7 * bf16[0][1]
+
+
+def test_grad_accum_splits_the_same_global_batch(tmp_path):
+    one = losses(train(tiny(tmp_path / "one", max_steps=4), source()))
+    two = losses(train(tiny(tmp_path / "two", max_steps=4, grad_accum=2), source()))
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- DDP
+
+
+def ddp_config(out_dir: Path, grad_accum: int = 1) -> TrainConfig:
+    """A real task (miras.data.tasks), so the ranks also exercise make_batches and the final evaluation."""
+    return tiny(out_dir, data="task:mqar", max_steps=6, batch_size=8, grad_accum=grad_accum, eval_batches=2)
+
+
+def test_ddp_matches_single_process(tmp_path):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(tmp_path / "ddp")]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hashes = [(tmp_path / "ddp" / f"parameters_rank{rank}.sha256").read_text() for rank in range(2)]
+    assert hashes[0] == hashes[1]  # the replicas are identical
+    ddp = losses(tmp_path / "ddp")
+    # One process with the same global batch in two micro-batches runs the same slices through the same maths.
+    accumulated = losses(train(ddp_config(tmp_path / "accumulated", grad_accum=2)))
+    assert [step for step, _ in ddp] == list(range(1, 7))
+    assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in accumulated], rel=1e-6)
+    assert validation(tmp_path / "ddp") == pytest.approx(validation(tmp_path / "accumulated"), rel=1e-6)
+    # The whole global batch in one forward: the first loss differs only by the order of the sums.
+    whole = losses(train(dataclasses.replace(ddp_config(tmp_path / "whole"), max_steps=1)))
+    assert whole[0][1] == pytest.approx(ddp[0][1], rel=1e-6)
+
+
+def _ddp_rank(out_dir: str) -> None:
+    """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
+    import hashlib
+
+    from miras.models import LanguageModel
+
+    built = []
+
+    class Recorded(LanguageModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    train_module.LanguageModel = Recorded
+    train(ddp_config(Path(out_dir)))
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in built[0].parameters())).hexdigest()
+    (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(digest)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _ddp_rank(sys.argv[1])
