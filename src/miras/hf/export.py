@@ -1,0 +1,76 @@
+"""Export a native model, or a whole training run, as a HuggingFace folder.
+
+``export(model, tokenizer, hf_dir)`` writes ``model.safetensors`` (a tied head is stored once),
+``config.json`` (the native config inside, ``auto_map`` naming ``modeling_miras.py``),
+``generation_config.json``, ``modeling_miras.py`` and the tokenizer's files, so that
+
+    AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(hf_dir)
+
+work in any process where ``miras-lm[hf]`` is installed. ``export_run(run_dir, hf_dir)`` does the
+same for a training run, read with ``miras.train.load_run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from ..models import LanguageModel
+from .modeling import MirasForCausalLM
+from .tokenization import hf_tokenizer
+
+TRAIN_CONFIG = "miras_train_config.json"  # the run's training config, kept for provenance
+
+
+def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_config=None) -> MirasForCausalLM:
+    """Save ``model`` with ``tokenizer`` (a miras tokenizer, a ``tokenizers.Tokenizer``, an HF tokenizer,
+    or None for a model of a generated task's tokens) as an HF folder; returns the wrapper (sharing
+    ``model``'s weights)."""
+    hf_dir = Path(hf_dir)
+    special = {}
+    if tokenizer is not None:
+        tokenizer = hf_tokenizer(tokenizer)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}")
+        special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    wrapped = MirasForCausalLM.from_native(model, **special)
+    for name, value in special.items():
+        setattr(wrapped.generation_config, name, value)
+    wrapped.save_pretrained(hf_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(hf_dir)
+        _portable_tokenizer_class(hf_dir)
+    if train_config is not None:
+        (hf_dir / TRAIN_CONFIG).write_text(json.dumps(_plain(train_config), indent=2, default=str) + "\n")
+    return wrapped
+
+
+def export_run(run_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> MirasForCausalLM:
+    """Convert the training run in ``run_dir`` (model, tokenizer, training config) to an HF folder."""
+    try:
+        from ..train import load_run
+    except ImportError as error:
+        raise ImportError(f"export_run needs miras.train.load_run, which this miras does not have ({error})") from None
+    model, train_config, tokenizer = load_run(run_dir)
+    return export(model, tokenizer, hf_dir, train_config=train_config)
+
+
+def _portable_tokenizer_class(hf_dir: Path) -> None:
+    """Transformers 5 names its fast tokenizer class "TokenizersBackend", which 4.x cannot load; the
+    4.x name "PreTrainedTokenizerFast" loads in both (5.x keeps it as an alias)."""
+    path = hf_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _plain(config):
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return config

@@ -1,0 +1,387 @@
+"""miras.hf: the transformers wrapper, generation with the recurrent state, save/load, export, lm-eval."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="miras.hf needs transformers (pip install miras-lm[hf])")
+
+from miras.hf import MirasCache, MirasConfig, MirasForCausalLM, select_state  # noqa: E402
+from miras.hf.export import export, export_run  # noqa: E402
+from miras.hf.modeling import CACHE_NAME  # noqa: E402
+from miras.hf.state import BATCHED_FIELDS, SHARED_FIELDS  # noqa: E402
+from miras.hf.tokenization import bpe_tokenizer, byte_tokenizer  # noqa: E402
+from miras.models import FAMILIES, LanguageModel, create  # noqa: E402
+from miras.models.state import STATE_TYPES, ModelState  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEXTS = ["hello world", "  two  spaces\n\n\ttab", "Ā ü 日本語 🙂", "a . b , c 's <|endoftext|>", ""]
+
+
+def make(family, seed=0, dtype=torch.float64, **overrides):
+    torch.manual_seed(seed)
+    return create(f"{family}-tiny", **overrides).to(dtype)
+
+
+def prompt(tokens, batch=1, seed=1):
+    return torch.randint(0, 256, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def greedy_reference(native, ids, new_tokens):
+    """Uncached greedy decoding: the full forward over the whole sequence at every step."""
+    for _ in range(new_tokens):
+        logits, _ = native(ids)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def record_call_lengths(model):
+    """The number of tokens of every forward call of ``model`` (hooked on its embedding)."""
+    lengths = []
+    model.embed.register_forward_hook(lambda module, args, output: lengths.append(args[0].shape[1]))
+    return lengths
+
+
+# --- the wrapper -----------------------------------------------------------------------------------
+
+def test_state_dict_keys_are_the_native_ones_and_weights_are_shared():
+    native = make("titans-mac")
+    model = MirasForCausalLM.from_native(native)
+    assert list(model.state_dict()) == list(native.state_dict())
+    x = prompt(13)
+    torch.testing.assert_close(model(x).logits, native(x)[0], rtol=0, atol=0)
+    with torch.no_grad():
+        native.norm.weight.mul_(2)  # a change to the native model is a change to the wrapper
+    torch.testing.assert_close(model(x).logits, native(x)[0], rtol=0, atol=0)
+    # a native state dict loads directly (strict) into a fresh wrapper
+    fresh = MirasForCausalLM(MirasConfig.from_native(native.config)).double()
+    fresh.load_state_dict(native.state_dict())
+    torch.testing.assert_close(fresh(x).logits, native(x)[0], rtol=0, atol=0)
+    assert fresh.head.weight is fresh.embed.weight
+
+
+def test_auto_classes_resolve_in_process():
+    config = transformers.AutoConfig.for_model("miras", miras=create("deltanet-tiny").config.to_dict())
+    assert isinstance(config, MirasConfig) and config.vocab_size == 256 and config.hidden_size == 64
+    for auto in (transformers.AutoModel, transformers.AutoModelForCausalLM):
+        model = auto.from_config(config)
+        assert type(model) is MirasForCausalLM and model.config.model_config.family == "deltanet"
+
+
+def test_config_rejects_contradicting_tie_and_unknown_fields():
+    native = create("titans-lmm-tiny").config.to_dict()
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        MirasConfig(miras=native, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="unknown config field"):
+        MirasConfig(miras={**native, "depth": 3})
+
+
+def test_labels_give_the_mean_next_token_loss():
+    native = make("deltanet")
+    model = MirasForCausalLM.from_native(native)
+    x = prompt(12)
+    labels = x.clone()
+    labels[:, :4] = -100
+    logits = native(x)[0]
+    expected = torch.nn.functional.cross_entropy(logits[0, 3:-1], x[0, 4:])  # predictions of tokens 4..
+    torch.testing.assert_close(model(x, labels=labels).loss, expected.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_padding_is_refused():
+    model = MirasForCausalLM.from_native(make("titans-lmm"))
+    x = prompt(6, batch=2)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padding"):
+        model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="padding"):
+        model.generate(x, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_importing_miras_does_not_import_transformers():
+    code = ("import sys, miras, miras.models, miras.layers, miras.memory\n"
+            "assert 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- state selection (beam search) -----------------------------------------------------------------
+
+def test_state_tables_cover_every_field_of_every_state_type():
+    """A field added to a state type must be declared batched or shared, or select_state would skip it."""
+    assert set(STATE_TYPES.values()) | {ModelState} == set(BATCHED_FIELDS) == set(SHARED_FIELDS)
+    for cls in BATCHED_FIELDS:
+        batched, shared = set(BATCHED_FIELDS[cls]), set(SHARED_FIELDS[cls])
+        assert not batched & shared
+        assert batched | shared == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_selected_state_continues_like_the_selected_sequences(family):
+    """select_state(state of x, index) continues exactly as the state of x[index]."""
+    native, index = make(family), torch.tensor([2, 0, 2])
+    x, more = prompt(19, batch=3), prompt(5, batch=3, seed=2)
+    with torch.no_grad():
+        _, state = native(x)
+        expected, _ = native(more, native(x[index])[1])
+        got, _ = native(more, select_state(state, index))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_greedy_generate_equals_uncached_decoding(family):
+    """Prompts of 11 tokens (not a multiple of the chunk, 8) and 21 (longer than a MAC segment, 16)."""
+    native = make(family)
+    model = MirasForCausalLM.from_native(native)
+    lengths = record_call_lengths(model)
+    for tokens in (11, 21):
+        x = prompt(tokens, seed=tokens)
+        lengths.clear()
+        out = model.generate(x, max_new_tokens=8, do_sample=False)
+        # one prefill over the whole prompt, then one token per step with the carried state
+        assert lengths == [tokens] + [1] * 7
+        assert out.tolist() == greedy_reference(native, x, 8).tolist()
+
+
+@pytest.mark.parametrize("family", ["titans-mag", "transformer"])
+def test_sampling_with_the_state_equals_sampling_without(family):
+    model = MirasForCausalLM.from_native(make(family))
+    x = prompt(13)
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(3)
+        outputs.append(model.generate(x, max_new_tokens=8, do_sample=True, top_k=50, temperature=1.5,
+                                      num_return_sequences=2, use_cache=use_cache))
+    assert outputs[0].tolist() == outputs[1].tolist()
+    assert outputs[0][0].tolist() != outputs[0][1].tolist()  # two different samples
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "transformer"])
+def test_beam_search_with_reordered_states_equals_beam_search_without_cache(family):
+    model = MirasForCausalLM.from_native(make(family))
+    x = prompt(11, batch=2)
+    kwargs = dict(max_new_tokens=6, do_sample=False, num_beams=3, num_return_sequences=3)
+    cached = model.generate(x, **kwargs, return_dict_in_generate=True, output_scores=True)
+    uncached = model.generate(x, **kwargs, use_cache=False, return_dict_in_generate=True, output_scores=True)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=0, atol=1e-9)
+    # some returned beam descends from different beams over the steps: the states were reordered
+    assert (cached.beam_indices[:, 1:6] != cached.beam_indices[:, :1]).any()
+    two = model.generate(x, max_new_tokens=6, do_sample=False, num_beams=2)
+    assert two.shape == (2, 17)
+    one = model.generate(x, max_new_tokens=6, do_sample=False, num_beams=1)
+    assert one.tolist() == greedy_reference(model.to_native(), x, 6).tolist()
+
+
+def test_generate_continues_a_given_state():
+    native = make("titans-mal")
+    model = MirasForCausalLM.from_native(native)
+    x = prompt(15)
+    cache = getattr(model(x[:, :9]), CACHE_NAME)
+    assert isinstance(cache, MirasCache) and cache.get_seq_length() == 9
+    out = model.generate(x, cache=cache, max_new_tokens=5, do_sample=False)
+    assert out.tolist() == greedy_reference(native, x, 5).tolist()
+    assert cache.get_seq_length() == 19  # advanced in place, as transformers' own caches are
+    # beam search expands the given state to its beams
+    beams = model.generate(x, cache=getattr(model(x[:, :9]), CACHE_NAME), max_new_tokens=4, num_beams=2)
+    assert beams.tolist() == model.generate(x, max_new_tokens=4, num_beams=2).tolist()
+
+
+def test_generation_refuses_to_go_on_without_the_state(monkeypatch):
+    """If transformers ever stops handing the state back, generate raises instead of decoding from scratch."""
+    model = MirasForCausalLM.from_native(make("deltanet"))
+    update = type(model)._update_model_kwargs_for_generation
+
+    def drop_state(self, *args, **kwargs):
+        model_kwargs = update(self, *args, **kwargs)
+        model_kwargs.pop("cache", None)
+        model_kwargs.pop("past_key_values", None)
+        return model_kwargs
+
+    monkeypatch.setattr(type(model), "_update_model_kwargs_for_generation", drop_state)
+    with pytest.raises(RuntimeError, match="did not hand the recurrent state back"):
+        model.generate(prompt(5), max_new_tokens=3, do_sample=False)
+
+
+# --- tokenizers ------------------------------------------------------------------------------------
+
+def test_byte_tokenizer_is_utf8_bytes_and_round_trips(tmp_path):
+    tokenizer = byte_tokenizer()
+    assert len(tokenizer) == 256 and tokenizer.eos_token_id == 0
+    tokenizer.save_pretrained(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for tok in (tokenizer, loaded):
+        for text in TEXTS:
+            assert tok.encode(text) == list(text.encode("utf-8"))
+            assert tok.decode(tok.encode(text)) == text
+    assert tokenizer.decode([0xE6, 0x97]) == "\ufffd"  # a cut UTF-8 sequence decodes, replaced
+
+
+def test_bpe_tokenizer_round_trips(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["the cat sat on the mat", "the dog ate the cat food"] * 20, trainer)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = bpe_tokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")))
+    assert tokenizer.eos_token_id == 0 and len(tokenizer) == backend.get_vocab_size()
+    tokenizer.save_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in [*TEXTS, "the cat ate the mat"]:
+        ids = backend.encode(text, add_special_tokens=False).ids
+        assert tokenizer.encode(text) == loaded.encode(text) == ids
+        assert loaded.decode(ids) == text
+    assert len(tokenizer.encode("the cat")) < len("the cat")  # merges are used
+
+
+# --- save, load, export ----------------------------------------------------------------------------
+
+FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch
+    folder, ids_path, out_path, threads = sys.argv[1:5]
+    torch.set_num_threads(int(threads))
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    assert "miras" not in sys.modules, "miras was imported before loading"
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.load(ids_path)
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save({"config": type(config).__name__, "model": type(model).__module__ + "." + type(model).__name__,
+                "auto_model": type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__,
+                "tied": model.head.weight is model.embed.weight, "logits": logits,
+                "tokens": model.generate(ids, max_new_tokens=8, do_sample=False),
+                "encoded": tokenizer.encode("miras ✓")}, out_path)
+""")
+
+
+def run_fresh_process(folder, ids, tmp_path):
+    torch.save(ids, tmp_path / "ids.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "out.pt"), str(torch.get_num_threads())],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def test_exported_model_loads_in_a_fresh_process_with_identical_outputs(tmp_path):
+    native = make("titans-mac", dtype=torch.float32)
+    export(native, SimpleNamespace(kind="byte"), tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert set(saved["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert (tmp_path / "hf" / "modeling_miras.py").is_file()
+    x = prompt(21)
+    result = run_fresh_process(tmp_path / "hf", x, tmp_path)
+    assert result["config"] == "MirasConfig" and result["auto_model"] == "MirasForCausalLM"
+    assert result["model"] == "miras.hf.modeling_miras.MirasForCausalLM" and result["tied"]
+    with torch.no_grad():
+        assert torch.equal(result["logits"], native(x)[0])
+    reference = greedy_reference(native, x, 8)
+    assert result["tokens"][0, :21].tolist() == x[0].tolist()
+    # the saved generation config stops at eos (byte 0): compare up to where the reference first emits it
+    stop = next((i + 1 for i, token in enumerate(reference[0, 21:].tolist()) if token == 0), 8)
+    assert result["tokens"][0, 21:21 + stop].tolist() == reference[0, 21:21 + stop].tolist()
+    assert result["encoded"] == list("miras ✓".encode())
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_pretrained_round_trip(tmp_path, tie):
+    native = make("ttt-linear", tie_embeddings=tie)
+    MirasForCausalLM.from_native(native).save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        assert ("head.weight" in saved.keys()) == (not tie)  # a tied head is stored once
+    loaded = MirasForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    assert (loaded.head.weight is loaded.embed.weight) == tie
+    x = prompt(10)
+    torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
+
+
+def test_export_run_converts_a_native_run(tmp_path, monkeypatch):
+    """export_run reads the run with miras.train.load_run (stood in for here by a loader of a run we save)."""
+    native = make("mamba2")
+    torch.save(native.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "model.json").write_text(json.dumps(native.config.to_dict()))
+
+    def load_run(run_dir):
+        from miras.models import ModelConfig
+        model = LanguageModel(ModelConfig.from_dict(json.loads((Path(run_dir) / "model.json").read_text())))
+        model.load_state_dict(torch.load(Path(run_dir) / "model.pt"))
+        return model, {"steps": 10, "lr": 1e-3}, SimpleNamespace(kind="byte")
+
+    try:
+        import miras.train as train
+        monkeypatch.setattr(train, "load_run", load_run)
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "miras.train", SimpleNamespace(load_run=load_run))
+    export_run(tmp_path, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "miras_train_config.json").read_text()) == {"steps": 10, "lr": 1e-3}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").double()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    x = torch.tensor([tokenizer.encode("Hello, miras")])
+    torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
+
+
+# --- lm-evaluation-harness -------------------------------------------------------------------------
+
+def test_lm_eval_on_a_local_task(tmp_path):
+    pytest.importorskip("lm_eval", reason="run_lm_eval needs lm-evaluation-harness (pip install lm-eval)")
+    from miras.hf.harness import run_lm_eval
+
+    native = make("titans-lmm", dtype=torch.float32)
+    export(native, SimpleNamespace(kind="byte"), tmp_path)
+    results = run_lm_eval(tmp_path, ["miras_tiny_loglikelihood", "miras_tiny_generate"], limit=2,
+                          include_path=FIXTURES / "tiny_tasks", bootstrap_iters=0)
+    scores = results["results"]
+    assert 0 <= scores["miras_tiny_loglikelihood"]["acc,none"] <= 1
+    assert scores["miras_tiny_loglikelihood"]["perplexity,none"] > 1
+    assert 0 <= scores["miras_tiny_generate"]["exact_match,none"] <= 1
+    # lm-eval's log-likelihood of a continuation is the one the native model gives
+    sample = results["samples"]["miras_tiny_loglikelihood"][0]
+    context, continuation = sample["arguments"][0]
+    ids = torch.tensor([list((context + continuation).encode())])
+    with torch.no_grad():
+        logprobs = native(ids)[0].log_softmax(-1)
+    start = len(context.encode())
+    expected = sum(logprobs[0, i - 1, ids[0, i]].item() for i in range(start, ids.shape[1]))
+    assert sample["resps"][0][0][0] == pytest.approx(expected, abs=1e-4)
+    # and the generated text is the model's greedy continuation, cut at the first newline
+    sample = results["samples"]["miras_tiny_generate"][0]
+    question = torch.tensor([list(sample["arguments"][0][0].encode())])
+    greedy = greedy_reference(native, question, 6)[0, question.shape[1]:].tolist()
+    greedy = greedy[:greedy.index(0)] if 0 in greedy else greedy  # generation stops at eos (byte 0)
+    assert sample["resps"][0][0] == byte_tokenizer().decode(greedy).split("\n")[0]
+
+
+@pytest.mark.slow
+def test_ruler_niah_single_1_runs_offline(tmp_path):
+    """RULER's niah_single_1 makes its data locally with the model's own tokenizer (~1 min: it builds
+    500 samples per length whatever the limit)."""
+    pytest.importorskip("lm_eval", reason="run_lm_eval needs lm-evaluation-harness (pip install lm-eval)")
+    pytest.importorskip("wonderwords", reason="RULER's needles need lm-eval[ruler] (pip install wonderwords)")
+    from miras.hf.harness import run_lm_eval
+
+    export(make("titans-lmm", dtype=torch.float32), SimpleNamespace(kind="byte"), tmp_path)
+    results = run_lm_eval(tmp_path, ["niah_single_1"], limit=1, metadata={"max_seq_lengths": [512]},
+                          bootstrap_iters=0)
+    assert 0 <= results["results"]["niah_single_1"]["512,none"] <= 1
+    sample = results["samples"]["niah_single_1"][0]
+    prompt_text, (needle,) = sample["arguments"][0][0], sample["target"]
+    assert len(prompt_text.encode()) <= 512 and f"is: {needle}." in prompt_text
