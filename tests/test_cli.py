@@ -41,10 +41,10 @@ class RepeatedText:
 
 
 def test_the_subcommands_are_frozen():
-    assert list(COMMANDS) == ["train", "generate", "eval", "bench", "presets"]
+    assert list(COMMANDS) == ["train", "generate", "eval", "export", "bench", "presets"]
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["bench"], ["presets"]])
+@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["export"], ["bench"], ["presets"]])
 def test_help_shows_examples(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--help"])

@@ -15,10 +15,12 @@ Nothing heavy is imported until a command runs, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -144,19 +146,81 @@ PRESETS_EXAMPLES = """examples:
 EVAL_EXAMPLES = """examples:
   miras eval runs/passkey
   miras eval runs/passkey --tasks passkey,mqar --lengths 256,1024,4096,16384 --examples 50
-  miras eval runs/text --perplexity stdlib"""
+  miras eval runs/text --perplexity stdlib
+  miras eval runs/text --lm-eval lambada_openai --limit 100        # lm-evaluation-harness (miras-lm[eval])
+  miras eval out/hf --lm-eval my_task --include-path tasks/ --limit 20"""
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     from .evaluate import add_eval_arguments
 
     add_eval_arguments(parser)
+    parser.add_argument("--lm-eval", metavar="TASKS", default=None,
+                        help="comma-separated lm-evaluation-harness tasks, run on the HF export of the run "
+                             "(written to RUN_DIR/hf) or on an HF folder; needs miras-lm[eval]")
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (a fraction if < 1)")
+    parser.add_argument("--include-path", default=None, help="lm-eval: a folder of task YAMLs of your own")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.lm_eval:
+        return _run_lm_eval(args)
     from .evaluate import run_eval
 
     return run_eval(args)
+
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval on an HF folder, exporting a native run first (its folder's ``hf/``)."""
+    from .train import ConfigError
+
+    run_dir = Path(args.run_dir)
+    config = run_dir / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
+    export_run, run_lm_eval = _hf("export_run", "run_lm_eval")
+    hf_dir = run_dir
+    if json.loads(config.read_text()).get("model_type") != "miras":  # a native run: export it first
+        hf_dir = run_dir / "hf"
+        export_run(run_dir, hf_dir)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    tasks = [t for t in args.lm_eval.split(",") if t]
+    results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False)
+    print(json.dumps(results["results"], indent=1, default=str))
+    return 0
+
+
+EXPORT_EXAMPLES = """examples:
+  miras export runs/passkey out/passkey-hf
+  then, in Python: AutoModelForCausalLM.from_pretrained("out/passkey-hf", trust_remote_code=True)"""
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a miras training run")
+    parser.add_argument("hf_dir", help="the folder to write (safetensors, config, tokenizer, modeling_miras.py)")
+
+
+def _hf(*names: str):
+    """Names from miras.hf; without transformers installed, one clear error line."""
+    from .train import ConfigError
+
+    try:
+        import miras.hf as hf
+    except ImportError as error:
+        raise ConfigError(f"this command needs the HF extra ({error}): pip install 'miras-lm[hf]' "
+                          "(and 'miras-lm[eval]' for lm-eval)") from None
+    return [getattr(hf, name) for name in names]
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .train import ConfigError
+
+    if not (Path(args.run_dir) / "config.json").is_file():
+        raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
+    (export_run,) = _hf("export_run")
+    export_run(args.run_dir, args.hf_dir)
+    print(f"wrote {args.hf_dir}")
+    return 0
 
 
 BENCH_EXAMPLES = """examples:
@@ -185,6 +249,8 @@ COMMANDS: dict[str, Command] = {
                         _run_generate),
     "eval": Command("evaluate a run: task accuracy over context lengths, perplexity, report and plots",
                     EVAL_EXAMPLES, _eval_arguments, _run_eval),
+    "export": Command("convert a run into a HuggingFace folder (AutoModelForCausalLM, trust_remote_code)",
+                      EXPORT_EXAMPLES, _export_arguments, _run_export),
     "bench": Command("training/decoding throughput, peak memory and state size per model family",
                      BENCH_EXAMPLES, _bench_arguments, _run_bench),
     "presets": Command("list the model presets", PRESETS_EXAMPLES, lambda parser: None, _run_presets),

@@ -1,6 +1,7 @@
 """miras.hf: the transformers wrapper, generation with the recurrent state, save/load, export, lm-eval."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,11 +16,11 @@ import torch
 transformers = pytest.importorskip("transformers", reason="miras.hf needs transformers (pip install miras-lm[hf])")
 
 from miras.hf import MirasCache, MirasConfig, MirasForCausalLM, select_state  # noqa: E402
-from miras.hf.export import export, export_run  # noqa: E402
+from miras.hf.export import export  # noqa: E402
 from miras.hf.modeling import CACHE_NAME  # noqa: E402
 from miras.hf.state import BATCHED_FIELDS, SHARED_FIELDS  # noqa: E402
 from miras.hf.tokenization import bpe_tokenizer, byte_tokenizer  # noqa: E402
-from miras.models import FAMILIES, LanguageModel, create  # noqa: E402
+from miras.models import FAMILIES, create  # noqa: E402
 from miras.models.state import STATE_TYPES, ModelState  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -314,29 +315,30 @@ def test_save_pretrained_round_trip(tmp_path, tie):
     torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
 
 
-def test_export_run_converts_a_native_run(tmp_path, monkeypatch):
-    """export_run reads the run with miras.train.load_run (stood in for here by a loader of a run we save)."""
-    native = make("mamba2")
-    torch.save(native.state_dict(), tmp_path / "model.pt")
-    (tmp_path / "model.json").write_text(json.dumps(native.config.to_dict()))
+def test_export_run_converts_a_native_run(tmp_path):
+    """A real `miras train` run, exported (`miras export`), loads with identical logits and its tokenizer."""
+    from miras.cli import main
+    from miras.train import TrainConfig, load_run, train
 
-    def load_run(run_dir):
-        from miras.models import ModelConfig
-        model = LanguageModel(ModelConfig.from_dict(json.loads((Path(run_dir) / "model.json").read_text())))
-        model.load_state_dict(torch.load(Path(run_dir) / "model.pt"))
-        return model, {"steps": 10, "lr": 1e-3}, SimpleNamespace(kind="byte")
-
-    try:
-        import miras.train as train
-        monkeypatch.setattr(train, "load_run", load_run)
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "miras.train", SimpleNamespace(load_run=load_run))
-    export_run(tmp_path, tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "miras_train_config.json").read_text()) == {"steps": 10, "lr": 1e-3}
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").double()
+    run_dir = train(TrainConfig(model="mamba2-tiny", data="task:passkey", seq_len=128, batch_size=2, max_steps=2,
+                                warmup_steps=1, eval_every=0, save_every=2, progress=False,
+                                out_dir=str(tmp_path / "run")))
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
+    native, _, _ = load_run(run_dir)
+    saved = json.loads((tmp_path / "hf" / "miras_train_config.json").read_text())
+    assert saved["model"] == "mamba2-tiny" and saved["max_steps"] == 2
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     x = torch.tensor([tokenizer.encode("Hello, miras")])
-    torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
+    assert x.tolist() == [list(b"Hello, miras")]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf2")]) == 2
+    assert not (tmp_path / "hf2").exists()
+    if importlib.util.find_spec("lm_eval") is not None:  # `miras eval RUN --lm-eval`: exports to RUN/hf, then runs
+        assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", "--limit", "2",
+                     "--include-path", str(FIXTURES / "tiny_tasks")]) == 0
+        assert (run_dir / "hf" / "model.safetensors").is_file()
 
 
 # --- lm-evaluation-harness -------------------------------------------------------------------------
