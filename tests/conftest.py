@@ -1,6 +1,13 @@
+"""Fixtures shared by the test folders."""
+
+import pytest
 import torch
 
 
-def pytest_configure(config):
-    # Two cores: keep intra-op threads fixed so test timings and results are reproducible.
-    torch.set_num_threads(2)
+@pytest.fixture
+def one_thread():
+    """For tests of tiny models: one thread is as fast and does not fight other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

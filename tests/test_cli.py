@@ -17,13 +17,7 @@ from miras.train import DataSource, TrainConfig, load_run, train
 TEXT = b"hello world!\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is as fast and does not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RepeatedText:

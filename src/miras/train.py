@@ -59,7 +59,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 import types
 import typing
@@ -75,6 +74,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from .data.base import IGNORE, Batches
+from .files import atomic_write
 from .models import PRESETS, LanguageModel, ModelConfig, preset_config
 from .models.config import check_overrides
 
@@ -396,20 +396,6 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem.removeprefix("step_")))
 
 
-def _atomic_write(path: Path, write: Callable[[typing.BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder and rename it over ``path``: all or nothing."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
 def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -478,7 +464,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         with contextlib.suppress(ValueError):
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
-    _atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
+    atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
 
 
 def _write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
@@ -487,7 +473,7 @@ def _write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig
     for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
         stale.unlink()
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
-    _atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
+    atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
     if tokenizer is not None:
         tokenizer.save(run_dir)
     _keep_metrics_until(run_dir / "metrics.jsonl", step)
@@ -668,7 +654,7 @@ def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, con
                "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
                "model_config": model_config.to_dict()}
     path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
-    _atomic_write(path, lambda handle: torch.save(payload, handle))
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     for old in checkpoints(run_dir)[:-config.keep_checkpoints]:
         old.unlink()
 

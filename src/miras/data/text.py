@@ -37,7 +37,6 @@ import glob
 import hashlib
 import os
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..files import atomic_write
 from .base import IGNORE
 from .tokenizers import Tokenizer
 
@@ -249,17 +249,12 @@ def cached_tokens(
     path = folder / f"{_cache_key(documents, tokenizer, split)}.{dtype.name}"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                for chunk in _chunks(documents, chunk_chars):
-                    tokenizer.encode_documents([document.text for document in chunk]).astype(dtype).tofile(file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+
+        def write(file) -> None:
+            for chunk in _chunks(documents, chunk_chars):
+                tokenizer.encode_documents([document.text for document in chunk]).astype(dtype).tofile(file)
+
+        atomic_write(path, write)
     if path.stat().st_size == 0:
         raise ValueError(f"corpus {corpus.source!r}: the {split} split has no tokens")
     return np.memmap(path, dtype=dtype, mode="r")

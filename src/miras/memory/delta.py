@@ -88,7 +88,8 @@ def _block(weight, q, k, v, lr, log_keep, b, lower, eye):
     u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     decay = _ratio(log_gamma, log_gamma, lower)          # Γ_t/Γ_i, i ≤ t
     gamma = torch.exp(log_gamma).unsqueeze(-1)
-    y = gamma * torch.matmul(q, weight.transpose(-1, -2)) + torch.matmul(decay * torch.matmul(q, k.transpose(-1, -2)), u)
+    scores = decay * torch.matmul(q, k.transpose(-1, -2))
+    y = gamma * torch.matmul(q, weight.transpose(-1, -2)) + torch.matmul(scores, u)
     last = decay[:, :, -1].unsqueeze(-1)                 # Γ_C/Γ_i
     weight = gamma[:, :, -1:] * weight + torch.matmul((last * u).transpose(-1, -2), k)
     return y, weight

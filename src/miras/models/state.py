@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..files import atomic_write
 from ..layers import KVCache, MemoryLayerState
 from ..memory import MemoryState
 from .hybrids import PairState
@@ -40,16 +39,8 @@ class ModelState:
         return sum(s.nbytes() for s in self.layers)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save({"format": "miras.ModelState/1", "seen": self.seen,
-                            "layers": [_to_plain(s) for s in self.layers]}, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        data = {"format": "miras.ModelState/1", "seen": self.seen, "layers": [_to_plain(s) for s in self.layers]}
+        atomic_write(path, lambda handle: torch.save(data, handle))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelState:
