@@ -56,7 +56,8 @@ def build(case):
     torch.manual_seed(0)
     if case["layer"] == "attention":
         return CausalAttention(DIM, HEADS)
-    return MemoryLayer(DIM, heads=HEADS, rule=TITANS, chunk_size=case["chunk"], impl=case["layer"])
+    return MemoryLayer(DIM, heads=HEADS, rule=TITANS, chunk_size=case["chunk"], impl=case["layer"],
+                       gating=case.get("gating", "token"))
 
 
 def make_step(layer, x, case):
@@ -195,6 +196,10 @@ def cases(quick: bool, threads: int, baseline: bool):
         for length in lengths:
             yield {"layer": layer, "chunk": 16, "batch": 1, "T": length, "mode": "fwdbwd", "dtype": "bfloat16",
                    **common}
+    # Channel-wise gates (rank-32 projection, per memory input channel) against the token-level default.
+    for length in lengths[:2]:
+        yield {"layer": "chunked", "chunk": 16, "batch": 1, "T": length, "mode": "fwdbwd", "dtype": "float32",
+               "gating": "channel", **common}
     if baseline:
         for chunk in (16, 64):
             for length in lengths[:2]:
@@ -225,7 +230,8 @@ def table(results, rates) -> str:
             continue
         gflops = "" if r.get("gflops") is None else f"{r['gflops']:.1f}"
         share = "" if r.get("gflops") is None else f"{100 * r['gflops'] / rates['float32']:.0f}%"
-        rows.append(f"| {r['layer']} | {r['chunk'] or ''} | {r['batch']} | {r['T']} | {r['mode']} | {r['dtype']} "
+        layer = r["layer"] + (" (channel gates)" if r.get("gating") == "channel" else "")
+        rows.append(f"| {layer} | {r['chunk'] or ''} | {r['batch']} | {r['T']} | {r['mode']} | {r['dtype']} "
                     f"| {r['tokens_per_s']:,.0f} | {gflops} | {share} | {r['peak_rss_mb']:,.0f} |")
     return "\n".join(rows)
 

@@ -16,6 +16,9 @@ def make_layer(rule=TITANS, impl="chunked", dtype=torch.float64, chunk_size=4, s
     if layer.gate_proj is not None:
         with torch.no_grad():
             layer.gate_proj.weight.normal_(0, 0.3)
+    if layer.channel_gates:  # and channel-wise terms that really differ per channel
+        with torch.no_grad():
+            layer.gate_up.weight.normal_(0, 0.3)
     return layer
 
 
@@ -139,6 +142,48 @@ def test_layer_options_are_checked():
         MemoryLayer(16, heads=2, gating="channel-ish")
     with pytest.raises(ValueError, match="gating='fixed' sets lr and decay only"):
         MemoryLayer(16, heads=2, rule=TITANS, gating="fixed")
+
+
+@pytest.mark.parametrize("name", ["titans", "moneta", "yaad", "mamba2"])
+def test_channel_gating_paths_agree_and_stream(name):
+    """gating="channel": chunked == recurrent with every parameter gradient (the low-rank gate
+    projection included), and streaming (pieces, token by token) is exact."""
+    fast = make_layer(PRESETS[name], "chunked", gating="channel", gate_rank=3)
+    slow = make_layer(PRESETS[name], "recurrent", gating="channel", gate_rank=3)
+    x = inputs(tokens=11)
+    gates = fast._gates(x, torch.float64)
+    channels = sum(w.shape[-1] for w in fast.initial_weights)
+    assert gates.lr.shape == (2, 11, 2, channels) and gates.decay.shape[-1] == channels
+    assert (gates.decay.amax(-1) - gates.decay.amin(-1)).min() > 1e-4, "the gates must differ per channel"
+    (fast(x)[0] ** 2).sum().backward()
+    (slow(x)[0] ** 2).sum().backward()
+    for (pname, a), b in zip(fast.named_parameters(), slow.parameters()):
+        assert a.grad is not None and a.grad.abs().max() > 0, f"{pname} gets no gradient"
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=pname)
+    _check_streams(fast, inputs())
+
+
+def test_channel_gating_starts_as_token_gating():
+    """The low-rank term starts at zero: a fresh channel-gated layer computes what a token-gated one does."""
+    torch.manual_seed(0)
+    token = MemoryLayer(16, heads=2, chunk_size=4).double()
+    torch.manual_seed(0)
+    channel = MemoryLayer(16, heads=2, chunk_size=4, gating="channel", gate_rank=8).double()
+    channel.load_state_dict(token.state_dict(), strict=False)
+    x = inputs()
+    torch.testing.assert_close(channel(x)[0], token(x)[0], rtol=0, atol=1e-12)
+    extra = {n for n, _ in channel.named_parameters()} - {n for n, _ in token.named_parameters()}
+    assert extra == {"gate_down.weight", "gate_up.weight", "gate_up.bias"}
+    assert channel.gate_up.weight.shape == (3 * 2 * (8 + 32), 8)  # (lr, momentum, decay) x heads x (8 + 4·8)
+
+
+def test_channel_gating_needs_a_rule_that_takes_it():
+    with pytest.raises(ValueError, match="gating='channel' needs a rule without PreDecay"):
+        MemoryLayer(16, heads=2, rule=GATED_DELTANET, chunk_size=4, gating="channel")
+    with pytest.raises(ValueError, match="gating='channel' needs"):
+        MemoryLayer(16, heads=2, rule=DELTANET, chunk_size=1, impl="delta", gating="channel")
+    with pytest.raises(ValueError, match="gate_rank must be an integer >= 1"):
+        MemoryLayer(16, heads=2, gating="channel", gate_rank=0)
 
 
 def test_huber_threshold_gate_starts_at_one():

@@ -165,3 +165,33 @@ def test_mac_uses_retrieved_memory_tokens_and_writes_attention_output(monkeypatc
     _, replayed = mac.memory(torch.cat(written, 1))
     for a, b in zip(replayed.memory.tensors(), state.layers[0].memory.memory.tensors()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "moneta-h"])
+def test_channel_wise_gates_option(family):
+    """gate_rank > 0 makes the memory gates channel-wise; the model stays causal and streams exactly."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny", gate_rank=4).double()
+    layer = next(m for m in model.modules() if getattr(m, "gating", None) == "channel")
+    with torch.no_grad():  # per-channel terms that are not zero (they start at zero)
+        layer.gate_up.weight.normal_(0, 0.3)
+    x = ids()
+    full, _ = model(x)
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 1) % 256
+    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
+    for cuts in ([3, 12], list(range(1, 21))):  # segments, token by token (the decoding path)
+        pieces, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, 21]):
+            out, state = model(x[:, a:b], state)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+
+
+def test_channel_wise_gates_need_a_rule_that_takes_them():
+    with pytest.raises(ValueError, match="gate_rank must be 0 for retnet"):
+        create("retnet-tiny", gate_rank=32)
+    with pytest.raises(ValueError, match="gating='channel' needs"):
+        create("gated-deltanet-tiny", gate_rank=32)
+    with pytest.raises(ValueError, match="gate_rank must be >= 0"):
+        create("titans-lmm-tiny", gate_rank=-1)

@@ -14,6 +14,12 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   without NaN (tested).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
+- ``gating="channel"`` (MIRAS §5.4, Titans-NeurIPS's channel-wise α): θ, η, α per token, head and
+  memory input channel (``miras.memory.Gates``: F = the input widths of the memory's weight
+  matrices). Logit = the token-level logit + a low-rank term U tanh(D x_t), D: dim → ``gate_rank``
+  (MIRAS: 32 or 64, after RWKV-7), U: gate_rank → heads·F, with U zero at initialisation, so a
+  fresh layer's gates equal token gating's. Rules needing a scalar gate (PreDecay, KLSoftmax,
+  implicit GD) and ``impl="delta"`` take token-level gates only; Huber's δ_t stays token-level.
 - ``gating="fixed"`` (RetNet): no data-dependent gates; θ ≡ 1 and a fixed decay per head,
   α_h = 2^(−5−h) (γ_h = 1 − 2^(−5−h), Sun et al. 2023), for rules whose gates are lr and decay.
 - The initial memory weights are learned, one set per head (meta-learned M_0): N(0, 1/fan_in)
@@ -39,9 +45,10 @@ from torch import Tensor
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.delta import delta, supports_delta
+from ..memory.state import CHANNEL_GATES, channel_widths, supports_channel_gates
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
-GATINGS = ("token", "fixed")
+GATINGS = ("token", "fixed", "channel")
 # Gate values at initialisation (before any training): the biases are set to produce these.
 GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01, "threshold": 1.0}
 
@@ -70,12 +77,13 @@ class MemoryLayer(nn.Module):
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
     ``torch.compile``: fastest after a one-off compile per shape), "recurrent" (the reference), or
     "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
-    ``gating``: "token" (data-dependent gates per token and head) or "fixed" (RetNet's constants).
+    ``gating``: "token" (data-dependent gates per token and head), "channel" (per token, head and
+    memory input channel, through a rank-``gate_rank`` projection) or "fixed" (RetNet's constants).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
                  chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
-                 block_size: int = 64, gating: str = "token"):
+                 block_size: int = 64, gating: str = "token", gate_rank: int = 32):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
@@ -87,6 +95,11 @@ class MemoryLayer(nn.Module):
         if gating == "fixed" and not rule.needed_gates() <= {"decay"}:
             raise ValueError(f"gating='fixed' sets lr and decay only; the rule {rule.name()} needs "
                              f"{sorted(rule.needed_gates())}")
+        if gating == "channel" and (impl == "delta" or not supports_channel_gates(rule)):
+            raise ValueError(f"gating='channel' needs a rule without PreDecay/KLSoftmax/implicit GD and impl other "
+                             f"than 'delta'; got {rule.name()} with impl={impl!r} (use gating='token')")
+        if gating == "channel" and (not isinstance(gate_rank, int) or gate_rank < 1):
+            raise ValueError(f"gate_rank must be an integer >= 1, got {gate_rank!r}")
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass head_dim explicitly")
@@ -101,7 +114,13 @@ class MemoryLayer(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
         nn.init.uniform_(self.conv_weight, -1 / math.sqrt(conv_size), 1 / math.sqrt(conv_size))
         self.gate_names = ["lr"] + sorted(rule.needed_gates())
-        self.gate_proj = nn.Linear(dim, heads * len(self.gate_names)) if gating == "token" else None
+        self.gate_proj = nn.Linear(dim, heads * len(self.gate_names)) if gating != "fixed" else None
+        # Channel-wise gates: a low-rank per-channel term added to the token-level logits.
+        self.channel_gates = [name for name in self.gate_names if name in CHANNEL_GATES] if gating == "channel" else []
+        self.channels = sum(channel_widths(rule, head_dim, head_dim))
+        if self.channel_gates:
+            self.gate_down = nn.Linear(dim, gate_rank, bias=False)
+            self.gate_up = nn.Linear(gate_rank, len(self.channel_gates) * heads * self.channels)
         shapes = rule.architecture.weight_shapes(head_dim, head_dim)
         self.initial_weights = nn.ParameterList(nn.Parameter(self._initial_weight(out, inp)) for out, inp in shapes)
         self.out_norm_weight = nn.Parameter(torch.ones(head_dim))
@@ -120,10 +139,13 @@ class MemoryLayer(nn.Module):
         return torch.randn(self.heads, out, inp) / math.sqrt(inp)
 
     def reset_gates(self) -> None:
-        """Zero gate weights and biases that give ``GATE_INIT`` at every token."""
+        """Zero gate weights and biases that give ``GATE_INIT`` at every token (and channel)."""
         if self.gate_proj is None:
             return
         nn.init.zeros_(self.gate_proj.weight)
+        if self.channel_gates:
+            nn.init.zeros_(self.gate_up.weight)
+            nn.init.zeros_(self.gate_up.bias)
         bias = []
         for name in self.gate_names:
             value = GATE_INIT[name] / (self.max_lr if name == "lr" else 1.0)
@@ -187,6 +209,11 @@ class MemoryLayer(nn.Module):
             return Gates(**values)
         raw = self.gate_proj(x).to(dtype).view(*x.shape[:2], len(self.gate_names), self.heads)
         values = dict(zip(self.gate_names, raw.unbind(2)))
+        if self.channel_gates:  # [B, T, H] + [B, T, H, F]
+            low_rank = self.gate_up(torch.tanh(self.gate_down(x))).to(dtype)
+            low_rank = low_rank.view(*x.shape[:2], len(self.channel_gates), self.heads, self.channels)
+            for name, term in zip(self.channel_gates, low_rank.unbind(2)):
+                values[name] = values[name].unsqueeze(-1) + term
         values = {name: F.softplus(g) if name == "threshold" else torch.sigmoid(g) for name, g in values.items()}
         values["lr"] = self.max_lr * values["lr"]
         return Gates(**values)

@@ -19,6 +19,11 @@ whose lr is 0: they only touch rows after the last real one (A is lower-triangul
 state is read from the last real row. A state left mid-chunk by an earlier call is continued by
 padding at the front (lr 0, and masked out of the momentum carry c_t).
 
+Channel-wise gates (``[B, T, H, F]``, memory/state.py) scale the input columns of each weight
+matrix, so every coefficient gains a channel axis, D[c, t, s], P[c, s, i], A[c, t, i], β_t[c], and
+a read's scores become Σ_c u_t[c] a_i[c] A[c, t, i] (a [C, C, in] contraction per layer instead
+of a masked matmul); β_t W⁰u_t becomes W⁰(β_t ⊙ u_t).
+
 Axis values that change this (as ``recurrent`` defines them): a decay-first retention (PreDecay,
 linear memory) takes token t's gradient at β_t W⁰, i.e. with the prediction scaled by β_t; a
 projecting retention projects the state at every complete chunk's end, and that chunk's last
@@ -36,7 +41,7 @@ from torch import Tensor
 from .architectures import matmul_linear
 from .recurrent import initial_state
 from .rules import MemoryRule
-from .state import Gates, MemoryState, check_inputs, needs_retained
+from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
@@ -67,18 +72,23 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     chunks = -(-(offset + tokens) // size)
     layout = (offset, chunks * size - offset - tokens)  # padding (front, back)
     last = offset + tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
+    widths = channel_widths(rule, dk, dv) if gates.channelwise else None
     with torch.autocast(q.device.type, enabled=False):  # gate algebra: part of the write path
-        coef = _chunk_coefficients(rule, gates, chunks, size, layout)
+        coef = _chunk_coefficients(rule, gates, chunks, size, layout, widths)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
-    first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
+    if widths is None:
+        first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
+    else:  # Σ_c q_t[c] k_i[c] A[c, t, i] over the first layer's channels
+        first_scores = torch.einsum("nbhtc,nbhic,nbhcti->nbhti", q, k, coef.mix[..., :dk, :, :])
     # Per-token gates the bias reads (Huber's threshold), [N, B, H, C, 1].
     extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
              for name in sorted(rule.bias.gates)}
     retention = rule.retention
-    # β since the chunk start: the decay-first gradient point and the KL projection's keep.
-    retained = coef.beta
+    # β since the chunk start: the decay-first gradient point and the KL projection's keep (token-
+    # level gates only; channel-wise rules do not use it).
+    retained = coef.beta if widths is None else torch.ones_like(coef.beta[..., :1, :, :]).squeeze(-3)
     if state.retained is not None:
         retained = torch.cat([retained[:1] * state.retained[..., None, None], retained[1:]])
 
@@ -134,20 +144,25 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
     retention = rule.retention
     with torch.autocast(q.device.type, enabled=False):
         log_retain = retention.log_retain(gates)
-        keep = None if log_retain is None else torch.exp(log_retain[:, 0])  # [B, H]
+        # Π(1 − α) since the chunk start, [B, H]: token-level gates only (channel-wise rules do not use it)
+        keep = None if log_retain is None or log_retain.dim() == 4 else torch.exp(log_retain[:, 0])
         retained = keep if state.retained is None or keep is None else state.retained * keep
         scale = retained[..., None, None] if retention.decay_first else None
         extra = {name: getattr(gates, name)[:, 0, :, None, None] for name in rule.bias.gates}
         _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
-        lr = gates.lr[:, 0, :, None, None]
-        steps = [-lr * torch.matmul(delta.transpose(-1, -2), act) for delta, act in zip(deltas, acts)]
+        widths = channel_widths(rule, k.shape[-1], v.shape[-1])
+
+        def factors(gate: Tensor) -> list[Tensor]:  # per weight matrix: [B, H, 1, 1] or [B, H, 1, in]
+            return per_layer(gate[:, 0], widths, gate.dim() == 4)
+
+        steps = [-lr * torch.matmul(delta.transpose(-1, -2), act)
+                 for lr, delta, act in zip(factors(gates.lr), deltas, acts)]
         surprise = state.momentum
         if rule.algorithm.uses_momentum:
-            eta = gates.momentum[:, 0, :, None, None]
-            surprise = tuple(eta * s + step for s, step in zip(surprise, steps))
+            surprise = tuple(eta * s + step for eta, s, step in zip(factors(gates.momentum), surprise, steps))
             steps = list(surprise)
-        factor = 1.0 if keep is None else keep[..., None, None]
-        weights = tuple(factor * w + step for w, step in zip(state.weights, steps))
+        keeps = [1.0] * len(steps) if log_retain is None else factors(torch.exp(log_retain))
+        weights = tuple(factor * w + step for factor, w, step in zip(keeps, state.weights, steps))
         position = (state.position + 1) % chunk_size
         if position == 0 and retention.projects:
             weights = retention.chunk_end(weights, anchor, retained)
@@ -178,13 +193,20 @@ def _compiled_step():
 
 def _dual_read(weights, surprise, deltas, acts, first_scores, coef: _Coefficients):
     """Layer l of the memory at every token of the chunk, applied to that token's input u_t:
-    β_t W⁰u_t + c_t S⁰u_t + Σ_i A[t, i] (a_i · u_t) δ_i."""
+    β_t W⁰u_t + c_t S⁰u_t + Σ_i A[t, i] (a_i · u_t) δ_i (channel-wise: β_t, c_t, A[t, i] scale u's channels)."""
 
     def linear(layer: int, u: Tensor) -> Tensor:
-        z = coef.beta * torch.matmul(u, weights[layer].transpose(-1, -2))
+        if coef.widths is None:
+            z = coef.beta * torch.matmul(u, weights[layer].transpose(-1, -2))
+            if surprise is not None:
+                z = z + coef.carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
+            scores = first_scores if layer == 0 else coef.mix * torch.matmul(u, acts[layer].transpose(-1, -2))
+            return z + torch.matmul(scores, deltas[layer])
+        mix, beta, carry = coef.layer(layer, "mix", "beta", "carry")  # [B, H, in, C, C], [B, H, in, C, 1] x2
+        z = torch.matmul(u * beta.squeeze(-1).transpose(-1, -2), weights[layer].transpose(-1, -2))
         if surprise is not None:
-            z = z + coef.carry * torch.matmul(u, surprise[layer].transpose(-1, -2))
-        scores = first_scores if layer == 0 else coef.mix * torch.matmul(u, acts[layer].transpose(-1, -2))
+            z = z + torch.matmul(u * carry.squeeze(-1).transpose(-1, -2), surprise[layer].transpose(-1, -2))
+        scores = first_scores if layer == 0 else torch.einsum("bhtc,bhic,bhcti->bhti", u, acts[layer], mix)
         return z + torch.matmul(scores, deltas[layer])
 
     return linear
@@ -192,34 +214,49 @@ def _dual_read(weights, surprise, deltas, acts, first_scores, coef: _Coefficient
 
 @dataclass(frozen=True)
 class _Coefficients:
-    """Per-chunk gate algebra, leading dims [N, B, H]. With momentum, else the last three are None."""
+    """Per-chunk gate algebra, leading dims [N, B, H] (then [F] for channel-wise gates). With
+    momentum, else carry, surprise_mix and surprise_keep are None."""
 
     mix: Tensor                   # A, [.., C, C]
     beta: Tensor                  # β_t, [.., C, 1]
     carry: Tensor | None          # c_t, [.., C, 1]
     surprise_mix: Tensor | None   # P, [.., C, C]
     surprise_keep: Tensor | None  # E_t, [.., C]
+    widths: tuple[int, ...] | None = None  # channel-wise: the F channels split per weight matrix
 
     def unbind(self) -> list[_Coefficients]:
         """One _Coefficients per chunk (views), leading dims [B, H]."""
         parts = [[None] * len(self.mix) if t is None else t.unbind(0)
                  for t in (self.mix, self.beta, self.carry, self.surprise_mix, self.surprise_keep)]
-        return [_Coefficients(*values) for values in zip(*parts)]
+        return [_Coefficients(*values, self.widths) for values in zip(*parts)]
+
+    def layer(self, layer: int, *names: str) -> list[Tensor | None]:
+        """Channel-wise: the named coefficients restricted to weight matrix ``layer``'s channels."""
+        start = sum(self.widths[:layer])
+        return [None if getattr(self, n) is None else getattr(self, n).narrow(2, start, self.widths[layer])
+                for n in names]
 
 
-def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int, layout) -> _Coefficients:
+def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int, layout,
+                        widths: list[int] | None = None) -> _Coefficients:
+    """The gate algebra of every chunk. Channel-wise (``widths``): a channel axis before C, [N, B, H, F, C]."""
+
+    def chunked_gate(g: Tensor) -> Tensor:
+        g = _gate_chunks(g, chunks, size, layout)
+        return g.unsqueeze(-2) if widths is not None and g.dim() == 4 else g  # token-level: F = 1
+
     # Padding tokens get lr 0 and log-gates 0 (η = 1, α = 0): they write nothing and scale nothing.
-    lr = _gate_chunks(gates.lr, chunks, size, layout)
+    lr = chunked_gate(gates.lr)
     log_retain = rule.retention.log_retain(gates)
     lower = torch.ones(size, size, dtype=torch.bool, device=lr.device).tril()
     if log_retain is None:
         log_beta = torch.zeros_like(lr)
     else:
-        log_beta = _gate_chunks(log_retain, chunks, size, layout).cumsum(-1)
+        log_beta = chunked_gate(log_retain).cumsum(-1)
     decay = _ratio(log_beta, lower)  # D[t, s] = β_t / β_s
     beta = torch.exp(log_beta)
     if rule.algorithm.uses_momentum:
-        log_e = _gate_chunks(rule.algorithm.log_momentum(gates), chunks, size, layout).cumsum(-1)
+        log_e = chunked_gate(rule.algorithm.log_momentum(gates)).cumsum(-1)
         propagate = _ratio(log_e, lower) * lr.unsqueeze(-2)  # P[s, i] = θ_i E_s / E_i
         mix = -torch.matmul(decay, propagate)
         e = torch.exp(log_e)
@@ -231,7 +268,16 @@ def _chunk_coefficients(rule: MemoryRule, gates: Gates, chunks: int, size: int, 
     else:
         mix = -decay * lr.unsqueeze(-2)  # A = −D diag(θ)
         carry = surprise_mix = surprise_keep = None
-    return _Coefficients(mix, beta.unsqueeze(-1), carry, surprise_mix, surprise_keep)
+    coef = _Coefficients(mix, beta.unsqueeze(-1), carry, surprise_mix, surprise_keep)
+    if widths is None:
+        return coef
+    channels = sum(widths)  # token-level gates broadcast over the channels
+
+    def full(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.expand(*t.shape[:3], channels, *t.shape[4:])
+
+    return _Coefficients(*(full(t) for t in (coef.mix, coef.beta, coef.carry, coef.surprise_mix,
+                                              coef.surprise_keep)), tuple(widths))
 
 
 def _ratio(log_cumulative: Tensor, lower: Tensor) -> Tensor:
@@ -241,7 +287,10 @@ def _ratio(log_cumulative: Tensor, lower: Tensor) -> Tensor:
 
 
 def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, row: int):
-    """The state after token ``row`` of the chunk: W = β W⁰ + c S⁰ + Σ_i A[row, i] δ_i ⊗ a_i."""
+    """The state after token ``row`` of the chunk: W = β W⁰ + c S⁰ + Σ_i A[row, i] δ_i ⊗ a_i
+    (channel-wise: β, c and A[row, i] scale the input channels)."""
+    if coef.widths is not None:
+        return _chunk_end_state_channelwise(weights, surprise, deltas, acts, coef, row)
     beta = coef.beta[:, :, row:row + 1]          # [B, H, 1, 1]
     mix = coef.mix[:, :, row].unsqueeze(-1)      # [B, H, C, 1]
     new_weights = []
@@ -259,6 +308,23 @@ def _chunk_end_state(weights, surprise, deltas, acts, coef: _Coefficients, row: 
     return tuple(new_weights), new_surprise
 
 
+def _chunk_end_state_channelwise(weights, surprise, deltas, acts, coef: _Coefficients, row: int):
+    new_weights, new_surprise = [], []
+    for layer, (w, delta, act) in enumerate(zip(weights, deltas, acts)):
+        mix, beta, carry, surprise_mix, surprise_keep = coef.layer(
+            layer, "mix", "beta", "carry", "surprise_mix", "surprise_keep")
+        # Row `row` of each coefficient, channels last: [B, H, 1, in] (scales) and [B, H, C, in] (mixes).
+        base = w * beta[..., row, :].transpose(-1, -2)
+        if surprise is not None:
+            base = base + surprise[layer] * carry[..., row, :].transpose(-1, -2)
+        new_weights.append(base + torch.matmul(delta.transpose(-1, -2), mix[..., row, :].transpose(-1, -2) * act))
+        if surprise is not None:
+            retain = surprise_mix[..., row, :].transpose(-1, -2)
+            new_surprise.append(surprise[layer] * surprise_keep[..., row].unsqueeze(-2)
+                                - torch.matmul(delta.transpose(-1, -2), retain * act))
+    return tuple(new_weights), (tuple(new_surprise) if surprise is not None else None)
+
+
 def _to_chunks(x: Tensor, chunks: int, size: int, layout: tuple[int, int]) -> Tensor:
     """[B, T, H, D] -> [N, B, H, C, D], zero-padded (front, back), contiguous."""
     batch, _, heads, dim = x.shape
@@ -267,7 +333,11 @@ def _to_chunks(x: Tensor, chunks: int, size: int, layout: tuple[int, int]) -> Te
 
 
 def _gate_chunks(g: Tensor, chunks: int, size: int, layout: tuple[int, int]) -> Tensor:
-    """[B, T, H] -> [N, B, H, C], zero-padded (front, back)."""
+    """[B, T, H] -> [N, B, H, C], or channel-wise [B, T, H, F] -> [N, B, H, F, C]; zero-padded (front, back)."""
+    if g.dim() == 4:
+        batch, _, heads, channels = g.shape
+        g = F.pad(g, (0, 0, 0, 0, *layout))
+        return g.reshape(batch, chunks, size, heads, channels).permute(1, 0, 3, 4, 2)
     batch, _, heads = g.shape
     g = F.pad(g, (0, 0, *layout))
     return g.reshape(batch, chunks, size, heads).permute(1, 0, 3, 2)

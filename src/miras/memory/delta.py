@@ -49,6 +49,9 @@ def delta(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state
         raise ValueError("delta computes LinearMemory + L2 + (NoRetention | Decay | PreDecay) + (GD | ImplicitGD) "
                          f"rules (DeltaNet, Gated DeltaNet, Longhorn); got {rule.name()}")
     check_inputs(rule, q, k, v, gates, state, 1)
+    if gates.channelwise:
+        raise ValueError("delta takes token-level gates [B, T, H] only (the WY form needs a scalar decay per "
+                         "token); for channel-wise gates use chunked or recurrent")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     batch, tokens, heads, dk = k.shape

@@ -265,6 +265,7 @@ class GD:
     kind: ClassVar[str] = "gd"
     gates: ClassVar[frozenset[str]] = frozenset()
     uses_momentum: ClassVar[bool] = False
+    channelwise: ClassVar[bool] = True  # takes channel-wise gates (memory/state.py)
 
     @staticmethod
     def effective_lr(lr: Tensor, k: Tensor) -> Tensor:
@@ -280,6 +281,7 @@ class ImplicitGD(GD):
     """
 
     kind: ClassVar[str] = "implicit"
+    channelwise: ClassVar[bool] = False  # θ' = θ/(1 + θ‖k‖²) rescales a token-level θ
 
     @staticmethod
     def effective_lr(lr: Tensor, k: Tensor) -> Tensor:
@@ -293,6 +295,7 @@ class Momentum:
     kind: ClassVar[str] = "momentum"
     gates: ClassVar[frozenset[str]] = frozenset({"momentum"})
     uses_momentum: ClassVar[bool] = True
+    channelwise: ClassVar[bool] = True
 
     @staticmethod
     def effective_lr(lr: Tensor, k: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .architectures import matmul_linear
 from .rules import MemoryRule
-from .state import Gates, MemoryState, check_inputs, needs_retained
+from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
 
 
 def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
@@ -55,13 +55,21 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
     arch, momentum, retention = rule.architecture, rule.algorithm.uses_momentum, rule.retention
     log_retain = retention.log_retain(gates)
+    keep_all = None if log_retain is None else torch.exp(log_retain)
     lr_all = rule.algorithm.effective_lr(gates.lr, k)
+    # Each gate at token t as one factor per weight matrix ([B, H, 1, 1], or [B, H, 1, in] channel-wise).
+    widths = channel_widths(rule, dk, v.shape[-1])
+
+    def factors(gate: Tensor, t: int) -> list[Tensor]:
+        return per_layer(gate[:, t], widths, gate.dim() == 4)
+
     weights, surprise = list(state.weights), list(state.momentum) if momentum else None
     offset = state.position
     outer_grad = torch.is_grad_enabled()
     anchor = list(state.chunk_start) if offset else None
     start = _differentiable(anchor, outer_grad) if offset else None
-    # Π(1 − α) since the chunk start (decay-first gradients and the KL projection need it).
+    # Π(1 − α) since the chunk start (decay-first gradients and the KL projection need it; those
+    # rules take token-level gates only).
     retained = state.retained if state.retained is not None else k.new_ones(batch, heads)
     outputs = []
     for t in range(tokens):
@@ -69,22 +77,23 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             anchor = list(weights)
             start = _differentiable(anchor, outer_grad)
             retained = k.new_ones(batch, heads)
-        keep = None if log_retain is None else torch.exp(log_retain[:, t])
-        if keep is not None:
-            retained = retained * keep
+        if keep_all is not None and keep_all.dim() == 3:  # token-level; channel-wise rules never need it
+            retained = retained * keep_all[:, t]
         with torch.enable_grad():
             at = [retained[..., None, None] * w for w in start] if retention.decay_first else start
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(at))
             extra = {name: getattr(gates, name)[:, t, :, None, None] for name in rule.bias.gates}
             loss = rule.bias.loss(pred, v[:, t].unsqueeze(2), **extra).sum()
             grads = torch.autograd.grad(loss, at, create_graph=outer_grad)
-        lr = lr_all[:, t, :, None, None]
+        lrs = factors(lr_all, t)
+        etas = factors(gates.momentum, t) if momentum else None
+        keeps = None if keep_all is None else factors(keep_all, t)
         for i, g in enumerate(grads):
-            step = -lr * g
+            step = -lrs[i] * g
             if momentum:
-                surprise[i] = gates.momentum[:, t, :, None, None] * surprise[i] + step
+                surprise[i] = etas[i] * surprise[i] + step
                 step = surprise[i]
-            weights[i] = (weights[i] if keep is None else keep[..., None, None] * weights[i]) + step
+            weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
         if retention.projects and (offset + t + 1) % chunk_size == 0:
             weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
         outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2))

@@ -3,6 +3,16 @@
 Conventions (DESIGN.md §2.2): per token and head, θ_t = ``lr``, η_t = ``momentum``,
 α_t = ``decay``, δ_t = ``threshold`` (Huber), each ``[B, T, H]``. The state is the memory's weights, a tuple of
 ``[B, H, out, in]`` tensors in application order, plus the momentum S (same shapes) or None.
+
+Channel-wise gates (Titans-NeurIPS's α_t ∈ [0, 1]^{d_in}; MIRAS §5.4): ``lr``, ``momentum`` and
+``decay`` may instead be ``[B, T, H, F]``, one value per *input channel* of every weight matrix,
+F = Σ_l in_l (the layers' input widths concatenated in layer order; ``channel_widths``). Gate
+channel c of layer l scales column c of W_l: the step is −θ ⊙ (δ ⊗ a) = −δ ⊗ (θ ⊙ a), the decay
+W diag(1 − α), the momentum S diag(η). All three are diagonal on the same side, so they commute
+and the chunked algebra holds per channel. For a matrix memory this is GLA's per-key-channel
+decay. Any mix of token-level and channel-wise gates is allowed. Rules that need Π(1 − α) as a
+scalar (PreDecay, KLSoftmax) or a per-token lr rescaling (ImplicitGD) take token-level gates only
+(``supports_channel_gates``).
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Gates:
-    """Per-token, per-head gates, each ``[B, T, H]``.
+    """Per-token, per-head gates, each ``[B, T, H]``; lr, momentum and decay may be channel-wise,
+    ``[B, T, H, F]`` (module docstring).
 
     lr: θ_t, the inner learning rate (>= 0).
     momentum: η_t in [0, 1], the weight of past surprise; None for rules without momentum.
@@ -34,6 +45,11 @@ class Gates:
     def present(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    @property
+    def channelwise(self) -> bool:
+        """Whether any gate is channel-wise (``[B, T, H, F]``)."""
+        return any(g.dim() == 4 for g in self.present().values())
+
 
 def _maybe(x, fn):
     return None if x is None else fn(x)
@@ -41,6 +57,27 @@ def _maybe(x, fn):
 
 def _maybe_tuple(x) -> tuple:
     return () if x is None else (x,)
+
+
+CHANNEL_GATES = frozenset({"lr", "momentum", "decay"})
+
+
+def supports_channel_gates(rule) -> bool:
+    """Whether the rule takes channel-wise gates (``[B, T, H, F]``); see the module docstring."""
+    return not rule.retention.tracks_keep and not rule.retention.decay_first and rule.algorithm.channelwise
+
+
+def channel_widths(rule, dk: int, dv: int) -> list[int]:
+    """The input width of each weight matrix: the channels of a channel-wise gate, in layer order."""
+    return [inp for _, inp in rule.architecture.weight_shapes(dk, dv)]
+
+
+def per_layer(gate: Tensor, widths: list[int], channelwise: bool) -> list[Tensor]:
+    """A gate at one token, ``[B, H]`` (token-level) or ``[B, H, F]`` (channel-wise), as one factor
+    per weight matrix that broadcasts against ``[B, H, out, in_l]``."""
+    if not channelwise:
+        return [gate[..., None, None]] * len(widths)
+    return [g.unsqueeze(-2) for g in gate.split(widths, dim=-1)]
 
 
 def needs_retained(rule) -> bool:
@@ -111,7 +148,7 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     if tokens < 1:
         raise ValueError("the sequence must have at least one token (T >= 1)")
     rule.architecture.check_dims(k.shape[-1], v.shape[-1])
-    _check_gates(rule, gates, (batch, tokens, heads))
+    _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])))
     if state is not None:
         check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1])
         if not 0 <= state.position < chunk_size:
@@ -119,7 +156,7 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
                              f"chunk_size; continue it with a chunk_size > {state.position}, got {chunk_size}")
 
 
-def _check_gates(rule, gates: Gates, shape: tuple[int, int, int]) -> None:
+def _check_gates(rule, gates: Gates, shape: tuple[int, int, int], channels: int) -> None:
     if not isinstance(gates, Gates):
         raise TypeError(f"gates must be a miras.memory.Gates, got {type(gates).__name__}")
     needed = {"lr"} | rule.needed_gates()
@@ -127,8 +164,17 @@ def _check_gates(rule, gates: Gates, shape: tuple[int, int, int]) -> None:
         if name not in needed:
             raise ValueError(f"gates.{name} was given but the rule {rule.name()} does not use it; "
                              f"it uses {sorted(needed)}")
+        if gate.dim() == 4 and name in CHANNEL_GATES and tuple(gate.shape) == (*shape, channels):
+            if not supports_channel_gates(rule):
+                raise ValueError(f"gates.{name} is channel-wise, but the rule {rule.name()} takes token-level "
+                                 "gates [B, T, H] only (channel-wise gates need a retention without "
+                                 "PreDecay/KLSoftmax and GD or Momentum)")
+            continue
         if tuple(gate.shape) != shape:
-            raise ValueError(f"gates.{name} must have shape [B, T, H] = {list(shape)}, got {list(gate.shape)}")
+            allowed = f"[B, T, H] = {list(shape)}"
+            if name in CHANNEL_GATES and supports_channel_gates(rule):
+                allowed += f" or channel-wise [B, T, H, F] = {[*shape, channels]}"
+            raise ValueError(f"gates.{name} must have shape {allowed}, got {list(gate.shape)}")
     missing = needed - set(gates.present())
     if missing:
         raise ValueError(f"the rule {rule.name()} needs gates {sorted(missing)}, which are None")

@@ -66,7 +66,7 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
         return Attention(config.dim, config.heads, window=config.window)
     memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
                          impl=config.impl, block_size=config.block_size,
-                         gating="fixed" if config.family in FIXED_GATE_FAMILIES else "token")
+                         gating=_gating(config), gate_rank=config.gate_rank or 32)
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
                                               sinks=config.persistent))
@@ -75,6 +75,14 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
     if config.family == "titans-mac":
         return MemoryAsContext(memory, config.dim, config.heads, config.segment, config.persistent)
     return memory
+
+
+def _gating(config: ModelConfig) -> str:
+    if config.family in FIXED_GATE_FAMILIES:
+        if config.gate_rank:
+            raise ValueError(f"gate_rank must be 0 for {config.family}: its gates are fixed constants")
+        return "fixed"
+    return "channel" if config.gate_rank else "token"
 
 
 class LanguageModel(nn.Module):
