@@ -117,3 +117,19 @@ def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'nowhere'} is not a run directory " \
                                       "(no config.json)\n"
+
+
+def test_bench_measures_with_overrides(tmp_path, capsys):
+    """`miras bench` at tiny size: one training and one decoding row per family, config overrides applied."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32", "--contexts", "40",
+                 "--overrides", "recompute=2", "--out", str(out)]) == 0
+    results = json.loads((out / "models.json").read_text())
+    assert results["meta"]["overrides"] == {"recompute": 2}
+    train_row, decode_row = results["results"]
+    assert train_row["kind"] == "train" and train_row["tokens_per_s"] > 0 and train_row["overrides"] == {"recompute": 2}
+    assert decode_row["kind"] == "decode" and decode_row["state_mb"] > 0
+    assert "| titans-lmm | 32 |" in (out / "models.md").read_text()
+    assert main(["bench", "--overrides", "recompute=x", "--out", str(out)]) == 2
+    assert main(["bench", "--overrides", "width=3", "--out", str(out)]) == 2
+    assert "KEY a model config field" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
     miras bench                                          # every family at `small`: T 1K, 4K; contexts 1K, 16K, 64K
     miras bench --families titans-mac transformer --lengths 1024 4096 16384
+    miras bench --families titans-lmm --lengths 16384 --overrides recompute=16   # config overrides
+    miras bench --device cuda                            # on a GPU (peak memory: CUDA allocator's peak)
     .venv/bin/python benchmarks/models.py                # the same, results into benchmarks/results/
 
 Each case runs in its own process (peak RSS is per process), 2 threads, float32:
@@ -25,15 +27,29 @@ import torch
 import torch.nn.functional as F
 
 
+def _peak_mb(device: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def run_case(case) -> dict:
     from .models import create
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = create(f"{case['family']}-{case.get('size', 'small')}")
+    device = torch.device(case.get("device", "cpu"))
+    model = create(f"{case['family']}-{case.get('size', 'small')}", **case.get("overrides", {})).to(device)
     gen = torch.Generator().manual_seed(1)
     if case["kind"] == "train":
-        ids = torch.randint(0, 256, (1, case["T"] + 1), generator=gen)
+        ids = torch.randint(0, 256, (1, case["T"] + 1), generator=gen).to(device)
 
         def step():
             model.zero_grad(set_to_none=True)
@@ -43,36 +59,37 @@ def run_case(case) -> dict:
         step()
         times = []
         while len(times) < 3 and sum(times) < 30:
-            start = time.perf_counter()
+            start = _clock(device)
             step()
-            times.append(time.perf_counter() - start)
+            times.append(_clock(device) - start)
         seconds = statistics.median(times)
         return {**case, "tokens_per_s": case["T"] / seconds, "params": model.num_parameters(),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": _peak_mb(device)}
     state = None
     with torch.no_grad():
         for start in range(0, case["context"], 4096):
             length = min(4096, case["context"] - start)
-            _, state = model(torch.randint(0, 256, (1, length), generator=gen), state)
-        token = torch.zeros(1, 1, dtype=torch.long)
+            _, state = model(torch.randint(0, 256, (1, length), generator=gen).to(device), state)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
         model(token, state)  # warm-up
-        start = time.perf_counter()
+        start = _clock(device)
         for _ in range(64):
             logits, state = model(token, state)
             token = logits[:, -1:].argmax(-1)
-        seconds = time.perf_counter() - start
+        seconds = _clock(device) - start
     return {**case, "tokens_per_s": 64 / seconds, "ms_per_token": 1000 * seconds / 64,
-            "state_mb": model.state_bytes(state) / 2**20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "state_mb": model.state_bytes(state) / 2**20, "peak_rss_mb": _peak_mb(device)}
 
 
-def cases(families: list[str], size: str, lengths: list[int], contexts: list[int]):
+def cases(families: list[str], size: str, lengths: list[int], contexts: list[int], overrides: dict | None = None,
+          device: str = "cpu"):
+    common = {"size": size, "overrides": overrides or {}, "device": device}
     for family in families:
         for length in lengths:
-            yield {"family": family, "size": size, "kind": "train", "T": length}
+            yield {"family": family, **common, "kind": "train", "T": length}
     for family in families:
         for context in contexts:
-            yield {"family": family, "size": size, "kind": "decode", "context": context}
+            yield {"family": family, **common, "kind": "decode", "context": context}
 
 
 def spawn(case) -> dict:
@@ -110,6 +127,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", default="small", choices=list(SIZES), help="preset size (default: small)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="training lengths")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384, 65536], help="decoding contexts")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model config overrides for every case, e.g. recompute=16")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for models.json / models.md")
 
 
@@ -118,16 +138,38 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
+    import typing
+
+    from .models import ModelConfig
+    from .train import ConfigError, _parse
+
+    hints, overrides = typing.get_type_hints(ModelConfig), {}
+    try:
+        for item in args.overrides:
+            key, sep, value = item.partition("=")
+            if not sep or key not in hints:
+                raise ConfigError(f"--overrides takes KEY=VALUE with KEY a model config field "
+                                  f"({', '.join(sorted(hints))}), got {item!r}")
+            overrides[key] = _parse(key, value, hints[key])
+    except ConfigError as error:
+        print(f"miras bench: {error}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"miras bench: --device {args.device} but CUDA is not available", file=sys.stderr)
+        return 2
     results = []
-    for case in cases(args.families, args.size, args.lengths, args.contexts):
+    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, args.device):
         results.append(spawn(case))
         print(tables([results[-1]]).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": 2, "preset": args.size, "dtype": "float32",
-            "lengths": args.lengths, "contexts": args.contexts}
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu, 2 threads"
+    meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
+            "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides}
     (args.out / "models.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (args.out / "models.md").write_text(f"torch {torch.__version__}, 2 threads, float32, `<family>-{args.size}`.\n\n"
-                                        + tables(results))
+    extra = f", overrides {overrides}" if overrides else ""
+    memory = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS"
+    (args.out / "models.md").write_text(f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
+                                        f"peak memory = {memory}.\n\n" + tables(results))
     print(f"wrote {args.out / 'models.md'}")
     return 0
 

@@ -239,3 +239,32 @@ def test_saturated_gates_give_finite_gradients(name):
         assert torch.isfinite(tensor.grad).all(), name_
     y_ref, _ = recurrent(rule, q, k, v, Gates(**saturated), state, 4)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["titans", "moneta", "gated-deltanet"])
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_recompute_gives_the_same_values_and_gradients(name, group):
+    """chunked(recompute=G) keeps only the state between groups of G chunks for backward and
+    recomputes the rest: identical outputs, state and gradients (here from a state left mid-chunk,
+    with a partial last chunk: 2 + 19 tokens at chunk 4)."""
+    rule = PRESETS[name]
+    q, k, v, gates, state = make_inputs(rule, tokens=21)
+    _, mid = chunked(rule, q[:, :2], k[:, :2], v[:, :2], gates.slice(0, 2), state, 4)
+    inputs = [x[:, 2:].clone().requires_grad_() for x in (q, k, v)]
+    sliced = Gates(**{n: g[:, 2:].clone().requires_grad_() for n, g in gates.present().items()})
+    start = mid.detach()
+    for t in start.tensors():
+        t.requires_grad_()
+    results = []
+    for recompute in (0, group):
+        y, final = chunked(rule, *inputs, sliced, start, 4, recompute=recompute)
+        loss = (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).cos()).sum() + sum(
+            w.square().sum() for w in final.weights)
+        grads = torch.autograd.grad(loss, [*inputs, *sliced.present().values(), *start.tensors()])
+        results.append((y, final.tensors(), grads))
+    (y0, s0, g0), (y1, s1, g1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-13)
+    for a, b in zip(s1 + g1, s0 + g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="recompute must be an integer >= 0"):
+        chunked(rule, *inputs, sliced, start, 4, recompute=-1)

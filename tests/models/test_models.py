@@ -195,3 +195,19 @@ def test_channel_wise_gates_need_a_rule_that_takes_them():
         create("gated-deltanet-tiny", gate_rank=32)
     with pytest.raises(ValueError, match="gate_rank must be >= 0"):
         create("titans-lmm-tiny", gate_rank=-1)
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac"])
+def test_recompute_option_gives_the_same_gradients(family):
+    """recompute=2 (memory chunks recomputed in backward, in groups of 2) changes memory, not math."""
+    x = ids(tokens=40)
+    grads = []
+    for recompute in (0, 2):
+        torch.manual_seed(0)
+        model = create(f"{family}-tiny", recompute=recompute).double()
+        logits, _ = model(x)
+        logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-12, msg=name)

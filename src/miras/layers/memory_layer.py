@@ -77,13 +77,15 @@ class MemoryLayer(nn.Module):
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
     ``torch.compile``: fastest after a one-off compile per shape), "recurrent" (the reference), or
     "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
+    ``recompute=G``: the chunked paths keep only the memory state between groups of G chunks for
+    backward and recompute the rest (less memory, one more forward; ``miras.memory.chunked``).
     ``gating``: "token" (data-dependent gates per token and head), "channel" (per token, head and
     memory input channel, through a rank-``gate_rank`` projection) or "fixed" (RetNet's constants).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
                  chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
-                 block_size: int = 64, gating: str = "token", gate_rank: int = 32):
+                 block_size: int = 64, gating: str = "token", gate_rank: int = 32, recompute: int = 0):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
@@ -109,6 +111,9 @@ class MemoryLayer(nn.Module):
         self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         self.block_size, self.gating = block_size, gating
+        if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
+            raise ValueError(f"recompute must be an integer >= 0 (chunks per group; 0: off), got {recompute!r}")
+        self.recompute = recompute
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
@@ -197,7 +202,8 @@ class MemoryLayer(nn.Module):
             return delta(self.rule, q, k, v, gates, memory, self.block_size)
         if self.impl == "recurrent":
             return recurrent(self.rule, q, k, v, gates, memory, self.chunk_size)
-        return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled")
+        return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled",
+                       recompute=self.recompute)
 
     def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
         shape = (*x.shape[:2], self.heads)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .architectures import matmul_linear
 from .recurrent import initial_state
@@ -45,18 +46,25 @@ from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retai
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
-            state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False
-            ) -> tuple[Tensor, MemoryState]:
+            state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False,
+            recompute: int = 0) -> tuple[Tensor, MemoryState]:
     """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state.
 
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
     faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
     of seconds), later calls reuse it. Same math, tested equal to the eager path. A one-token
     call (decoding) always takes the written-out single-token update, compiled or not.
+
+    ``recompute=G`` (G >= 1) trades compute for memory when gradients are needed: autograd keeps
+    only the state between groups of G chunks and recomputes a group's inside during backward
+    (``torch.utils.checkpoint``). Same values and gradients; activation memory falls from all
+    chunks to one group plus a state per group, at the cost of a second forward pass.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
+    if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
+        raise ValueError(f"recompute must be an integer >= 0 (chunks per recomputed group; 0: off), got {recompute!r}")
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
@@ -97,22 +105,38 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     position = (offset + tokens) % chunk_size
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
-    per_chunk = zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
-                    retained.unbind(0), *(x.unbind(0) for x in extra.values()))
+    per_chunk = list(zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
+                         retained.unbind(0), *(x.unbind(0) for x in extra.values())))
+
+    def run(first: int, stop: int, weights, surprise, anchor):
+        """Chunks ``first:stop`` from the given state: their outputs and the state after them."""
+        outputs = []
+        for n in range(first, stop):
+            q_n, k_n, v_n, first_n, coef_n, retained_n, *extra_n = per_chunk[n]
+            if n > 0:
+                anchor = weights
+            row = last if n == chunks - 1 else size - 1
+            scale = retained_n if retention.decay_first else None
+            y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
+                                          scale, dict(zip(extra, extra_n)))
+            if retention.projects and (n < chunks - 1 or position == 0):
+                weights = retention.chunk_end(weights, anchor, retained_n[:, :, row, 0])
+                # The chunk's last token reads the projected state (as in the reference).
+                y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
+                y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
+            outputs.append(y_n)
+        return outputs, weights, surprise, anchor
+
+    group = recompute if recompute and torch.is_grad_enabled() else chunks
     outputs = []
-    for n, (q_n, k_n, v_n, first_n, coef_n, retained_n, *extra_n) in enumerate(per_chunk):
-        if n > 0:
-            anchor = weights
-        row = last if n == chunks - 1 else size - 1
-        scale = retained_n if retention.decay_first else None
-        y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
-                                      scale, dict(zip(extra, extra_n)))
-        if retention.projects and (n < chunks - 1 or position == 0):
-            weights = retention.chunk_end(weights, anchor, retained_n[:, :, row, 0])
-            # The chunk's last token reads the projected state (as in the reference).
-            y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
-            y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
-        outputs.append(y_n)
+    for first in range(0, chunks, group):
+        stop = min(first + group, chunks)
+        if group < chunks:  # keep only the state between groups; recompute a group's inside in backward
+            ys, weights, surprise, anchor = checkpoint(run, first, stop, weights, surprise, anchor,
+                                                       use_reentrant=False)
+        else:
+            ys, weights, surprise, anchor = run(first, stop, weights, surprise, anchor)
+        outputs += ys
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
     kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
     final = MemoryState(weights, surprise, anchor if position else None, position, kept)

@@ -59,6 +59,7 @@ class ModelConfig:
     impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent" | "delta"
     block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
     gate_rank: int = 0  # 0: token-level memory gates; > 0: channel-wise, through a rank-gate_rank projection
+    recompute: int = 0  # > 0: memory layers recompute groups of this many chunks in backward (saves memory)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -68,6 +69,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.persistent < 0:
             raise ValueError(f"persistent must be >= 0, got {self.persistent}")
+        if self.recompute < 0:
+            raise ValueError(f"recompute must be >= 0 (0: off), got {self.recompute}")
         if self.gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.dim % self.heads:
