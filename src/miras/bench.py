@@ -125,8 +125,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES), metavar="FAMILY",
                         help="model families (default: all)")
     parser.add_argument("--size", default="small", choices=list(SIZES), help="preset size (default: small)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="training lengths")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384, 65536], help="decoding contexts")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096], help="training lengths (none: skip)")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 16384, 65536],
+                        help="decoding contexts (none: skip)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides for every case, e.g. recompute=16")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
