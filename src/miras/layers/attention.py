@@ -92,6 +92,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._visible(positions, key_positions))
         y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
+        if self.window is None:  # full attention keeps every key: no second copy of the cache
+            return y, KVCache(keys, values, key_positions, state.seen + tokens)
         keep = self._kept(key_positions, state.seen + tokens)
         return y, KVCache(keys[:, :, keep], values[:, :, keep], key_positions[keep], state.seen + tokens)
 
@@ -104,7 +106,5 @@ class Attention(nn.Module):
         return visible
 
     def _kept(self, key_positions: Tensor, seen: int) -> Tensor:
-        """Which cached keys any future query (position >= seen) can still see."""
-        if self.window is None:
-            return torch.ones_like(key_positions, dtype=torch.bool)
+        """Which cached keys any future query (position >= seen) can still see (sliding window)."""
         return (key_positions > seen - self.window) | (key_positions < self.sinks)
