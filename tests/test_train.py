@@ -66,7 +66,7 @@ class CopyBatches:
 
 def tiny(out_dir: Path, model: str = "transformer-tiny", **values) -> TrainConfig:
     settings = {"seq_len": SEQ_LEN, "batch_size": BATCH, "max_steps": 20, "lr": 1e-2, "warmup_steps": 2,
-                "log_every": 1, "save_every": 100, "progress": False, **values}
+                "log_every": 1, "save_every": 100, "progress": False, "precision": "fp32", **values}
     return TrainConfig(model=model, out_dir=str(out_dir), **settings)
 
 
@@ -127,7 +127,7 @@ def test_overrides_are_parsed_as_their_field_types():
     ("model.dim=33", "model_overrides: dim 33 must be divisible by heads 2"),
     ("model=transformer-tiny", "the preset is the first argument"),
     ("lr", "override 'lr' is not key=value"),
-    ("precision=fp16", "precision must be one of ['fp32', 'bf16'], got 'fp16'"),
+    ("precision=fp16", "precision must be one of ['auto', 'fp32', 'bf16'], got 'fp16'"),
     ("batch_size=6", "batch_size 6 must be divisible by grad_accum 4"),
     ("data=corpus.txt", "data must be 'task:<name>' or 'text:<corpus>'"),
     ("lr=-1", "need lr > 0"),
@@ -290,6 +290,20 @@ def test_bptt_streams_the_rows_and_still_learns(tmp_path):
     assert segmented[0][1] == pytest.approx(plain[0][1], rel=1e-5)
     assert segmented[1][1] != plain[1][1]  # the gradients were truncated
     assert sum(loss for _, loss in segmented[-3:]) / 3 < 0.7 * segmented[0][1]
+
+
+def test_auto_precision(monkeypatch, tmp_path):
+    """"auto" is bf16 on a CPU with AMX tiles and float32 on one without (and explicit values pass through)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(train_module, "CPUINFO", cpuinfo)
+    cpu = torch.device("cpu")
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert train_module.resolve_precision("auto", cpu) == "bf16"
+    cpuinfo.write_text("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert train_module.resolve_precision("auto", cpu) == "fp32"
+    assert train_module.resolve_precision("bf16", cpu) == "bf16"
+    assert train_module.resolve_precision("fp32", cpu) == "fp32"
+    assert TrainConfig(model="transformer-tiny").precision == "auto"
 
 
 def test_bf16_autocast_trains(tmp_path):

@@ -112,7 +112,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    precision: str = "auto"  # "auto" (bf16 where it is faster: CUDA, AMX CPUs) | "fp32" | "bf16" (autocast)
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
     seed: int = 0
@@ -155,7 +155,7 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}, betas={list(self.betas)}")
-        for name, valid in (("precision", ("fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
+        for name, valid in (("precision", ("auto", "fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
             if getattr(self, name) not in valid:
                 raise ConfigError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum:
@@ -300,6 +300,23 @@ def make_batches(config: TrainConfig) -> DataSource:
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` as the precision that is faster on ``device``: bf16 autocast on a CUDA device with
+    bf16 and on a CPU with AMX tiles (``amx_bf16``), float32 elsewhere. On a CPU with AVX-512 bf16
+    but no AMX (this project's 2-core EPYC), bf16 autocast made the memory layer's training step
+    1.6x slower (3,937 vs 2,517 tokens/s at T = 4096, ``benchmarks/results/memory_layer.md``)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and CPUINFO.exists():
+        return "bf16" if " amx_bf16" in CPUINFO.read_text() else "fp32"
+    return "fp32"
+
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -532,8 +549,10 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     segment = min(config.bptt or config.seq_len, config.seq_len)
     model, sync = _wrap(raw_model, config, world, math.ceil(config.seq_len / segment))
 
+    precision = resolve_precision(config.precision, device)
+
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     metrics, writer, bar = None, None, None
     if main:
@@ -541,7 +560,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         metrics = open(run_dir / "metrics.jsonl", "a")  # closed in the finally below
         writer = SummaryWriter(str(run_dir / "tensorboard")) if config.tensorboard else None
         print(f"{config.model}: {raw_model.num_parameters():,} parameters, {world} process(es) on {device}, "
-              f"{config.batch_size * config.seq_len:,} tokens/step, run dir {run_dir}"
+              f"{precision}, {config.batch_size * config.seq_len:,} tokens/step, run dir {run_dir}"
               + (f", resuming at step {step}" if step else ""))
         from tqdm import tqdm
 
