@@ -105,3 +105,26 @@ def test_bad_arguments():
         Attention(16, heads=2, sinks=4)
     with pytest.raises(ValueError, match=r"x must be \[B, T, dim=16\]"):
         make()(torch.randn(2, 3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("window, sinks", [(1, 0), (4, 0), (4, 3), (6, 9), (7, 2)])
+@pytest.mark.parametrize("first", [0, 3, 11])
+def test_banded_sliding_window_equals_naive(window, sinks, first):
+    """Calls longer than 2·window run blockwise (O(T·window)); after a first call of `first` tokens
+    (a cache with sinks and a partial window) they equal the naive reference, gradients included."""
+    torch.manual_seed(0)
+    layer = Attention(16, heads=2, window=window, sinks=sinks).double()
+    x = inputs(tokens=41)
+    pieces, state = [], None
+    if first:
+        out, state = layer(x[:, :first])
+        pieces.append(out)
+    out, state = layer(x[:, first:], state)
+    assert 41 - first > 2 * window  # the banded path
+    y = torch.cat([*pieces, out], 1)
+    reference = naive(layer, x)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(y.square().sum(), list(layer.parameters()))
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(layer.parameters()))
+    for a, b in zip(grads, reference_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
