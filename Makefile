@@ -1,4 +1,5 @@
-# `make test`: set up .venv and run the CPU test suite. `make bench`: the memory-layer benchmark.
+# `make demo`: set up .venv (the package and its runtime dependencies) and run `miras demo`.
+# `make test`: set up .venv with the dev extras and run the CPU test suite. `make bench`: the memory-layer benchmark.
 # TORCH_SPEC picks the torch that is installed when the venv has none; the default is the
 # CPU build (override e.g. `make test TORCH_SPEC="torch==2.5.1 --index-url ..."`).
 PYTHON ?= python3
@@ -6,7 +7,17 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-slow bench bench-baseline-venv lint clean
+.PHONY: install demo test test-slow bench bench-baseline-venv lint clean
+
+# The runtime alone (no dev extras): what `make demo` needs on a fresh machine.
+$(VENV)/.installed-runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+demo: $(VENV)/.installed-runtime
+	$(VENV)/bin/miras demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

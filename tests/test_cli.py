@@ -35,10 +35,11 @@ class RepeatedText:
 
 
 def test_the_subcommands_are_frozen():
-    assert list(COMMANDS) == ["train", "generate", "eval", "export", "bench", "presets"]
+    assert list(COMMANDS) == ["train", "generate", "eval", "export", "bench", "presets", "demo"]
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["export"], ["bench"], ["presets"]])
+@pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["export"], ["bench"], ["presets"],
+                                  ["demo"]])
 def test_help_shows_examples(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--help"])

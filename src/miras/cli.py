@@ -137,6 +137,7 @@ def _run_presets(args: argparse.Namespace) -> int:
 
 
 PRESETS_EXAMPLES = """examples:
+  miras demo
   miras presets
   miras presets | grep titans-mac"""
 
@@ -240,6 +241,24 @@ def _run_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+DEMO_EXAMPLES = """examples:
+  miras demo                     # the full demo (<= 15 min on 2 CPU cores): runs/demo/report.md
+  miras demo --quick             # a smoke test of the whole pipeline in seconds
+  miras demo --seeds 0 1 2 3 --out runs/demo4"""
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo_command
+
+    return run_demo_command(args)
+
+
 # The subcommands, in the order of `miras --help`: Command(help, examples, add_arguments, run), with heavy
 # imports inside `run`.
 COMMANDS: dict[str, Command] = {
@@ -254,9 +273,12 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("training/decoding throughput, peak memory and state size per model family",
                      BENCH_EXAMPLES, _bench_arguments, _run_bench),
     "presets": Command("list the model presets", PRESETS_EXAMPLES, lambda parser: None, _run_presets),
+    "demo": Command("train Titans and baselines on a recall task and test them far past the training length",
+                    DEMO_EXAMPLES, _demo_arguments, _run_demo),
 }
 
 EXAMPLES = """examples:
+  miras demo
   miras presets
   miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
   miras generate runs/passkey --prompt "The " --max-new-tokens 100
