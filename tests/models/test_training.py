@@ -22,10 +22,11 @@ def recall_batch(gen: torch.Generator) -> torch.Tensor:
     return torch.cat([context, torch.ones(BATCH, 1, dtype=torch.long), queries], 1)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", [*sorted(FAMILIES), "titans-lmm+channel-gates"])
 def test_training_lowers_recall_loss(family):
     torch.manual_seed(0)
-    model = create(f"{family}-tiny", vocab_size=SYMBOLS + 2)
+    family, _, option = family.partition("+")
+    model = create(f"{family}-tiny", vocab_size=SYMBOLS + 2, **({"gate_rank": 32} if option else {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(0)
     answers = slice(2 * PAIRS + 1, None, 2)  # target positions of the answers (inputs are the queries)
