@@ -186,6 +186,17 @@ def test_channel_gating_needs_a_rule_that_takes_it():
         MemoryLayer(16, heads=2, gating="channel", gate_rank=0)
 
 
+def test_gate_init_sets_the_starting_gates():
+    layer = MemoryLayer(16, heads=2, gate_init={"decay": 0.001})
+    gates = layer._gates(inputs(tokens=5, dtype=torch.float32), torch.float32)
+    torch.testing.assert_close(gates.decay, torch.full_like(gates.decay, 0.001))
+    torch.testing.assert_close(gates.lr, torch.full_like(gates.lr, 0.1))
+    with pytest.raises(ValueError, match=r"gate_init\['decay'\] must be in \(0, 1\)"):
+        MemoryLayer(16, heads=2, gate_init={"decay": 1.5})
+    with pytest.raises(ValueError, match="gate_init keys must be among"):
+        MemoryLayer(16, heads=2, gate_init={"forget": 0.1})
+
+
 def test_huber_threshold_gate_starts_at_one():
     layer = MemoryLayer(16, heads=2, rule=PRESETS["yaad"])
     gates = layer._gates(torch.randn(1, 3, 16), torch.float32)

@@ -188,6 +188,14 @@ def test_channel_wise_gates_option(family):
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
 
 
+def test_decay_init_option():
+    model = create("titans-lmm-tiny", decay_init=0.001)
+    layer = next(m for m in model.modules() if hasattr(m, "gate_init"))
+    assert layer.gate_init["decay"] == 0.001
+    with pytest.raises(ValueError, match=r"decay_init must be in \(0, 1\)"):
+        create("titans-lmm-tiny", decay_init=0.0)
+
+
 def test_channel_wise_gates_need_a_rule_that_takes_them():
     with pytest.raises(ValueError, match="gate_rank must be 0 for retnet"):
         create("retnet-tiny", gate_rank=32)

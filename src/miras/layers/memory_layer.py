@@ -12,6 +12,9 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   keys the inner problem's curvature is O(1),
   so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
   without NaN (tested).
+- ``gate_init`` overrides these starting values (model config ``decay_init``: the demo starts α
+  at 0.001, whose retention half-life of ~700 tokens let Titans recall 256x past its training
+  length, where α = 0.01 forgot within ~2K tokens; ``docs/demo``).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
 - ``gating="channel"`` (MIRAS §5.4, Titans-NeurIPS's channel-wise α): θ, η, α per token, head and
@@ -85,7 +88,8 @@ class MemoryLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
                  chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
-                 block_size: int = 64, gating: str = "token", gate_rank: int = 32, recompute: int = 0):
+                 block_size: int = 64, gating: str = "token", gate_rank: int = 32, recompute: int = 0,
+                 gate_init: dict[str, float] | None = None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
@@ -106,8 +110,15 @@ class MemoryLayer(nn.Module):
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass head_dim explicitly")
             head_dim = dim // heads
-        if max_lr <= GATE_INIT["lr"]:
-            raise ValueError(f"max_lr must exceed the initial lr {GATE_INIT['lr']}, got {max_lr}")
+        self.gate_init = {**GATE_INIT, **(gate_init or {})}
+        if set(self.gate_init) != set(GATE_INIT):
+            raise ValueError(f"gate_init keys must be among {sorted(GATE_INIT)}, got {sorted(gate_init)}")
+        for name, value in self.gate_init.items():
+            bounded = name in ("momentum", "decay")
+            if not (0 < value < 1 if bounded else value > 0):
+                raise ValueError(f"gate_init[{name!r}] must be in {'(0, 1)' if bounded else '(0, inf)'}, got {value}")
+        if max_lr <= self.gate_init["lr"]:
+            raise ValueError(f"max_lr must exceed the initial lr {self.gate_init['lr']}, got {max_lr}")
         self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         self.block_size, self.gating = block_size, gating
@@ -144,7 +155,7 @@ class MemoryLayer(nn.Module):
         return torch.randn(self.heads, out, inp) / math.sqrt(inp)
 
     def reset_gates(self) -> None:
-        """Zero gate weights and biases that give ``GATE_INIT`` at every token (and channel)."""
+        """Zero gate weights and biases that give ``gate_init`` (default ``GATE_INIT``) at every token (and channel)."""
         if self.gate_proj is None:
             return
         nn.init.zeros_(self.gate_proj.weight)
@@ -153,7 +164,7 @@ class MemoryLayer(nn.Module):
             nn.init.zeros_(self.gate_up.bias)
         bias = []
         for name in self.gate_names:
-            value = GATE_INIT[name] / (self.max_lr if name == "lr" else 1.0)
+            value = self.gate_init[name] / (self.max_lr if name == "lr" else 1.0)
             # softplus⁻¹ for the unbounded threshold, logit for the gates in (0, 1)
             inverse = math.log(math.expm1(value)) if name == "threshold" else math.log(value / (1 - value))
             bias.append(torch.full((self.heads,), inverse))

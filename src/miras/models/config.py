@@ -60,6 +60,7 @@ class ModelConfig:
     block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
     gate_rank: int = 0  # 0: token-level memory gates; > 0: channel-wise, through a rank-gate_rank projection
     recompute: int = 0  # > 0: memory layers recompute groups of this many chunks in backward (saves memory)
+    decay_init: float = 0.01  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -69,6 +70,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.persistent < 0:
             raise ValueError(f"persistent must be >= 0, got {self.persistent}")
+        if not 0 < self.decay_init < 1:
+            raise ValueError(f"decay_init must be in (0, 1), got {self.decay_init}")
         if self.recompute < 0:
             raise ValueError(f"recompute must be >= 0 (0: off), got {self.recompute}")
         if self.gate_rank < 0:

@@ -66,7 +66,8 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
         return Attention(config.dim, config.heads, window=config.window)
     memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
                          impl=config.impl, block_size=config.block_size,
-                         gating=_gating(config), gate_rank=config.gate_rank or 32, recompute=config.recompute)
+                         gating=_gating(config), gate_rank=config.gate_rank or 32, recompute=config.recompute,
+                         gate_init={"decay": config.decay_init})
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
                                               sinks=config.persistent))
