@@ -142,7 +142,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import typing
 
     from .models import ModelConfig
-    from .train import ConfigError, _parse
+    from .train import ConfigError, parse_value
 
     hints, overrides = typing.get_type_hints(ModelConfig), {}
     try:
@@ -151,7 +151,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if not sep or key not in hints:
                 raise ConfigError(f"--overrides takes KEY=VALUE with KEY a model config field "
                                   f"({', '.join(sorted(hints))}), got {item!r}")
-            overrides[key] = _parse(key, value, hints[key])
+            overrides[key] = parse_value(key, value, hints[key])
     except ConfigError as error:
         print(f"miras bench: {error}", file=sys.stderr)
         return 2

@@ -53,210 +53,47 @@ Choices DESIGN.md §5 leaves open, written down here:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import random
-import re
 import time
-import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from .data.base import IGNORE, Batches
-from .files import atomic_write
-from .models import PRESETS, LanguageModel, ModelConfig, preset_config
-from .models.config import check_overrides
+from .models import LanguageModel, preset_config
+from .runs import (
+    CHECKPOINT_FORMAT,
+    checkpoints,
+    load_run,
+    resume_point,
+    save_checkpoint,
+    set_rng_state,
+    write_run_dir,
+)
+from .train_config import (
+    RUNTIME_FIELDS,
+    UNCOMPARED_FIELDS,
+    VALIDATION_SEED_OFFSET,
+    ConfigError,
+    TrainConfig,
+    config_from_args,
+    parse_value,
+)
 
-CHECKPOINT_FORMAT = "miras.checkpoint/1"
-# Fields that may change when a run is resumed with resume=true: they do not change the maths of a
-# step (grad_accum included: see the module docstring), or they extend the run (max_steps).
-RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
-                            "eval_batches", "save_every", "keep_checkpoints", "tensorboard", "progress"})
-# Not compared at all: where the run lives, and the flag that allows RUNTIME_FIELDS to change.
-UNCOMPARED_FIELDS = frozenset({"out_dir", "resume"})
-VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task under seed + this offset
-
-
-class ConfigError(ValueError):
-    """A bad config, out_dir or checkpoint: raised before anything is written, with a one-line message."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Everything that defines a training run; saved as ``config.json`` in the run directory."""
-
-    model: str  # a preset of miras.models.PRESETS
-    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {"dim": 128}
-    data: str = "text:stdlib"  # "task:<name>" or "text:<corpus spec>"
-    data_params: dict = field(default_factory=dict)  # parameters of the task (miras.data.tasks.make_task)
-    tokenizer: str = "byte"  # text data only
-    seq_len: int = 256
-    batch_size: int = 16  # global: sequences per optimizer step, over all ranks and accumulation steps
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
-    precision: str = "auto"  # "auto" (bf16 where it is faster: CUDA, AMX CPUs) | "fp32" | "bf16" (autocast)
-    compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
-    seed: int = 0
-    out_dir: str = ""  # "" means runs/<model>
-    log_every: int = 10
-    eval_every: int = 200  # 0: never; needs data with a validation split
-    eval_batches: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 3
-    tensorboard: bool = False
-    progress: bool = True
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    resume: bool = False  # allow RUNTIME_FIELDS to differ from the saved run's
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(TrainConfig)
-        for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        if self.model not in PRESETS:
-            raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
-        try:
-            preset_config(self.model, **check_overrides(self.model_overrides))
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"model_overrides: {error}") from None
-        kind, _, spec = self.data.partition(":")
-        if kind not in ("task", "text") or not spec:
-            raise ConfigError(f"data must be 'task:<name>' or 'text:<corpus>', got {self.data!r}")
-        if kind == "task" and ("context_length" in self.data_params or self.tokenizer != "byte"):
-            raise ConfigError("a task's length is seq_len + 1 and its tokens are bytes: set seq_len, not "
-                              "data_params.context_length, and leave tokenizer='byte'")
-        for name in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_batches", "save_every",
-                     "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.bptt is not None and self.bptt < 1:
-            raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
-                              f"min_lr_ratio={self.min_lr_ratio}, betas={list(self.betas)}")
-        for name, valid in (("precision", ("auto", "fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
-            if getattr(self, name) not in valid:
-                raise ConfigError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
-        if not self.out_dir:
-            object.__setattr__(self, "out_dir", f"runs/{self.model}")
-
-    def to_dict(self) -> dict:
-        """JSON-ready: ``json.dumps(config.to_dict())`` round-trips through ``from_dict``."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        valid = {f.name for f in fields(cls)}
-        unknown = set(values) - valid
-        if unknown:
-            raise ConfigError(f"unknown train config key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
-        if "model" not in values:
-            raise ConfigError("a train config needs a 'model' (a preset name)")
-        return cls(**values)
-
-
-def config_from_args(model: str, pairs: Sequence[str]) -> TrainConfig:
-    """``config_from_args("titans-lmm-tiny", ["lr=3e-4", "bptt=64", "model.dim=128"])``: each ``key=value``
-    parsed as its field's type (bool: true/false; dict and tuple: JSON; optional: none). Model fields are
-    ``model.<field>``. Unknown keys and badly typed values raise ConfigError saying what is valid."""
-    hints = typing.get_type_hints(TrainConfig)
-    model_hints = typing.get_type_hints(ModelConfig)
-    values, overrides = {}, {}
-    for pair in pairs:
-        key, equals, text = pair.partition("=")
-        if not equals or not key:
-            raise ConfigError(f"override {pair!r} is not key=value")
-        if key.startswith("model."):
-            name = key.removeprefix("model.")
-            if name not in model_hints:
-                raise ConfigError(f"unknown model field {name!r}; valid: "
-                                  f"{', '.join('model.' + n for n in sorted(model_hints))}")
-            overrides[name] = _parse(key, text, model_hints[name])
-        elif key == "model":
-            raise ConfigError("the preset is the first argument (miras train <preset> key=value ...), not a key")
-        elif key in hints:
-            values[key] = _parse(key, text, hints[key])
-        else:
-            valid = sorted(set(hints) - {"model"}) + ["model.<field>"]
-            raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid)}")
-    if overrides:
-        values["model_overrides"] = {**values.get("model_overrides", {}), **overrides}
-    try:
-        return TrainConfig(model=model, **values)
-    except TypeError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _optional(kind) -> tuple[object, bool]:
-    """``int | None`` -> (int, True); any other type -> (it, False)."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return kind, False
-
-
-def _type_name(kind) -> str:
-    inner, optional = _optional(kind)
-    names = {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string",
-             dict: 'a JSON object like {"key": 1}'}
-    name = names.get(inner, "a JSON list like [0.9, 0.95]")
-    return name + " or none" if optional else name
-
-
-def _parse(key: str, text: str, kind) -> object:
-    """A ``key=value`` string as a value of type ``kind``; ConfigError if it is not one."""
-    inner, optional = _optional(kind)
-    if optional and text.lower() in ("none", "null"):
-        return None
-    booleans = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    try:
-        if inner is bool:
-            return booleans[text.lower()]
-        if inner in (int, float, str):
-            return inner(text)
-        return json.loads(text)  # dict and tuple fields; their shape is checked by the dataclass
-    except (KeyError, ValueError):
-        raise ConfigError(f"{key}={text!r}: expected {_type_name(kind)}") from None
-
-
-def _coerce(name: str, value, kind):
-    """``value`` checked against the field type ``kind`` (ints accepted as floats, lists as tuples)."""
-    inner, optional = _optional(kind)
-    if value is None and optional:
-        return None
-    if typing.get_origin(inner) is tuple and isinstance(value, (list, tuple)):
-        items = typing.get_args(inner)
-        if len(value) == len(items):
-            return tuple(_coerce(name, v, item) for v, item in zip(value, items))
-    elif inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    elif isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
-        return value
-    raise TypeError(f"{name} must be {_type_name(kind)}, got {value!r}")
-
+# The public names, including those defined in miras.train_config and miras.runs (re-exported here).
+__all__ = ["CHECKPOINT_FORMAT", "RUNTIME_FIELDS", "UNCOMPARED_FIELDS", "VALIDATION_SEED_OFFSET", "ConfigError",
+           "DataSource", "TrainConfig", "checkpoints", "config_from_args", "evaluate", "load_run", "lr_at",
+           "make_batches", "param_groups", "parse_value", "resolve_precision", "train"]
 
 # ---------------------------------------------------------------------------------------------------- data
 
@@ -403,99 +240,6 @@ def _shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
-# ----------------------------------------------------------------------------------- run dir, checkpoints
-
-
-def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The run's checkpoint files, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.stem.removeprefix("step_")))
-
-
-def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        hint = f"; delete it to resume from {previous.name}" if previous else ""
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"checkpoint {path} is unreadable ({message}){hint}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
-    return payload
-
-
-def _read_run_config(run_dir: Path) -> dict | None:
-    path = run_dir / "config.json"
-    if not path.exists():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-        if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict):
-            return saved
-    except (OSError, ValueError):
-        pass
-    raise ConfigError(f"{path} is not a miras run config; use another out_dir")
-
-
-def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
-    """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS)."""
-    defining, runtime = [], []
-    for prefix, old, new in (("", saved["train"], config.to_dict()), ("model.", saved["model"],
-                                                                       model_config.to_dict())):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS):
-                change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
-                (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
-    return defining, runtime
-
-
-def _resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
-    """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
-    saved = _read_run_config(run_dir)
-    if saved is not None:
-        defining, runtime = _differences(saved, config, model_config)
-        if defining:
-            raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
-                              "use another out_dir")
-        if runtime and not config.resume:
-            raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
-                              "pass resume=true to continue it with the new ones")
-    paths = checkpoints(run_dir)
-    if not paths:
-        return None
-    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
-    defining, _ = _differences({"train": payload["train_config"], "model": payload["model_config"]},
-                               config, model_config)
-    if defining:
-        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
-    return payload
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the metrics lines after ``step`` (written after the checkpoint we resume from, or torn)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-    atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
-
-
-def _write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
-    """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
-        stale.unlink()
-    saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
-    atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
-    if tokenizer is not None:
-        tokenizer.save(run_dir)
-    _keep_metrics_until(run_dir / "metrics.jsonl", step)
-
-
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -519,7 +263,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by world size {world} x grad_accum "
                           f"{config.grad_accum}")
     model_config, run_dir = preset_config(config.model, **config.model_overrides), Path(config.out_dir)
-    checkpoint = _resume_point(run_dir, config, model_config)
+    checkpoint = resume_point(run_dir, config, model_config)
     if config.tensorboard and main:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -544,7 +288,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if checkpoint is not None:
         set_state_dict(raw_model, optimizer, model_state_dict=checkpoint["model"],
                        optim_state_dict=checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
-        _set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
         step, elapsed = checkpoint["step"], checkpoint["elapsed"]
     segment = min(config.bptt or config.seq_len, config.seq_len)
     model, sync = _wrap(raw_model, config, world, math.ceil(config.seq_len / segment))
@@ -556,7 +300,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
 
     metrics, writer, bar = None, None, None
     if main:
-        _write_run_dir(run_dir, config, model_config, data.tokenizer, step)
+        write_run_dir(run_dir, config, model_config, data.tokenizer, step)
         metrics = open(run_dir / "metrics.jsonl", "a")  # closed in the finally below
         writer = SummaryWriter(str(run_dir / "tensorboard")) if config.tensorboard else None
         print(f"{config.model}: {raw_model.num_parameters():,} parameters, {world} process(es) on {device}, "
@@ -616,13 +360,13 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                     _log(metrics, writer, {"step": step, "val_loss": val_loss, "elapsed": elapsed + time.perf_counter()
                                            - clock})
             if step % config.save_every == 0 or step == config.max_steps:
-                _save(run_dir, raw_model, optimizer, config, model_config, step, elapsed + time.perf_counter() - clock,
-                      main)
+                save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step,
+                                elapsed + time.perf_counter() - clock, main)
                 last_saved = step
             if main:
                 bar.update(1)
         if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
-            _save(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
+            save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
     finally:
         if main:
             bar.close()
@@ -660,51 +404,3 @@ def evaluate(model: nn.Module, batches: Batches, config: TrainConfig, rank: int 
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-def _save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-          model_config: ModelConfig, step: int, elapsed: float, main: bool) -> None:
-    """Every rank gathers the full state dicts (FSDP needs all of them); rank 0 writes and prunes."""
-    model_state, optimizer_state = get_state_dict(model, optimizer,
-                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not main:
-        return
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    payload = {"format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "model": model_state,
-               "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
-               "model_config": model_config.to_dict()}
-    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
-    atomic_write(path, lambda handle: torch.save(payload, handle))
-    for old in checkpoints(run_dir)[:-config.keep_checkpoints]:
-        old.unlink()
-
-
-def _set_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageModel, TrainConfig, object | None]:
-    """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
-    the run's data had none, e.g. a generated task)."""
-    run_dir = Path(run_dir)
-    saved = _read_run_config(run_dir)
-    if saved is None:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
-    config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
-    paths = checkpoints(run_dir)
-    if not paths:
-        raise ConfigError(f"{run_dir} has no checkpoint")
-    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
-    if payload["model_config"] != saved["model"]:
-        defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
-        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
-    model = LanguageModel(model_config)
-    model.load_state_dict(payload["model"])
-    tokenizer = None
-    if saved.get("tokenizer"):
-        from .data.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(run_dir)
-    return model.to(device).eval(), config, tokenizer

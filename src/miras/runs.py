@@ -1,0 +1,163 @@
+"""Run directories and checkpoints: ``config.json``, ``metrics.jsonl``, ``checkpoints/step_*.pt``.
+
+Written by ``miras.train`` (see its docstring: atomic checkpoints, exact resume); ``load_run`` reads
+a run back as a model, its config and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+from .files import atomic_write
+from .models import LanguageModel, ModelConfig
+from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig
+
+CHECKPOINT_FORMAT = "miras.checkpoint/1"
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoint files, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.stem.removeprefix("step_")))
+
+
+def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        hint = f"; delete it to resume from {previous.name}" if previous else ""
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"checkpoint {path} is unreadable ({message}){hint}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
+    return payload
+
+
+def _read_run_config(run_dir: Path) -> dict | None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict):
+            return saved
+    except (OSError, ValueError):
+        pass
+    raise ConfigError(f"{path} is not a miras run config; use another out_dir")
+
+
+def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
+    """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS)."""
+    defining, runtime = [], []
+    for prefix, old, new in (("", saved["train"], config.to_dict()), ("model.", saved["model"],
+                                                                       model_config.to_dict())):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS):
+                change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
+    return defining, runtime
+
+
+def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
+    """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
+    saved = _read_run_config(run_dir)
+    if saved is not None:
+        defining, runtime = _differences(saved, config, model_config)
+        if defining:
+            raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
+                              "use another out_dir")
+        if runtime and not config.resume:
+            raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
+                              "pass resume=true to continue it with the new ones")
+    paths = checkpoints(run_dir)
+    if not paths:
+        return None
+    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
+    defining, _ = _differences({"train": payload["train_config"], "model": payload["model_config"]},
+                               config, model_config)
+    if defining:
+        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
+    return payload
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics lines after ``step`` (written after the checkpoint we resume from, or torn)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+    atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
+
+
+def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
+    """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
+        stale.unlink()
+    saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
+    atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
+    if tokenizer is not None:
+        tokenizer.save(run_dir)
+    _keep_metrics_until(run_dir / "metrics.jsonl", step)
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+          model_config: ModelConfig, step: int, elapsed: float, main: bool) -> None:
+    """Every rank gathers the full state dicts (FSDP needs all of them); rank 0 writes and prunes."""
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "model": model_state,
+               "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
+               "model_config": model_config.to_dict()}
+    path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+    for old in checkpoints(run_dir)[:-config.keep_checkpoints]:
+        old.unlink()
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageModel, TrainConfig, object | None]:
+    """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
+    the run's data had none, e.g. a generated task)."""
+    run_dir = Path(run_dir)
+    saved = _read_run_config(run_dir)
+    if saved is None:
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+    config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    paths = checkpoints(run_dir)
+    if not paths:
+        raise ConfigError(f"{run_dir} has no checkpoint")
+    payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
+    if payload["model_config"] != saved["model"]:
+        defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
+        raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
+    model = LanguageModel(model_config)
+    model.load_state_dict(payload["model"])
+    tokenizer = None
+    if saved.get("tokenizer"):
+        from .data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)
+    return model.to(device).eval(), config, tokenizer

@@ -1,0 +1,194 @@
+"""The training config: ``TrainConfig``, its checks, and ``key=value`` overrides (``miras train``).
+
+``miras.train`` re-exports everything here; see its docstring for what the fields mean to a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+from .models import PRESETS, ModelConfig, preset_config
+from .models.config import check_overrides
+
+# Fields that may change when a run is resumed with resume=true: they do not change the maths of a
+# step (grad_accum included: see the module docstring), or they extend the run (max_steps).
+RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
+                            "eval_batches", "save_every", "keep_checkpoints", "tensorboard", "progress"})
+# Not compared at all: where the run lives, and the flag that allows RUNTIME_FIELDS to change.
+UNCOMPARED_FIELDS = frozenset({"out_dir", "resume"})
+VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task under seed + this offset
+
+
+class ConfigError(ValueError):
+    """A bad config, out_dir or checkpoint: raised before anything is written, with a one-line message."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines a training run; saved as ``config.json`` in the run directory."""
+
+    model: str  # a preset of miras.models.PRESETS
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {"dim": 128}
+    data: str = "text:stdlib"  # "task:<name>" or "text:<corpus spec>"
+    data_params: dict = field(default_factory=dict)  # parameters of the task (miras.data.tasks.make_task)
+    tokenizer: str = "byte"  # text data only
+    seq_len: int = 256
+    batch_size: int = 16  # global: sequences per optimizer step, over all ranks and accumulation steps
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
+    precision: str = "auto"  # "auto" (bf16 where it is faster: CUDA, AMX CPUs) | "fp32" | "bf16" (autocast)
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
+    seed: int = 0
+    out_dir: str = ""  # "" means runs/<model>
+    log_every: int = 10
+    eval_every: int = 200  # 0: never; needs data with a validation split
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    resume: bool = False  # allow RUNTIME_FIELDS to differ from the saved run's
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        if self.model not in PRESETS:
+            raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
+        try:
+            preset_config(self.model, **check_overrides(self.model_overrides))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model_overrides: {error}") from None
+        kind, _, spec = self.data.partition(":")
+        if kind not in ("task", "text") or not spec:
+            raise ConfigError(f"data must be 'task:<name>' or 'text:<corpus>', got {self.data!r}")
+        if kind == "task" and ("context_length" in self.data_params or self.tokenizer != "byte"):
+            raise ConfigError("a task's length is seq_len + 1 and its tokens are bytes: set seq_len, not "
+                              "data_params.context_length, and leave tokenizer='byte'")
+        for name in ("seq_len", "batch_size", "grad_accum", "log_every", "eval_batches", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bptt is not None and self.bptt < 1:
+            raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
+                              f"min_lr_ratio={self.min_lr_ratio}, betas={list(self.betas)}")
+        for name, valid in (("precision", ("auto", "fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{name} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        if not self.out_dir:
+            object.__setattr__(self, "out_dir", f"runs/{self.model}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``json.dumps(config.to_dict())`` round-trips through ``from_dict``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise ConfigError(f"unknown train config key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
+        if "model" not in values:
+            raise ConfigError("a train config needs a 'model' (a preset name)")
+        return cls(**values)
+
+
+def config_from_args(model: str, pairs: Sequence[str]) -> TrainConfig:
+    """``config_from_args("titans-lmm-tiny", ["lr=3e-4", "bptt=64", "model.dim=128"])``: each ``key=value``
+    parsed as its field's type (bool: true/false; dict and tuple: JSON; optional: none). Model fields are
+    ``model.<field>``. Unknown keys and badly typed values raise ConfigError saying what is valid."""
+    hints = typing.get_type_hints(TrainConfig)
+    model_hints = typing.get_type_hints(ModelConfig)
+    values, overrides = {}, {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        if key.startswith("model."):
+            name = key.removeprefix("model.")
+            if name not in model_hints:
+                raise ConfigError(f"unknown model field {name!r}; valid: "
+                                  f"{', '.join('model.' + n for n in sorted(model_hints))}")
+            overrides[name] = parse_value(key, text, model_hints[name])
+        elif key == "model":
+            raise ConfigError("the preset is the first argument (miras train <preset> key=value ...), not a key")
+        elif key in hints:
+            values[key] = parse_value(key, text, hints[key])
+        else:
+            valid = sorted(set(hints) - {"model"}) + ["model.<field>"]
+            raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid)}")
+    if overrides:
+        values["model_overrides"] = {**values.get("model_overrides", {}), **overrides}
+    try:
+        return TrainConfig(model=model, **values)
+    except TypeError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _optional(kind) -> tuple[object, bool]:
+    """``int | None`` -> (int, True); any other type -> (it, False)."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return kind, False
+
+
+def _type_name(kind) -> str:
+    inner, optional = _optional(kind)
+    names = {bool: "a bool (true/false)", int: "an integer", float: "a number", str: "a string",
+             dict: 'a JSON object like {"key": 1}'}
+    name = names.get(inner, "a JSON list like [0.9, 0.95]")
+    return name + " or none" if optional else name
+
+
+def parse_value(key: str, text: str, kind) -> object:
+    """A ``key=value`` string as a value of type ``kind``; ConfigError if it is not one."""
+    inner, optional = _optional(kind)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    booleans = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        if inner is bool:
+            return booleans[text.lower()]
+        if inner in (int, float, str):
+            return inner(text)
+        return json.loads(text)  # dict and tuple fields; their shape is checked by the dataclass
+    except (KeyError, ValueError):
+        raise ConfigError(f"{key}={text!r}: expected {_type_name(kind)}") from None
+
+
+def _coerce(name: str, value, kind):
+    """``value`` checked against the field type ``kind`` (ints accepted as floats, lists as tuples)."""
+    inner, optional = _optional(kind)
+    if value is None and optional:
+        return None
+    if typing.get_origin(inner) is tuple and isinstance(value, (list, tuple)):
+        items = typing.get_args(inner)
+        if len(value) == len(items):
+            return tuple(_coerce(name, v, item) for v, item in zip(value, items))
+    elif inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, inner) and not (inner is int and isinstance(value, bool)):
+        return value
+    raise TypeError(f"{name} must be {_type_name(kind)}, got {value!r}")
