@@ -1,0 +1,74 @@
+"""The demo end to end in its quick variant: every file is written and the report says what results.json holds."""
+
+import json
+import re
+
+import pytest
+
+from miras.demo import DemoConfig, DemoModel, _conclusions, add_demo_arguments, run_demo, run_demo_command
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    run_demo(DemoConfig.quick(out_dir=str(out)))
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_demo_writes_report_results_and_plots(quick_demo):
+    out, results = quick_demo
+    for name in ("report.md", "results.json", "accuracy.png", "loss.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = DemoConfig.quick()
+    assert results["config"]["seeds"] == list(config.seeds)
+    assert results["pooled"]["lengths"] == config.eval_lengths == [16, 64]
+    # one run directory per model and seed, each with its checkpoint
+    for model in config.models:
+        assert list((out / model.name / "seed-0" / "checkpoints").glob("step_*.pt"))
+
+
+def test_report_numbers_are_those_of_results_json(quick_demo):
+    out, results = quick_demo
+    report = (out / "report.md").read_text()
+    pooled = results["pooled"]["tasks"]["mqar"]["results"]
+    for name, rows in pooled.items():
+        line = next(line for line in report.splitlines() if line.startswith(f"| {name} | ") and "±" in line)
+        cells = re.findall(r"(\d\.\d\d) ± (\d\.\d\d) \[(\d\.\d\d)–(\d\.\d\d)\]", line)
+        assert len(cells) == len(rows)
+        for (accuracy, half, low, high), row in zip(cells, rows):
+            assert float(accuracy) == pytest.approx(row["accuracy"], abs=0.005)
+            assert float(half) == pytest.approx((row["ci_high"] - row["ci_low"]) / 2, abs=0.005)
+            assert (float(low), float(high)) == pytest.approx(
+                (min(row["seed_accuracy"]), max(row["seed_accuracy"])), abs=0.005)
+            assert row["correct"] == round(row["accuracy"] * row["examples"])
+    for sentence in results["conclusions"]:
+        assert f"- {sentence}" in report
+
+
+def _pooled(accuracies: dict[str, list[float]]) -> dict:
+    rows = {name: [{"context_length": 32 * 4**i, "accuracy": a, "seed_accuracy": [a]} for i, a in enumerate(acc)]
+            for name, acc in accuracies.items()}
+    return {"tasks": {"mqar": {"results": rows}}}
+
+
+def test_conclusions_follow_the_numbers():
+    models = (DemoModel(name="lmm", preset="titans-lmm-tiny"), DemoModel(name="gdn", preset="gated-deltanet-tiny"),
+              DemoModel(name="tf", preset="transformer-tiny"))
+    config = DemoConfig(models=models, eval_multiples=(1, 4, 16))
+    held = _conclusions(config, _pooled({"lmm": [1.0, 0.97, 0.91], "gdn": [1.0, 0.9, 0.4], "tf": [1.0, 0.3, 0.0]}))
+    assert "**lmm** (Titans) **keeps recalling**: 1.00 at the training length, 0.91 at 512 tokens" in held[0]
+    assert "**gdn** (fixed-state RNN) **degrades**" in held[1] and "first below 50% at 512 tokens (16x)" in held[1]
+    assert "**tf** (full-attention Transformer) **fails**" in held[2]
+    assert held[-1].startswith("The papers' claim holds in this run")
+    missed = _conclusions(config, _pooled({"lmm": [1.0, 0.5, 0.1], "gdn": [0.2, 0.1, 0.0], "tf": [1.0, 1.0, 0.95]}))
+    assert "lmm (fails)" in missed[-1] and "gdn (did not learn the task)" in missed[-1]
+    assert "tf (keeps recalling)" in missed[-1] and "holds here for no model" in missed[-1]
+
+
+def test_command_line_options():
+    import argparse
+
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--quick", "--seeds", "3", "4", "--out", "x"])
+    assert (args.quick, args.seeds, args.out) == (True, [3, 4], "x")
+    assert run_demo_command(argparse.Namespace(quick=True, out="x", seeds=None, steps=0, workers=None)) == 2
