@@ -6,7 +6,7 @@
     miras bench --device cuda                            # on a GPU (peak memory: CUDA allocator's peak)
     .venv/bin/python benchmarks/models.py                # the same, results into benchmarks/results/
 
-Each case runs in its own process (peak RSS is per process), 2 threads, float32:
+Each case runs in its own process (peak RSS is per process), 2 threads (``--threads``), float32:
 - train: one forward + backward of a next-token loss on [1, T] random tokens, median of timed runs;
 - decode: stream a context of C tokens through the model in 4K-token segments (bounded memory),
   then time 64 single-token decoding steps; report tokens/s, peak RSS and the state size.
@@ -43,7 +43,7 @@ def _clock(device: torch.device) -> float:
 def run_case(case) -> dict:
     from .models import create
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(case.get("threads", 2))
     torch.manual_seed(0)
     device = torch.device(case.get("device", "cpu"))
     model = create(f"{case['family']}-{case.get('size', 'small')}", **case.get("overrides", {})).to(device)
@@ -82,8 +82,8 @@ def run_case(case) -> dict:
 
 
 def cases(families: list[str], size: str, lengths: list[int], contexts: list[int], overrides: dict | None = None,
-          device: str = "cpu"):
-    common = {"size": size, "overrides": overrides or {}, "device": device}
+          device: str = "cpu", threads: int = 2):
+    common = {"size": size, "overrides": overrides or {}, "device": device, "threads": threads}
     for family in families:
         for length in lengths:
             yield {"family": family, **common, "kind": "train", "T": length}
@@ -131,6 +131,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides for every case, e.g. recompute=16")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for models.json / models.md")
 
 
@@ -159,11 +160,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"miras bench: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 2
     results = []
-    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, args.device):
+    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, args.device, args.threads):
         results.append(spawn(case))
         print(tables([results[-1]]).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu, 2 threads"
+    on_gpu = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name(args.device) if on_gpu else f"cpu, {args.threads} threads"
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
             "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides}
     (args.out / "models.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -74,7 +74,9 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
     if config.family == "titans-mal":
         return MemoryAsLayer(memory, Attention(config.dim, config.heads, window=config.window))
     if config.family == "titans-mac":
-        return MemoryAsContext(memory, config.dim, config.heads, config.segment, config.persistent)
+        memory.recompute = 0  # MAC calls its memory once per segment: it groups segments itself
+        return MemoryAsContext(memory, config.dim, config.heads, config.segment, config.persistent,
+                               recompute=config.recompute)
     return memory
 
 

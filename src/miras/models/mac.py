@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import MemoryLayer, MemoryLayerState, rotary
 from ..memory import MemoryState, read
@@ -52,12 +53,17 @@ class MACState:
 
 
 class MemoryAsContext(nn.Module):
-    def __init__(self, memory: MemoryLayer, dim: int, heads: int, segment: int, persistent: int):
+    def __init__(self, memory: MemoryLayer, dim: int, heads: int, segment: int, persistent: int, *,
+                 recompute: int = 0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.memory, self.dim, self.heads, self.head_dim = memory, dim, heads, dim // heads
         self.segment, self.n_persistent = segment, persistent
+        # recompute=G (chunks, as for MemoryLayer): backward keeps the state between groups of segments
+        # spanning about G memory chunks and recomputes the rest. The memory is called once per segment,
+        # so the grouping happens here, not in the memory layer.
+        self.recompute = recompute
         inner = memory.heads * memory.head_dim
         self.retrieve_q = nn.Linear(dim, inner, bias=False)
         self.retrieve_out = nn.Linear(inner, dim, bias=False)
@@ -73,12 +79,27 @@ class MemoryAsContext(nn.Module):
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         state = state or self.init_state(x.shape[0])
-        outputs, start = [], 0
-        while start < x.shape[1]:
-            stop = min(x.shape[1], start + self.segment - state.filled)
-            y, state = self._piece(x[:, start:stop], state)
-            outputs.append(y)
+        bounds, start = [], 0
+        while start < x.shape[1]:  # the pieces: the rest of the current segment, then whole segments
+            stop = min(x.shape[1], start + (self.segment if bounds else self.segment - state.filled))
+            bounds.append((start, stop))
             start = stop
+
+        def run(first: int, last: int, state: MACState):
+            outputs = []
+            for start, stop in bounds[first:last]:
+                y, state = self._piece(x[:, start:stop], state)
+                outputs.append(y)
+            return outputs, state
+
+        group = max(1, self.recompute * self.memory.chunk_size // self.segment) if self.recompute else len(bounds)
+        outputs = []
+        for first in range(0, len(bounds), group):
+            if torch.is_grad_enabled() and group < len(bounds):
+                ys, state = checkpoint(run, first, first + group, state, use_reentrant=False)
+            else:
+                ys, state = run(first, first + group, state)
+            outputs += ys
         return torch.cat(outputs, 1), state
 
     def retrieve(self, x: Tensor, before: MemoryState) -> Tensor:
