@@ -36,6 +36,7 @@ def test_report_numbers_are_those_of_results_json(quick_demo):
         line = next(line for line in report.splitlines() if line.startswith(f"| {name} | ") and "±" in line)
         cells = re.findall(r"(\d\.\d\d) ± (\d\.\d\d) \[(\d\.\d\d)–(\d\.\d\d)\]", line)
         assert len(cells) == len(rows)
+        assert line.count("not run") == len(results["pooled"]["lengths"]) - len(rows)
         for (accuracy, half, low, high), row in zip(cells, rows):
             assert float(accuracy) == pytest.approx(row["accuracy"], abs=0.005)
             assert float(half) == pytest.approx((row["ci_high"] - row["ci_low"]) / 2, abs=0.005)
@@ -64,6 +65,19 @@ def test_conclusions_follow_the_numbers():
     missed = _conclusions(config, _pooled({"lmm": [1.0, 0.5, 0.1], "gdn": [0.2, 0.1, 0.0], "tf": [1.0, 1.0, 0.95]}))
     assert "lmm (fails)" in missed[-1] and "gdn (did not learn the task)" in missed[-1]
     assert "tf (keeps recalling)" in missed[-1] and "holds here for no model" in missed[-1]
+
+
+def test_a_model_evaluated_to_a_shorter_length(tmp_path):
+    """max_multiple: the model is evaluated up to that multiple; its missing cells say "not run"."""
+    models = (DemoModel(name="short", preset="swa-transformer-tiny", overrides={"dim": 16, "heads": 1, "layers": 1},
+                        max_multiple=1),)
+    config = DemoConfig.quick(models=models, out_dir=str(tmp_path / "demo"))
+    out = run_demo(config)
+    results = json.loads((out / "results.json").read_text())
+    rows = results["pooled"]["tasks"]["mqar"]["results"]["short"]
+    assert [row["context_length"] for row in rows] == [16]
+    assert "| short | " in (out / "report.md").read_text() and "not run" in (out / "report.md").read_text()
+    assert "not evaluated further" in results["conclusions"][0]
 
 
 def test_command_line_options():

@@ -25,8 +25,14 @@ Choices, and why (measured on this 2-core CPU while designing the demo, 64 examp
   or the text pass-key the Titans models were still near chance after 1500 steps.
 - **Forgetting gate α starts at 0.001** (``decay_init``) for every memory model. With the layer's
   default 0.01 the memory forgets within ~2K tokens: titans-lmm fell to 0.40-0.89 at 2K (3 seeds),
-  below Gated DeltaNet (0.82-0.91). At 0.001, titans-lmm kept 0.81-1.00 at 8K and 0.50-1.00 at 16K,
-  while Gated DeltaNet (same start) fell to 0.39-0.72 at 8K and 0.06-0.16 at 16K.
+  below Gated DeltaNet (0.82-0.91). At 0.001 (5 seeds, 64 examples each), titans-lmm kept
+  0.81/1.00/0.98/0.86/0.58 at 8K (seeds 0-4) while Gated DeltaNet from the same start fell to
+  0.72/0.58/0.39/0.70/0.19; at 16K (seeds 0-2) 0.50/1.00/0.97 against 0.34/0.16/0.06. The default
+  seeds are 0, 1, 2, fixed before these runs.
+- **titans-mac** learns the task at 32 tokens but was at chance from 512 tokens on (segment 16:
+  in training the query is always in the second of two segments, so it never learned to carry
+  the memory across many). It is kept, and reported as it does; it and the Transformer (at chance
+  by 64x) are evaluated to 64x only, which saves a third of the time budget.
 - **Sizes**: the ``tiny`` presets (dim 64, 2 layers). ``small`` trains at ~8 s a step for Titans on
   this CPU, far past a 15-minute budget for five models and three seeds.
 - **Training**: 1500 steps, batch 16, lr 3e-3: the memory models leave the loss plateau of
@@ -64,6 +70,10 @@ class DemoModel:
     name: str
     preset: str
     overrides: dict = field(default_factory=dict)
+    max_multiple: int | None = None  # evaluate only up to this multiple of the training length (None: all)
+
+    def multiples(self, config: DemoConfig) -> tuple[int, ...]:
+        return tuple(m for m in config.eval_multiples if self.max_multiple is None or m <= self.max_multiple)
 
     @property
     def role(self) -> str:
@@ -77,9 +87,11 @@ class DemoModel:
 SLOW_FORGETTING = {"decay_init": 0.001}  # see the module docstring
 DEFAULT_MODELS = (
     DemoModel(name="titans-lmm", preset="titans-lmm-tiny", overrides=SLOW_FORGETTING),
-    DemoModel(name="titans-mac", preset="titans-mac-tiny", overrides=SLOW_FORGETTING),
+    # Evaluated to 64x only: both were at chance there when the demo was designed, and their longest
+    # evaluations (a quadratic KV cache; a Python step per 16-token segment) cost a third of the budget.
+    DemoModel(name="titans-mac", preset="titans-mac-tiny", overrides=SLOW_FORGETTING, max_multiple=64),
     DemoModel(name="gated-deltanet", preset="gated-deltanet-tiny", overrides=SLOW_FORGETTING),
-    DemoModel(name="transformer", preset="transformer-tiny"),
+    DemoModel(name="transformer", preset="transformer-tiny", max_multiple=64),
     DemoModel(name="swa-transformer", preset="swa-transformer-tiny"),
 )
 
@@ -165,8 +177,9 @@ def _run_job(job: _Job) -> dict:
         train(job.train_config())
         trained = time.perf_counter()
         model, _, _ = load_run(job.run_dir, device=c.device)
-        task = make_task(c.task, context_length=max(c.eval_lengths), **c.task_params)
-        results = evaluate({job.model.name: model}, {c.task: task}, c.eval_lengths, examples=c.examples,
+        lengths = [c.train_length * multiple for multiple in job.model.multiples(c)]
+        task = make_task(c.task, context_length=max(lengths), **c.task_params)
+        results = evaluate({job.model.name: model}, {c.task: task}, lengths, examples=c.examples,
                            seed=c.eval_seed, segment=c.eval_segment, batch_size=c.eval_batch_size,
                            train_length=c.train_length)
     finally:
@@ -257,16 +270,18 @@ def _verdict(rows: list[dict]) -> str:
 def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
     """Sentences read off the pooled numbers: each model's verdict, and whether the papers' claim held."""
     rows = pooled["tasks"][config.task]["results"]
-    longest, multiple = config.eval_lengths[-1], config.eval_multiples[-1]
+    multiple = config.eval_multiples[-1]
     lines = []
     for model in config.models:
         r = rows[model.name]
+        longest = r[-1]["context_length"]
         seeds = ", ".join(f"{a:.2f}" for a in r[-1]["seed_accuracy"])
         below = next((row["context_length"] for row in r if row["accuracy"] < 0.5), None)
         fall = f"; first below 50% at {below:,} tokens ({below // config.train_length}x)" if below else ""
         lines.append(f"**{model.name}** ({ROLES[model.role]}) **{_verdict(r)}**: {r[0]['accuracy']:.2f} at the "
-                     f"training length, {r[-1]['accuracy']:.2f} at {longest:,} tokens ({multiple}x; seeds: "
-                     f"{seeds}){fall}.")
+                     f"training length, {r[-1]['accuracy']:.2f} at {longest:,} tokens "
+                     f"({longest // config.train_length}x; seeds: {seeds}){fall}"
+                     + ("; not evaluated further" if longest < config.eval_lengths[-1] else "") + ".")
     verdicts = {model.name: (model.role, _verdict(rows[model.name])) for model in config.models}
     expected = {"titans": ("keeps recalling",), "transformer": ("fails",), "swa": ("fails",),
                 "rnn": ("degrades", "fails")}
@@ -290,10 +305,12 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
     header = ["model", *(f"{n:,} ({n // config.train_length}x)" for n in lengths)]
     table = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for model in config.models:
+        found = {r["context_length"]: r for r in rows[model.name]}
         cells = [f"{r['accuracy']:.2f} ± {(r['ci_high'] - r['ci_low']) / 2:.2f} "
-                 f"[{min(r['seed_accuracy']):.2f}–{max(r['seed_accuracy']):.2f}]" for r in rows[model.name]]
+                 f"[{min(r['seed_accuracy']):.2f}–{max(r['seed_accuracy']):.2f}]" if (r := found.get(n)) else "not run"
+                 for n in lengths]
         table.append(f"| {model.name} | {' | '.join(cells)} |")
-    models = ["| model | preset | overrides | parameters | state at " f"{lengths[0]:,} / {lengths[-1]:,} tokens | "
+    models = ["| model | preset | overrides | parameters | state at the shortest / longest evaluated length | "
               "train s / seed | eval s / seed | final loss |", "|---|---|---|---|---|---|---|---|"]
     for model in config.models:
         mine = [job for job in jobs if job["model"] == model.name]
