@@ -55,16 +55,16 @@ def test_delta_impl_streams(name):
     _check_streams(make_layer(PRESETS[name], "delta", chunk_size=1, block_size=8), inputs())
 
 
-def _check_streams(layer, x):
+def _check_streams(layer, x, atol=1e-12):
     y, state = layer(x)
     for cuts in ([5, 6, 17], list(range(1, 23))):
         pieces, s = [], None
         for a, b in zip([0, *cuts], [*cuts, 23]):
             out, s = layer(x[:, a:b], s)
             pieces.append(out)
-        torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=0, atol=1e-12)
+        torch.testing.assert_close(torch.cat(pieces, 1), y, rtol=0, atol=atol)
         for a, b in zip(s.memory.tensors(), state.memory.tensors()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
         torch.testing.assert_close(s.conv, state.conv, rtol=0, atol=1e-12)
 
 
@@ -154,13 +154,14 @@ def test_channel_gating_paths_agree_and_stream(name):
     gates = fast._gates(x, torch.float64)
     channels = sum(w.shape[-1] for w in fast.initial_weights)
     assert gates.lr.shape == (2, 11, 2, channels) and gates.decay.shape[-1] == channels
-    assert (gates.decay.amax(-1) - gates.decay.amin(-1)).min() > 1e-4, "the gates must differ per channel"
+    assert (gates.decay.amax(-1) / gates.decay.amin(-1)).min() > 1.01, "the gates must differ per channel"
     (fast(x)[0] ** 2).sum().backward()
     (slow(x)[0] ** 2).sum().backward()
     for (pname, a), b in zip(fast.named_parameters(), slow.parameters()):
         assert a.grad is not None and a.grad.abs().max() > 0, f"{pname} gets no gradient"
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=pname)
-    _check_streams(fast, inputs())
+    # Moneta's normalised p = 3 map amplifies float64 rounding (tests/memory/helpers.py): 1e-11 here.
+    _check_streams(fast, inputs(), atol=1e-10 if name == "moneta" else 1e-12)
 
 
 def test_channel_gating_starts_as_token_gating():

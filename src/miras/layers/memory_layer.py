@@ -8,13 +8,14 @@
 Choices where the papers are silent (PAPERS.md §4), and why:
 - Gates are token-level, per head, from one linear map of x_t. The gate projection's weight starts
   at zero, so at initialisation every gate equals its bias, set to give ``GATE_INIT``
-  (θ = 0.1, η = 0.9, α = 0.01) whatever ``max_lr`` (the upper bound of θ) is. With unit-norm
+  (θ = 0.1, η = 0.9, α = 0.001) whatever ``max_lr`` (the upper bound of θ) is. With unit-norm
   keys the inner problem's curvature is O(1),
   so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
   without NaN (tested).
-- ``gate_init`` overrides these starting values (model config ``decay_init``: the demo starts α
-  at 0.001, whose retention half-life of ~700 tokens let Titans recall 256x past its training
-  length, where α = 0.01 forgot within ~2K tokens; ``docs/demo``).
+- α starts at 0.001 (a retention half-life of ~700 tokens). It was 0.01 until the demo's design
+  runs: with 0.01 a tiny titans-lmm trained at 32 tokens forgot within ~2K tokens (and one seed's
+  memory blew up between 1K and 2K), with 0.001 it recalled at 256x (``docs/demo``).
+  ``gate_init`` overrides any starting value (model config ``decay_init``).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
 - ``gating="channel"`` (MIRAS §5.4, Titans-NeurIPS's channel-wise α): θ, η, α per token, head and
@@ -53,7 +54,7 @@ from ..memory.state import CHANNEL_GATES, channel_widths, supports_channel_gates
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
 GATINGS = ("token", "fixed", "channel")
 # Gate values at initialisation (before any training): the biases are set to produce these.
-GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.01, "threshold": 1.0}
+GATE_INIT = {"lr": 0.1, "momentum": 0.9, "decay": 0.001, "threshold": 1.0}
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class ModelConfig:
     block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
     gate_rank: int = 0  # 0: token-level memory gates; > 0: channel-wise, through a rank-gate_rank projection
     recompute: int = 0  # > 0: memory layers recompute groups of this many chunks in backward (saves memory)
-    decay_init: float = 0.01  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
+    decay_init: float = 0.001  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
