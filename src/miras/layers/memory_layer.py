@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
+from ..memory.chunked import check_recompute
 from ..memory.delta import delta, supports_delta
 from ..memory.state import CHANNEL_GATES, channel_widths, supports_channel_gates
 
@@ -123,8 +124,7 @@ class MemoryLayer(nn.Module):
         self.dim, self.heads, self.head_dim, self.rule = dim, heads, head_dim, rule
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         self.block_size, self.gating = block_size, gating
-        if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
-            raise ValueError(f"recompute must be an integer >= 0 (chunks per group; 0: off), got {recompute!r}")
+        check_recompute(recompute)
         self.recompute = recompute
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)

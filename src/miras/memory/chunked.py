@@ -63,8 +63,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
-    if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
-        raise ValueError(f"recompute must be an integer >= 0 (chunks per recomputed group; 0: off), got {recompute!r}")
+    check_recompute(recompute)
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
@@ -96,7 +95,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     retention = rule.retention
     # β since the chunk start: the decay-first gradient point and the KL projection's keep (token-
     # level gates only; channel-wise rules do not use it).
-    retained = coef.beta if widths is None else torch.ones_like(coef.beta[..., :1, :, :]).squeeze(-3)
+    retained = coef.beta if widths is None else None
     if state.retained is not None:
         retained = torch.cat([retained[:1] * state.retained[..., None, None], retained[1:]])
 
@@ -106,7 +105,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
     per_chunk = list(zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
-                         retained.unbind(0), *(x.unbind(0) for x in extra.values())))
+                         [None] * chunks if retained is None else retained.unbind(0),
+                         *(x.unbind(0) for x in extra.values())))
 
     def run(first: int, stop: int, weights, surprise, anchor):
         """Chunks ``first:stop`` from the given state: their outputs and the state after them."""
@@ -120,7 +120,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
                                           scale, dict(zip(extra, extra_n)))
             if retention.projects and (n < chunks - 1 or position == 0):
-                weights = retention.chunk_end(weights, anchor, retained_n[:, :, row, 0])
+                keep = None if retained_n is None else retained_n[:, :, row, 0]
+                weights = retention.chunk_end(weights, anchor, keep)
                 # The chunk's last token reads the projected state (as in the reference).
                 y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
                 y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
@@ -141,6 +142,12 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
     final = MemoryState(weights, surprise, anchor if position else None, position, kept)
     return y[:, offset:offset + tokens], final
+
+
+def check_recompute(recompute) -> None:
+    """``recompute`` must be a number of chunks per recomputed group (0: off)."""
+    if not isinstance(recompute, int) or isinstance(recompute, bool) or recompute < 0:
+        raise ValueError(f"recompute must be an integer >= 0 (chunks per recomputed group; 0: off), got {recompute!r}")
 
 
 def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scores, coef: _Coefficients, row: int,

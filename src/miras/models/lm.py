@@ -66,7 +66,9 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
         return Attention(config.dim, config.heads, window=config.window)
     memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
                          impl=config.impl, block_size=config.block_size,
-                         gating=_gating(config), gate_rank=config.gate_rank or 32, recompute=config.recompute,
+                         gating=_gating(config), gate_rank=config.gate_rank or 32,
+                         # MAC calls its memory once per segment, so it groups whole segments itself
+                         recompute=0 if config.family == "titans-mac" else config.recompute,
                          gate_init={"decay": config.decay_init})
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
@@ -74,7 +76,6 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
     if config.family == "titans-mal":
         return MemoryAsLayer(memory, Attention(config.dim, config.heads, window=config.window))
     if config.family == "titans-mac":
-        memory.recompute = 0  # MAC calls its memory once per segment: it groups segments itself
         return MemoryAsContext(memory, config.dim, config.heads, config.segment, config.persistent,
                                recompute=config.recompute)
     return memory
