@@ -13,8 +13,11 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
   without NaN (tested).
 - α starts at 0.001 (a retention half-life of ~700 tokens). It was 0.01 until the demo's design
-  runs: with 0.01 a tiny titans-lmm trained at 32 tokens forgot within ~2K tokens (and one seed's
-  memory blew up between 1K and 2K), with 0.001 it recalled at 256x (``docs/demo``).
+  runs: with 0.01 a tiny titans-lmm trained at 32 tokens forgot within ~2K tokens, and one seed's
+  memory blew up between 1K and 2K (``OMP_NUM_THREADS=1 miras train titans-lmm-tiny`` with the
+  demo's settings, ``seed=3 model.decay_init=0.01 eval_every=0``, then ``miras eval --seed 123
+  --segment 32``: 0.97 at 1K, 0.00 at 2K; trained with two threads, the same seed gave 0.91 / 0.94:
+  float summation order alone decides). With 0.001 it recalled at 256x (``docs/demo``).
   ``gate_init`` overrides any starting value (model config ``decay_init``).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
