@@ -209,10 +209,11 @@ def cases(quick: bool, threads: int, baseline: bool):
                **common}
 
 
-def spawn(case) -> dict:
-    if case["layer"] == "titans-pytorch":
+def spawn(case, cmd: list[str] | None = None) -> dict:
+    """Run ``case`` in a child process (``cmd``, default: this script's ``--case``); its JSON result."""
+    if cmd is None and case["layer"] == "titans-pytorch":
         cmd = [str(BASELINE_PYTHON), str(ROOT / "titans_baseline.py"), json.dumps(case)]
-    else:
+    elif cmd is None:
         cmd = [sys.executable, __file__, "--case", json.dumps(case)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

@@ -87,6 +87,9 @@ class MemoryLayer(nn.Module):
     "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
     ``recompute=G``: the chunked paths keep only the memory state between groups of G chunks for
     backward and recompute the rest (less memory, one more forward; ``miras.memory.chunked``).
+    ``fused``: None (default) differentiates the Titans/TTT-MLP memory with the hand-written
+    backward of ``miras.memory.fused`` under ``impl="compiled"`` or ``recompute``, autograd
+    otherwise; True/False force it on (where covered) or off. Same values and gradients either way.
     ``gating``: "token" (data-dependent gates per token and head), "channel" (per token, head and
     memory input channel, through a rank-``gate_rank`` projection) or "fixed" (RetNet's constants).
     """
@@ -94,7 +97,7 @@ class MemoryLayer(nn.Module):
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, rule: MemoryRule = TITANS,
                  chunk_size: int = 16, *, max_lr: float = 1.0, conv_size: int = 4, impl: str = "chunked",
                  block_size: int = 64, gating: str = "token", gate_rank: int = 32, recompute: int = 0,
-                 gate_init: dict[str, float] | None = None):
+                 gate_init: dict[str, float] | None = None, fused: bool | None = None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
@@ -128,7 +131,9 @@ class MemoryLayer(nn.Module):
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         self.block_size, self.gating = block_size, gating
         check_recompute(recompute)
-        self.recompute = recompute
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be None (automatic), True or False, got {fused!r}")
+        self.recompute, self.fused = recompute, fused
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, conv_size))
@@ -218,7 +223,7 @@ class MemoryLayer(nn.Module):
         if self.impl == "recurrent":
             return recurrent(self.rule, q, k, v, gates, memory, self.chunk_size)
         return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled",
-                       recompute=self.recompute)
+                       recompute=self.recompute, fused=self.fused)
 
     def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
         shape = (*x.shape[:2], self.heads)

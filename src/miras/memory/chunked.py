@@ -40,6 +40,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .architectures import matmul_linear
+from .fused import fused_chunks
+from .fused import supports as fused_supports
 from .recurrent import initial_state
 from .rules import MemoryRule
 from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
@@ -47,7 +49,7 @@ from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retai
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False,
-            recompute: int = 0) -> tuple[Tensor, MemoryState]:
+            recompute: int = 0, fused: bool | None = None) -> tuple[Tensor, MemoryState]:
     """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state.
 
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
@@ -63,6 +65,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None (automatic), True or False, got {fused!r}")
     check_recompute(recompute)
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
@@ -102,6 +106,15 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     weights, surprise = state.weights, state.momentum
     anchor = state.chunk_start if offset else weights
     position = (offset + tokens) % chunk_size
+    if fused is None:
+        fused = compile or recompute > 0
+    if fused and torch.is_grad_enabled() and fused_supports(
+            rule, channelwise=widths is not None, offset=offset, device_type=q.device.type):
+        ys, weights, surprise, anchor = fused_chunks(rule, q, k, v, first_scores, coef, weights, surprise, last,
+                                                     max(recompute, 1), compile)
+        y = ys.permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
+        kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
+        return y[:, :tokens], MemoryState(weights, surprise, anchor if position else None, position, kept)
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
     per_chunk = list(zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
