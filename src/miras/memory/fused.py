@@ -73,7 +73,6 @@ class _ChunkLoop(torch.autograd.Function):
         from .chunked import _chunk_step, _Coefficients, _compiled_step
 
         step = _compiled_step() if compile else _chunk_step
-
         ncoef = 5 if momentum else 2
         coefs, rest = rest[:ncoef], rest[ncoef:]
         weights = tuple(rest[:layers])
@@ -86,8 +85,8 @@ class _ChunkLoop(torch.autograd.Function):
             anchor = weights
             coef_n = _Coefficients(*(c[n] for c in coefs), *([None] * (5 - ncoef)))
             row = last if n == chunks - 1 else size - 1
-            y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n], coef_n,
-                                               row, None, {})
+            y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n], coef_n, row,
+                                        None, {})
             ys.append(y)
         ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum = rule, last, stride, layers, momentum
         ctx.compile = compile
@@ -132,7 +131,7 @@ class _ChunkLoop(torch.autograd.Function):
                 weights, surprise = states[n - start]
                 row = last if n == chunks - 1 else size - 1
                 out = chunk_backward(rule.architecture.activation, weights, surprise, q[n], k[n], v[n], first[n],
-                                      coef_at(n), row, grad_y[n], g_w, g_s)
+                                     coef_at(n), row, grad_y[n], g_w, g_s)
                 g_q[n], g_k[n], g_v[n], g_first[n], coef_grads, g_w, g_s = out
                 if n == chunks - 1:  # the returned last-chunk anchor is these start weights
                     g_w = [g if a is None else g + a for g, a in zip(g_w, g_anchor)]
