@@ -68,7 +68,9 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
                          impl=config.impl, block_size=config.block_size,
                          gating=_gating(config), gate_rank=config.gate_rank or 32,
                          # MAC calls its memory once per segment, so it groups whole segments itself
+                         # (its memory then keeps no per-chunk activations: the fused backward)
                          recompute=0 if config.family == "titans-mac" else config.recompute,
+                         fused=True if config.family == "titans-mac" and config.recompute else None,
                          gate_init={"decay": config.decay_init})
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
