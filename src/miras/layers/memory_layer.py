@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_recompute
@@ -194,21 +195,37 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        batch, tokens, _ = x.shape
+        batch = x.shape[0]
         if state is None:
             state = self.init_state(batch)
         elif not isinstance(state, MemoryLayerState) or state.conv.shape[0] != batch:
             got = state.conv.shape[0] if isinstance(state, MemoryLayerState) else type(state).__name__
             raise ValueError(f"state must be a MemoryLayerState for a batch of {batch} (from init_state or a "
                              f"previous call on the same batch), got {got}")
-        qkv, conv_tail = self._conv(self.qkv(x), state.conv)
+        q, k, v, gates, conv_tail = self._around(self._engine_inputs, x, state.conv)
+        y, memory = self._engine(q, k, v, gates, state.memory)
+        return self._around(self._output, y, x), MemoryLayerState(memory, conv_tail)
+
+    def _around(self, fn, *args):
+        """With recompute, the work around the engine keeps only its inputs for backward too."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _engine_inputs(self, x: Tensor, conv_tail: Tensor):
+        """q, k, v (unit-norm q and k) and the gates for the engine, and the conv tail to carry."""
+        batch, tokens, _ = x.shape
+        qkv, conv_tail = self._conv(self.qkv(x), conv_tail)
         engine_dtype = self.initial_weights[0].dtype
         q, k, v = F.silu(qkv).to(engine_dtype).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        y, memory = self._engine(q, k, v, self._gates(x, engine_dtype), state.memory)
+        return q, k, v, self._gates(x, engine_dtype), conv_tail
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head norm of the memory's read, the output gate, the output projection."""
         y = F.rms_norm(y, (self.head_dim,), self.out_norm_weight.to(y.dtype), eps=1e-6)
-        y = y.reshape(batch, tokens, -1).to(x.dtype) * F.silu(self.out_gate(x))
-        return self.out_proj(y), MemoryLayerState(memory, conv_tail)
+        y = y.reshape(*x.shape[:2], -1).to(x.dtype) * F.silu(self.out_gate(x))
+        return self.out_proj(y)
 
     def _conv(self, u: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv over time, continuing from the previous call's last inputs."""
