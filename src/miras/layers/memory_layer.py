@@ -89,8 +89,8 @@ class MemoryLayer(nn.Module):
     ``recompute=G``: the chunked paths keep only the memory state between groups of G chunks for
     backward and recompute the rest (less memory, one more forward; ``miras.memory.chunked``).
     ``fused``: None (default) differentiates the Titans/TTT-MLP memory with the hand-written
-    backward of ``miras.memory.fused`` under ``impl="compiled"`` or ``recompute``, autograd
-    otherwise; True/False force it on (where covered) or off. Same values and gradients either way.
+    backward of ``miras.memory.fused`` under ``recompute``, autograd otherwise; True/False force it
+    on (where covered) or off. Same values and gradients either way.
     ``gating``: "token" (data-dependent gates per token and head), "channel" (per token, head and
     memory input channel, through a rank-``gate_rank`` projection) or "fixed" (RetNet's constants).
     """

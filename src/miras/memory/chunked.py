@@ -61,6 +61,14 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     only the state between groups of G chunks and recomputes a group's inside during backward
     (``torch.utils.checkpoint``). Same values and gradients; activation memory falls from all
     chunks to one group plus a state per group, at the cost of a second forward pass.
+
+    ``fused``: differentiate the loop of the deep-memory rules that ``memory/fused.py`` covers
+    (Titans, TTT-MLP) with its hand-written backward instead of autograd. Same values and gradients;
+    it keeps only chunk-boundary states (every ``recompute``-th) and recomputes a chunk's inside in
+    backward. None (default): used with ``recompute`` (there it was faster and leaner than
+    autograd's checkpointing in every measured run), not otherwise (autograd keeps every chunk's
+    activations, ~1.5-2x the memory, at a speed that measured within noise of it). True: wherever
+    covered (with ``compile`` its per-chunk backward is compiled too). False: never.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
@@ -107,7 +115,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     anchor = state.chunk_start if offset else weights
     position = (offset + tokens) % chunk_size
     if fused is None:
-        fused = compile or recompute > 0
+        fused = recompute > 0
     if fused and torch.is_grad_enabled() and fused_supports(
             rule, channelwise=widths is not None, offset=offset, device_type=q.device.type):
         ys, weights, surprise, anchor = fused_chunks(rule, q, k, v, first_scores, coef, weights, surprise, last,
