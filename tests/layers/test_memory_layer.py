@@ -99,7 +99,7 @@ def test_fused_backward_matches_the_reference_layer(name):
     for (pname, a), b in zip(fast.named_parameters(), slow.parameters()):
         assert a.grad is not None and a.grad.abs().max() > 0, f"{pname} gets no gradient"
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=pname)
-    with pytest.raises(ValueError, match="fused must be None"):
+    with pytest.raises(TypeError, match="fused must be None"):
         MemoryLayer(16, heads=2, fused="always")
 
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
-from ..memory.chunked import check_recompute
+from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
 from ..memory.state import CHANNEL_GATES, channel_widths, supports_channel_gates
 
@@ -132,8 +132,7 @@ class MemoryLayer(nn.Module):
         self.chunk_size, self.max_lr, self.impl = chunk_size, max_lr, impl
         self.block_size, self.gating = block_size, gating
         check_recompute(recompute)
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(f"fused must be None (automatic), True or False, got {fused!r}")
+        check_fused(fused)
         self.recompute, self.fused = recompute, fused
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)

@@ -73,8 +73,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
-    if fused is not None and not isinstance(fused, bool):
-        raise TypeError(f"fused must be None (automatic), True or False, got {fused!r}")
+    check_fused(fused)
     check_recompute(recompute)
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
@@ -119,7 +118,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     if fused and torch.is_grad_enabled() and fused_supports(
             rule, channelwise=widths is not None, offset=offset, device_type=q.device.type):
         ys, weights, surprise, anchor = fused_chunks(rule, q, k, v, first_scores, coef, weights, surprise, last,
-                                                     max(recompute, 1), compile)
+                                                     max(recompute, 1), compile, keep_anchor=position != 0)
         y = ys.permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
         kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
         return y[:, :tokens], MemoryState(weights, surprise, anchor if position else None, position, kept)
@@ -163,6 +162,12 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
     final = MemoryState(weights, surprise, anchor if position else None, position, kept)
     return y[:, offset:offset + tokens], final
+
+
+def check_fused(fused) -> None:
+    """``fused`` must be None (automatic), True or False."""
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None (automatic), True or False, got {fused!r}")
 
 
 def check_recompute(recompute) -> None:

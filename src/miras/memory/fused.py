@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from .architectures import LN_EPS, MLPMemory
+from .architectures import ACTIVATIONS, LN_EPS, MLPMemory
 from .objectives import GD, L2, Decay, Momentum, NoRetention
 
 SQRT_HALF = math.sqrt(0.5)
@@ -49,28 +49,37 @@ def supports(rule, *, channelwise: bool, offset: int, device_type: str) -> bool:
 
 
 def fused_chunks(rule, q: Tensor, k: Tensor, v: Tensor, first_scores: Tensor, coef, weights, surprise,
-                 last: int, stride: int, compile: bool = False):
+                 last: int, stride: int, compile: bool = False, *, keep_anchor: bool = False):
     """The chunk loop of ``chunked`` for ``supports``-ed rules. Inputs are in chunks, ``[N, B, H, C, ·]``.
 
-    Returns (y ``[N, B, H, C, Dv]``, final weights, final momentum or None, the last chunk's start weights).
+    Returns (y ``[N, B, H, C, Dv]``, final weights, final momentum or None, the last chunk's start
+    weights if ``keep_anchor`` (a state that ends mid-chunk carries them) else None).
     """
     momentum = surprise is not None
     layers = len(weights)
     coefs = (coef.mix, coef.beta, coef.carry, coef.surprise_mix, coef.surprise_keep) if momentum else \
         (coef.mix, coef.beta)
-    outputs = _ChunkLoop.apply(rule, last, stride, layers, momentum, compile, q, k, v, first_scores, *coefs, *weights,
-                               *(surprise or ()))
+    outputs = _ChunkLoop.apply(rule, last, stride, layers, momentum, compile, keep_anchor, q, k, v, first_scores,
+                               *coefs, *weights, *(surprise or ()))
     y, rest = outputs[0], outputs[1:]
     final_w, rest = rest[:layers], rest[layers:]
     final_s, rest = (rest[:layers], rest[layers:]) if momentum else (None, rest)
-    return y, tuple(final_w), (tuple(final_s) if momentum else None), tuple(rest)
+    return y, tuple(final_w), (tuple(final_s) if momentum else None), (tuple(rest) if keep_anchor else None)
+
+
+def _coefficients_at(coefs, n: int):
+    """Chunk ``n``'s _Coefficients from the stacked (A, β) or (A, β, c, P, E)."""
+    from .chunked import _Coefficients  # chunked imports this module
+
+    values = [c[n] for c in coefs]
+    return _Coefficients(*values, *([None] * (5 - len(values))))
 
 
 class _ChunkLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rule, last, stride, layers, momentum, compile, q, k, v, first, *rest):
+    def forward(ctx, rule, last, stride, layers, momentum, compile, keep_anchor, q, k, v, first, *rest):
         # chunked imports this module: its chunk step and state update are imported on use.
-        from .chunked import _chunk_step, _Coefficients, _compiled_step
+        from .chunked import _chunk_step, _compiled_step
 
         step = _compiled_step() if compile else _chunk_step
         ncoef = 5 if momentum else 2
@@ -83,21 +92,22 @@ class _ChunkLoop(torch.autograd.Function):
             if n % stride == 0:
                 kept.append((weights, surprise))
             anchor = weights
-            coef_n = _Coefficients(*(c[n] for c in coefs), *([None] * (5 - ncoef)))
             row = last if n == chunks - 1 else size - 1
-            y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n], coef_n, row,
-                                        None, {})
+            y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n],
+                                        _coefficients_at(coefs, n), row, None, {})
             ys.append(y)
         ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum = rule, last, stride, layers, momentum
         ctx.compile = compile
         ctx.groups = len(kept)
         flat = [t for w, s in kept for t in (*w, *(s or ()))]
         ctx.save_for_backward(q, k, v, first, *coefs, *flat)
-        return (torch.stack(ys), *weights, *(surprise or ()), *(w.clone() for w in anchor))
+        # A clone: with one chunk the anchor is an input, which a Function must not return as is.
+        anchor = tuple(w.clone() for w in anchor) if keep_anchor else ()
+        return (torch.stack(ys), *weights, *(surprise or ()), *anchor)
 
     @staticmethod
     def backward(ctx, grad_y, *grads):
-        from .chunked import _chunk_end_state, _Coefficients
+        from .chunked import _chunk_end_state
 
         rule, last, stride, layers, momentum = ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum
         ncoef = 5 if momentum else 2
@@ -108,15 +118,12 @@ class _ChunkLoop(torch.autograd.Function):
         kept = [flat[i * per_state:(i + 1) * per_state] for i in range(ctx.groups)]
         g_w = [_zero_if_none(g, w) for g, w in zip(grads[:layers], kept[0][:layers])]
         g_s = [_zero_if_none(g, w) for g, w in zip(grads[layers:2 * layers], kept[0][:layers])] if momentum else None
-        g_anchor = grads[2 * layers:] if momentum else grads[layers:]
+        g_anchor = grads[2 * layers:] if momentum else grads[layers:]  # empty without keep_anchor
         chunks, size = q.shape[0], q.shape[3]
         chunk_backward = _compiled_backward() if ctx.compile else _chunk_backward
         grad_y = torch.zeros_like(q) if grad_y is None else grad_y
         g_q, g_k, g_v, g_first = (torch.empty_like(t) for t in (q, k, v, first))
         g_coefs = [torch.zeros_like(c) for c in coefs]
-
-        def coef_at(n):
-            return _Coefficients(*(c[n] for c in coefs), *([None] * (5 - ncoef)))
 
         for group in reversed(range(ctx.groups)):
             start = group * stride
@@ -125,19 +132,20 @@ class _ChunkLoop(torch.autograd.Function):
             states = [(tuple(state[:layers]), tuple(state[layers:]) if momentum else None)]
             for n in range(start, stop - 1):  # recompute the group's chunk-start states
                 weights, surprise = states[-1]
-                _, deltas, acts = rule.architecture.signals(weights, k[n], lambda pred, n=n: pred - v[n])
-                states.append(_chunk_end_state(weights, surprise, deltas, acts, coef_at(n), size - 1))
+                _, deltas, acts = rule.architecture.signals(weights, k[n],
+                                                            lambda pred, n=n: rule.bias.output_grad(pred, v[n]))
+                states.append(_chunk_end_state(weights, surprise, deltas, acts, _coefficients_at(coefs, n), size - 1))
             for n in reversed(range(start, stop)):
                 weights, surprise = states[n - start]
                 row = last if n == chunks - 1 else size - 1
                 out = chunk_backward(rule.architecture.activation, weights, surprise, q[n], k[n], v[n], first[n],
-                                     coef_at(n), row, grad_y[n], g_w, g_s)
+                                     _coefficients_at(coefs, n), row, grad_y[n], g_w, g_s)
                 g_q[n], g_k[n], g_v[n], g_first[n], coef_grads, g_w, g_s = out
-                if n == chunks - 1:  # the returned last-chunk anchor is these start weights
+                if n == chunks - 1 and g_anchor:  # the returned last-chunk anchor is these start weights
                     g_w = [g if a is None else g + a for g, a in zip(g_w, g_anchor)]
                 for total, part in zip(g_coefs, coef_grads):
                     total[n] = part
-        return (None, None, None, None, None, None, g_q, g_k, g_v, g_first, *g_coefs, *g_w, *(g_s or ()))
+        return (None, None, None, None, None, None, None, g_q, g_k, g_v, g_first, *g_coefs, *g_w, *(g_s or ()))
 
 
 _COMPILED: dict[str, object] = {}
@@ -155,7 +163,8 @@ def _zero_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _activation(name: str):
-    """σ, σ' and σ'' of an activation, as functions of the pre-activation."""
+    """σ (the architectures' ``ACTIVATIONS``), σ' and σ'' of an activation, as functions of the pre-activation."""
+    act = ACTIVATIONS[name][0]
     if name == "gelu":
         def d1(z):
             return 0.5 * (1.0 + torch.erf(z * SQRT_HALF)) + z * INV_SQRT_2PI * torch.exp(-0.5 * z * z)
@@ -163,7 +172,7 @@ def _activation(name: str):
         def d2(z):
             return INV_SQRT_2PI * torch.exp(-0.5 * z * z) * (2.0 - z * z)
 
-        return torch.nn.functional.gelu, d1, d2
+        return act, d1, d2
     if name == "silu":
         def d1(z):
             s = torch.sigmoid(z)
@@ -173,17 +182,16 @@ def _activation(name: str):
             s = torch.sigmoid(z)
             return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
 
-        return torch.nn.functional.silu, d1, d2
+        return act, d1, d2
     if name == "relu":
-        return torch.relu, lambda z: (z > 0).to(z.dtype), torch.zeros_like
+        return act, lambda z: (z > 0).to(z.dtype), torch.zeros_like
     raise ValueError(f"no fused backward for activation {name!r}")
 
 
 def _norm(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer norm without affine (eps LN_EPS): (normalised z, 1/std)."""
-    var, mean = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
-    rstd = torch.rsqrt(var + LN_EPS)
-    return (z - mean) * rstd, rstd
+    """Layer norm without affine (eps LN_EPS, the aten op MLPMemory uses): (normalised z, 1/std)."""
+    normed, _, rstd = torch.ops.aten.native_layer_norm(z, z.shape[-1:], None, None, LN_EPS)
+    return normed, rstd
 
 
 def _norm_vjp(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
