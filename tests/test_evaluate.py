@@ -270,3 +270,21 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     args = parser.parse_args([str(tmp_path / "run"), "--tasks", "nope", "--out", str(tmp_path / "bad")])
     assert run_eval(args) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+    # --task-params: more facts than in training, over the run's own parameters
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "64", "--examples", "2", "--task-params",
+                              '{"pairs": 8, "queries": 1}', "--out", str(tmp_path / "facts")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "facts" / "results.json").read_text())
+    assert results["tasks"]["mqar"]["config"] == {"name": "mqar", "context_length": 64, "pairs": 8, "queries": 1}
+    for bad, message in [('{"pairs": 0}', "pairs must be an int in [1, 64]"),
+                         ('{"keys": 3}', "unknown parameter(s) keys"),
+                         ('{"context_length": 99}', "lengths come from --lengths")]:
+        args = parser.parse_args([str(tmp_path / "run"), "--task-params", bad, "--out", str(tmp_path / "bad")])
+        assert run_eval(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    for bad in ["[1, 2]", "{pairs: 3}"]:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--task-params", bad])
+    assert "JSON" in capsys.readouterr().err

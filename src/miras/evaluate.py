@@ -364,6 +364,17 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg}); e.g. '{{\"pairs\": 16}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of task parameters, "
+                                         "e.g. '{\"pairs\": 16}'")
+    return value
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``miras eval <run_dir>``."""
     parser.add_argument("run_dir", help="a training run's folder (its config.json and checkpoints)")
@@ -371,6 +382,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated task names (default: the run's task, or passkey,mqar for text runs)")
     parser.add_argument("--lengths", type=_integers, default=None,
                         help="comma-separated context lengths (default: the training length x 1, 2, 4, ..., 64)")
+    parser.add_argument("--task-params", type=_json_object, default=None, metavar="JSON",
+                        help="task parameters for every evaluated task, over the run's own, e.g. "
+                             "'{\"pairs\": 16}' (more facts than in training)")
     parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
     parser.add_argument("--segment", type=int, default=None,
                         help="tokens per forward call while streaming (default: the training length)")
@@ -394,15 +408,18 @@ def _training_length(train_config) -> int:
         else train_config.seq_len
 
 
-def _run_tasks(train_config, names: list[str] | None, length: int) -> dict[str, Task]:
-    """The task configs to evaluate: the run's own task with its parameters, the others with their defaults."""
+def _run_tasks(train_config, names: list[str] | None, length: int, overrides: dict | None = None) -> dict[str, Task]:
+    """The task configs to evaluate: the run's own task with its parameters, the others with their defaults;
+    ``overrides`` (``--task-params``) over both."""
     from .data.tasks import make_task
 
+    if overrides and "context_length" in overrides:
+        raise ValueError("--task-params sets no context_length: the lengths come from --lengths")
     kind, _, spec = train_config.data.partition(":")
     own = spec if kind == "task" else None
     tasks = {}
     for name in names or ([own] if own else ["passkey", "mqar"]):
-        params = {"context_length": length, **(train_config.data_params if name == own else {})}
+        params = {"context_length": length, **(train_config.data_params if name == own else {}), **(overrides or {})}
         tasks[name] = dataclasses.replace(make_task(name, **params), context_length=length)
     return tasks
 
@@ -416,7 +433,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model, train_config, tokenizer = load_run(args.run_dir, device=device)
         train_length = _training_length(train_config)
         lengths = args.lengths or [train_length * 2**k for k in range(7)]
-        tasks = _run_tasks(train_config, args.tasks, max(lengths))
+        tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
     except ValueError as error:
         print(f"miras eval: {error}", file=sys.stderr)
         return 2
