@@ -8,7 +8,11 @@ import torch.nn.functional as F
 
 from miras.models import FAMILIES, create
 
-PAIRS, SYMBOLS, BATCH, STEPS = 2, 16, 32, 200
+PAIRS, SYMBOLS, BATCH, STEPS, LR = 2, 16, 32, 200, 5e-3
+# MAC learns this task more slowly and erratically: at lr 5e-3 its loss after 200-400 steps ranged from 1.2 to
+# 2.6 over seeds 0-2 (the threshold is 1.94), and a change of rounding alone moved seed 0 from 1.55 to 2.11.
+# At lr 3e-3 for 400 steps the same three seeds reached 0.30-0.79.
+SLOWER = {"titans-mac": {"lr": 3e-3, "steps": 400}}
 
 
 def recall_batch(gen: torch.Generator) -> torch.Tensor:
@@ -27,11 +31,12 @@ def test_training_lowers_recall_loss(family):
     torch.manual_seed(0)
     family, _, option = family.partition("+")
     model = create(f"{family}-tiny", vocab_size=SYMBOLS + 2, **({"gate_rank": 32} if option else {}))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    settings = SLOWER.get(family, {})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.get("lr", LR))
     gen = torch.Generator().manual_seed(0)
     answers = slice(2 * PAIRS + 1, None, 2)  # target positions of the answers (inputs are the queries)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(settings.get("steps", STEPS)):
         seq = recall_batch(gen)
         logits, _ = model(seq[:, :-1])
         loss = F.cross_entropy(logits[:, answers].flatten(0, 1), seq[:, 1:][:, answers].flatten())
