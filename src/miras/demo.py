@@ -54,9 +54,10 @@ e.g. Gated DeltaNet, seed 0, α starting at 0.001 (prints 1.000, 1.000, 0.719)::
   it learned less within the budget (0.75/0.86 at 32 tokens, seeds 0/1) but held up better with
   distance (0.31/0.67 at 2K; ``docs/demo/long/``). Given 2000 steps, segment 8 learned it on seeds
   0/1/2 (0.94/0.94/1.00 at 32 tokens) and carried it to 8K on two of them (0.98/0.42/0.92), but
-  that costs ~4 more minutes of the demo's wall time (slower steps and a ~4x slower evaluation),
-  past its budget. It is kept at the preset's segment and reported as it does; it and the
-  Transformer (at chance by 64x) are evaluated to 64x only, which saves a third of the time budget.
+  that costs ~3.5 more minutes of the demo's wall time (0.15 s steps instead of 0.12 s, 2000 of
+  them, and a slower evaluation), past its budget. It is kept at the preset's segment and
+  reported as it does; it and the Transformer (at chance by 64x) are evaluated to 64x only, which
+  saves a third of the time budget.
 - **Number of facts** (``docs/demo/facts/``): trained on 4 pairs at 64 tokens (3000 steps), both
   Titans LMM and Gated DeltaNet degrade as soon as they are asked about more pairs (8 pairs: 0.49
   and 0.86). The demo's 1-pair task does not test it: a model can remember "the value" without
