@@ -67,12 +67,11 @@ def fused_chunks(rule, q: Tensor, k: Tensor, v: Tensor, first_scores: Tensor, co
     return y, tuple(final_w), (tuple(final_s) if momentum else None), (tuple(rest) if keep_anchor else None)
 
 
-def _coefficients_at(coefs, n: int):
-    """Chunk ``n``'s _Coefficients from the stacked (A, β) or (A, β, c, P, E)."""
+def _per_chunk(coefs):
+    """One _Coefficients per chunk from the stacked (A, β) or (A, β, c, P, E) the Function saves."""
     from .chunked import _Coefficients  # chunked imports this module
 
-    values = [c[n] for c in coefs]
-    return _Coefficients(*values, *([None] * (5 - len(values))))
+    return _Coefficients(*coefs, *([None] * (5 - len(coefs)))).unbind()
 
 
 class _ChunkLoop(torch.autograd.Function):
@@ -87,6 +86,7 @@ class _ChunkLoop(torch.autograd.Function):
         weights = tuple(rest[:layers])
         surprise = tuple(rest[layers:]) if momentum else None
         chunks, size = q.shape[0], q.shape[3]
+        per_chunk = _per_chunk(coefs)
         kept, ys, anchor = [], [], weights
         for n in range(chunks):
             if n % stride == 0:
@@ -94,7 +94,7 @@ class _ChunkLoop(torch.autograd.Function):
             anchor = weights
             row = last if n == chunks - 1 else size - 1
             y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n],
-                                        _coefficients_at(coefs, n), row, None, {})
+                                        per_chunk[n], row, None, {})
             ys.append(y)
         ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum = rule, last, stride, layers, momentum
         ctx.compile = compile
@@ -120,6 +120,7 @@ class _ChunkLoop(torch.autograd.Function):
         g_s = [_zero_if_none(g, w) for g, w in zip(grads[layers:2 * layers], kept[0][:layers])] if momentum else None
         g_anchor = grads[2 * layers:] if momentum else grads[layers:]  # empty without keep_anchor
         chunks, size = q.shape[0], q.shape[3]
+        per_chunk = _per_chunk(coefs)
         chunk_backward = _compiled_backward() if ctx.compile else _chunk_backward
         grad_y = torch.zeros_like(q) if grad_y is None else grad_y
         g_q, g_k, g_v, g_first = (torch.empty_like(t) for t in (q, k, v, first))
@@ -134,12 +135,12 @@ class _ChunkLoop(torch.autograd.Function):
                 weights, surprise = states[-1]
                 _, deltas, acts = rule.architecture.signals(weights, k[n],
                                                             lambda pred, n=n: rule.bias.output_grad(pred, v[n]))
-                states.append(_chunk_end_state(weights, surprise, deltas, acts, _coefficients_at(coefs, n), size - 1))
+                states.append(_chunk_end_state(weights, surprise, deltas, acts, per_chunk[n], size - 1))
             for n in reversed(range(start, stop)):
                 weights, surprise = states[n - start]
                 row = last if n == chunks - 1 else size - 1
                 out = chunk_backward(rule.architecture.activation, weights, surprise, q[n], k[n], v[n], first[n],
-                                     _coefficients_at(coefs, n), row, grad_y[n], g_w, g_s)
+                                     per_chunk[n], row, grad_y[n], g_w, g_s)
                 g_q[n], g_k[n], g_v[n], g_first[n], coef_grads, g_w, g_s = out
                 if n == chunks - 1 and g_anchor:  # the returned last-chunk anchor is these start weights
                     g_w = [g if a is None else g + a for g, a in zip(g_w, g_anchor)]
