@@ -365,13 +365,15 @@ def _names(text: str) -> list[str]:
 
 
 def _json_object(text: str) -> dict:
+    """``--task-params``: a JSON object, parsed as ``miras train`` parses its dict fields."""
+    from .train_config import ConfigError, parse_value
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg}); e.g. '{{\"pairs\": 16}}'") from None
+        value = parse_value("--task-params", text, dict)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object of task parameters, "
-                                         "e.g. '{\"pairs\": 16}'")
+        raise argparse.ArgumentTypeError(f"--task-params must be a JSON object like {{\"pairs\": 16}}, got {text!r}")
     return value
 
 
