@@ -129,8 +129,25 @@ def test_bench_measures_with_overrides(tmp_path, capsys):
     assert results["meta"]["overrides"] == {"recompute": 2}
     train_row, decode_row = results["results"]
     assert train_row["kind"] == "train" and train_row["tokens_per_s"] > 0 and train_row["overrides"] == {"recompute": 2}
+    assert train_row["gflop_per_s"] == pytest.approx(train_row["model_gflops"] * train_row["tokens_per_s"] / 32)
+    assert results["meta"]["matmul_gflops"] > 0
     assert decode_row["kind"] == "decode" and decode_row["state_mb"] > 0
     assert "| titans-lmm | 32 |" in (out / "models.md").read_text()
     assert main(["bench", "--overrides", "recompute=x", "--out", str(out)]) == 2
     assert main(["bench", "--overrides", "width=3", "--out", str(out)]) == 2
     assert "KEY a model config field" in capsys.readouterr().err
+
+
+def test_bench_counts_model_flops():
+    """3x the forward FLOPs: every matmul of transformer-tiny plus causal attention over T(T+1)/2 pairs."""
+    from miras.bench import model_flops
+
+    tokens = 40
+    ids = torch.randint(0, 256, (1, tokens))
+    dim, hidden, heads, layers, vocab = 64, 176, 2, 2, 256  # transformer-tiny
+    weights = layers * dim * (3 * dim + dim + 3 * hidden) + dim * vocab  # qkv, out, SwiGLU; tied head
+    attention = layers * 2 * heads * (tokens * (tokens + 1) // 2) * 2 * (dim // heads)  # Q·Kᵀ and P·V
+    assert model_flops({"family": "transformer", "size": "tiny"}, ids) == 3 * (2 * tokens * weights + attention)
+    # A masked call counts every query-key pair it is given: sliding-window attention below 2 windows.
+    swa = model_flops({"family": "swa-transformer", "size": "tiny"}, ids)
+    assert swa == 3 * (2 * tokens * weights + 2 * attention * tokens / (tokens + 1))

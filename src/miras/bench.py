@@ -8,6 +8,11 @@
 
 Each case runs in its own process (peak RSS is per process), 2 threads (``--threads``), float32:
 - train: one forward + backward of a next-token loss on [1, T] random tokens, median of timed runs;
+  model GFLOP/s = 3x the FLOPs of one forward pass (the usual fwd + 2x bwd convention; recompute
+  not counted) over the measured step time, compared with a dense float32 matmul's rate measured in
+  the same run. The forward's FLOPs are counted with torch's FlopCounterMode on an eager twin:
+  every matmul, and attention as the kernel is called (every query-key pair of a masked call,
+  half of them under ``is_causal``);
 - decode: stream a context of C tokens through the model in 4K-token segments (bounded memory),
   then time 64 single-token decoding steps; report tokens/s, peak RSS and the state size.
 """
@@ -63,8 +68,10 @@ def run_case(case) -> dict:
             step()
             times.append(_clock(device) - start)
         seconds = statistics.median(times)
-        return {**case, "tokens_per_s": case["T"] / seconds, "params": model.num_parameters(),
-                "peak_rss_mb": _peak_mb(device)}
+        peak = _peak_mb(device)  # before counting: the twin's forward is not part of the measured step
+        flops = model_flops(case, ids[:, :-1])
+        return {**case, "tokens_per_s": case["T"] / seconds, "params": model.num_parameters(), "peak_rss_mb": peak,
+                "model_gflops": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
     state = None
     with torch.no_grad():
         for start in range(0, case["context"], 4096):
@@ -79,6 +86,48 @@ def run_case(case) -> dict:
         seconds = _clock(device) - start
     return {**case, "tokens_per_s": 64 / seconds, "ms_per_token": 1000 * seconds / 64,
             "state_mb": model.state_bytes(state) / 2**20, "peak_rss_mb": _peak_mb(device)}
+
+
+def model_flops(case, ids: torch.Tensor) -> float:
+    """3x the matmul and attention FLOPs of one forward pass of the case's model on ``ids``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import create
+
+    overrides = dict(case.get("overrides", {}))
+    if overrides.get("impl") == "compiled":  # same math; the counter cannot see into compiled code
+        overrides["impl"] = "chunked"
+    twin = create(f"{case['family']}-{case.get('size', 'small')}", **overrides).to(ids.device).requires_grad_(False)
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
+    with torch.no_grad(), counter:
+        twin(ids)
+    return 3.0 * counter.get_total_flops()
+
+
+def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """FLOPs of the CPU flash-attention kernel (shapes): Q·Kᵀ and P·V over the pairs it computes."""
+    batch, heads, queries, dim = query
+    keys, value_dim = key[-2], value[-1]
+    pairs = queries * keys
+    if is_causal:  # torch's causal mask is top-left aligned: query i sees keys 0..i
+        seen = min(queries, keys)
+        pairs = seen * (seen + 1) // 2 + (queries - seen) * keys
+    return 2 * batch * heads * pairs * (dim + value_dim)
+
+
+def matmul_rate(device: torch.device, threads: int, n: int = 2048) -> float:
+    """GFLOP/s of an n³ float32 matmul (median of 10), the machine's dense rate for comparison."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start = _clock(device)
+        a @ b
+        times.append(_clock(device) - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def cases(families: list[str], size: str, lengths: list[int], contexts: list[int], overrides: dict | None = None,
@@ -103,15 +152,17 @@ def spawn(case) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tables(results) -> str:
-    train = ["| family | T | train tokens/s | peak RSS MB | params |", "|---|---|---|---|---|"]
+def tables(results, matmul_gflops: float | None = None) -> str:
+    train = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MB | params |",
+             "|---|---|---|---|---|---|---|"]
     decode = ["| family | context | decode tokens/s | ms/token | state MB | peak RSS MB |", "|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             (train if r["kind"] == "train" else decode).append(f"| {r['family']} | error: {r['error']} |")
         elif r["kind"] == "train":
-            train.append(f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} "
-                         f"| {r['params']:,} |")
+            share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""
+            train.append(f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['gflop_per_s']:.1f} | {share} "
+                         f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |")
         else:
             decode.append(f"| {r['family']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.1f} "
                           f"| {r['state_mb']:.2f} | {r['peak_rss_mb']:,.0f} |")
@@ -159,20 +210,24 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"miras bench: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 2
+    rate = matmul_rate(torch.device(args.device), args.threads)
+    print(f"float32 matmul (2048^3, {args.threads} threads): {rate:.0f} GFLOP/s", flush=True)
     results = []
     for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, args.device, args.threads):
         results.append(spawn(case))
-        print(tables([results[-1]]).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1], flush=True)
+        print(tables([results[-1]], rate).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1],
+              flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = args.device.startswith("cuda")
     device = torch.cuda.get_device_name(args.device) if on_gpu else f"cpu, {args.threads} threads"
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
-            "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides}
+            "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides, "matmul_gflops": rate}
     (args.out / "models.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     extra = f", overrides {overrides}" if overrides else ""
     memory = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS"
     (args.out / "models.md").write_text(f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
-                                        f"peak memory = {memory}.\n\n" + tables(results))
+                                        f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n"
+                                        + tables(results, rate))
     print(f"wrote {args.out / 'models.md'}")
     return 0
 
