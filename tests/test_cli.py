@@ -151,3 +151,16 @@ def test_bench_counts_model_flops():
     # A masked call counts every query-key pair it is given: sliding-window attention below 2 windows.
     swa = model_flops({"family": "swa-transformer", "size": "tiny"}, ids)
     assert swa == 3 * (2 * tokens * weights + 2 * attention * tokens / (tokens + 1))
+
+
+def test_attention_flop_formulas_read_is_causal_where_each_kernel_takes_it():
+    from miras.bench import _biased_attention_flops, _flash_attention_flops, attention_flops
+
+    shape = (1, 2, 10, 8)
+    causal, full = 2 * 2 * 55 * 16, 2 * 2 * 100 * 16  # 10·11/2 and 10·10 query-key pairs
+    assert attention_flops(shape, shape, shape, True) == causal
+    assert _flash_attention_flops(shape, shape, shape, 0.0, True) == causal
+    assert _flash_attention_flops(shape, shape, shape) == full
+    assert _biased_attention_flops(shape, shape, shape, None, False, 0.0, True) == causal
+    assert _biased_attention_flops(shape, shape, shape, None, True) == full
+    assert attention_flops((1, 2, 4, 8), shape, shape, True) == 2 * 2 * 10 * 16  # top-left aligned: 1+2+3+4

@@ -98,15 +98,31 @@ def model_flops(case, ids: torch.Tensor) -> float:
     if overrides.get("impl") == "compiled":  # same math; the counter cannot see into compiled code
         overrides["impl"] = "chunked"
     twin = create(f"{case['family']}-{case.get('size', 'small')}", **overrides).to(ids.device).requires_grad_(False)
+    aten = torch.ops.aten
     counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops})
+        aten._scaled_dot_product_flash_attention_for_cpu: _flash_attention_flops,
+        aten._scaled_dot_product_flash_attention: _flash_attention_flops,
+        aten._scaled_dot_product_efficient_attention: _biased_attention_flops,
+        aten._scaled_dot_product_cudnn_attention: _biased_attention_flops})
     with torch.no_grad(), counter:
         twin(ids)
     return 3.0 * counter.get_total_flops()
 
 
-def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
-    """FLOPs of the CPU flash-attention kernel (shapes): Q·Kᵀ and P·V over the pairs it computes."""
+def _flash_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """The flash-attention kernels (CPU and CUDA; arguments as shapes)."""
+    return attention_flops(query, key, value, is_causal)
+
+
+def _biased_attention_flops(query, key, value, attn_bias=None, compute_log_sumexp=False, dropout_p=0.0,
+                            is_causal=False, *args, **kwargs) -> int:
+    """The memory-efficient and cuDNN attention kernels (CUDA; arguments as shapes)."""
+    return attention_flops(query, key, value, is_causal)
+
+
+def attention_flops(query, key, value, is_causal: bool) -> int:
+    """Q·Kᵀ and P·V over the query-key pairs an attention kernel computes (torch's FlopCounterMode
+    counts every pair, causal or not). Shapes [B, H, T, D]."""
     batch, heads, queries, dim = query
     keys, value_dim = key[-2], value[-1]
     pairs = queries * keys
