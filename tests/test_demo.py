@@ -5,7 +5,16 @@ import re
 
 import pytest
 
-from miras.demo import DemoConfig, DemoModel, _conclusions, add_demo_arguments, run_demo, run_demo_command
+from miras.demo import (
+    DEFAULT_MODELS,
+    DemoConfig,
+    DemoModel,
+    _conclusions,
+    add_demo_arguments,
+    models_at_size,
+    run_demo,
+    run_demo_command,
+)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +95,29 @@ def test_command_line_options():
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--quick", "--seeds", "3", "4", "--out", "x"])
     assert (args.quick, args.seeds, args.out) == (True, [3, 4], "x")
     assert run_demo_command(argparse.Namespace(quick=True, out="x", seeds=None, steps=0, workers=None)) == 2
+
+
+def test_models_at_another_size_keep_the_tiny_attention_spans():
+    small = {m.name: m for m in models_at_size("small")}
+    assert [m.name for m in small.values()] == [m.name for m in DEFAULT_MODELS]
+    assert small["titans-lmm"].preset == "titans-lmm-small" and small["titans-lmm"].overrides == {"decay_init": 1e-5}
+    assert small["titans-mac"].overrides == {"decay_init": 1e-5, "segment": 16}
+    assert small["swa-transformer"].overrides == {"window": 32}
+    assert small["titans-mac"].max_multiple == 64
+    assert models_at_size("tiny") == DEFAULT_MODELS
+    with pytest.raises(ValueError, match="unknown size 'huge'; valid"):
+        models_at_size("huge")
+
+
+def test_size_option(tmp_path, capsys):
+    """--size small --quick: the small presets' pipeline at shrunk widths; an unknown size is one error line."""
+    import argparse
+
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--size", "small", "--quick",
+                                                                     "--out", str(tmp_path / "q")])
+    assert run_demo_command(args) == 0
+    results = json.loads((tmp_path / "q" / "results.json").read_text())
+    assert {m["preset"] for m in results["config"]["models"]} >= {"titans-lmm-small", "titans-mac-small"}
+    args.size = "huge"
+    assert run_demo_command(args) == 2
+    assert capsys.readouterr().err.startswith("miras demo: --size: unknown size 'huge'")
