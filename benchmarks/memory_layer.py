@@ -114,19 +114,6 @@ def run_case(case) -> dict:
     return time_case(case, step, flops)
 
 
-def matmul_rate(dtype: torch.dtype, threads: int, n: int = 2048) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def check_correctness() -> dict:
     """chunked == recurrent (float64, layer level, with gradients); bf16 engine error vs float64."""
     from miras.layers import MemoryLayer
@@ -250,7 +237,10 @@ def main():
         return
     checks = check_correctness()
     print("correctness:", json.dumps(checks), flush=True)
-    rates = {"float32": matmul_rate(torch.float32, args.threads), "bfloat16": matmul_rate(torch.bfloat16, args.threads)}
+    from miras.bench import matmul_rate
+
+    rates = {name: matmul_rate(torch.device("cpu"), args.threads, dtype=dtype)
+             for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     print(f"matmul 2048^3 GFLOP/s: float32 {rates['float32']:.0f}, bf16 {rates['bfloat16']:.0f}", flush=True)
     baseline = not args.no_baseline and BASELINE_PYTHON.exists()
     if not baseline:

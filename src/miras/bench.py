@@ -132,10 +132,10 @@ def attention_flops(query, key, value, is_causal: bool) -> int:
     return 2 * batch * heads * pairs * (dim + value_dim)
 
 
-def matmul_rate(device: torch.device, threads: int, n: int = 2048) -> float:
-    """GFLOP/s of an n³ float32 matmul (median of 10), the machine's dense rate for comparison."""
+def matmul_rate(device: torch.device, threads: int, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n³ matmul in ``dtype`` (median of 10), the machine's dense rate for comparison."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     for _ in range(3):
         a @ b
     times = []
