@@ -94,7 +94,8 @@ def test_command_line_options():
 
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--quick", "--seeds", "3", "4", "--out", "x"])
     assert (args.quick, args.seeds, args.out) == (True, [3, 4], "x")
-    assert run_demo_command(argparse.Namespace(quick=True, out="x", seeds=None, steps=0, workers=None)) == 2
+    bad_steps = argparse.Namespace(quick=True, out="x", seeds=None, steps=0, workers=None, size="tiny")
+    assert run_demo_command(bad_steps) == 2
 
 
 def test_models_at_another_size_keep_the_tiny_attention_spans():
@@ -110,14 +111,15 @@ def test_models_at_another_size_keep_the_tiny_attention_spans():
 
 
 def test_size_option(tmp_path, capsys):
-    """--size small --quick: the small presets' pipeline at shrunk widths; an unknown size is one error line."""
+    """--size small --quick: the small presets' pipeline at shrunk widths; an unknown size is an argparse error."""
     import argparse
 
-    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(["--size", "small", "--quick",
-                                                                     "--out", str(tmp_path / "q")])
+    parser = add_demo_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--size", "small", "--quick", "--out", str(tmp_path / "q")])
     assert run_demo_command(args) == 0
     results = json.loads((tmp_path / "q" / "results.json").read_text())
     assert {m["preset"] for m in results["config"]["models"]} >= {"titans-lmm-small", "titans-mac-small"}
-    args.size = "huge"
-    assert run_demo_command(args) == 2
-    assert capsys.readouterr().err.startswith("miras demo: --size: unknown size 'huge'")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--size", "huge"])
+    assert exit_info.value.code == 2
+    assert "argument --size: invalid choice: 'huge'" in capsys.readouterr().err
