@@ -7,9 +7,11 @@ through three methods, so a new architecture slots in without touching them:
   ``W_l u``. The reference passes the plain matmul; the chunked path passes the dual-form read
   (DESIGN.md §2.4), whose layer-l weights differ per token. Layer 0 must read ``x`` itself
   (the chunked path precomputes its scores from the raw queries and keys).
-- ``signals(weights, x, output_grad)``: forward at fixed weights, then the closed-form backward.
-  Returns, per layer, the back-propagated signal δ_l ``[..., N, out]`` and the layer input
-  a_l ``[..., N, in]``; the per-token weight gradient is their outer product δ_l ⊗ a_l.
+- ``signals(weights, x, output_grad, linear=None, linear_t=None)``: forward at fixed weights, then
+  the closed-form backward. Returns, per layer, the back-propagated signal δ_l ``[..., N, out]`` and
+  the layer input a_l ``[..., N, in]``; the per-token weight gradient is their outer product
+  δ_l ⊗ a_l. The weights are used only through ``linear(l, u) = W_l u`` and ``linear_t(l, g) = g W_l``
+  (default: the matmuls with ``weights``), so a caller may hold them implicitly (memory/span.py).
 - ``weight_shapes`` / ``default_weights``: the ``(out, in)`` of each layer and the default init.
 
 Weights are ``[B, H, out, in]``; inputs ``[B, H, N, D]``.
@@ -33,6 +35,11 @@ LN_EPS = 1e-5
 def matmul_linear(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
     """``linear(l, u) = u W_lᵀ``: the plain forward pass at fixed weights."""
     return lambda layer, u: torch.matmul(u, weights[layer].transpose(-1, -2))
+
+
+def matmul_linear_t(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
+    """``linear_t(l, g) = g W_l``: a signal ``g`` [..., out] back through layer l at fixed weights."""
+    return lambda layer, g: torch.matmul(g, weights[layer])
 
 
 def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
@@ -67,8 +74,9 @@ class LinearMemory:
     def apply(self, x: Tensor, linear: Linear) -> Tensor:
         return linear(0, x)
 
-    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor]):
-        pred = torch.matmul(x, weights[0].transpose(-1, -2))
+    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor], linear: Linear | None = None,
+                linear_t: Linear | None = None):
+        pred = (linear or matmul_linear(weights))(0, x)
         return pred, [output_grad(pred)], [x]
 
 
@@ -119,13 +127,15 @@ class MLPMemory:
                 u = act(u)
         return x + F.layer_norm(u, u.shape[-1:], eps=LN_EPS)
 
-    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor]):
+    def signals(self, weights, x: Tensor, output_grad: Callable[[Tensor], Tensor], linear: Linear | None = None,
+                linear_t: Linear | None = None):
         act, act_backward = ACTIVATIONS[self.activation]
+        linear, linear_t = linear or matmul_linear(weights), linear_t or matmul_linear_t(weights)
         acts, pre = [x], []
         u = x
         for layer in range(self.depth):
             # Under autocast the matmul returns bf16; the elementwise work stays in the engine dtype.
-            z = torch.matmul(u, weights[layer].transpose(-1, -2)).to(x.dtype)
+            z = linear(layer, u).to(x.dtype)
             pre.append(z)
             if layer < self.depth - 1:
                 u = act(z)
@@ -138,6 +148,6 @@ class MLPMemory:
                                                        [True, False, False])[0]
         deltas = [dz]
         for layer in range(self.depth - 1, 0, -1):
-            dz = act_backward(torch.matmul(dz, weights[layer]).to(x.dtype), pre[layer - 1])
+            dz = act_backward(linear_t(layer, dz).to(x.dtype), pre[layer - 1])
             deltas.append(dz)
         return pred, deltas[::-1], acts

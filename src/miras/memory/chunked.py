@@ -44,12 +44,14 @@ from .fused import fused_chunks
 from .fused import supports as fused_supports
 from .recurrent import initial_state
 from .rules import MemoryRule
+from .span import SPAN_TOKENS, span_chunks
+from .span import supports as span_supports
 from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
 
 
 def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             state: MemoryState | None = None, chunk_size: int = 16, *, compile: bool = False,
-            recompute: int = 0, fused: bool | None = None) -> tuple[Tensor, MemoryState]:
+            recompute: int = 0, fused: bool | None = None, span: int | None = None) -> tuple[Tensor, MemoryState]:
     """Fast path, same signature and results as ``recurrent``. Returns y ``[B, T, H, Dv]`` and the state.
 
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
@@ -69,12 +71,20 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     autograd's checkpointing in every measured run), not otherwise (autograd keeps every chunk's
     activations, ~1.5-2x the memory, at a speed that measured within noise of it). True: wherever
     covered (with ``compile`` its per-chunk backward is compiled too). False: never.
+
+    ``span=J``: read J chunks at a time against the state stored at their start and form the state
+    only every J chunks (``memory/span.py``; same values and gradients). 1: the state at every chunk
+    end. None (default): one span for a call of at most ``SPAN_TOKENS`` padded tokens when neither
+    ``recompute``, ``fused`` nor ``compile`` is asked for (training rows of a few dozen tokens: ~2x
+    faster forward + backward there), else 1. Rules or calls it does not cover (channel-wise gates,
+    projecting or decay-first retention, a call that starts mid-chunk) always run chunk by chunk.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {compile!r}")
     check_fused(fused)
     check_recompute(recompute)
+    check_span(span)
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
@@ -94,6 +104,17 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     with torch.autocast(q.device.type, enabled=False):  # gate algebra: part of the write path
         coef = _chunk_coefficients(rule, gates, chunks, size, layout, widths)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
+    if span is None:
+        span = chunks if chunks * size <= SPAN_TOKENS and not (recompute or fused or compile) else 1
+    if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
+        extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
+                 for name in sorted(rule.bias.gates)}
+        y, weights, surprise, anchor = span_chunks(rule, q, k, v, coef, extra, state.weights, state.momentum, last,
+                                                   span, lambda v, extra: _output_grad(rule, v, None, extra))
+        position = tokens % chunk_size
+        y = y.transpose(1, 2)[:, :tokens]
+        kept = coef.beta[-1][:, :, last, 0] if position and needs_retained(rule) else None
+        return y, MemoryState(weights, surprise, anchor if position else None, position, kept)
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
     if widths is None:
@@ -168,6 +189,12 @@ def check_fused(fused) -> None:
     """``fused`` must be None (automatic), True or False."""
     if fused is not None and not isinstance(fused, bool):
         raise TypeError(f"fused must be None (automatic), True or False, got {fused!r}")
+
+
+def check_span(span) -> None:
+    """``span`` must be None (automatic) or a number of chunks >= 1."""
+    if span is not None and (not isinstance(span, int) or isinstance(span, bool) or span < 1):
+        raise ValueError(f"span must be None (automatic) or an integer >= 1 (chunks per span), got {span!r}")
 
 
 def check_recompute(recompute) -> None:

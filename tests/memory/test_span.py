@@ -1,0 +1,107 @@
+"""The span form (memory/span.py) equals the chunk-by-chunk loop and the reference, and is used where it should be."""
+
+import importlib
+
+import pytest
+import torch
+
+from miras.memory import MEMORA, PRESETS, TITANS, Gates, MemoryState, chunked, recurrent
+
+from .helpers import assert_close, make_inputs, run_with_grads
+
+chunked_module = importlib.import_module("miras.memory.chunked")
+span_module = importlib.import_module("miras.memory.span")
+
+
+def _with_span(span):
+    return lambda *args: chunked(*args, span=span)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("chunk_size,tokens,span", [(4, 37, 1), (4, 37, 3), (4, 37, 10), (16, 37, 2), (1, 6, 4),
+                                                    (5, 5, 2)])
+def test_span_equals_recurrent(name, chunk_size, tokens, span):
+    """Outputs, final state and every gradient, float64, spans that do and do not divide the chunks,
+    a partial last chunk, chunk 1; ``span=1`` is the chunk loop."""
+    rule = PRESETS[name]
+    ref_out, ref_grads = run_with_grads(recurrent, rule, make_inputs(rule, tokens=tokens, requires_grad=True),
+                                        chunk_size)
+    out, grads = run_with_grads(_with_span(span), rule, make_inputs(rule, tokens=tokens, requires_grad=True),
+                                chunk_size)
+    for i, (a, b) in enumerate(zip(out, ref_out)):
+        assert_close(a, b, f"output {i}")
+    for key in grads:
+        assert_close(grads[key], ref_grads[key], f"d/d {key}")
+
+
+@pytest.mark.parametrize("name", ["titans", "ttt-mlp", "mamba2", "yaad"])
+@pytest.mark.parametrize("span", [None, 1])
+def test_shared_start_state_equals_a_copy(name, span):
+    """A start state expanded over the batch (stride 0, as the layer's learned initial memory) gives
+    the same values and gradients as the same state copied per row."""
+    rule = PRESETS[name]
+    q, k, v, gates, state = make_inputs(rule, batch=3, tokens=21)
+    bases = [w[0, :, :, :].clone().requires_grad_() for w in state.weights]
+    results = []
+    for copy in (False, True):
+        weights = tuple(w.unsqueeze(0).expand(3, *w.shape) for w in bases)
+        if copy:
+            weights = tuple(w.contiguous() for w in weights)
+        else:
+            assert all(w.stride(0) == 0 for w in weights)
+        momentum = None if state.momentum is None else tuple(torch.zeros_like(w) for w in weights)
+        y, final = chunked(rule, q, k, v, gates, MemoryState(weights, momentum), 4, span=span)
+        loss = (y * y.detach().cos()).sum() + sum((w * w.detach().sin()).sum() for w in final.weights)
+        results.append((y, final.weights, torch.autograd.grad(loss, bases)))
+    (y0, w0, g0), (y1, w1, g1) = results
+    assert_close(y0, y1, "output")
+    for a, b in zip(w0 + g0, w1 + g1):
+        assert_close(a, b, "state or gradient")
+
+
+def test_automatic_choice(monkeypatch):
+    """One span for short calls of the covered rules; the chunk loop for long calls, for recompute,
+    fused and compile, and for rules or states the span form does not cover."""
+    calls = []
+    original = chunked_module.span_chunks
+
+    def spy(*args, **kwargs):
+        calls.append(args[-2])  # the span length
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunked_module, "span_chunks", spy)
+
+    def used(rule, tokens, chunk_size=4, state=None, **options):
+        calls.clear()
+        q, k, v, gates, start = make_inputs(rule, tokens=tokens)
+        chunked(rule, q, k, v, gates, start if state is None else state, chunk_size, **options)
+        return list(calls)
+
+    assert used(TITANS, 37) == [10]  # 10 chunks of 4, one span
+    assert used(TITANS, span_module.SPAN_TOKENS + 1) == []
+    assert used(TITANS, 37, span=2) == [2]
+    assert used(TITANS, 37, recompute=2) == []
+    assert used(TITANS, 37, fused=True) == []
+    assert used(MEMORA, 37) == []  # a projecting retention
+    q, k, v, gates, state = make_inputs(TITANS, tokens=3)
+    _, mid = chunked(TITANS, q, k, v, gates, state, 4)
+    assert used(TITANS, 37, state=mid) == []  # the call starts mid-chunk
+    with pytest.raises(ValueError, match="span must be None"):
+        chunked(TITANS, q, k, v, gates, state, 4, span=0)
+
+
+def test_span_under_bf16_autocast_writes_full_precision():
+    """The span form keeps the chunk loop's precision split: bf16 reads, float32 state."""
+    q, k, v, _, state = make_inputs(TITANS, batch=2, tokens=64, heads=2, dim=16)
+    gates = Gates(**{name: torch.full(q.shape[:3], value, dtype=q.dtype)
+                     for name, value in (("lr", 0.1), ("momentum", 0.9), ("decay", 0.01))})
+    y64, s64 = chunked(TITANS, q, k, v, gates, state, 8, span=1)
+    single = lambda x: x.float()  # noqa: E731
+    gates32 = Gates(**{n: single(g) for n, g in gates.present().items()})
+    state32 = MemoryState(tuple(map(single, state.weights)), tuple(map(single, state.momentum)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, s = chunked(TITANS, single(q), single(k), single(v), gates32, state32, 8)
+    for a, b in zip(s.weights + s.momentum, s64.weights + s64.momentum):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).norm() / b.norm() < 1e-5
+    assert (y.double() - y64).norm() / y64.norm() < 0.01
