@@ -30,7 +30,9 @@ from .helpers import assert_close, leaves, make_inputs, run_with_grads
 @pytest.mark.parametrize("chunk_size,tokens", list(itertools.product([1, 4, 16], [1, 5, 16, 37])))
 def test_chunked_equals_recurrent(name, chunk_size, tokens):
     rule = PRESETS[name]
-    tol = 1e-10
+    # At chunk 1 the 37 inner steps are one long chain whose gradients reach ~1e5 here (titans): any two
+    # float64 evaluation orders differ by ~1e-10 of that (the chunk loop by 1.0e-10, spans by 3e-10).
+    tol = 1e-9 if chunk_size == 1 and tokens > 16 else 1e-10
     ref_out, ref_grads = run_with_grads(recurrent, rule, make_inputs(rule, tokens=tokens, requires_grad=True),
                                         chunk_size)
     out, grads = run_with_grads(chunked, rule, make_inputs(rule, tokens=tokens, requires_grad=True), chunk_size)

@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from miras.memory import MEMORA, PRESETS, TITANS, Gates, MemoryState, chunked, recurrent
+from miras.memory import MEMORA, PRESETS, TITANS, Gates, MemoryState, chunked, read, recurrent
 
 from .helpers import assert_close, make_inputs, run_with_grads
 
@@ -59,9 +59,26 @@ def test_shared_start_state_equals_a_copy(name, span):
         assert_close(a, b, "state or gradient")
 
 
+def test_read_from_a_shared_state_equals_a_copy():
+    """``read`` (MAC's retrieval) multiplies weights shared by the batch once per head: same values and
+    the same gradient w.r.t. what they were expanded from as a per-row copy."""
+    q, _, _, _, state = make_inputs(TITANS, batch=3, tokens=5)
+    bases = [w[0].clone().requires_grad_() for w in state.weights]
+    results = []
+    for copy in (False, True):
+        weights = tuple(w.unsqueeze(0).expand(3, *w.shape) for w in bases)
+        weights = tuple(w.contiguous() for w in weights) if copy else weights
+        y = read(TITANS, MemoryState(weights), q)
+        results.append((y, torch.autograd.grad((y * y.detach().cos()).sum(), bases)))
+    (y0, g0), (y1, g1) = results
+    assert_close(y0, y1, "read")
+    for a, b in zip(g0, g1):
+        assert_close(a, b, "gradient")
+
+
 def test_automatic_choice(monkeypatch):
-    """One span for short calls of the covered rules; the chunk loop for long calls, for recompute,
-    fused and compile, and for rules or states the span form does not cover."""
+    """Spans of at most SPAN_CHUNKS chunks for short calls of the covered rules; the chunk loop for long
+    calls, for recompute, fused and compile, and for rules or states the span form does not cover."""
     calls = []
     original = chunked_module.span_chunks
 
@@ -77,7 +94,8 @@ def test_automatic_choice(monkeypatch):
         chunked(rule, q, k, v, gates, start if state is None else state, chunk_size, **options)
         return list(calls)
 
-    assert used(TITANS, 37) == [10]  # 10 chunks of 4, one span
+    assert used(TITANS, 37) == [span_module.SPAN_CHUNKS]  # 10 chunks of 4, spans of at most SPAN_CHUNKS
+    assert used(TITANS, 7) == [2]  # 2 chunks: one span
     assert used(TITANS, span_module.SPAN_TOKENS + 1) == []
     assert used(TITANS, 37, span=2) == [2]
     assert used(TITANS, 37, recompute=2) == []

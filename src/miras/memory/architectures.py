@@ -42,6 +42,22 @@ def matmul_linear_t(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
     return lambda layer, g: torch.matmul(g, weights[layer])
 
 
+def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
+    """``u Wᵀ`` (or ``u W``) per batch row and head, u ``[B, H, T, d]``, w ``[B, H, out, in]``.
+
+    Weights shared by every batch row (a learned initial memory expanded with batch stride 0) are
+    multiplied once per head: ``torch.matmul`` would copy them per row (its batched path reshapes the
+    expanded operand). Only for reads whose weight gradient is wanted w.r.t. what the weights were
+    expanded from: it reaches the expanded rows through row 0 alone, so an inner gradient taken
+    w.r.t. the expanded tensor itself (the reference's ``autograd.grad``) must not use it."""
+    w_t = w.transpose(-1, -2) if transpose else w
+    if u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]:
+        return torch.matmul(u, w_t)
+    batch, heads, tokens, dim = u.shape
+    out = torch.matmul(u.transpose(0, 1).reshape(heads, batch * tokens, dim), w_t[0])
+    return out.view(heads, batch, tokens, -1).transpose(0, 1)
+
+
 def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
     s = torch.sigmoid(z)
     return grad * s * (1.0 + z * (1.0 - s))

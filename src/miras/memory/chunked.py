@@ -44,7 +44,7 @@ from .fused import fused_chunks
 from .fused import supports as fused_supports
 from .recurrent import initial_state
 from .rules import MemoryRule
-from .span import SPAN_TOKENS, span_chunks
+from .span import SPAN_CHUNKS, SPAN_TOKENS, span_chunks
 from .span import supports as span_supports
 from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
 
@@ -74,10 +74,11 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
 
     ``span=J``: read J chunks at a time against the state stored at their start and form the state
     only every J chunks (``memory/span.py``; same values and gradients). 1: the state at every chunk
-    end. None (default): one span for a call of at most ``SPAN_TOKENS`` padded tokens when neither
-    ``recompute``, ``fused`` nor ``compile`` is asked for (training rows of a few dozen tokens: ~2x
-    faster forward + backward there), else 1. Rules or calls it does not cover (channel-wise gates,
-    projecting or decay-first retention, a call that starts mid-chunk) always run chunk by chunk.
+    end. None (default): spans of up to ``SPAN_CHUNKS`` (4) chunks for a call of at most ``SPAN_TOKENS``
+    (64) padded tokens when neither ``recompute``, ``fused`` nor ``compile`` is asked for (training rows
+    of a few dozen tokens: up to ~1.3x faster training steps, benchmarks/span.py), else 1. Rules or
+    calls it does not cover (channel-wise gates, projecting or decay-first retention, a call that
+    starts mid-chunk) always run chunk by chunk.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
@@ -105,7 +106,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         coef = _chunk_coefficients(rule, gates, chunks, size, layout, widths)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
     if span is None:
-        span = chunks if chunks * size <= SPAN_TOKENS and not (recompute or fused or compile) else 1
+        span = min(chunks, SPAN_CHUNKS) if chunks * size <= SPAN_TOKENS and not (recompute or fused or compile) else 1
     if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
         extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
                  for name in sorted(rule.bias.gates)}

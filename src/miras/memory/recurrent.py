@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .architectures import matmul_linear
+from .architectures import matmul_linear, shared_matmul
 from .rules import MemoryRule
 from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
 
@@ -42,7 +42,7 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     if q.dim() != 4:
         raise ValueError(f"q must be a 4-d tensor [B, T, H, D], got {tuple(q.shape)}")
     weights = state.weights
-    y = rule.architecture.apply(q.transpose(1, 2), matmul_linear(weights))
+    y = rule.architecture.apply(q.transpose(1, 2), lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
     return y.transpose(1, 2)
 
 

@@ -39,8 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# chunked's automatic choice: calls of at most this many (padded) tokens run as one span.
+from .architectures import shared_matmul
+
+# chunked's automatic choice: calls of at most SPAN_TOKENS (padded) tokens run in spans of at most
+# SPAN_CHUNKS chunks (benchmarks/span.py: longer spans lost to the chunk loop).
 SPAN_TOKENS = 64
+SPAN_CHUNKS = 4
 
 
 def supports(rule, *, channelwise: bool, offset: int) -> bool:
@@ -194,24 +198,11 @@ def _flat(x: Tensor) -> Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(batch, heads, spans * size, dim)
 
 
-def _shared(w: Tensor) -> bool:
-    """Whether every batch row holds the same weights (expanded with batch stride 0)."""
-    return w.shape[0] > 1 and w.stride(0) == 0
-
-
 def _base(w: Tensor, u: Tensor) -> Tensor:
     """u Wᵀ per batch row and head: u [B, H, T, in], w [B, H, out, in] -> [B, H, T, out]."""
-    if not _shared(w):
-        return torch.matmul(u, w.transpose(-1, -2))
-    batch, heads, tokens, dim = u.shape
-    out = torch.matmul(u.transpose(0, 1).reshape(heads, batch * tokens, dim), w[0].transpose(-1, -2))
-    return out.view(heads, batch, tokens, -1).transpose(0, 1)
+    return shared_matmul(u, w, transpose=True)
 
 
 def _base_t(w: Tensor, g: Tensor) -> Tensor:
     """g W per batch row and head: g [B, H, T, out], w [B, H, out, in] -> [B, H, T, in]."""
-    if not _shared(w):
-        return torch.matmul(g, w)
-    batch, heads, tokens, dim = g.shape
-    out = torch.matmul(g.transpose(0, 1).reshape(heads, batch * tokens, dim), w[0])
-    return out.view(heads, batch, tokens, -1).transpose(0, 1)
+    return shared_matmul(g, w, transpose=False)
