@@ -77,8 +77,9 @@ def test_read_from_a_shared_state_equals_a_copy():
 
 
 def test_automatic_choice(monkeypatch):
-    """Spans of at most SPAN_CHUNKS chunks for short calls of the covered rules; the chunk loop for long
-    calls, for recompute, fused and compile, and for rules or states the span form does not cover."""
+    """One span for calls of at most SPAN_CHUNKS chunks (and SPAN_TOKENS tokens) of the covered rules;
+    the chunk loop for longer calls, for recompute, fused and compile, and for rules or states the
+    span form does not cover."""
     calls = []
     original = chunked_module.span_chunks
 
@@ -94,9 +95,11 @@ def test_automatic_choice(monkeypatch):
         chunked(rule, q, k, v, gates, start if state is None else state, chunk_size, **options)
         return list(calls)
 
-    assert used(TITANS, 37) == [span_module.SPAN_CHUNKS]  # 10 chunks of 4, spans of at most SPAN_CHUNKS
-    assert used(TITANS, 7) == [2]  # 2 chunks: one span
-    assert used(TITANS, span_module.SPAN_TOKENS + 1) == []
+    assert used(TITANS, 7) == [2]  # 2 chunks of 4: one span
+    assert used(TITANS, 4 * span_module.SPAN_CHUNKS) == [span_module.SPAN_CHUNKS]
+    assert used(TITANS, 4 * span_module.SPAN_CHUNKS + 1) == []  # one chunk more: the chunk loop
+    assert used(TITANS, 37, span=3) == [3]
+    assert used(TITANS, span_module.SPAN_TOKENS + 1, chunk_size=32) == []  # 3 chunks, but too many tokens
     assert used(TITANS, 37, span=2) == [2]
     assert used(TITANS, 37, recompute=2) == []
     assert used(TITANS, 37, fused=True) == []

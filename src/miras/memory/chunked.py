@@ -74,7 +74,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
 
     ``span=J``: read J chunks at a time against the state stored at their start and form the state
     only every J chunks (``memory/span.py``; same values and gradients). 1: the state at every chunk
-    end. None (default): spans of up to ``SPAN_CHUNKS`` (4) chunks for a call of at most ``SPAN_TOKENS``
+    end. None (default): one span for a call of at most ``SPAN_CHUNKS`` (4) chunks and ``SPAN_TOKENS``
     (64) padded tokens when neither ``recompute``, ``fused`` nor ``compile`` is asked for (training rows
     of a few dozen tokens: up to ~1.3x faster training steps, benchmarks/span.py), else 1. Rules or
     calls it does not cover (channel-wise gates, projecting or decay-first retention, a call that
@@ -106,7 +106,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         coef = _chunk_coefficients(rule, gates, chunks, size, layout, widths)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
     if span is None:
-        span = min(chunks, SPAN_CHUNKS) if chunks * size <= SPAN_TOKENS and not (recompute or fused or compile) else 1
+        short = chunks <= SPAN_CHUNKS and chunks * size <= SPAN_TOKENS
+        span = chunks if short and not (recompute or fused or compile) else 1
     if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
         extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
                  for name in sorted(rule.bias.gates)}

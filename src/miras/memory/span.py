@@ -41,8 +41,8 @@ from torch import Tensor
 
 from .architectures import shared_matmul
 
-# chunked's automatic choice: calls of at most SPAN_TOKENS (padded) tokens run in spans of at most
-# SPAN_CHUNKS chunks (benchmarks/span.py: longer spans lost to the chunk loop).
+# chunked's automatic choice: a call of at most SPAN_CHUNKS chunks and SPAN_TOKENS (padded) tokens runs
+# as one span (benchmarks/span.py: spans of more chunks gained nothing or lost to the chunk loop).
 SPAN_TOKENS = 64
 SPAN_CHUNKS = 4
 
