@@ -74,6 +74,9 @@ def span_chunks(rule, q: Tensor, k: Tensor, v: Tensor, coef, extra: dict[str, Te
 
 def _span(rule, q, k, v, mix, beta, carry, surprise_mix, surprise_keep, extra, weights, surprise, last: int,
           want_anchor: bool, output_grad):
+    """One span of J chunks ([J, B, H, C, D] inputs, per-chunk coefficients) from the state (weights,
+    surprise) at its start: y [B, H, J·C, Dv], the state after token ``last`` of chunk J−1, and (if
+    ``want_anchor``) the start state of chunk J−1."""
     spans, batch, heads, size, _ = q.shape
     tokens = spans * size
     # Per-chunk pieces by unbind/split, never by indexing: the backward of x[..., rows, :] fills a
@@ -115,8 +118,8 @@ def _span(rule, q, k, v, mix, beta, carry, surprise_mix, surprise_keep, extra, w
             e_j = e[j][..., None, None] if momentum else None
             g_j = gw[j][..., None, :history]  # [B, H, 1, history]
 
-            def linear(layer: int, u: Tensor, j=j, history=history, past_d=past_d, past_a=past_a,
-                       b_j=b_j, e_j=e_j, g_j=g_j) -> Tensor:
+            # W_j u and g W_j through the implicit W_j (used only inside this iteration, by signals).
+            def linear(layer: int, u: Tensor) -> Tensor:
                 if layer == 0:  # u is the chunk's raw keys
                     z = key_base[0][j]
                     if j and momentum:
@@ -133,8 +136,7 @@ def _span(rule, q, k, v, mix, beta, carry, surprise_mix, surprise_keep, extra, w
                     z = z + torch.matmul(g_j * scores, past_d[layer])
                 return z
 
-            def linear_t(layer: int, g: Tensor, j=j, past_d=past_d, past_a=past_a, b_j=b_j, e_j=e_j,
-                         g_j=g_j) -> Tensor:
+            def linear_t(layer: int, g: Tensor) -> Tensor:
                 z = _base_t(weights[layer], g)
                 if j:
                     z = b_j * z + (e_j * _base_t(surprise[layer], g) if momentum else 0)
