@@ -126,3 +126,26 @@ def test_span_under_bf16_autocast_writes_full_precision():
         assert a.dtype == torch.float32
         assert (a.double() - b).norm() / b.norm() < 1e-5
     assert (y.double() - y64).norm() / y64.norm() < 0.01
+
+
+@pytest.mark.parametrize("preset", ["titans-lmm-tiny", "titans-mac-tiny"])
+def test_models_train_the_same_with_and_without_the_span_form(preset, monkeypatch):
+    """A training row of 32 tokens (the demo's), float64: the same logits and every parameter gradient
+    (the learned initial memory included) whether the memory runs as spans or chunk by chunk."""
+    from miras.models import create
+
+    ids = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(0))
+    results = []
+    for threshold in (span_module.SPAN_TOKENS, 0):
+        monkeypatch.setattr(chunked_module, "SPAN_TOKENS", threshold)
+        torch.manual_seed(0)
+        model = create(preset).double()
+        logits, _ = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert_close(l0, l1, "logits")
+    assert any("initial_weights" in name for name in g0)
+    for name in g0:
+        assert g0[name] is not None, f"{name} gets no gradient"
+        assert_close(g0[name], g1[name], f"d/d {name}")
