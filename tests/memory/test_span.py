@@ -109,6 +109,9 @@ def test_automatic_choice(monkeypatch):
     assert used(TITANS, 37, state=mid) == []  # the call starts mid-chunk
     with pytest.raises(ValueError, match="span must be None"):
         chunked(TITANS, q, k, v, gates, state, 4, span=0)
+    for option in ({"recompute": 2}, {"fused": True}, {"compile": True}):
+        with pytest.raises(ValueError, match="cannot be combined with recompute, fused=True or compile"):
+            chunked(TITANS, q, k, v, gates, state, 4, span=2, **option)
 
 
 def test_span_under_bf16_autocast_writes_full_precision():

@@ -73,12 +73,13 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     covered (with ``compile`` its per-chunk backward is compiled too). False: never.
 
     ``span=J``: read J chunks at a time against the state stored at their start and form the state
-    only every J chunks (``memory/span.py``; same values and gradients). 1: the state at every chunk
-    end. None (default): one span for a call of at most ``SPAN_CHUNKS`` (4) chunks and ``SPAN_TOKENS``
-    (64) padded tokens when neither ``recompute``, ``fused`` nor ``compile`` is asked for (training rows
-    of a few dozen tokens: up to ~1.3x faster training steps, benchmarks/span.py), else 1. Rules or
-    calls it does not cover (channel-wise gates, projecting or decay-first retention, a call that
-    starts mid-chunk) always run chunk by chunk.
+    only every J chunks (``memory/span.py``; same values and gradients; J > 1 with ``recompute``,
+    ``fused=True`` or ``compile`` is an error). 1: the state at every chunk end. None (default): one
+    span for a call of at most ``SPAN_CHUNKS`` (4) chunks and ``SPAN_TOKENS`` (64) padded tokens when
+    neither ``recompute``, ``fused`` nor ``compile`` is asked for (training rows of a few dozen tokens:
+    up to ~1.3x faster training steps, benchmarks/span.py), else 1. Rules or calls it does not cover
+    (channel-wise gates, projecting or decay-first retention, a call that starts mid-chunk) always
+    run chunk by chunk.
     """
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if not isinstance(compile, bool):
@@ -86,6 +87,9 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     check_fused(fused)
     check_recompute(recompute)
     check_span(span)
+    if span is not None and span > 1 and (recompute or fused or compile):
+        raise ValueError(f"span={span} (the span form, autograd through it) cannot be combined with recompute, "
+                         f"fused=True or compile; got recompute={recompute}, fused={fused}, compile={compile}")
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
     if state is None:
