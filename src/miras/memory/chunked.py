@@ -112,9 +112,10 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     if span is None:
         short = chunks <= SPAN_CHUNKS and chunks * size <= SPAN_TOKENS
         span = chunks if short and not (recompute or fused or compile) else 1
+    # Per-token gates the bias reads (Huber's threshold), [N, B, H, C, 1].
+    extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
+             for name in sorted(rule.bias.gates)}
     if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
-        extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
-                 for name in sorted(rule.bias.gates)}
         y, weights, surprise, anchor = span_chunks(rule, q, k, v, coef, extra, state.weights, state.momentum, last,
                                                    span, lambda v, extra: _output_grad(rule, v, None, extra))
         position = tokens % chunk_size
@@ -127,9 +128,6 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
     else:  # Σ_c q_t[c] k_i[c] A[c, t, i] over the first layer's channels
         first_scores = torch.einsum("nbhtc,nbhic,nbhcti->nbhti", q, k, coef.mix[..., :dk, :, :])
-    # Per-token gates the bias reads (Huber's threshold), [N, B, H, C, 1].
-    extra = {name: _gate_chunks(getattr(gates, name), chunks, size, layout).unsqueeze(-1)
-             for name in sorted(rule.bias.gates)}
     retention = rule.retention
     # β since the chunk start: the decay-first gradient point and the KL projection's keep (token-
     # level gates only; channel-wise rules do not use it).
