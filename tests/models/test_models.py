@@ -205,9 +205,10 @@ def test_channel_wise_gates_need_a_rule_that_takes_them():
         create("titans-lmm-tiny", gate_rank=-1)
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac"])
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "transformer"])
 def test_recompute_option_gives_the_same_gradients(family):
-    """recompute=2 (memory chunks recomputed in backward, in groups of 2) changes memory, not math."""
+    """recompute=2 (memory chunks, and the MLPs in groups of 2 chunks' tokens, recomputed in backward)
+    changes memory, not math."""
     x = ids(tokens=40)
     grads = []
     for recompute in (0, 2):
@@ -219,3 +220,23 @@ def test_recompute_option_gives_the_same_gradients(family):
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("family", ["titans-mac", "transformer"])
+def test_recompute_keeps_no_mlp_activations(family):
+    """With recompute, backward keeps no SwiGLU hidden activations (the largest saved tensors of a long row):
+    each group of tokens keeps only its input."""
+    hidden = create(f"{family}-tiny").config.mlp_hidden
+
+    def saved_widths(recompute: int) -> list[int]:
+        torch.manual_seed(0)
+        model = create(f"{family}-tiny", recompute=recompute)
+        widths = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: widths.append(t.shape[-1] if t.dim() else 0) or t,
+                                                      lambda t: t):
+            logits, _ = model(ids(tokens=64))
+        logits.sum().backward()  # the recomputation in backward works
+        return widths
+
+    assert {hidden, 2 * hidden} & set(saved_widths(0))
+    assert not {hidden, 2 * hidden} & set(saved_widths(2))

@@ -59,7 +59,9 @@ class ModelConfig:
     impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent" | "delta"
     block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
     gate_rank: int = 0  # 0: token-level memory gates; > 0: channel-wise, through a rank-gate_rank projection
-    recompute: int = 0  # > 0: memory layers recompute groups of this many chunks in backward (saves memory)
+    # > 0: backward recomputes the memory in groups of this many chunks and each block's MLP in groups of
+    # recompute * chunk_size tokens, keeping only the groups' inputs (less memory, one more forward)
+    recompute: int = 0
     decay_init: float = 0.001  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
 
     def __post_init__(self):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, MemoryLayer
 from ..memory import get_rule
@@ -37,13 +38,18 @@ class Block(nn.Module):
     With ``persistent`` > 0 the block owns N_p learned, input-independent tokens P (Titans Eq. 19)
     and, at the start of a stream, runs on P ‖ x and drops P's outputs: the mixer's state then
     holds what it made of P (the attention keeps P visible as sink positions, the memory wrote it).
+
+    ``recompute`` > 0 (tokens): under autograd, x + mlp(norm(x)) runs in groups of that many tokens,
+    each checkpointed, so backward keeps only each group's input and recomputes the rest (the MLP's
+    hidden activations are most of what a long training row keeps). Same values and gradients.
     """
 
-    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, persistent: int = 0):
+    def __init__(self, dim: int, mixer: nn.Module, mlp: nn.Module, persistent: int = 0, recompute: int = 0):
         super().__init__()
         self.mixer_norm, self.mixer = nn.RMSNorm(dim, eps=1e-6), mixer
         self.mlp_norm, self.mlp = nn.RMSNorm(dim, eps=1e-6), mlp
         self.persistent = nn.Parameter(0.02 * torch.randn(persistent, dim)) if persistent else None
+        self.recompute = recompute
 
     def forward(self, x: Tensor, state=None, *, start: bool = False):
         prefix = 0
@@ -52,7 +58,15 @@ class Block(nn.Module):
             x = torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
-        return (x + self.mlp(self.mlp_norm(x)))[:, prefix:], state
+        if self.recompute and torch.is_grad_enabled() and x.shape[1] > self.recompute:
+            x = torch.cat([checkpoint(self._mlp_residual, group, use_reentrant=False)
+                           for group in x.split(self.recompute, dim=1)], dim=1)
+        else:
+            x = self._mlp_residual(x)
+        return x[:, prefix:], state
+
+    def _mlp_residual(self, x: Tensor) -> Tensor:
+        return x + self.mlp(self.mlp_norm(x))
 
     def init_state(self, batch: int):
         return self.mixer.init_state(batch)
@@ -99,7 +113,8 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config.dim, build_mixer(config, index), SwiGLU(config.dim, config.mlp_hidden),
                   # MAC keeps its persistent tokens inside its attention context instead.
-                  0 if config.family == "titans-mac" else config.persistent)
+                  0 if config.family == "titans-mac" else config.persistent,
+                  recompute=config.recompute * config.chunk_size)
             for index in range(config.layers))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
