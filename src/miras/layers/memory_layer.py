@@ -86,8 +86,9 @@ class MemoryLayer(nn.Module):
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
     ``torch.compile``: fastest after a one-off compile per shape), "recurrent" (the reference), or
     "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
-    ``recompute=G``: the chunked paths keep only the memory state between groups of G chunks for
-    backward and recompute the rest (less memory, one more forward; ``miras.memory.chunked``).
+    ``recompute=G``: under autograd the call runs in checkpointed groups of G chunks' tokens, so
+    backward keeps only each group's input and start state and recomputes one group at a time (less
+    memory, one more forward; ``_in_groups``).
     ``fused``: None (default) differentiates the Titans/TTT-MLP memory with the hand-written
     backward of ``miras.memory.fused`` under ``recompute``, autograd otherwise; True/False force it
     on (where covered) or off. Same values and gradients either way.
@@ -201,15 +202,32 @@ class MemoryLayer(nn.Module):
             got = state.conv.shape[0] if isinstance(state, MemoryLayerState) else type(state).__name__
             raise ValueError(f"state must be a MemoryLayerState for a batch of {batch} (from init_state or a "
                              f"previous call on the same batch), got {got}")
-        q, k, v, gates, conv_tail = self._around(self._engine_inputs, x, state.conv)
-        y, memory = self._engine(q, k, v, gates, state.memory)
-        return self._around(self._output, y, x), MemoryLayerState(memory, conv_tail)
-
-    def _around(self, fn, *args):
-        """With recompute, the work around the engine keeps only its inputs for backward too."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+            return self._in_groups(x, state)
+        return self._call(x, state, recompute=0, fused=self.fused)
+
+    def _call(self, x: Tensor, state: MemoryLayerState, *, recompute: int, fused: bool | None):
+        q, k, v, gates, conv_tail = self._engine_inputs(x, state.conv)
+        y, memory = self._engine(q, k, v, gates, state.memory, recompute=recompute, fused=fused)
+        return self._output(y, x), MemoryLayerState(memory, conv_tail)
+
+    def _in_groups(self, x: Tensor, state: MemoryLayerState) -> tuple[Tensor, MemoryLayerState]:
+        """``recompute=G`` under autograd: the call runs in groups of G chunks' tokens (the first one up
+        to a chunk boundary), each checkpointed whole: projections, engine and output, carrying the
+        state. Backward keeps each group's input and start state and recomputes one group at a time,
+        so activation memory is one group's, at any length. Inside a group the engine keeps every
+        chunk's state (the fused backward where it covers the rule), so backward recomputes nothing
+        twice. Exact: streaming gives the same outputs, state and gradients as one call."""
+        group = self.recompute * self.chunk_size
+        fused = True if self.fused is None else self.fused
+        outputs, start = [], 0
+        while start < x.shape[1]:
+            stop = min(x.shape[1], start + group - (state.memory.position if start == 0 else 0))
+            y, state = checkpoint(self._call, x[:, start:stop], state, recompute=0, fused=fused,
+                                  use_reentrant=False)
+            outputs.append(y)
+            start = stop
+        return torch.cat(outputs, dim=1), state
 
     def _engine_inputs(self, x: Tensor, conv_tail: Tensor):
         """q, k, v (unit-norm q and k) and the gates for the engine, and the conv tail to carry."""
@@ -233,13 +251,13 @@ class MemoryLayer(nn.Module):
         out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(u.dtype), groups=u.shape[-1])
         return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):]
 
-    def _engine(self, q, k, v, gates: Gates, memory: MemoryState):
+    def _engine(self, q, k, v, gates: Gates, memory: MemoryState, *, recompute: int, fused: bool | None):
         if self.impl == "delta":
             return delta(self.rule, q, k, v, gates, memory, self.block_size)
         if self.impl == "recurrent":
             return recurrent(self.rule, q, k, v, gates, memory, self.chunk_size)
         return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled",
-                       recompute=self.recompute, fused=self.fused)
+                       recompute=recompute, fused=fused)
 
     def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
         shape = (*x.shape[:2], self.heads)
