@@ -103,14 +103,19 @@ def test_fused_backward_matches_the_reference_layer(name):
         MemoryLayer(16, heads=2, fused="always")
 
 
-@pytest.mark.parametrize("name", ["titans", "moneta", "gated-deltanet"])
-def test_recompute_in_groups_matches_the_reference_layer(name):
+@pytest.mark.parametrize("name,options", [("titans", {}), ("moneta", {}), ("gated-deltanet", {}),
+                                          ("titans", {"gating": "channel"}),
+                                          ("gated-deltanet", {"impl": "delta", "chunk_size": 1, "block_size": 4})])
+def test_recompute_in_groups_matches_the_reference_layer(name, options):
     """recompute=2: the call runs in checkpointed groups of 2 chunks, the first one up to a chunk boundary
     when the state ends mid-chunk. Against the token-by-token reference, float64: outputs, final state and
-    every parameter gradient, through a carried mid-chunk state."""
+    every parameter gradient, through a carried mid-chunk state (chunked, channel-wise gates, the delta path)."""
     x = inputs(tokens=30)
+    options = {"impl": "chunked", **options}
+    reference = {**options, "impl": "recurrent"}
+    reference.pop("block_size", None)
     results = []
-    for layer in (make_layer(PRESETS[name], "chunked", recompute=2), make_layer(PRESETS[name], "recurrent")):
+    for layer in (make_layer(PRESETS[name], recompute=2, **options), make_layer(PRESETS[name], **reference)):
         _, state = layer(x[:, :5])  # ends one token into the second chunk of 4
         y, final = layer(x[:, 5:], state)
         ((y ** 2).sum() + sum((t ** 2).sum() for t in final.memory.tensors())).backward()
@@ -121,7 +126,11 @@ def test_recompute_in_groups_matches_the_reference_layer(name):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     for pname, p in params.items():
         assert p.grad is not None and p.grad.abs().max() > 0, f"{pname} gets no gradient"
-        torch.testing.assert_close(p.grad, params_ref[pname].grad, rtol=1e-9, atol=1e-10, msg=pname)
+        # The final-state term makes gradients reach ~1e4 (channel-wise gates); the chunked path without
+        # recompute differs from the reference by up to ~5e-13 of that too, so the bound scales with it.
+        scale = params_ref[pname].grad.abs().max().item()
+        torch.testing.assert_close(p.grad, params_ref[pname].grad, rtol=1e-9, atol=max(1e-10, 1e-11 * scale),
+                                   msg=pname)
 
 
 @pytest.mark.parametrize("name", ["titans", "moneta", "gated-deltanet"])
