@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install demo demo-long test test-slow bench bench-baseline-venv lint clean
+.PHONY: install demo demo-long test test-slow bench bench-long bench-baseline-venv lint clean
 
 # The runtime alone (no dev extras): what `make demo` needs on a fresh machine.
 $(VENV)/.installed-runtime: pyproject.toml
@@ -44,6 +44,14 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/memory_layer.py
+
+# Training at 4K and 16K tokens (~8 min): the Transformer as is, then the Transformer, MAC and LMM
+# with recompute=64; results in benchmarks/results/models_recompute/.
+LONG := benchmarks/results/models_recompute
+bench-long: install
+	$(PY) -m miras.bench --families transformer --lengths 4096 16384 --contexts --out $(LONG)/default
+	$(PY) -m miras.bench --families transformer titans-mac titans-lmm --lengths 4096 16384 --contexts \
+		--overrides impl=compiled recompute=64 --out $(LONG)/recompute64
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
