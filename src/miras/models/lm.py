@@ -58,7 +58,7 @@ class Block(nn.Module):
             x = torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
-        if self.recompute and torch.is_grad_enabled() and x.shape[1] > self.recompute:
+        if self.recompute and torch.is_grad_enabled():
             x = torch.cat([checkpoint(self._mlp_residual, group, use_reentrant=False)
                            for group in x.split(self.recompute, dim=1)], dim=1)
         else:
