@@ -204,11 +204,11 @@ class MemoryLayer(nn.Module):
                              f"previous call on the same batch), got {got}")
         if self.recompute and torch.is_grad_enabled():
             return self._in_groups(x, state)
-        return self._call(x, state, recompute=0, fused=self.fused)
+        return self._call(x, state, fused=self.fused)
 
-    def _call(self, x: Tensor, state: MemoryLayerState, *, recompute: int, fused: bool | None):
+    def _call(self, x: Tensor, state: MemoryLayerState, *, fused: bool | None):
         q, k, v, gates, conv_tail = self._engine_inputs(x, state.conv)
-        y, memory = self._engine(q, k, v, gates, state.memory, recompute=recompute, fused=fused)
+        y, memory = self._engine(q, k, v, gates, state.memory, fused=fused)
         return self._output(y, x), MemoryLayerState(memory, conv_tail)
 
     def _in_groups(self, x: Tensor, state: MemoryLayerState) -> tuple[Tensor, MemoryLayerState]:
@@ -223,8 +223,7 @@ class MemoryLayer(nn.Module):
         outputs, start = [], 0
         while start < x.shape[1]:
             stop = min(x.shape[1], start + group - (state.memory.position if start == 0 else 0))
-            y, state = checkpoint(self._call, x[:, start:stop], state, recompute=0, fused=fused,
-                                  use_reentrant=False)
+            y, state = checkpoint(self._call, x[:, start:stop], state, fused=fused, use_reentrant=False)
             outputs.append(y)
             start = stop
         return torch.cat(outputs, dim=1), state
@@ -251,13 +250,13 @@ class MemoryLayer(nn.Module):
         out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(u.dtype), groups=u.shape[-1])
         return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):]
 
-    def _engine(self, q, k, v, gates: Gates, memory: MemoryState, *, recompute: int, fused: bool | None):
+    def _engine(self, q, k, v, gates: Gates, memory: MemoryState, *, fused: bool | None):
         if self.impl == "delta":
             return delta(self.rule, q, k, v, gates, memory, self.block_size)
         if self.impl == "recurrent":
             return recurrent(self.rule, q, k, v, gates, memory, self.chunk_size)
         return chunked(self.rule, q, k, v, gates, memory, self.chunk_size, compile=self.impl == "compiled",
-                       recompute=recompute, fused=fused)
+                       fused=fused)
 
     def _gates(self, x: Tensor, dtype: torch.dtype) -> Gates:
         shape = (*x.shape[:2], self.heads)
