@@ -109,6 +109,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     with torch.autocast(q.device.type, enabled=False):  # gate algebra: part of the write path
         coef = _chunk_coefficients(rule, gates, chunks, size, layout, widths)
     q, k, v = (_to_chunks(x, chunks, size, layout) for x in (q, k, v))
+    position = (offset + tokens) % chunk_size
     if span is None:
         short = chunks <= SPAN_CHUNKS and chunks * size <= SPAN_TOKENS
         span = chunks if short and not (recompute or fused or compile) else 1
@@ -118,10 +119,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
         y, weights, surprise, anchor = span_chunks(rule, q, k, v, coef, extra, state.weights, state.momentum, last,
                                                    span, lambda v, extra: _output_grad(rule, v, None, extra))
-        position = tokens % chunk_size
-        y = y.transpose(1, 2)[:, :tokens]
-        kept = coef.beta[-1][:, :, last, 0] if position and needs_retained(rule) else None
-        return y, MemoryState(weights, surprise, anchor if position else None, position, kept)
+        return y.transpose(1, 2)[:, :tokens], _final_state(rule, weights, surprise, anchor, position, coef.beta, last)
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
     if widths is None:
@@ -137,7 +135,6 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
 
     weights, surprise = state.weights, state.momentum
     anchor = state.chunk_start if offset else weights
-    position = (offset + tokens) % chunk_size
     if fused is None:
         fused = recompute > 0
     if fused and torch.is_grad_enabled() and fused_supports(
@@ -145,8 +142,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         ys, weights, surprise, anchor = fused_chunks(rule, q, k, v, first_scores, coef, weights, surprise, last,
                                                      max(recompute, 1), compile, keep_anchor=position != 0)
         y = ys.permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
-        kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
-        return y[:, :tokens], MemoryState(weights, surprise, anchor if position else None, position, kept)
+        return y[:, :tokens], _final_state(rule, weights, surprise, anchor, position, retained, last)
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
     per_chunk = list(zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
@@ -184,9 +180,14 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             ys, weights, surprise, anchor = run(first, stop, weights, surprise, anchor)
         outputs += ys
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
+    return y[:, offset:offset + tokens], _final_state(rule, weights, surprise, anchor, position, retained, last)
+
+
+def _final_state(rule, weights, surprise, anchor, position: int, retained: Tensor | None, last: int) -> MemoryState:
+    """The state after the call; mid-chunk it keeps the chunk-start weights and, for the rules that need
+    it, β since the chunk start at the last token."""
     kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
-    final = MemoryState(weights, surprise, anchor if position else None, position, kept)
-    return y[:, offset:offset + tokens], final
+    return MemoryState(weights, surprise, anchor if position else None, position, kept)
 
 
 def check_fused(fused) -> None:
