@@ -32,7 +32,8 @@ def test_causal(family):
 def test_full_equals_segments_equals_token_by_token(family):
     model, x = make(family), ids()
     full, state = model(x)
-    for cuts in ([3, 12], list(range(1, 21))):
+    # [0, 3, 3, 12, 21]: empty calls first, in the middle and last return no logits and the state as it was
+    for cuts in ([3, 12], list(range(1, 21)), [0, 3, 3, 12, 21]):
         pieces, s = [], None
         for a, b in zip([0, *cuts], [*cuts, 21]):
             out, s = model(x[:, a:b], s)
@@ -93,6 +94,33 @@ def test_state_save_load_round_trips(family, tmp_path):
     expected, _ = model(x[:, 13:], state)
     got, _ = model(x[:, 13:], loaded)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_state_from_another_batch_or_model_is_rejected():
+    model, other = make("titans-mac"), make("titans-lmm")
+    _, state = model(ids(5, batch=3))
+    _, foreign = other(ids(5, batch=3))
+    with pytest.raises(ValueError, match="state is for a batch of 3 sequences, ids for 2"):
+        model(ids(5, batch=2), state)
+    with pytest.raises(ValueError, match="block 0 is a MemoryLayerState, .* carries a MACState: .* different model"):
+        model(ids(5, batch=3), foreign)
+    with pytest.raises(ValueError, match=r"one state per block \(2 for this titans-mac model"):
+        model(ids(5, batch=3), state.layers)
+    with pytest.raises(ValueError, match="got 1 layer states"):
+        model(ids(5, batch=3), ModelState(state.layers[:1]))
+
+
+def test_generate_needs_a_prompt():
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        make("titans-lmm").generate(ids(0), 3)
+
+
+def test_mac_keeps_its_segment_cache_in_the_autocast_dtype():
+    model = create("titans-mac-tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model(ids(5))
+        _, state = model(ids(3), state)
+    assert {t.dtype for layer in state.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
 
 
 def test_state_load_rejects_other_files(tmp_path):

@@ -7,6 +7,8 @@ feeding a document in segments with the state carried equals one pass over it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -121,6 +123,7 @@ class LanguageModel(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
 
     def init_state(self, batch: int) -> ModelState:
         return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0)
@@ -132,12 +135,33 @@ class LanguageModel(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
         if state is None:
             state = self.init_state(ids.shape[0])
+        else:
+            self._check_state(state, ids.shape[0])
+        if ids.shape[1] == 0:  # nothing to read: no logits, the state as it was
+            return self.head.weight.new_zeros(ids.shape[0], 0, self.config.vocab_size), state
         x = self.embed(ids)
         new_states = []
         for block, block_state in zip(self.blocks, state.layers):
             x, block_state = block(x, block_state, start=state.seen == 0)
             new_states.append(block_state)
         return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1])
+
+    def _check_state(self, state, batch: int) -> None:
+        """A state this model made (``init_state`` or a previous call) for ``batch`` sequences."""
+        if not isinstance(state, ModelState) or len(state.layers) != len(self.blocks):
+            got = f"{len(state.layers)} layer states" if isinstance(state, ModelState) else type(state).__name__
+            raise ValueError(f"state must be a ModelState with one state per block ({len(self.blocks)} for this "
+                             f"{self.config.family} model; from init_state or a previous call), got {got}")
+        if self._state_types is None:  # what each block's mixer carries, found once
+            self._state_types = tuple(type(block.init_state(1)) for block in self.blocks)
+        for i, (layer, expected) in enumerate(zip(state.layers, self._state_types)):
+            if type(layer) is not expected:
+                raise ValueError(f"state of block {i} is a {type(layer).__name__}, but this {self.config.family} "
+                                 f"model's block {i} carries a {expected.__name__}: the state comes from a "
+                                 f"different model")
+        if state.layers[0].batch != batch:
+            raise ValueError(f"state is for a batch of {state.layers[0].batch} sequences, ids for {batch}: "
+                             f"pass the state of a previous call on the same batch, or init_state({batch})")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -152,8 +176,9 @@ class LanguageModel(nn.Module):
                  ) -> tuple[Tensor, ModelState]:
         """Prefill the prompt (fast path), then decode one token at a time with the carried state.
         ``temperature=0`` is greedy. Returns the new tokens [B, max_new_tokens] and the state."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if prompt_ids.dim() == 2 and prompt_ids.shape[1] == 0 and max_new_tokens:
+            raise ValueError("prompt_ids is empty: generation needs at least one prompt token per row")
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
         logits, state = self(prompt_ids, state)
         tokens = []
@@ -162,6 +187,18 @@ class LanguageModel(nn.Module):
             tokens.append(token)
             logits, state = self(token[:, None], state)
         return torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0), state
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -118,8 +118,10 @@ class MemoryAsContext(nn.Module):
         _, k_h, v_h = self._project(h, self.n_persistent + index)
         done = state.filled
         # This segment's keys so far, h first then S: [h_1..h_n, S_1..S_n].
-        segment_keys = torch.cat([state.keys[:, :, :done], k_h, state.keys[:, :, done:], k_s], dim=2)
-        segment_values = torch.cat([state.values[:, :, :done], v_h, state.values[:, :, done:], v_s], dim=2)
+        # (the cache in the keys' dtype: under autocast the initial empty one is float32)
+        cached_k, cached_v = state.keys.to(k_s.dtype), state.values.to(v_s.dtype)
+        segment_keys = torch.cat([cached_k[:, :, :done], k_h, cached_k[:, :, done:], k_s], dim=2)
+        segment_values = torch.cat([cached_v[:, :, :done], v_h, cached_v[:, :, done:], v_s], dim=2)
         keys, values = segment_keys, segment_values
         # Visibility: query i (segment index) sees h_j and S_j for j <= i; P always.
         seen = torch.arange(done + tokens, device=x.device)
