@@ -60,6 +60,10 @@ def test_the_console_script_is_installed():
     (["train", "titans-tiny"], "miras train: error: unknown preset 'titans-tiny'; valid: deltanet-1.3b, "),
     (["train", "transformer-tiny", "steps=3"], "miras train: error: unknown key 'steps'; valid: batch_size, "),
     (["train", "transformer-tiny", "lr=big"], "miras train: error: lr='big': expected a number"),
+    (["train", "transformer-tiny", "lr=inf"], "miras train: error: need a finite lr > 0"),
+    (["train", "titans-lmm-tiny", "model.impl=fast"], "miras train: error: model_overrides: impl must be one of "
+                                                       "['chunked', 'compiled', 'recurrent', 'delta'], got 'fast'"),
+    (["train", "transformer-tiny", "device=tpu:0"], "miras train: error: unknown device 'tpu:0'"),
 ])
 def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     assert main([*argv, f"out_dir={tmp_path / 'run'}"]) == 2
@@ -112,6 +116,21 @@ def test_generate_without_a_saved_tokenizer_uses_bytes(tmp_path, capsys):
     tokens, _ = model.generate(torch.tensor([list(b"hi")]), 4, temperature=0)
     assert tokenizer is None
     assert capsys.readouterr().out == bytes(tokens[0].tolist()).decode("utf-8", errors="replace") + "\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+    (["--device", "nowhere"], "unknown device 'nowhere'; e.g. auto, cpu, cuda, cuda:1"),
+])
+def test_bad_generate_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    """Checked before the run is read: the run folder need not exist."""
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", *flags]) == 2
+    assert capsys.readouterr().err == f"miras generate: error: {message}\n"
 
 
 def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -270,6 +270,24 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     args = parser.parse_args([str(tmp_path / "run"), "--tasks", "nope", "--out", str(tmp_path / "bad")])
     assert run_eval(args) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    for flags, message in [(["--examples", "0"], "--examples must be >= 1, got 0"),
+                           (["--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
+                           (["--segment", "0"], "--segment must be >= 1, got 0"),
+                           (["--device", "nowhere"], "unknown device 'nowhere'"),
+                           (["--perplexity", str(tmp_path / "missing.txt")], "missing.txt': no such file or folder"),
+                           (["--perplexity", "stdlib", "--perplexity-tokens", "1"], "--perplexity-tokens must be >= 2"),
+                           (["--out", str(tmp_path / "a-file")], "a-file is a file, not a folder"),
+                           (["--out", str(tmp_path / "a-file" / "out")], "cannot make this folder")]:
+        args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", *flags])
+        args.out = args.out or str(tmp_path / "bad")
+        assert run_eval(args) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (flags, err)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--tasks", " , "])
+    assert "expected comma-separated task names" in capsys.readouterr().err
 
     # --task-params: more facts than in training, over the run's own parameters
     args = parser.parse_args([str(tmp_path / "run"), "--lengths", "64", "--examples", "2", "--task-params",

@@ -130,7 +130,8 @@ def test_overrides_are_parsed_as_their_field_types():
     ("precision=fp16", "precision must be one of ['auto', 'fp32', 'bf16'], got 'fp16'"),
     ("batch_size=6", "batch_size 6 must be divisible by grad_accum 4"),
     ("data=corpus.txt", "data must be 'task:<name>' or 'text:<corpus>'"),
-    ("lr=-1", "need lr > 0"),
+    ("lr=-1", "need a finite lr > 0"),
+    ("lr=inf", "need a finite lr > 0"),
 ])
 def test_bad_overrides_say_what_is_valid(pair, message):
     extra = ["grad_accum=4"] if pair.startswith("batch_size") else []
@@ -208,6 +209,19 @@ def test_resume_after_a_kill_gives_identical_losses(tmp_path):
     assert snapshot(tmp_path / "interrupted") == before
 
 
+def test_run_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """atomic_write's temp file is private (0600); what it renames into place is not."""
+    mask = os.umask(0o027)
+    try:
+        train(tiny(tmp_path / "run", max_steps=1), source())
+        plain = tmp_path / "plain"
+        plain.write_text("")
+    finally:
+        os.umask(mask)
+    for path in (tmp_path / "run" / "config.json", checkpoints(tmp_path / "run")[-1]):
+        assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     config = tiny(tmp_path / "run", max_steps=2, save_every=1, keep_checkpoints=5)
     train(config, source())
@@ -251,10 +265,24 @@ def test_unusable_checkpoints_and_run_dirs_are_one_line_errors_that_write_nothin
 
     latest.write_bytes(b"not a checkpoint")
     before = snapshot(run_dir)
-    with pytest.raises(ConfigError, match=r"step_00000002.pt is unreadable \(.*\); delete it to resume from "
-                                          r"step_00000001.pt$"):
+    with pytest.raises(ConfigError, match=r"step_00000002.pt is unreadable \(not a torch checkpoint file\); the one "
+                                          r"before it, step_00000001.pt, is readable: delete step_00000002.pt to "
+                                          r"fall back to it$"):
         train(dataclasses.replace(config, max_steps=4, resume=True), source())
     assert snapshot(run_dir) == before
+    previous = run_dir / "checkpoints" / "step_00000001.pt"
+    kept = previous.read_bytes()
+    previous.write_bytes(kept[:len(kept) // 2])  # truncated
+    with pytest.raises(ConfigError, match=r"step_00000002.pt is unreadable \(not a torch checkpoint file\); the one "
+                                          r"before it, step_00000001.pt, is unusable too$"):
+        load_run(run_dir)
+    previous.write_bytes(kept)
+
+    (run_dir / "file").write_text("")
+    for out_dir in (run_dir / "file", run_dir / "file" / "run"):  # a file, a folder under a file
+        with pytest.raises(ConfigError, match=r"cannot make the run folder there \((File exists|Not a directory)\)"):
+            train(tiny(out_dir, max_steps=1), source())
+    assert (run_dir / "file").read_text() == ""
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):

@@ -45,7 +45,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("preset", metavar="PRESET", help="model preset (`miras presets` lists them)")
-    parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="train config fields, model.<field>")
+    parser.add_argument("overrides", metavar="KEY=VALUE", nargs="*", default=[],
+                        help="train config fields, model.<field>")
 
 
 def _train_examples() -> str:
@@ -107,14 +108,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data.tokenizers import get_tokenizer
-    from .train import ConfigError, load_run
+    from .models.lm import check_sampling
+    from .train import ConfigError, load_run, resolve_device
 
-    model, _, tokenizer = load_run(args.run_dir, args.device)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as error:  # named as the flags are
+        name, _, rest = str(error).partition(" ")
+        raise ConfigError(f"--{name.replace('_', '-')} {rest}") from None
+    device = resolve_device(args.device)
+    model, _, tokenizer = load_run(args.run_dir, str(device))
     if tokenizer is None:  # a run trained on a DataSource without one (tests, custom data)
         if model.config.vocab_size > 256:
             raise ConfigError(f"{args.run_dir} saved no tokenizer and its vocabulary is not bytes")
         tokenizer = get_tokenizer("byte")
-    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     if prompt.numel() == 0:
         raise ConfigError("the prompt is empty")
     tokens, _ = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -361,7 +361,10 @@ def _integers(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated task names like passkey,mqar")
+    return names
 
 
 def _json_object(text: str) -> dict:
@@ -403,6 +406,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def _check_out_folder(out: Path) -> None:
+    """``--out`` (or the run folder) can hold the results: a folder, or one that can be made (the
+    nearest existing parent is a writable folder). Nothing is created here."""
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"--out {out}: the folder is not writable")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot make this folder ({parent} is not a writable folder)")
+
+
 def _training_length(train_config) -> int:
     """A task run's context length (its ``data_params`` may set one), else the run's ``seq_len``."""
     kind, _, spec = train_config.data.partition(":")
@@ -429,36 +448,47 @@ def _run_tasks(train_config, names: list[str] | None, length: int, overrides: di
 def run_eval(args: argparse.Namespace) -> int:
     """``miras eval``: evaluate a run and write results.json, results.md, accuracy.png (and loss.png)."""
     from .train import load_run
+    from .train_config import resolve_device
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model, train_config, tokenizer = load_run(args.run_dir, device=device)
+    out = Path(args.out or args.run_dir)
+    text = None
+    try:  # every argument checked, the run and the corpus loaded, before the (long) evaluation
+        for name in ("examples", "batch_size", "segment"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.perplexity and args.perplexity_tokens < 2:
+            raise ValueError(f"--perplexity-tokens must be >= 2, got {args.perplexity_tokens}")
+        _check_out_folder(out)
+        model, train_config, tokenizer = load_run(args.run_dir, device=str(resolve_device(args.device)))
         train_length = _training_length(train_config)
         lengths = args.lengths or [train_length * 2**k for k in range(7)]
         tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
+        if args.perplexity:
+            from .data.text import cached_tokens, load_corpus
+            from .data.tokenizers import ByteTokenizer
+
+            text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
     except ValueError as error:
         print(f"miras eval: {error}", file=sys.stderr)
         return 2
-    text = None
-    if args.perplexity:
-        from .data.text import cached_tokens, load_corpus
-        from .data.tokenizers import ByteTokenizer
-
-        text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
     name = Path(args.run_dir).resolve().name
     results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
                        segment=args.segment or train_length, batch_size=args.batch_size, train_length=train_length,
                        text=text, seq_len=train_config.seq_len, max_tokens=args.perplexity_tokens,
                        log=lambda message: print(message, file=sys.stderr))
-    out = Path(args.out or args.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(results, out / "results.json")
     table = markdown_table(results)
-    (out / "results.md").write_text(table)
-    plot_accuracy(results, out / "accuracy.png")
-    metrics = Path(args.run_dir) / "metrics.jsonl"
-    if metrics.exists():
-        plot_losses({name: metrics}, out / "loss.png")
     print(table)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(results, out / "results.json")
+        (out / "results.md").write_text(table)
+        plot_accuracy(results, out / "accuracy.png")
+        metrics = Path(args.run_dir) / "metrics.jsonl"
+        if metrics.exists():
+            plot_losses({name: metrics}, out / "loss.png")
+    except OSError as error:
+        print(f"miras eval: could not write the results to {out} ({error.strerror or error}); "
+              "the table above is all there is", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and the plots in {out}")
     return 0

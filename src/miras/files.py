@@ -10,10 +10,13 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[typing.BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder, fsync it and rename it over ``path``: all or nothing."""
+    """Write through a temp file in the same folder, fsync it and rename it over ``path``: all or nothing.
+    The file gets the permissions a plain ``open(path, "w")`` would give it (0666 less the umask), not
+    the temp file's private 0600."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -22,3 +25,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[typing.BinaryIO], Non
     except BaseException:
         os.unlink(temp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

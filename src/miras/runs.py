@@ -31,18 +31,37 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
+    """The checkpoint's payload; a ConfigError that says why not, and whether ``previous`` (the one
+    before it) would do instead."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = f"; delete it to resume from {previous.name}" if previous else ""
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"checkpoint {path} is unreadable ({message}){hint}") from None
+        hint = ""
+        if previous is not None:
+            try:
+                _load_checkpoint(previous)
+                hint = f"; the one before it, {previous.name}, is readable: delete {path.name} to fall back to it"
+            except ConfigError:
+                hint = f"; the one before it, {previous.name}, is unusable too"
+        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error)}){hint}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
     return payload
 
 
-def _read_run_config(run_dir: Path) -> dict | None:
+def _load_failure(error: Exception) -> str:
+    """Why torch.load failed, in a few words (not torch's advice to unpickle with weights_only=False,
+    which a miras checkpoint never needs)."""
+    text = str(error).strip()
+    if text.startswith("Weights only load failed"):
+        return "not a torch checkpoint file"
+    if isinstance(error, EOFError) or "failed finding central directory" in text or "Invalid argument" in text:
+        return "truncated or not a torch file"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= 120 else first[:117] + "..."
+
+
+def _read_run_config(run_dir: Path, *, training: bool = True) -> dict | None:
     path = run_dir / "config.json"
     if not path.exists():
         return None
@@ -52,7 +71,7 @@ def _read_run_config(run_dir: Path) -> dict | None:
             return saved
     except (OSError, ValueError):
         pass
-    raise ConfigError(f"{path} is not a miras run config; use another out_dir")
+    raise ConfigError(f"{path} is not a miras run config" + ("; use another out_dir" if training else ""))
 
 
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
@@ -103,7 +122,11 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
     """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"out_dir {run_dir}: cannot make the run folder there ({error.strerror}); "
+                          "pass a folder path that can be created") from None
     for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
         stale.unlink()
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
@@ -142,7 +165,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
     the run's data had none, e.g. a generated task)."""
     run_dir = Path(run_dir)
-    saved = _read_run_config(run_dir)
+    saved = _read_run_config(run_dir, training=False)
     if saved is None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
     config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])

@@ -88,12 +88,13 @@ from .train_config import (
     TrainConfig,
     config_from_args,
     parse_value,
+    resolve_device,
 )
 
 # The public names, including those defined in miras.train_config and miras.runs (re-exported here).
 __all__ = ["CHECKPOINT_FORMAT", "RUNTIME_FIELDS", "UNCOMPARED_FIELDS", "VALIDATION_SEED_OFFSET", "ConfigError",
            "DataSource", "TrainConfig", "checkpoints", "config_from_args", "evaluate", "load_run", "lr_at",
-           "make_batches", "param_groups", "parse_value", "resolve_precision", "train"]
+           "make_batches", "param_groups", "parse_value", "resolve_device", "resolve_precision", "train"]
 
 # ---------------------------------------------------------------------------------------------------- data
 
@@ -190,13 +191,8 @@ def _setup_distributed(device: str) -> _Distributed:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; gloo on CPU, nccl on GPU; one GPU per local rank."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        chosen = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; e.g. auto, cpu, cuda, cuda:1") from None
+    chosen = resolve_device(device)
     if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
         chosen = torch.device("cuda", local_rank if chosen.index is None else chosen.index)
         torch.cuda.set_device(chosen)
     owns = world > 1 and not dist.is_initialized()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -26,6 +27,22 @@ VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task und
 
 class ConfigError(ValueError):
     """A bad config, out_dir or checkpoint: raised before anything is written, with a one-line message."""
+
+
+def resolve_device(name: str):
+    """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:1``...: a torch.device
+    that this machine has, or a ConfigError that says what is valid."""
+    import torch
+
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; e.g. auto, cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; e.g. auto, cpu, cuda, cuda:1")
+    return device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,8 +105,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.bptt is not None and self.bptt < 1:
             raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"need lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
+        if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"need a finite lr > 0, 0 <= min_lr_ratio <= 1, 0 <= betas < 1; got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}, betas={list(self.betas)}")
         for name, valid in (("precision", ("auto", "fp32", "bf16")), ("parallel", ("ddp", "fsdp"))):
             if getattr(self, name) not in valid:

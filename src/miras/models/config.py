@@ -10,6 +10,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
+from ..layers.memory_layer import IMPLS
+
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
     "titans-lmm": "titans",
@@ -74,6 +76,8 @@ class ModelConfig:
             raise ValueError(f"persistent must be >= 0, got {self.persistent}")
         if not 0 < self.decay_init < 1:
             raise ValueError(f"decay_init must be in (0, 1), got {self.decay_init}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.recompute < 0:
             raise ValueError(f"recompute must be >= 0 (0: off), got {self.recompute}")
         if self.gate_rank < 0:
