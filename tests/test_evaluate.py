@@ -278,7 +278,7 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
                            (["--perplexity", str(tmp_path / "missing.txt")], "missing.txt': no such file or folder"),
                            (["--perplexity", "stdlib", "--perplexity-tokens", "1"], "--perplexity-tokens must be >= 2"),
                            (["--out", str(tmp_path / "a-file")], "a-file is a file, not a folder"),
-                           (["--out", str(tmp_path / "a-file" / "out")], "cannot make this folder")]:
+                           (["--out", str(tmp_path / "a-file" / "out")], "cannot write there (Not a directory)")]:
         args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", *flags])
         args.out = args.out or str(tmp_path / "bad")
         assert run_eval(args) == 2, flags

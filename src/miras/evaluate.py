@@ -43,6 +43,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -407,19 +408,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def _check_out_folder(out: Path) -> None:
-    """``--out`` (or the run folder) can hold the results: a folder, or one that can be made (the
-    nearest existing parent is a writable folder). Nothing is created here."""
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
-        if not os.access(out, os.W_OK):
-            raise ValueError(f"--out {out}: the folder is not writable")
-        return
-    parent = out.absolute().parent
+    """``--out`` (or the run folder) can hold the results: a folder, or one that can be made. Tried by
+    making (and removing) an empty folder in it or in its nearest existing parent: nothing is left."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    parent = out.absolute()
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot make this folder ({parent} is not a writable folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".miras-eval-", dir=parent))
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot write there ({error.strerror or error})") from None
 
 
 def _training_length(train_config) -> int:
