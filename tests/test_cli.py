@@ -121,10 +121,10 @@ def test_generate_without_a_saved_tokenizer_uses_bytes(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0 is greedy), got -1.0"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
-    (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--max-new-tokens", "-5"], "--max-new-tokens must be >= 0, got -5"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 0, got -5"),
     (["--device", "nowhere"], "unknown device 'nowhere'; e.g. auto, cpu, cuda, cuda:1"),
 ])
 def test_bad_generate_flags_are_one_line_errors(flags, message, tmp_path, capsys):

@@ -1,10 +1,26 @@
 """MemoryLayer: causal, streams exactly, both engine paths agree, stable at the defaults."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from miras.layers import MemoryLayer, TokenMixer
-from miras.memory import DELTANET, GATED_DELTANET, MAMBA2, PRESETS, RETNET, TITANS, Gates, chunked
+from miras.memory import (
+    DELTANET,
+    GATED_DELTANET,
+    MAMBA2,
+    PRESETS,
+    RETNET,
+    TITANS,
+    Gates,
+    chunked,
+    get_rule,
+    initial_state,
+    read,
+    recurrent,
+)
 
 ONLINE = ("deltanet", "gated-deltanet", "longhorn")  # the presets the exact delta path computes
 
@@ -315,6 +331,23 @@ def test_bad_inputs():
     _, state = layer(inputs(tokens=3, batch=2))
     with pytest.raises(ValueError, match="state must be a MemoryLayerState for a batch of 3"):
         layer(inputs(tokens=3, batch=3), state)
+    with pytest.raises(TypeError, match="x is torch.float32 but the layer's parameters are torch.float64"):
+        layer(inputs(tokens=3).float())
+    with pytest.raises(ValueError, match="at least one sequence"):
+        layer(inputs(tokens=3, batch=0))
+    _, other = make_layer(conv_size=2)(inputs(tokens=3, batch=2))
+    with pytest.raises(ValueError, match=r"state comes from another layer: its conv tail is \[1, 48\]"):
+        layer(inputs(tokens=3, batch=2), other)
+    y, same = layer(inputs(tokens=0, batch=2), state)  # an empty call: no output, the state as it was
+    assert y.shape == (2, 0, 16) and same is state
+    for kwargs, error, message in [({"heads": 0}, ValueError, "heads must be an integer >= 1, got 0"),
+                                   ({"conv_size": 0}, ValueError, "conv_size must be an integer >= 1"),
+                                   ({"head_dim": -2}, ValueError, "head_dim must be an integer >= 1"),
+                                   ({"max_lr": math.inf}, ValueError, "max_lr must be a finite number > 0"),
+                                   ({"gate_init": {"decay": "0.1"}}, TypeError, r"gate_init\['decay'\] must be"),
+                                   ({"rule": "titans"}, TypeError, "rule must be a miras.memory.MemoryRule")]:
+        with pytest.raises(error, match=message):
+            MemoryLayer(16, **{"heads": 2, **kwargs})
 
 
 def test_engine_errors_name_the_problem():
@@ -340,3 +373,38 @@ def test_engine_errors_name_the_problem():
     assert state.position == 1
     with pytest.raises(ValueError, match="state.position is 1"):
         chunked(DELTANET, q, q, q, gates, state, 1)
+    with pytest.raises(TypeError, match="the state's tensors must have q, k and v's dtype torch.float64"):
+        chunked(DELTANET, q.double(), q.double(), q.double(), Gates(lr=gates.lr.double()), state)
+    with pytest.raises(ValueError, match="state.position must be an integer >= 0"):
+        chunked(DELTANET, q, q, q, gates, dataclasses.replace(state, position=-1))
+    with pytest.raises(TypeError, match="rule must be a miras.memory.MemoryRule"):
+        chunked("deltanet", q, q, q, gates)
+    with pytest.raises(ValueError, match="at least one sequence and one head, got B=0"):
+        chunked(DELTANET, q[:0], q[:0], q[:0], Gates(lr=gates.lr[:0]))
+    with pytest.raises(TypeError, match="gates.lr must be a tensor of q, k and v's dtype torch.float32, got "
+                                        "torch.float64"):
+        chunked(DELTANET, q, q, q, Gates(lr=gates.lr.double()))
+    with pytest.raises(TypeError, match="gates.lr must be a tensor .*, got float"):
+        chunked(DELTANET, q, q, q, Gates(lr=0.1))
+    titans_gates = {"lr": gates.lr, "momentum": gates.lr, "decay": gates.lr}
+    for name, value, message in [("momentum", -0.5, r"in \[0.0, 1.0\], got values in \[-0.5, -0.5\]"),
+                                 ("decay", 1.5, r"in \[0.0, 1.0\]"), ("lr", math.nan, ">= 0.0"),
+                                 ("lr", math.inf, ">= 0.0")]:
+        bad = Gates(**{**titans_gates, name: torch.full_like(gates.lr, value)})
+        for path in (chunked, recurrent):  # they disagreed on such gates (by 2.7 at momentum -0.5)
+            with pytest.raises(ValueError, match=f"gates.{name} must be finite and {message}"):
+                path(TITANS, q, q, q, bad, None, 4)
+    with pytest.raises(ValueError, match="gates.threshold must be finite and > 0.0"):
+        chunked(get_rule("yaad"), q, q, q, Gates(lr=gates.lr, decay=gates.lr, threshold=torch.zeros_like(gates.lr)))
+    # read: the retrieval of a state, checked against q
+    titans_state = initial_state(TITANS, 2, 3, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"state.weights must have shapes \[\(2, 3, 32, 8\)"):
+        read(TITANS, titans_state, torch.randn(2, 5, 3, 8))
+    with pytest.raises(TypeError, match="weights must have q's dtype torch.float64"):
+        read(TITANS, titans_state, q.double())
+    with pytest.raises(TypeError, match="state must be a miras.memory.MemoryState"):
+        read(TITANS, None, q)
+    with pytest.raises(ValueError, match="key and value dims equal"):
+        initial_state(TITANS, 2, 3, 4, 8, dtype=torch.float32)
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        initial_state(TITANS, 2, 3, 4, 4, dtype=torch.long)

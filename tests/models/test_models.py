@@ -110,6 +110,27 @@ def test_a_state_from_another_batch_or_model_is_rejected():
         model(ids(5, batch=3), ModelState(state.layers[:1]))
 
 
+def test_bad_model_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="mlp_ratio must be a finite number > 0, got -1"):
+        create("titans-lmm-tiny", mlp_ratio=-1)
+    with pytest.raises(TypeError, match="LanguageModel takes a ModelConfig"):
+        LanguageModel("titans-lmm-tiny")
+    with pytest.raises(ValueError, match="unknown preset"):
+        create(["titans-lmm-tiny"])
+    model = make("titans-lmm")
+    with pytest.raises(ValueError, match="at least one sequence"):
+        model(ids(5, batch=0))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got 2.5"):
+        model.generate(ids(3), 2.5)
+    _, state = model(ids(3))
+    state.save(tmp_path / "state.pt")
+    damaged = torch.load(tmp_path / "state.pt", weights_only=True)
+    del damaged["layers"][0]["type"]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged.pt is a damaged miras state file"):
+        ModelState.load(tmp_path / "damaged.pt")
+
+
 def test_generate_needs_a_prompt():
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         make("titans-lmm").generate(ids(0), 3)

@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
-from ..memory.state import CHANNEL_GATES, channel_widths, supports_channel_gates
+from ..memory.state import CHANNEL_GATES, channel_widths, check_rule, supports_channel_gates
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
 GATINGS = ("token", "fixed", "channel")
@@ -101,6 +101,13 @@ class MemoryLayer(nn.Module):
                  block_size: int = 64, gating: str = "token", gate_rank: int = 32, recompute: int = 0,
                  gate_init: dict[str, float] | None = None, fused: bool | None = None):
         super().__init__()
+        check_rule(rule)
+        for name, value in (("dim", dim), ("heads", heads), ("conv_size", conv_size)) + \
+                (() if head_dim is None else (("head_dim", head_dim),)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
+            raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
         if impl == "delta" and (chunk_size != 1 or not supports_delta(rule)):
@@ -124,6 +131,8 @@ class MemoryLayer(nn.Module):
         if set(self.gate_init) != set(GATE_INIT):
             raise ValueError(f"gate_init keys must be among {sorted(GATE_INIT)}, got {sorted(gate_init)}")
         for name, value in self.gate_init.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"gate_init[{name!r}] must be a number, got {value!r}")
             bounded = name in ("momentum", "decay")
             if not (0 < value < 1 if bounded else value > 0):
                 raise ValueError(f"gate_init[{name!r}] must be in {'(0, 1)' if bounded else '(0, inf)'}, got {value}")
@@ -195,13 +204,25 @@ class MemoryLayer(nn.Module):
             raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        dtype = self.qkv.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x is {x.dtype} but the layer's parameters are {dtype}: convert one to the other "
+                            "(layer.to(dtype)), or run under torch.autocast")
         batch = x.shape[0]
+        if batch < 1:
+            raise ValueError("x must hold at least one sequence (B >= 1)")
         if state is None:
             state = self.init_state(batch)
         elif not isinstance(state, MemoryLayerState) or state.conv.shape[0] != batch:
             got = state.conv.shape[0] if isinstance(state, MemoryLayerState) else type(state).__name__
             raise ValueError(f"state must be a MemoryLayerState for a batch of {batch} (from init_state or a "
                              f"previous call on the same batch), got {got}")
+        elif state.conv.shape[1:] != (self.conv_weight.shape[1] - 1, self.conv_weight.shape[0]):
+            raise ValueError(f"state comes from another layer: its conv tail is {list(state.conv.shape[1:])}, "
+                             f"this layer's is {[self.conv_weight.shape[1] - 1, self.conv_weight.shape[0]]} "
+                             f"(conv_size - 1, 3 x heads x head_dim)")
+        if x.shape[1] == 0:  # nothing to read or write: no output, the state as it was
+            return x.new_zeros(batch, 0, self.dim), state
         if self.recompute and torch.is_grad_enabled():
             return self._in_groups(x, state)
         return self._call(x, state, fused=self.fused)

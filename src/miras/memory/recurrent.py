@@ -22,13 +22,20 @@ from torch import Tensor
 
 from .architectures import matmul_linear, shared_matmul
 from .rules import MemoryRule
-from .state import Gates, MemoryState, channel_widths, check_inputs, needs_retained, per_layer
+from .state import Gates, MemoryState, channel_widths, check_inputs, check_rule, needs_retained, per_layer
 
 
 def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
                   device=None) -> MemoryState:
     """The rule's default state (zero linear memory / the architecture's default MLP init;
     zero momentum), broadcast to ``[B, H, out, in]``."""
+    check_rule(rule)
+    for name, value in (("batch", batch), ("heads", heads), ("dk", dk), ("dv", dv)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    rule.architecture.check_dims(dk, dv)
     weights = tuple(w.expand(batch, heads, *w.shape).clone()
                     for w in rule.architecture.default_weights(dk, dv, dtype=dtype, device=device))
     if hasattr(rule.retention, "initial"):  # a constrained memory (KLSoftmax: on the simplex)
@@ -39,8 +46,20 @@ def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *,
 
 def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     """Retrieval without a write (Titans Eq. 15): y = M*(q). q ``[B, T, H, Dk]`` -> ``[B, T, H, Dv]``."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be a 4-d tensor [B, T, H, D], got {tuple(q.shape)}")
+    check_rule(rule)
+    if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point():
+        got = f"{tuple(q.shape)} {q.dtype}" if isinstance(q, Tensor) else type(q).__name__
+        raise ValueError(f"q must be a floating-point 4-d tensor [B, T, H, D], got {got}")
+    if not isinstance(state, MemoryState) or not state.weights:
+        raise TypeError(f"state must be a miras.memory.MemoryState, got {type(state).__name__}")
+    batch, _, heads, dk = q.shape
+    dv = state.weights[-1].shape[-2] if rule.architecture.kind == "linear" else dk  # only the weights are read
+    expected = [(batch, heads, *shape) for shape in rule.architecture.weight_shapes(dk, dv)]
+    if [tuple(w.shape) for w in state.weights] != expected:
+        raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture} and q "
+                         f"{tuple(q.shape)}, got {[tuple(w.shape) for w in state.weights]}")
+    if any(w.dtype != q.dtype for w in state.weights):
+        raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
     weights = state.weights
     y = rule.architecture.apply(q.transpose(1, 2), lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
     return y.transpose(1, 2)

@@ -143,5 +143,5 @@ def get_rule(name: str) -> MemoryRule:
     """The preset rule called ``name``; an unknown name is an error listing the valid ones."""
     try:
         return PRESETS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown memory rule {name!r}; valid: {sorted(PRESETS)}") from None

@@ -17,9 +17,17 @@ scalar (PreDecay, KLSoftmax) or a per-token lr rescaling (ImplicitGD) take token
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
+import torch
 from torch import Tensor
+
+from .rules import MemoryRule
+
+# The range of each gate (Gates' docstring): (low, high, whether low itself is allowed).
+GATE_RANGES = {"lr": (0.0, None, True), "momentum": (0.0, 1.0, True), "decay": (0.0, 1.0, True),
+               "threshold": (0.0, None, False)}
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class MemoryState:
 def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: MemoryState | None,
                  chunk_size: int) -> None:
     """Raise a ValueError/TypeError that says what is wrong and what is allowed."""
+    check_rule(rule)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -147,20 +156,31 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     batch, tokens, heads = k.shape[:3]
     if tokens < 1:
         raise ValueError("the sequence must have at least one token (T >= 1)")
+    if batch < 1 or heads < 1:
+        raise ValueError(f"q, k, v need at least one sequence and one head, got B={batch}, H={heads}")
     rule.architecture.check_dims(k.shape[-1], v.shape[-1])
-    _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])))
+    _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])), k.dtype)
     if state is not None:
-        check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1])
+        check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1], k.dtype)
         if not 0 <= state.position < chunk_size:
             raise ValueError(f"state.position is {state.position}: the state was left inside a chunk of a larger "
                              f"chunk_size; continue it with a chunk_size > {state.position}, got {chunk_size}")
 
 
-def _check_gates(rule, gates: Gates, shape: tuple[int, int, int], channels: int) -> None:
+def check_rule(rule) -> None:
+    if not isinstance(rule, MemoryRule):
+        raise TypeError(f"rule must be a miras.memory.MemoryRule (e.g. get_rule('titans')), got {type(rule).__name__}")
+
+
+def _check_gates(rule, gates: Gates, shape: tuple[int, int, int], channels: int, dtype: torch.dtype) -> None:
     if not isinstance(gates, Gates):
         raise TypeError(f"gates must be a miras.memory.Gates, got {type(gates).__name__}")
     needed = {"lr"} | rule.needed_gates()
     for name, gate in gates.present().items():
+        if not isinstance(gate, Tensor) or gate.dtype != dtype:
+            got = gate.dtype if isinstance(gate, Tensor) else type(gate).__name__
+            raise TypeError(f"gates.{name} must be a tensor of q, k and v's dtype {dtype}, got {got}")
+        _check_gate_values(name, gate)
         if name not in needed:
             raise ValueError(f"gates.{name} was given but the rule {rule.name()} does not use it; "
                              f"it uses {sorted(needed)}")
@@ -180,14 +200,34 @@ def _check_gates(rule, gates: Gates, shape: tuple[int, int, int], channels: int)
         raise ValueError(f"the rule {rule.name()} needs gates {sorted(missing)}, which are None")
 
 
-def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: int) -> None:
+def _check_gate_values(name: str, gate: Tensor) -> None:
+    """Each gate in its range (Gates' docstring). Checked on the CPU only: elsewhere the check would
+    wait for the device at every call (a MemoryLayer's gates are in range by construction)."""
+    if gate.device.type != "cpu" or torch.compiler.is_compiling() or name not in GATE_RANGES:
+        return
+    low, high, closed = GATE_RANGES[name]
+    least, most = (float(x) for x in torch.aminmax(gate.detach()))  # NaN anywhere makes both NaN
+    valid = (least >= low if closed else least > low) and (most <= high if high is not None else most < math.inf)
+    if not valid:  # (NaN fails every comparison)
+        allowed = f"in [{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
+        raise ValueError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
+
+
+def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: int,
+                dtype: torch.dtype | None = None) -> None:
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a miras.memory.MemoryState or None, got {type(state).__name__}")
+    if not isinstance(state.position, int) or state.position < 0:
+        raise ValueError(f"state.position must be an integer >= 0 (tokens into the current chunk), "
+                         f"got {state.position!r}")
     shapes = rule.architecture.weight_shapes(dk, dv)
     expected = [(batch, heads, *s) for s in shapes]
     got = [tuple(w.shape) for w in state.weights]
     if got != expected:
         raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture}, got {got}")
+    if dtype is not None and any(t.dtype != dtype for t in state.tensors()):
+        raise TypeError(f"the state's tensors must have q, k and v's dtype {dtype}, got "
+                        f"{sorted({str(t.dtype) for t in state.tensors()})} (state.to({dtype}) converts it)")
     if rule.algorithm.uses_momentum:
         if state.momentum is None or [tuple(s.shape) for s in state.momentum] != expected:
             got_m = None if state.momentum is None else [tuple(s.shape) for s in state.momentum]

@@ -7,6 +7,7 @@ size picks widths (Titans Table 5 for the paper sizes: 170M/340M/760M/1.3B).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, fields
 
@@ -76,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"persistent must be >= 0, got {self.persistent}")
         if not 0 < self.decay_init < 1:
             raise ValueError(f"decay_init must be in (0, 1), got {self.decay_init}")
+        if not isinstance(self.mlp_ratio, (int, float)) or not 0 < self.mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.recompute < 0:
@@ -142,6 +145,6 @@ def check_overrides(values: dict, *, require_family: bool = False) -> dict:
 
 def preset_config(name: str, **overrides) -> ModelConfig:
     """The config of preset ``name`` with ``overrides`` applied."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **check_overrides(overrides)})

@@ -110,6 +110,9 @@ def _gating(config: ModelConfig) -> str:
 class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"LanguageModel takes a ModelConfig (or use create('titans-lmm-tiny')), "
+                            f"got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(
@@ -131,6 +134,8 @@ class LanguageModel(nn.Module):
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"ids must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        if ids.shape[0] < 1:
+            raise ValueError("ids must hold at least one sequence (B >= 1)")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
         if state is None:
@@ -191,12 +196,12 @@ class LanguageModel(nn.Module):
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 

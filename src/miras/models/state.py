@@ -50,7 +50,12 @@ class ModelState:
             raise ValueError(f"{path} is not a readable miras state file: {error}") from None
         if not isinstance(data, dict) or data.get("format") != "miras.ModelState/1":
             raise ValueError(f"{path} is not a miras state file (format 'miras.ModelState/1')")
-        return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"])
+        try:
+            if not isinstance(data["layers"], list) or not isinstance(data["seen"], int):
+                raise TypeError("'layers' must be a list and 'seen' an integer")
+            return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{path} is a damaged miras state file ({type(error).__name__}: {error})") from None
 
 
 def _to_plain(value):
