@@ -74,6 +74,18 @@ def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, messag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "run", "--lengths", "0"], "miras eval: error: argument --lengths: '0': expected context lengths >= 2"),
+    (["train"], "miras train: error: the following arguments are required: PRESET"),
+    (["nope"], "miras: error: argument COMMAND: invalid choice: 'nope'"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1 and "--help)" in err
+
+
 def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -32,12 +32,16 @@ class Command:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose epilog may be a function, called only when the help is printed."""
+    """An ArgumentParser whose epilog may be a function, called only when the help is printed, and
+    whose usage errors are one line (argparse prints the whole usage block first)."""
 
     def format_help(self) -> str:
         if callable(self.epilog):
             self.epilog = self.epilog()
         return super().format_help()
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ------------------------------------------------------------------------------------------------- train
