@@ -303,10 +303,32 @@ def test_make_batches_builds_the_task_or_corpus_of_the_config(tmp_path, monkeypa
     inputs, targets = data.train.batch(5, 1, 3)
     assert bytes(inputs[0].tolist()) in (b"line one\n" * 2) and torch.equal(inputs[0, 1:], targets[0, :-1])
     assert data.tokenizer.decode(data.validation.batch(0)[0][0].tolist()) in "line two\n" * 3
+    # seq_len 120: the train split holds rows, the validation split (29 bytes) does not
+    long_rows = {"model": "transformer-tiny", "data": f"text:{tmp_path / 'corpus.txt'}", "seq_len": 120}
+    assert make_batches(TrainConfig(**long_rows, eval_every=0)).validation is None
+    with pytest.raises(ConfigError, match=r"validation split: seq_len=120 needs at least 121 tokens .* the corpus "
+                                          r"has 29: .*\(or eval_every=0: no validation\)"):
+        make_batches(TrainConfig(**long_rows, eval_every=10))
     with pytest.raises(ConfigError, match="^data 'task:mqar': mqar: unknown parameter"):
         make_batches(TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"keys": 4}))
     with pytest.raises(ConfigError, match="set seq_len, not data_params.context_length"):
         TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"context_length": 4})
+
+
+def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch):
+    """Retrained on a corpus that changed meanwhile, a BPE would renumber the checkpoint's tokens."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    config = TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer="bpe:300",
+                         model_overrides={"vocab_size": 300}, seq_len=16, batch_size=2, max_steps=2, eval_every=0,
+                         out_dir=str(tmp_path / "run"), progress=False)
+    train(config)
+    saved = (tmp_path / "run" / "tokenizer.json").read_bytes()
+    corpus.write_text(corpus.read_text() + "zebra quokka xylophone jumps over the lazy fox\n" * 40)
+    train(dataclasses.replace(config, max_steps=3, resume=True))
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
+    assert losses(tmp_path / "run")[-1][0] == 3
 
 
 def test_bptt_streams_the_rows_and_still_learns(tmp_path):

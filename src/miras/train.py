@@ -110,10 +110,12 @@ class DataSource:
     vocab_size: int | None = None
 
 
-def make_batches(config: TrainConfig) -> DataSource:
+def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
     """The data of ``config.data``. A task (``miras.data.tasks``, in bytes) has examples of ``seq_len + 1``
     tokens and validates on the same task under another seed; a text corpus (``miras.data.text``) is
-    tokenised once into the token cache and validates on its held-out documents."""
+    tokenised once into the token cache (with ``tokenizer`` if given, e.g. the one a resumed run saved;
+    else ``config.tokenizer``, a BPE trained on the corpus) and validates on its held-out documents
+    when ``eval_every`` > 0."""
     from .data.tokenizers import get_tokenizer
 
     kind, _, spec = config.data.partition(":")
@@ -128,11 +130,16 @@ def make_batches(config: TrainConfig) -> DataSource:
         from .data.text import TextBatches, cached_tokens, load_corpus
 
         corpus = load_corpus(spec)
-        tokenizer = get_tokenizer(config.tokenizer, corpus)
-        train_tokens, validation_tokens = (cached_tokens(corpus, tokenizer, split) for split in ("train", "validation"))
-        return DataSource(TextBatches(train_tokens, config.batch_size, config.seq_len, config.seed),
-                          TextBatches(validation_tokens, config.batch_size, config.seq_len, config.seed),
-                          tokenizer, tokenizer.vocab_size)
+        tokenizer = tokenizer or get_tokenizer(config.tokenizer, corpus)
+        train = TextBatches(cached_tokens(corpus, tokenizer, "train"), config.batch_size, config.seq_len, config.seed)
+        validation = None
+        if config.eval_every:
+            try:
+                validation = TextBatches(cached_tokens(corpus, tokenizer, "validation"), config.batch_size,
+                                         config.seq_len, config.seed)
+            except ValueError as error:
+                raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
+        return DataSource(train, validation, tokenizer, tokenizer.vocab_size)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"data {config.data!r}: {error}") from None
 
@@ -168,7 +175,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (from 0): linear warmup to ``lr`` over ``warmup_steps``,
-    then a cosine that reaches ``lr * min_lr_ratio`` at the last step."""
+    then a cosine that reaches ``lr * min_lr_ratio`` at the last step. With ``max_steps <= warmup_steps
+    + 1`` there is no cosine: the run ends at (or before) the peak."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps - 1))
@@ -252,6 +260,16 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
             dist.destroy_process_group()
 
 
+def _saved_tokenizer(run_dir: Path):
+    """The tokenizer a run saved (None if it saved none: task runs, custom data)."""
+    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    if not saved.get("tokenizer"):
+        return None
+    from .data.tokenizers import load_tokenizer
+
+    return load_tokenizer(run_dir)
+
+
 def _train(config: TrainConfig, data: DataSource | None, distributed: _Distributed) -> Path:
     rank, world, device = distributed.rank, distributed.world, distributed.device
     main, slices, accum = rank == 0, world * config.grad_accum, config.grad_accum
@@ -265,7 +283,11 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError("tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-    data = data if data is not None else make_batches(config)
+    if data is None:
+        # A resumed run keeps the tokenizer it saved: a BPE retrained on a corpus that has changed
+        # since would renumber the tokens under the checkpoint's embeddings.
+        saved = _saved_tokenizer(run_dir) if checkpoint is not None else None
+        data = make_batches(config, saved)
     if (data.train.batch_size, data.train.seq_len) != (config.batch_size, config.seq_len):
         raise ConfigError(f"data gives batches of {data.train.batch_size} x {data.train.seq_len}, config says "
                           f"batch_size={config.batch_size}, seq_len={config.seq_len}")

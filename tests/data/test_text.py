@@ -227,6 +227,25 @@ def test_hf_tokenizer_from_a_local_folder(tmp_path):
     assert isinstance(restored, HFTokenizer) and restored.identity == tokenizer.identity
 
 
+def test_hf_tokenizers_sharing_a_vocabulary_but_not_a_pipeline_have_different_identities(tmp_path):
+    """The identity keys the token cache: a lowercasing tokenizer must not reuse a cased one's tokens."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))} | {"[UNK]": 95}
+    identities = []
+    for name, lower in (("cased", False), ("lower", True)):
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+        if lower:
+            backend.normalizer = normalizers.Lowercase()
+        transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(
+            tmp_path / name)
+        identities.append(get_tokenizer(str(tmp_path / name)).identity)
+    assert get_tokenizer(str(tmp_path / "cased")).identity == identities[0]  # stable
+    assert identities[0] != identities[1]
+
+
 # -------------------------------------------------------------------------------------- token cache
 
 

@@ -186,8 +186,16 @@ class HFTokenizer:
 
     @property
     def identity(self) -> str:
+        """What decides the token ids: the vocabulary and, for a fast tokenizer, the whole pipeline
+        (normaliser, pre-tokenizer, merges, post-processor), so that two tokenizers sharing a
+        vocabulary but splitting text differently never share a token cache."""
         vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
-        return "hf-" + hashlib.sha256(f"{type(self.tokenizer).__name__}:{vocab}".encode()).hexdigest()[:16]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        pipeline = backend.to_str() if backend is not None else json.dumps(
+            {k: v for k, v in self.tokenizer.init_kwargs.items() if "name_or_path" not in k}, sort_keys=True,
+            default=str)
+        text = f"{type(self.tokenizer).__name__}:{vocab}:{pipeline}"
+        return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
