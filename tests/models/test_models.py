@@ -113,6 +113,14 @@ def test_a_state_from_another_batch_or_model_is_rejected():
 def test_bad_model_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="mlp_ratio must be a finite number > 0, got -1"):
         create("titans-lmm-tiny", mlp_ratio=-1)
+    from miras.models import ModelConfig
+
+    with pytest.raises(TypeError, match="dim must be an integer, got '64'"):  # built directly, not by create
+        ModelConfig(family="titans-lmm", dim="64")
+    with pytest.raises(TypeError, match="persistent must be an integer, got 1.5"):
+        ModelConfig(family="titans-lmm", persistent=1.5)
+    empty = create("titans-lmm-tiny")
+    assert empty.state_bytes(empty.init_state(0)) == 0
     with pytest.raises(TypeError, match="LanguageModel takes a ModelConfig"):
         LanguageModel("titans-lmm-tiny")
     with pytest.raises(ValueError, match="unknown preset"):

@@ -172,8 +172,8 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, state: ModelState) -> int:
-        """Recurrent state size in bytes per sequence."""
-        return state.nbytes() // state.layers[0].batch
+        """Recurrent state size in bytes per sequence (0 for a state of no sequences)."""
+        return state.nbytes() // max(1, state.layers[0].batch)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
