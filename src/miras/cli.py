@@ -116,10 +116,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .train import ConfigError, load_run, resolve_device
 
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    except ValueError as error:  # named as the flags are
-        name, _, rest = str(error).partition(" ")
-        raise ConfigError(f"--{name.replace('_', '-')} {rest}") from None
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       name=lambda argument: "--" + argument.replace("_", "-"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     device = resolve_device(args.device)
     model, _, tokenizer = load_run(args.run_dir, str(device))
     if tokenizer is None:  # a run trained on a DataSource without one (tests, custom data)

@@ -13,6 +13,8 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
+import torch
+
 from .models import PRESETS, ModelConfig, preset_config
 from .models.config import check_overrides
 
@@ -32,8 +34,6 @@ class ConfigError(ValueError):
 def resolve_device(name: str):
     """``auto`` (CUDA when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:1``...: a torch.device
     that this machine has, or a ConfigError that says what is valid."""
-    import torch
-
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except (RuntimeError, TypeError):

@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
-from ..memory.state import CHANNEL_GATES, channel_widths, check_rule, supports_channel_gates
+from ..memory.state import CHANNEL_GATES, channel_widths, check_count, check_rule, supports_channel_gates
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
 GATINGS = ("token", "fixed", "channel")
@@ -104,8 +104,7 @@ class MemoryLayer(nn.Module):
         check_rule(rule)
         for name, value in (("dim", dim), ("heads", heads), ("conv_size", conv_size)) + \
                 (() if head_dim is None else (("head_dim", head_dim),)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, value)
         if not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
             raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}")
         if impl not in IMPLS:

@@ -22,7 +22,17 @@ from torch import Tensor
 
 from .architectures import matmul_linear, shared_matmul
 from .rules import MemoryRule
-from .state import Gates, MemoryState, channel_widths, check_inputs, check_rule, needs_retained, per_layer
+from .state import (
+    Gates,
+    MemoryState,
+    channel_widths,
+    check_count,
+    check_inputs,
+    check_rule,
+    check_weights,
+    needs_retained,
+    per_layer,
+)
 
 
 def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
@@ -31,8 +41,7 @@ def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *,
     zero momentum), broadcast to ``[B, H, out, in]``."""
     check_rule(rule)
     for name, value in (("batch", batch), ("heads", heads), ("dk", dk), ("dv", dv)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_count(name, value)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     rule.architecture.check_dims(dk, dv)
@@ -54,10 +63,7 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
         raise TypeError(f"state must be a miras.memory.MemoryState, got {type(state).__name__}")
     batch, _, heads, dk = q.shape
     dv = state.weights[-1].shape[-2] if rule.architecture.kind == "linear" else dk  # only the weights are read
-    expected = [(batch, heads, *shape) for shape in rule.architecture.weight_shapes(dk, dv)]
-    if [tuple(w.shape) for w in state.weights] != expected:
-        raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture} and q "
-                         f"{tuple(q.shape)}, got {[tuple(w.shape) for w in state.weights]}")
+    check_weights(rule, state.weights, batch, heads, dk, dv)
     if any(w.dtype != q.dtype for w in state.weights):
         raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
     weights = state.weights

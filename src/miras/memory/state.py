@@ -151,8 +151,7 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"v must match k in [B, T, H] (batch, tokens, heads), got v {tuple(v.shape)} and k {tuple(k.shape)}")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_count("chunk_size", chunk_size)
     batch, tokens, heads = k.shape[:3]
     if tokens < 1:
         raise ValueError("the sequence must have at least one token (T >= 1)")
@@ -165,6 +164,12 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
         if not 0 <= state.position < chunk_size:
             raise ValueError(f"state.position is {state.position}: the state was left inside a chunk of a larger "
                              f"chunk_size; continue it with a chunk_size > {state.position}, got {chunk_size}")
+
+
+def check_count(name: str, value) -> None:
+    """``value`` is an integer >= 1 (a size: chunk, batch, heads, dims), or a ValueError naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def check_rule(rule) -> None:
@@ -213,6 +218,15 @@ def _check_gate_values(name: str, gate: Tensor) -> None:
         raise ValueError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
 
 
+def check_weights(rule, weights, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
+    """The memory weights have the rule's shapes for [B, H] and (dk, dv); returns those shapes."""
+    expected = [(batch, heads, *s) for s in rule.architecture.weight_shapes(dk, dv)]
+    got = [tuple(w.shape) for w in weights]
+    if got != expected:
+        raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture}, got {got}")
+    return expected
+
+
 def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: int,
                 dtype: torch.dtype | None = None) -> None:
     if not isinstance(state, MemoryState):
@@ -220,11 +234,7 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
     if not isinstance(state.position, int) or state.position < 0:
         raise ValueError(f"state.position must be an integer >= 0 (tokens into the current chunk), "
                          f"got {state.position!r}")
-    shapes = rule.architecture.weight_shapes(dk, dv)
-    expected = [(batch, heads, *s) for s in shapes]
-    got = [tuple(w.shape) for w in state.weights]
-    if got != expected:
-        raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture}, got {got}")
+    expected = check_weights(rule, state.weights, batch, heads, dk, dv)
     if dtype is not None and any(t.dtype != dtype for t in state.tensors()):
         raise TypeError(f"the state's tensors must have q, k and v's dtype {dtype}, got "
                         f"{sorted({str(t.dtype) for t in state.tensors()})} (state.to({dtype}) converts it)")

@@ -70,13 +70,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
-        for name in ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment", "block_size",
-                     "persistent", "gate_rank", "recompute"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an integer, got {value!r}")
-            if value < 1 and name not in ("persistent", "gate_rank", "recompute"):
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        positive = ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment", "block_size")
+        for name in (*positive, "persistent", "gate_rank", "recompute"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.persistent < 0:
             raise ValueError(f"persistent must be >= 0, got {self.persistent}")
         if not 0 < self.decay_init < 1:

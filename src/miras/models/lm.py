@@ -194,16 +194,18 @@ class LanguageModel(nn.Module):
         return torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0), state
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not."""
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   name=lambda argument: argument) -> None:
+    """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not
+    (called ``name(argument)``: the CLI names its flags)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
