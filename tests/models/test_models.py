@@ -196,15 +196,15 @@ def test_mac_uses_retrieved_memory_tokens_and_writes_attention_output(monkeypatc
 
     model, x = make("titans-mac"), ids(40)
     retrieved, written = [], []
-    original_retrieve = MemoryAsContext.retrieve
+    original_retrieve = MemoryAsContext._retrieve  # h from the retrieval queries (what _piece calls)
 
-    def spy_retrieve(self, inputs, before):
-        h = original_retrieve(self, inputs, before)
+    def spy_retrieve(self, queries, before, dtype):
+        h = original_retrieve(self, queries, before, dtype)
         h.retain_grad()
         retrieved.append(h)
         return h
 
-    monkeypatch.setattr(MemoryAsContext, "retrieve", spy_retrieve)
+    monkeypatch.setattr(MemoryAsContext, "_retrieve", spy_retrieve)
     mac = model.blocks[0].mixer
     original_memory_forward = mac.memory.forward
 

@@ -86,9 +86,12 @@ class MemoryAsContext(nn.Module):
             start = stop
 
         def run(first: int, last: int, state: MACState):
+            # What depends on x alone is computed once for the pieces first..last-1, then sliced.
+            low, high = bounds[first][0], bounds[last - 1][1]
+            inputs = self._inputs(x[:, low:high], state.filled)
             outputs = []
             for start, stop in bounds[first:last]:
-                y, state = self._piece(x[:, start:stop], state)
+                y, state = self._piece(x[:, start:stop], inputs.slice(start - low, stop - low), state)
                 outputs.append(y)
             return outputs, state
 
@@ -102,20 +105,37 @@ class MemoryAsContext(nn.Module):
             outputs += ys
         return torch.cat(outputs, 1), state
 
-    def retrieve(self, x: Tensor, before: MemoryState) -> Tensor:
-        """h = M*_{before}(q(x)), projected back to the model width. [B, T, dim]."""
+    def _retrieval_query(self, x: Tensor) -> Tensor:
+        """q(x): the retrieval projection, L2-normalised per head. [B, T, H_mem, D_mem]."""
         batch, tokens, _ = x.shape
-        q = F.normalize(self.retrieve_q(x).view(batch, tokens, self.memory.heads, self.memory.head_dim), dim=-1)
-        h = read(self.memory.rule, before.to(q.dtype), q)
-        return self.retrieve_out(h.reshape(batch, tokens, -1).to(x.dtype))
+        return F.normalize(self.retrieve_q(x).view(batch, tokens, self.memory.heads, self.memory.head_dim), dim=-1)
 
-    def _piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
-        """Tokens filled..filled+T of one segment."""
+    def _retrieve(self, q: Tensor, before: MemoryState, dtype: torch.dtype) -> Tensor:
+        """h = M*_{before}(q), projected back to the model width. [B, T, dim]."""
+        batch, tokens = q.shape[:2]
+        h = read(self.memory.rule, before.to(q.dtype), q)
+        return self.retrieve_out(h.reshape(batch, tokens, -1).to(dtype))
+
+    def _inputs(self, x: Tensor, filled: int) -> _Inputs:
+        """The retrieval queries and the segment tokens' q, k, v (rotated) of consecutive pieces that
+        start ``filled`` tokens into a segment, and the persistent tokens' k, v."""
         batch, tokens, _ = x.shape
-        h = self.retrieve(x, state.before)
-        index = torch.arange(state.filled, state.filled + tokens, device=x.device)
+        index = (filled + torch.arange(tokens, device=x.device)) % self.segment
         q_s, k_s, v_s = self._project(x, self.n_persistent + self.segment + index)
-        _, k_h, v_h = self._project(h, self.n_persistent + index)
+        if self.persistent is None:
+            k_p = v_p = None
+        else:
+            k_p, v_p = self._project_kv(self.persistent.to(x.dtype).expand(batch, -1, -1),
+                                        torch.arange(self.n_persistent, device=x.device))
+        return _Inputs(self._retrieval_query(x), q_s, k_s, v_s, k_p, v_p)
+
+    def _piece(self, x: Tensor, inputs: _Inputs, state: MACState) -> tuple[Tensor, MACState]:
+        """Tokens filled..filled+T of one segment (``inputs``: ``_inputs`` of these tokens)."""
+        batch, tokens, _ = x.shape
+        h = self._retrieve(inputs.retrieval, state.before, x.dtype)
+        index = torch.arange(state.filled, state.filled + tokens, device=x.device)
+        q_s, k_s, v_s = inputs.q, inputs.k, inputs.v
+        k_h, v_h = self._project_kv(h, self.n_persistent + index)
         done = state.filled
         # This segment's keys so far, h first then S: [h_1..h_n, S_1..S_n].
         # (the cache in the keys' dtype: under autocast the initial empty one is float32)
@@ -128,9 +148,7 @@ class MemoryAsContext(nn.Module):
         causal = seen[None, :] <= index[:, None]
         mask = torch.cat([causal, causal], dim=1)
         if self.persistent is not None:
-            _, k_p, v_p = self._project(self.persistent.to(x.dtype).expand(batch, -1, -1),
-                                        torch.arange(self.n_persistent, device=x.device))
-            keys, values = torch.cat([k_p, keys], dim=2), torch.cat([v_p, values], dim=2)
+            keys, values = torch.cat([inputs.k_p, keys], dim=2), torch.cat([inputs.v_p, values], dim=2)
             mask = torch.cat([mask.new_ones(tokens, self.n_persistent), mask], dim=1)
         y = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
@@ -146,6 +164,30 @@ class MemoryAsContext(nn.Module):
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return rotary(q, positions), rotary(k, positions), v
+
+    def _project_kv(self, x: Tensor, positions: Tensor):
+        """``_project``'s k and v only (the h and persistent tokens are never queries)."""
+        batch, tokens, _ = x.shape
+        k, v = F.linear(x, self.qkv.weight[self.dim:]).view(batch, tokens, 2, self.heads,
+                                                             self.head_dim).permute(2, 0, 3, 1, 4)
+        return rotary(k, positions), v
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """``MemoryAsContext._inputs``: retrieval queries [B, T, H_mem, D_mem]; the tokens' q, k, v
+    [B, H, T, D]; the persistent tokens' k, v [B, H, N_p, D] (None without persistent tokens)."""
+
+    retrieval: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    k_p: Tensor | None
+    v_p: Tensor | None
+
+    def slice(self, start: int, stop: int) -> _Inputs:
+        return _Inputs(self.retrieval[:, start:stop], self.q[:, :, start:stop], self.k[:, :, start:stop],
+                       self.v[:, :, start:stop], self.k_p, self.v_p)
 
 
 def _weights_only(state: MemoryState) -> MemoryState:
