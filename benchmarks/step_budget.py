@@ -1,0 +1,128 @@
+"""Where a Titans training step's time goes: the memory's chunk loop against everything around it.
+
+    .venv/bin/python benchmarks/step_budget.py                         # T = 4096, about 1 min
+    .venv/bin/python benchmarks/step_budget.py --lengths 4096 16384    # the committed run, about 6 min
+
+One forward + backward on [1, T] per case, float32, `small` presets, the Titans models with
+``impl=compiled`` and no ``recompute`` (their fastest setting on this CPU, not their leanest). Cases:
+
+- ``transformer``: the SDPA Transformer (the issue's yardstick);
+- ``titans-mac`` / ``titans-lmm``: the models as they are;
+- ``... null engine``: the same model with the memory's chunk loop (``chunked``: every chunk's write
+  and read) replaced by an elementwise stand-in of the same inputs and output shape, so the time
+  left is everything else: projections, conv, gates, norms, attention, MAC's retrieval read, MLPs,
+  embedding and head, forward and backward.
+
+The models are built once and timed in alternation (one step of each case per round, ``--rounds``
+rounds after a warm-up round), so machine noise hits every case alike; the median is reported.
+The null-engine model is not a model anyone should train: it only bounds what a faster engine can
+give. If ``MAC, null engine`` is already slower than an aim (a multiple of the Transformer's step),
+no engine work alone reaches it. At 16K MAC alone needs about 12.5 GB (no ``recompute``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import miras.layers.memory_layer as memory_layer
+from miras.models import create
+
+
+def null_engine(rule, q, k, v, gates, memory, chunk_size, **_):
+    """The chunk loop's stand-in: same output shape, gradients reach q, k, v and the lr gate; the
+    memory state is returned unchanged."""
+    return q + k + v * gates.lr[..., None], memory
+
+
+@contextmanager
+def engine(null: bool):
+    if not null:
+        yield
+        return
+    with mock.patch.object(memory_layer, "chunked", null_engine):
+        yield
+
+
+def step(model, ids: torch.Tensor) -> None:
+    logits, _ = model(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def measure(length: int, rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    cases = [("transformer", create("transformer-small"), False)]
+    for family in ("titans-mac", "titans-lmm"):
+        model = create(f"{family}-small", impl="compiled")
+        cases += [(family, model, False), (f"{family}, null engine", model, True)]
+    ids = torch.randint(0, 256, (1, length))
+    times = {name: [] for name, _, _ in cases}
+    for round_ in range(rounds + 1):
+        for name, model, null in cases:
+            with engine(null):
+                start = time.perf_counter()
+                step(model, ids)
+                elapsed = time.perf_counter() - start
+            if round_:  # round 0 warms up (and compiles)
+                times[name].append(elapsed)
+    reference = statistics.median(times["transformer"])
+    rows = []
+    for name, _, _ in cases:
+        median = statistics.median(times[name])
+        rows.append({"case": name, "T": length, "ms": 1000 * median, "tokens_per_s": length / median,
+                     "vs_transformer": median / reference, "all_ms": [1000 * t for t in times[name]]})
+    return rows
+
+
+def table(rows: list[dict], aims: list[float]) -> str:
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, forward + backward, "
+             "median over rounds (each round times every case once)", "",
+             "| case | T | ms per step | tokens/s | x transformer |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['case']} | {row['T']} | {row['ms']:,.0f} | {row['tokens_per_s']:,.0f} | "
+                     f"{row['vs_transformer']:.2f} |")
+    lines.append("")
+    for length in sorted({row["T"] for row in rows}):
+        by = {row["case"]: row for row in rows if row["T"] == length}
+        mac, null, reference = by["titans-mac"], by["titans-mac, null engine"], by["transformer"]["ms"]
+        engine_ms = mac["ms"] - null["ms"]
+        needs = []
+        for aim in aims:
+            budget = aim * reference - null["ms"]
+            needs.append(f"for MAC <= {aim} x the Transformer ({aim * reference:,.0f} ms) "
+                         + (f"the engine must run in {budget:,.0f} ms ({engine_ms / budget:.1f}x faster)"
+                            if budget > 0 else "even a free engine is too slow"))
+        lines.append(f"- T = {length}: MAC's engine takes {engine_ms:,.0f} of its {mac['ms']:,.0f} ms, the rest "
+                     f"{null['ms']:,.0f}; " + "; ".join(needs) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--aims", type=float, nargs="+", default=[1.5, 1.0],
+                        help="aims for MAC's step, as multiples of the Transformer's (issue: 1.5 at 4K, 1 at 16K)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_budget"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [row for length in args.lengths for row in measure(length, args.rounds)]
+    text = table(rows, args.aims)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
