@@ -3,6 +3,7 @@ sequence, and how far a 1e-12 nudge of its embeddings moves its float64 logits: 
 ``docs/demo/README.md``'s note on the trained MAC.
 
     .venv/bin/python benchmarks/precision_drift.py runs/demo/titans-mac/seed-0 runs/demo/titans-lmm/seed-0
+    .venv/bin/python benchmarks/precision_drift.py --presets titans-mac-tiny titans-lmm-tiny   # untrained
 
 Each run: 4 rows of 512 random byte tokens (seed 0), one pass; per block of 64 tokens the largest
 absolute logit difference over rows and vocabulary.
@@ -15,6 +16,7 @@ import copy
 
 import torch
 
+from miras.models import create
 from miras.train import load_run
 
 
@@ -25,13 +27,20 @@ def per_block(a: torch.Tensor, b: torch.Tensor, block: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders written by `miras train` / `miras demo`")
+    parser.add_argument("runs", nargs="*", help="run folders written by `miras train` / `miras demo`")
+    parser.add_argument("--presets", nargs="*", default=[],
+                        help="untrained models (torch.manual_seed(0), the demo's decay_init=1e-5) to measure too")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--block", type=int, default=64)
     args = parser.parse_args()
-    for run in args.runs:
+    if not args.runs and not args.presets:
+        parser.error("give run folders, --presets, or both")
+    for run in [*args.runs, *(f"preset:{name}" for name in args.presets)]:
         torch.manual_seed(0)
-        model, _, _ = load_run(run)
+        if run.startswith("preset:"):
+            model = create(run.removeprefix("preset:"), decay_init=1e-5).eval()
+        else:
+            model, _, _ = load_run(run)
         exact = copy.deepcopy(model).double()
         nudged = copy.deepcopy(exact)
         ids = torch.randint(0, model.config.vocab_size, (4, args.tokens))
