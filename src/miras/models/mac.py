@@ -161,17 +161,20 @@ class MemoryAsContext(nn.Module):
         return out, MACState(memory, state.before, segment_keys, segment_values, filled)
 
     def _project(self, x: Tensor, positions: Tensor):
-        batch, tokens, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self._heads(x)
         return rotary(q, positions), rotary(k, positions), v
 
     def _project_kv(self, x: Tensor, positions: Tensor):
-        """``_project``'s k and v (the h and persistent tokens are never queries). The whole qkv
-        projection is computed and q dropped: a matmul with a slice of the weight (its k/v rows) took
-        2.4x the peak memory, titans-mac-small at 16K under ``recompute=64`` (4,018 against 1,679 MB)."""
-        batch, tokens, _ = x.shape
-        _, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        """``_project``'s k and v (the h and persistent tokens are never queries). q is computed and
+        dropped: a matmul with the weight's k/v rows alone took 2.4x the peak memory (titans-mac-small,
+        16K, ``recompute=64``: 4,018 against 1,679 MB)."""
+        _, k, v = self._heads(x)
         return rotary(k, positions), v
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The qkv projection split into q, k, v [B, H, T, D], not yet rotated."""
+        batch, tokens, _ = x.shape
+        return self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 @dataclass(frozen=True)
