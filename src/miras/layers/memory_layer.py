@@ -18,7 +18,12 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   demo's settings, ``seed=3 model.decay_init=0.01 eval_every=0``, then ``miras eval --seed 123
   --segment 32``: 0.97 at 1K, 0.00 at 2K; trained with two threads, the same seed gave 0.91 / 0.94:
   float summation order alone decides). With 0.001 it recalled at 256x (``docs/demo``).
-  ``gate_init`` overrides any starting value (model config ``decay_init``).
+  ``gate_init`` overrides any starting value (model config ``decay_init``, ``lr_init``).
+- θ starts at 0.01 in the titans-mac presets (``lr_init``, models/config.py ``MAC_GATES``). MAC writes
+  this memory with an attention output that reads the memory; from θ = 0.1 (with η = 0.9, an
+  effective step of 1) that loop amplified rounding until an untrained titans-mac-tiny's float32
+  logits were 0.15 off its float64 ones after 384 tokens. From 0.01 they stay within 1e-5, as
+  every other Titans model's do from 0.1 (``test_untrained_titans_models_are_not_chaotic_in_float32``).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
 - ``gating="channel"`` (MIRAS §5.4, Titans-NeurIPS's channel-wise α): θ, η, α per token, head and

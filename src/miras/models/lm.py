@@ -87,7 +87,7 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
                          # (its memory then keeps no per-chunk activations: the fused backward)
                          recompute=0 if config.family == "titans-mac" else config.recompute,
                          fused=True if config.family == "titans-mac" and config.recompute else None,
-                         gate_init={"decay": config.decay_init})
+                         gate_init={"decay": config.decay_init, "lr": config.lr_init})
     if config.family == "titans-mag":
         return MemoryAsGate(memory, Attention(config.dim, config.heads, window=config.window,
                                               sinks=config.persistent))
