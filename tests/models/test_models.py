@@ -287,19 +287,22 @@ def test_channel_wise_gates_need_a_rule_that_takes_them():
 
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "transformer"])
 def test_recompute_option_gives_the_same_gradients(family):
-    """recompute=2 (memory chunks, and the MLPs in groups of 2 chunks' tokens, recomputed in backward)
-    changes memory, not math."""
-    x = ids(tokens=40)
+    """recompute=2 or 4 (memory chunks, and the MLPs in groups of that many chunks' tokens, recomputed in
+    backward) changes memory, not math. A stream of 5 then 40 tokens: MAC (segment 16, chunk 8) then runs
+    the rest of a segment and 2 more (and a piece), in groups of 1 or 2 segments, the last one short."""
+    x = ids(tokens=45)
     grads = []
-    for recompute in (0, 2):
+    for recompute in (0, 2, 4):
         torch.manual_seed(0)
         model = create(f"{family}-tiny", recompute=recompute).double()
-        logits, _ = model(x)
-        logits.square().mean().backward()
+        head, state = model(x[:, :5])
+        tail, _ = model(x[:, 5:], state)
+        torch.cat([head, tail], 1).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-12, msg=name)
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(other[name], grad, rtol=0, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("family", ["titans-mac", "transformer"])

@@ -245,12 +245,15 @@ class MemoryLayer(nn.Module):
         twice. Exact: streaming gives the same outputs, state and gradients as one call."""
         group = self.recompute * self.chunk_size
         fused = True if self.fused is None else self.fused
-        outputs, start = [], 0
-        while start < x.shape[1]:
-            stop = min(x.shape[1], start + group - (state.memory.position if start == 0 else 0))
-            y, state = checkpoint(self._call, x[:, start:stop], state, fused=fused, use_reentrant=False)
+        first = min(x.shape[1], group - state.memory.position)
+        sizes = [first] + [group] * ((x.shape[1] - first) // group)
+        if sum(sizes) < x.shape[1]:
+            sizes.append(x.shape[1] - sum(sizes))
+        outputs = []
+        # split, not sliced per group: a slice's backward fills a zero gradient the size of all of x
+        for piece in x.split(sizes, dim=1):
+            y, state = checkpoint(self._call, piece, state, fused=fused, use_reentrant=False)
             outputs.append(y)
-            start = stop
         return torch.cat(outputs, dim=1), state
 
     def _engine_inputs(self, x: Tensor, conv_tail: Tensor):

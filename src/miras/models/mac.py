@@ -79,29 +79,35 @@ class MemoryAsContext(nn.Module):
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
         state = state or self.init_state(x.shape[0])
+        if x.shape[1] == 0:  # nothing to read or write
+            return x.new_zeros(x.shape[0], 0, self.dim), state
         bounds, start = [], 0
         while start < x.shape[1]:  # the pieces: the rest of the current segment, then whole segments
             stop = min(x.shape[1], start + (self.segment if bounds else self.segment - state.filled))
             bounds.append((start, stop))
             start = stop
 
-        def run(first: int, last: int, state: MACState):
-            # What depends on x alone is computed once for the pieces first..last-1, then sliced.
-            low, high = bounds[first][0], bounds[last - 1][1]
-            inputs = self._inputs(x[:, low:high], state.filled)
+        sizes = [stop - start for start, stop in bounds]
+
+        def run(x: Tensor, sizes: list[int], state: MACState):
+            # What depends on x alone is computed once for these pieces, then split. (Split, not sliced
+            # per piece: each slice's backward would allocate and fill a zero gradient the size of the
+            # whole input, quadratic in the number of segments; split's backward is one cat.)
+            inputs = self._inputs(x, state.filled)
             outputs = []
-            for start, stop in bounds[first:last]:
-                y, state = self._piece(x[:, start:stop], inputs.slice(start - low, stop - low), state)
+            for piece, piece_inputs in zip(x.split(sizes, dim=1), inputs.split(sizes)):
+                y, state = self._piece(piece, piece_inputs, state)
                 outputs.append(y)
             return outputs, state
 
         group = max(1, self.recompute * self.memory.chunk_size // self.segment) if self.recompute else len(bounds)
+        groups = [sizes[first:first + group] for first in range(0, len(sizes), group)]
         outputs = []
-        for first in range(0, len(bounds), group):
-            if torch.is_grad_enabled() and group < len(bounds):
-                ys, state = checkpoint(run, first, first + group, state, use_reentrant=False)
+        for part, part_sizes in zip(x.split([sum(g) for g in groups], dim=1), groups):
+            if torch.is_grad_enabled() and len(groups) > 1:
+                ys, state = checkpoint(run, part, part_sizes, state, use_reentrant=False)
             else:
-                ys, state = run(first, first + group, state)
+                ys, state = run(part, part_sizes, state)
             outputs += ys
         return torch.cat(outputs, 1), state
 
@@ -130,7 +136,7 @@ class MemoryAsContext(nn.Module):
         return _Inputs(self._retrieval_query(x), q_s, k_s, v_s, k_p, v_p)
 
     def _piece(self, x: Tensor, inputs: _Inputs, state: MACState) -> tuple[Tensor, MACState]:
-        """Tokens filled..filled+T of one segment (``inputs``: ``_inputs`` of these tokens)."""
+        """Tokens filled..filled+T of one segment (``inputs``: ``_inputs`` of these tokens, split off)."""
         batch, tokens, _ = x.shape
         h = self._retrieve(inputs.retrieval, state.before, x.dtype)
         index = torch.arange(state.filled, state.filled + tokens, device=x.device)
@@ -189,9 +195,10 @@ class _Inputs:
     k_p: Tensor | None
     v_p: Tensor | None
 
-    def slice(self, start: int, stop: int) -> _Inputs:
-        return _Inputs(self.retrieval[:, start:stop], self.q[:, :, start:stop], self.k[:, :, start:stop],
-                       self.v[:, :, start:stop], self.k_p, self.v_p)
+    def split(self, sizes: list[int]) -> list[_Inputs]:
+        """One _Inputs per consecutive piece of ``sizes`` tokens (views; the persistent k, v shared)."""
+        return [_Inputs(r, q, k, v, self.k_p, self.v_p) for r, q, k, v in zip(
+            self.retrieval.split(sizes, dim=1), *(t.split(sizes, dim=2) for t in (self.q, self.k, self.v)))]
 
 
 def _weights_only(state: MemoryState) -> MemoryState:
