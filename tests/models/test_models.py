@@ -1,5 +1,7 @@
 """Every model family at `tiny`: causal, streams exactly, bounded state, generation, state files."""
 
+import copy
+
 import pytest
 import torch
 
@@ -260,8 +262,7 @@ def _float32_drift(preset: str, tokens: int = 384, **overrides) -> float:
     """Largest |float32 − float64| logit of an untrained model over 2 rows of random tokens."""
     torch.manual_seed(0)
     model = create(preset, **overrides).eval()
-    exact = create(preset, **overrides).double().eval()
-    exact.load_state_dict(model.state_dict())
+    exact = copy.deepcopy(model).double()
     ids = torch.randint(0, model.config.vocab_size, (2, tokens))
     with torch.no_grad():
         return (model(ids)[0].double() - exact(ids)[0]).abs().max().item()
@@ -283,6 +284,16 @@ def test_channel_wise_gates_need_a_rule_that_takes_them():
         create("gated-deltanet-tiny", gate_rank=32)
     with pytest.raises(ValueError, match="gate_rank must be >= 0"):
         create("titans-lmm-tiny", gate_rank=-1)
+
+
+def test_piece_sizes_cut_the_stream_at_every_boundary():
+    from miras.layers import piece_sizes
+
+    assert piece_sizes(0, 16) == []
+    assert piece_sizes(5, 16) == [5]
+    assert piece_sizes(32, 16) == [16, 16]
+    assert piece_sizes(40, 16, filled=11) == [5, 16, 16, 3]
+    assert piece_sizes(1, 16, filled=15) == [1]
 
 
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "transformer"])

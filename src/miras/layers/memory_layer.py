@@ -60,6 +60,7 @@ from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
 from ..memory.state import CHANNEL_GATES, channel_widths, check_count, check_rule, supports_channel_gates
+from .base import piece_sizes
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
 GATINGS = ("token", "fixed", "channel")
@@ -245,13 +246,9 @@ class MemoryLayer(nn.Module):
         twice. Exact: streaming gives the same outputs, state and gradients as one call."""
         group = self.recompute * self.chunk_size
         fused = True if self.fused is None else self.fused
-        first = min(x.shape[1], group - state.memory.position)
-        sizes = [first] + [group] * ((x.shape[1] - first) // group)
-        if sum(sizes) < x.shape[1]:
-            sizes.append(x.shape[1] - sum(sizes))
         outputs = []
         # split, not sliced per group: a slice's backward fills a zero gradient the size of all of x
-        for piece in x.split(sizes, dim=1):
+        for piece in x.split(piece_sizes(x.shape[1], group, state.memory.position), dim=1):
             y, state = checkpoint(self._call, piece, state, fused=fused, use_reentrant=False)
             outputs.append(y)
         return torch.cat(outputs, dim=1), state

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import MemoryLayer, MemoryLayerState, rotary
+from ..layers import MemoryLayer, MemoryLayerState, piece_sizes, rotary
 from ..memory import MemoryState, read
 
 
@@ -81,13 +81,7 @@ class MemoryAsContext(nn.Module):
         state = state or self.init_state(x.shape[0])
         if x.shape[1] == 0:  # nothing to read or write
             return x.new_zeros(x.shape[0], 0, self.dim), state
-        bounds, start = [], 0
-        while start < x.shape[1]:  # the pieces: the rest of the current segment, then whole segments
-            stop = min(x.shape[1], start + (self.segment if bounds else self.segment - state.filled))
-            bounds.append((start, stop))
-            start = stop
-
-        sizes = [stop - start for start, stop in bounds]
+        sizes = piece_sizes(x.shape[1], self.segment, state.filled)  # the rest of this segment, then whole ones
 
         def run(x: Tensor, sizes: list[int], state: MACState):
             # What depends on x alone is computed once for these pieces, then split. (Split, not sliced
@@ -100,7 +94,7 @@ class MemoryAsContext(nn.Module):
                 outputs.append(y)
             return outputs, state
 
-        group = max(1, self.recompute * self.memory.chunk_size // self.segment) if self.recompute else len(bounds)
+        group = max(1, self.recompute * self.memory.chunk_size // self.segment) if self.recompute else len(sizes)
         groups = [sizes[first:first + group] for first in range(0, len(sizes), group)]
         outputs = []
         for part, part_sizes in zip(x.split([sum(g) for g in groups], dim=1), groups):
