@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from miras.layers import MemoryLayer, TokenMixer
+from miras.layers import MemoryLayer, TokenMixer, piece_sizes
 from miras.memory import (
     DELTANET,
     GATED_DELTANET,
@@ -147,6 +147,15 @@ def test_recompute_in_groups_matches_the_reference_layer(name, options):
         scale = params_ref[pname].grad.abs().max().item()
         torch.testing.assert_close(p.grad, params_ref[pname].grad, rtol=1e-9, atol=max(1e-10, 1e-11 * scale),
                                    msg=pname)
+
+
+def test_piece_sizes_cut_the_stream_at_every_boundary():
+    """The cut shared by recompute's groups here and MAC's segments."""
+    assert piece_sizes(0, 16) == []
+    assert piece_sizes(5, 16) == [5]
+    assert piece_sizes(32, 16) == [16, 16]
+    assert piece_sizes(40, 16, filled=11) == [5, 16, 16, 3]
+    assert piece_sizes(1, 16, filled=15) == [1]
 
 
 @pytest.mark.parametrize("name", ["titans", "moneta", "gated-deltanet"])

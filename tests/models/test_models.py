@@ -286,16 +286,6 @@ def test_channel_wise_gates_need_a_rule_that_takes_them():
         create("titans-lmm-tiny", gate_rank=-1)
 
 
-def test_piece_sizes_cut_the_stream_at_every_boundary():
-    from miras.layers import piece_sizes
-
-    assert piece_sizes(0, 16) == []
-    assert piece_sizes(5, 16) == [5]
-    assert piece_sizes(32, 16) == [16, 16]
-    assert piece_sizes(40, 16, filled=11) == [5, 16, 16, 3]
-    assert piece_sizes(1, 16, filled=15) == [1]
-
-
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "transformer"])
 def test_recompute_option_gives_the_same_gradients(family):
     """recompute=2 or 4 (memory chunks, and the MLPs in groups of that many chunks' tokens, recomputed in
