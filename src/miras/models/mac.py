@@ -6,13 +6,7 @@ Per segment S of ``segment`` tokens (counted from the stream start):
 2. Attention over [P ‖ h ‖ S]: token i of S sees all N_p persistent tokens P, h_1..h_i and
    S_1..S_i (h_j comes from x_j's query, so seeing j > i would leak the future).
 3. y = the attention output at S. The memory writes y and reads it back (read after write):
-   r = M(norm(y)). The output is o = y ⊙ σ(norm(r)).
-
-The memory layer takes y through its own RMSNorm (learned gain), as every other mixer's input is
-pre-normed: y is the un-normed output of the attention's projection, and its scale is free. Without
-the norm, titans-mac-small trained on the demo task (seed 0, docs/demo/small/) grew y to an RMS of
-50-480, its memory's gates saturated (θ = 1, η = 1), its weights reached 1e6-3e11 within 128 tokens
-and evaluation stopped on non-finite gates; with it, the same run stays finite.
+   r = M(y). The output is o = y ⊙ σ(norm(r)).
 
 Positions for RoPE follow the layout [P | h | S]: P at 0..N_p−1, h_j at N_p + j, S_j at
 N_p + segment + j, so distances do not depend on how much of the segment a call holds. Streaming
@@ -76,7 +70,6 @@ class MemoryAsContext(nn.Module):
         self.persistent = nn.Parameter(0.02 * torch.randn(persistent, dim)) if persistent else None
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
-        self.memory_norm = nn.RMSNorm(dim, eps=1e-6)  # the memory's input: norm(y)
         self.gate_norm = nn.RMSNorm(dim, eps=1e-6)
 
     def init_state(self, batch: int) -> MACState:
@@ -159,7 +152,7 @@ class MemoryAsContext(nn.Module):
             mask = torch.cat([mask.new_ones(tokens, self.n_persistent), mask], dim=1)
         y = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
-        r, memory = self.memory(self.memory_norm(y), state.memory)
+        r, memory = self.memory(y, state.memory)
         out = y * torch.sigmoid(self.gate_norm(r))
         filled = done + tokens
         if filled == self.segment:  # the segment is complete: the next one retrieves from here
