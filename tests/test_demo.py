@@ -105,6 +105,10 @@ def test_models_at_another_size_keep_the_tiny_attention_spans():
     assert small["titans-mac"].overrides == {"decay_init": 1e-5, "segment": 16}
     assert small["swa-transformer"].overrides == {"window": 32}
     assert small["titans-mac"].max_multiple == 64
+    # titans-mac-small learns the task at lr 1e-3, not at the demo's 3e-3; the others keep the demo's
+    assert small["titans-mac"].lr == 1e-3 and {m.lr for n, m in small.items() if n != "titans-mac"} == {None}
+    assert small["titans-mac"].learning_rate(DemoConfig()) == 1e-3
+    assert small["titans-lmm"].learning_rate(DemoConfig()) == DemoConfig().lr == 3e-3
     assert models_at_size("tiny") == DEFAULT_MODELS
     with pytest.raises(ValueError, match="unknown size 'huge'; valid"):
         models_at_size("huge")
@@ -119,6 +123,12 @@ def test_size_option(tmp_path, capsys):
     assert run_demo_command(args) == 0
     results = json.loads((tmp_path / "q" / "results.json").read_text())
     assert {m["preset"] for m in results["config"]["models"]} >= {"titans-lmm-small", "titans-mac-small"}
+    trained_at = {name: json.loads((tmp_path / "q" / name / "seed-0" / "config.json").read_text())["train"]["lr"]
+                  for name in ("titans-mac", "titans-lmm")}
+    assert trained_at == {"titans-mac": 1e-3, "titans-lmm": DemoConfig().lr}
+    report = (tmp_path / "q" / "report.md").read_text()
+    assert f"lr {DemoConfig().lr} (titans-mac 0.001)" in report
+    assert "| titans-mac | `titans-mac-small` | " in report and " | 0.001 | " in report
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--size", "huge"])
     assert exit_info.value.code == 2
