@@ -29,7 +29,7 @@ BATCHED_FIELDS: dict[type, tuple[str, ...]] = {
     PairState: ("memory", "attention"),
 }
 SHARED_FIELDS: dict[type, tuple[str, ...]] = {
-    ModelState: ("seen",),
+    ModelState: ("seen", "model"),
     MemoryLayerState: (),
     MemoryState: ("position",),
     KVCache: ("positions", "seen"),

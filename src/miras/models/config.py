@@ -66,7 +66,8 @@ class ModelConfig:
     # recompute * chunk_size tokens, keeping only the groups' inputs (less memory, one more forward)
     recompute: int = 0
     decay_init: float = 0.001  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
-    # the memory's inner learning rate θ at initialisation (the titans-mac presets: 0.01, see MAC_GATES)
+    # the memory's inner learning rate θ at initialisation (titans-mac presets 0.01, MAC_GATES; Moneta, Yaad,
+    # Memora presets 0.003, MIRAS_GATES)
     lr_init: float = 0.1
 
     def __post_init__(self):
@@ -85,8 +86,12 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-        if not isinstance(self.mlp_ratio, (int, float)) or not 0 < self.mlp_ratio < math.inf:
-            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio!r}")
+        if (not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool)
+                or not 0 < self.mlp_ratio < math.inf or int(self.mlp_ratio * self.dim) < 1):
+            raise ValueError(f"mlp_ratio must be a finite number > 0 with mlp_ratio * dim >= 1 (the MLP's width), "
+                             f"got {self.mlp_ratio!r} for dim {self.dim}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.recompute < 0:
@@ -132,12 +137,20 @@ ONLINE = {"chunk_size": 1, "impl": "delta"}
 # (small). LMM, MAG and MAL, with no such loop, stay within 1e-5 either way (by hand; the test in
 # tests/models/test_models.py holds every untrained Titans preset within 1e-4 over 384 tokens).
 MAC_GATES = {"lr_init": 0.01}
+# Moneta, Yaad and Memora (plain GD, a non-linear bias or retention) are chaotic from θ = 0.1 even without
+# such a loop: untrained, their float32 logits leave float64 by 0.5-1.1 (as large as the logits) within 384
+# tokens, and a float64 stream cut mid-chunk drifts from one call by 1e-4. From θ = 0.01 Moneta still does
+# by 1K tokens (0.95); from θ = 0.003 all six presets stay within 2e-4 over 1K tokens (tiny, seed 0, by hand;
+# the test in tests/models/test_models.py holds every untrained tiny preset within 1e-4 over 384 tokens).
+MIRAS_GATES = {"lr_init": 0.003}
+MIRAS_FAMILIES = ("moneta", "yaad", "memora", *HYBRID_FAMILIES)
 
 PRESETS: dict[str, dict] = {
     f"{family}-{size}": {"family": family, **values,
                          **({"persistent": PERSISTENT[size]} if family in PERSISTENT_FAMILIES else {}),
                          **(ONLINE if family in ONLINE_FAMILIES else {}),
-                         **(MAC_GATES if family == "titans-mac" else {})}
+                         **(MAC_GATES if family == "titans-mac" else {}),
+                         **(MIRAS_GATES if family in MIRAS_FAMILIES else {})}
     for family in FAMILIES for size, values in SIZES.items()}
 
 
@@ -163,4 +176,8 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     """The config of preset ``name`` with ``overrides`` applied."""
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    if "family" in overrides and overrides["family"] != PRESETS[name]["family"]:
+        raise ValueError(f"family={overrides['family']!r} contradicts preset {name!r} (family "
+                         f"{PRESETS[name]['family']!r}): name the family in the preset, e.g. "
+                         f"'{overrides['family']}-{name.rsplit('-', 1)[1]}'")
     return ModelConfig(**{**PRESETS[name], **check_overrides(overrides)})

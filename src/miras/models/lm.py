@@ -7,6 +7,7 @@ feeding a document in segments with the state carried equals one pass over it.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -127,9 +128,24 @@ class LanguageModel(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
+        self._state_layout = self._layout()
+
+    @property
+    def state_layout(self) -> str:
+        """The config fields that shape this model's state (JSON): what ModelState.model records, so that a
+        state is refused by a model of another family, width, head count, segment, window, chunk size...
+        Fields that only choose how it is computed or how it starts (impl, block_size, recompute, gate inits) and
+        those outside the mixers (vocabulary, MLP width, tied embeddings) are left out."""
+        return self._state_layout
+
+    def _layout(self) -> str:
+        left_out = ("impl", "block_size", "recompute", "decay_init", "lr_init", "vocab_size", "mlp_ratio",
+                    "tie_embeddings")
+        layout = {k: v for k, v in self.config.to_dict().items() if k not in left_out}
+        return json.dumps(layout, sort_keys=True, separators=(",", ":"))
 
     def init_state(self, batch: int) -> ModelState:
-        return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0)
+        return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0, self.state_layout)
 
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
@@ -149,7 +165,7 @@ class LanguageModel(nn.Module):
         for block, block_state in zip(self.blocks, state.layers):
             x, block_state = block(x, block_state, start=state.seen == 0)
             new_states.append(block_state)
-        return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1])
+        return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1], self.state_layout)
 
     def _check_state(self, state, batch: int) -> None:
         """A state this model made (``init_state`` or a previous call) for ``batch`` sequences."""
@@ -157,6 +173,12 @@ class LanguageModel(nn.Module):
             got = f"{len(state.layers)} layer states" if isinstance(state, ModelState) else type(state).__name__
             raise ValueError(f"state must be a ModelState with one state per block ({len(self.blocks)} for this "
                              f"{self.config.family} model; from init_state or a previous call), got {got}")
+        if state.model and state.model != self.state_layout:
+            theirs, ours = json.loads(state.model), json.loads(self.state_layout)
+            differ = ", ".join(f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
+                               for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
+            raise ValueError(f"state comes from a different model: {differ}; pass a state this model made "
+                             "(init_state or a previous call)")
         if self._state_types is None:  # what each block's mixer carries, found once
             self._state_types = tuple(type(block.init_state(1)) for block in self.blocks)
         for i, (layer, expected) in enumerate(zip(state.layers, self._state_types)):
@@ -198,11 +220,11 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
                    name=lambda argument: argument) -> None:
     """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not
     (called ``name(argument)``: the CLI names its flags)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
@@ -213,14 +235,16 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = logits.float()
+    # the row maximum first: a tiny temperature then sends the others to -inf, never the maximum to inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    if top_k is not None:  # exactly k tokens, ties broken by topk's order
+        kept = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
     if top_p is not None:
         ordered, index = logits.sort(-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        probabilities = ordered.softmax(-1)
+        drop = probabilities.cumsum(-1) - probabilities >= top_p  # keep the smallest set reaching top_p
         logits = logits.scatter(-1, index, ordered.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 

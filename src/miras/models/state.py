@@ -30,30 +30,43 @@ class ModelState:
 
     layers: tuple[Any, ...]
     seen: int = 0
+    # the layout of the model that made it (LanguageModel.state_layout: the config fields that shape a
+    # state, as JSON); a model refuses a state of another layout. "" (e.g. a state built by hand): unchecked.
+    model: str = ""
 
     def detach(self) -> ModelState:
         """Cut from the autograd graph (truncated backpropagation through time)."""
-        return ModelState(tuple(s.detach() for s in self.layers), self.seen)
+        return ModelState(tuple(s.detach() for s in self.layers), self.seen, self.model)
+
+    def to(self, *args, **kwargs) -> ModelState:
+        """Every tensor moved or cast as ``Tensor.to(*args, **kwargs)`` would (a device, a dtype): e.g. a
+        float32 state for a model turned float64, or a state saved on a GPU for a CPU model."""
+        return ModelState(tuple(_map_tensors(s, lambda t: t.to(*args, **kwargs)) for s in self.layers), self.seen,
+                          self.model)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers)
 
     def save(self, path: str | os.PathLike) -> None:
-        data = {"format": "miras.ModelState/1", "seen": self.seen, "layers": [_to_plain(s) for s in self.layers]}
+        data = {"format": "miras.ModelState/1", "seen": self.seen, "model": self.model,
+                "layers": [_to_plain(s) for s in self.layers]}
         atomic_write(path, lambda handle: torch.save(data, handle))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ModelState:
+    def load(cls, path: str | os.PathLike, map_location=None) -> ModelState:
+        """A state written by ``save``; ``map_location`` as for ``torch.load`` (e.g. "cpu" for a state saved
+        on a GPU)."""
         try:
-            data = torch.load(path, weights_only=True)
+            data = torch.load(path, weights_only=True, map_location=map_location)
         except Exception as error:
             raise ValueError(f"{path} is not a readable miras state file: {error}") from None
         if not isinstance(data, dict) or data.get("format") != "miras.ModelState/1":
             raise ValueError(f"{path} is not a miras state file (format 'miras.ModelState/1')")
         try:
-            if not isinstance(data["layers"], list) or not isinstance(data["seen"], int):
-                raise TypeError("'layers' must be a list and 'seen' an integer")
-            return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"])
+            model = data.get("model", "")  # absent in files written before the layout was recorded
+            if not isinstance(data["layers"], list) or not isinstance(data["seen"], int) or not isinstance(model, str):
+                raise TypeError("'layers' must be a list, 'seen' an integer and 'model' a string")
+            return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"], model)
         except (KeyError, TypeError) as error:
             raise ValueError(f"{path} is a damaged miras state file ({type(error).__name__}: {error})") from None
 
@@ -67,6 +80,16 @@ def _to_plain(value):
     if value is None or isinstance(value, (Tensor, int, float)):
         return value
     raise TypeError(f"cannot save a state holding {type(value).__name__}")
+
+
+def _map_tensors(value, function):
+    """``value`` (a state dataclass, tuple, tensor or plain value) with ``function`` applied to every tensor."""
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _map_tensors(getattr(value, f.name), function)
+                              for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return tuple(_map_tensors(v, function) for v in value)
+    return function(value) if isinstance(value, Tensor) else value
 
 
 def _from_plain(value):
