@@ -64,6 +64,19 @@ def test_the_console_script_is_installed():
     (["train", "titans-lmm-tiny", "model.impl=fast"], "miras train: error: model_overrides: impl must be one of "
                                                        "['chunked', 'compiled', 'recurrent', 'delta'], got 'fast'"),
     (["train", "transformer-tiny", "device=tpu:0"], "miras train: error: unknown device 'tpu:0'"),
+    (["train", "transformer-tiny", "weight_decay=inf"], "miras train: error: weight_decay must be a finite number"),
+    (["train", "transformer-tiny", "betas=0.9"], "miras train: error: betas must be a JSON list like [0.9, 0.95], "
+                                                 "got 0.9"),
+    (["train", "transformer-tiny", "seed=99999999999999999999999"], "miras train: error: seed must be an integer "
+                                                                     "in [0, 2**63)"),
+    (["train", "transformer-tiny", "data_params={\"pairs\": 2}"], "miras train: error: data_params are a task's"),
+    # the layers' own checks, before anything is written: the delta path is for online linear rules
+    (["train", "titans-lmm-tiny", "model.impl=delta"], "miras train: error: model_overrides: impl='delta' computes "
+                                                        "the online rule"),
+    (["train", "transformer-tiny", "model.gate_rank=4"], "miras train: error: model_overrides: gate_rank sets the "
+                                                          "memory's gates, and transformer has no memory"),
+    (["train", "titans-lmm-tiny", "model.family=transformer"], "miras train: error: model_overrides: "
+                                                                "family='transformer' contradicts preset"),
 ])
 def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     assert main([*argv, f"out_dir={tmp_path / 'run'}"]) == 2
@@ -143,6 +156,107 @@ def test_bad_generate_flags_are_one_line_errors(flags, message, tmp_path, capsys
     """Checked before the run is read: the run folder need not exist."""
     assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", *flags]) == 2
     assert capsys.readouterr().err == f"miras generate: error: {message}\n"
+
+
+def test_generate_draws_only_ids_the_tokenizer_has(tmp_path, capsys, monkeypatch):
+    """A model with more ids than its tokenizer (model.vocab_size above the data's) never emits the others."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 400)
+    assert main(["train", "transformer-tiny", f"data=text:{tmp_path / 'corpus.txt'}", f"out_dir={tmp_path / 'run'}",
+                 "seq_len=24", "batch_size=8", "max_steps=1", "eval_every=0", "model.vocab_size=512",
+                 "progress=false"]) == 0
+    model, _, _ = load_run(tmp_path / "run")
+    with torch.no_grad():  # make the ids past the bytes the likeliest: a head that favours them
+        model.head.weight[256:] += 10 * model.head.weight[:256].norm(dim=-1).max()
+    tokens, _ = model.generate(torch.tensor([list(b"hi")]), 8, temperature=0, vocab_limit=256)
+    assert tokens.max() < 256
+    assert model.generate(torch.tensor([list(b"hi")]), 8, temperature=0)[0].min() >= 256
+    capsys.readouterr()
+    # the untrained model puts about half its mass on ids 256-511: a byte tokenizer could not decode them
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "16", "--temperature",
+                 "2", "--seed", "1"]) == 0
+    with pytest.raises(ValueError, match=r"vocab_limit must be an integer in \[1, 512\] or None, got 600"):
+        model.generate(torch.tensor([list(b"hi")]), 2, vocab_limit=600)
+
+
+def _task_run(tmp_path, name="run", **changes):
+    values = {"seq_len": 16, "batch_size": 2, "max_steps": 2, "progress": False, **changes}
+    config = TrainConfig(model="titans-lmm-tiny", data="task:mqar", data_params={"pairs": 1, "queries": 1},
+                         out_dir=str(tmp_path / name), **values)
+    train(config)
+    return tmp_path / name
+
+
+def test_a_corpus_that_cannot_be_reached_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import miras.data.text
+
+    def unreachable(spec):
+        raise ConnectionError(f"Couldn't reach {spec!r} on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(miras.data.text, "load_corpus", unreachable)
+    assert main(["train", "transformer-tiny", "data=text:hf:no/such", "seq_len=8", f"out_dir={tmp_path / 'run'}",
+                 "progress=false"]) == 2
+    assert capsys.readouterr().err == ("miras train: error: data 'text:hf:no/such': Couldn't reach 'hf:no/such' on "
+                                       "the Hub (LocalEntryNotFoundError)\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
+    run = _task_run(tmp_path)
+    capsys.readouterr()
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "seq_len": "abc"}}))
+    for argv in (["generate", str(run), "--prompt", "hi"], ["eval", str(run), "--lengths", "16", "--examples", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "config.json is damaged: seq_len must be an integer, got 'abc'" in err and err.count("\n") == 1
+    (run / "config.json").write_text(json.dumps({**saved, "tokenizer": True}))
+    (run / "miras_tokenizer.json").write_text("xx")
+    assert main(["generate", str(run), "--prompt", "hi"]) == 2
+    assert "the run's saved tokenizer cannot be loaded" in capsys.readouterr().err
+    (run / "config.json").write_text(json.dumps(saved))
+    [checkpoint] = (run / "checkpoints").glob("step_*.pt")
+    torch.save({"format": "miras.checkpoint/1", "step": 2}, checkpoint)
+    assert main(["generate", str(run), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.endswith("is damaged: it lacks 'elapsed', 'model', 'optimizer', 'rng', "
+                                            "'train_config', 'model_config'\n")
+
+
+def test_resuming_a_task_run_does_not_need_a_tokenizer_and_refuses_to_go_back(tmp_path, capsys):
+    run = _task_run(tmp_path, max_steps=2)
+    (run / "miras_tokenizer.json").unlink(missing_ok=True)
+    _task_run(tmp_path, max_steps=3, resume=True)  # task data is bytes: no tokenizer file needed
+    before = (run / "config.json").read_text()
+    capsys.readouterr()
+    argv = ["train", "titans-lmm-tiny", "data=task:mqar", 'data_params={"pairs": 1, "queries": 1}', "seq_len=16",
+            "batch_size=2", "max_steps=1", "progress=false", "resume=true", f"out_dir={run}"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"miras train: error: {run} is already at step 3, past max_steps=1: pass "
+                                       "max_steps >= 3 to continue it, or another out_dir\n")
+    assert (run / "config.json").read_text() == before
+
+
+def test_a_diverged_run_is_one_line_and_its_folder_takes_the_next_config(tmp_path, capsys):
+    argv = ["train", "titans-lmm-tiny", "data=task:passkey", "seq_len=128", "batch_size=2", "max_steps=5",
+            "progress=false", f"out_dir={tmp_path / 'run'}"]
+    assert main([*argv, "lr=1e6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("miras train: error: training diverged at step ") and err.count("\n") == 1
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    # no checkpoint was saved, so the folder holds nothing to continue: another config may use it
+    assert main([*argv, "lr=1e-3", "max_steps=1"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
+def test_eval_skips_tasks_longer_than_every_length(tmp_path, capsys):
+    run = _task_run(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tasks", "mqar,passkey", "--lengths", "32,64", "--examples", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "skipping passkey needs at least" in err and "mqar" in out
+    assert main(["eval", str(run), "--tasks", "passkey", "--lengths", "32", "--examples", "1"]) == 2
+    assert "every task is longer than the longest of --lengths (32 tokens): passkey needs at least" in \
+        capsys.readouterr().err
 
 
 def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -197,9 +198,62 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoding contexts (none: skip)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides for every case, e.g. recompute=16")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto (CUDA if there is one)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case, >= 1 (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for models.json / models.md")
+
+
+def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
+    """Every option checked before anything is timed or written: the parsed ``--overrides`` and the device
+    (``auto`` resolved), or a ConfigError with a one-line message that says what is allowed."""
+    import typing
+
+    from .models import LanguageModel, ModelConfig, preset_config
+    from .train_config import ConfigError, parse_value, resolve_device
+
+    hints, overrides = typing.get_type_hints(ModelConfig), {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ConfigError(f"--overrides takes KEY=VALUE with KEY a model config field "
+                              f"({', '.join(sorted(hints))}), got {item!r}")
+        try:
+            overrides[key] = parse_value(key, value, hints[key])
+        except ConfigError as error:
+            raise ConfigError(f"--overrides {error}") from None
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as error:
+        raise ConfigError(f"--device: {error}") from None
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (torch CPU threads per case), got {args.threads}")
+    for option, values, least, what in (("--lengths", args.lengths, 1, "training lengths"),
+                                        ("--contexts", args.contexts, 0, "decoding contexts")):
+        bad = [value for value in values if value < least]
+        if bad:
+            raise ConfigError(f"{option} must be >= {least} ({what} in tokens), got {' '.join(map(str, bad))}")
+    if not args.lengths and not args.contexts:
+        raise ConfigError("--lengths and --contexts are both empty: nothing to measure; give at least one")
+    existing = args.out
+    while not existing.exists() and existing != existing.parent:  # the folder mkdir will start from
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {str(args.out)!r}: {str(existing)!r} is not a folder; give a folder for "
+                          "models.json / models.md")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {str(args.out)!r}: {str(existing)!r} is not writable")
+    given = f"--overrides {' '.join(args.overrides)}: " if args.overrides else ""
+    for family in args.families:  # every case's model, as run_case will build it (on no memory)
+        try:
+            config = preset_config(f"{family}-{args.size}", **overrides)
+            with torch.device("meta"):  # the layers' own checks too (e.g. impl against the memory rule)
+                LanguageModel(config)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{given}{family}-{args.size}: {error}") from None
+        if config.vocab_size < 256:
+            raise ConfigError(f"{given}vocab_size={config.vocab_size}, but the "
+                              "bench feeds random byte ids (0-255): vocab_size must be >= 256")
+    return overrides, str(device)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -207,43 +261,33 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    import typing
+    from .files import atomic_write
+    from .train_config import ConfigError
 
-    from .models import ModelConfig
-    from .train import ConfigError, parse_value
-
-    hints, overrides = typing.get_type_hints(ModelConfig), {}
     try:
-        for item in args.overrides:
-            key, sep, value = item.partition("=")
-            if not sep or key not in hints:
-                raise ConfigError(f"--overrides takes KEY=VALUE with KEY a model config field "
-                                  f"({', '.join(sorted(hints))}), got {item!r}")
-            overrides[key] = parse_value(key, value, hints[key])
+        overrides, device_name = check_bench_args(args)
     except ConfigError as error:
-        print(f"miras bench: {error}", file=sys.stderr)
+        print(f"miras bench: error: {error}", file=sys.stderr)
         return 2
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"miras bench: --device {args.device} but CUDA is not available", file=sys.stderr)
-        return 2
-    rate = matmul_rate(torch.device(args.device), args.threads)
+    rate = matmul_rate(torch.device(device_name), args.threads)
     print(f"float32 matmul (2048^3, {args.threads} threads): {rate:.0f} GFLOP/s", flush=True)
     results = []
-    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, args.device, args.threads):
+    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, device_name, args.threads):
         results.append(spawn(case))
         print(tables([results[-1]], rate).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1],
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    on_gpu = args.device.startswith("cuda")
-    device = torch.cuda.get_device_name(args.device) if on_gpu else f"cpu, {args.threads} threads"
+    on_gpu = device_name.startswith("cuda")
+    device = torch.cuda.get_device_name(device_name) if on_gpu else f"cpu, {args.threads} threads"
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
             "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides, "matmul_gflops": rate}
-    (args.out / "models.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    report = json.dumps({"meta": meta, "results": results}, indent=1)
+    atomic_write(args.out / "models.json", lambda handle: handle.write(report.encode()))
     extra = f", overrides {overrides}" if overrides else ""
-    memory = "CUDA allocator peak" if args.device.startswith("cuda") else "peak RSS"
-    (args.out / "models.md").write_text(f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
-                                        f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n"
-                                        + tables(results, rate))
+    memory = "CUDA allocator peak" if on_gpu else "peak RSS"
+    table = (f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
+             f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n" + tables(results, rate))
+    atomic_write(args.out / "models.md", lambda handle: handle.write(table.encode()))
     print(f"wrote {args.out / 'models.md'}")
     return 0
 

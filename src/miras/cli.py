@@ -129,8 +129,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     if prompt.numel() == 0:
         raise ConfigError("the prompt is empty")
+    # a model may have more ids than its tokenizer (model.vocab_size above the data's): never draw those
+    limit = min(tokenizer.vocab_size, model.config.vocab_size)
     tokens, _ = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed)
+                               top_p=args.top_p, seed=args.seed, vocab_limit=limit)
     print(tokenizer.decode(tokens[0].tolist()))
     return 0
 
@@ -192,13 +194,21 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     config = run_dir / "config.json"
     if not config.is_file():
         raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
-    export_run, run_lm_eval = _hf("export_run", "run_lm_eval")
+    export_run, run_lm_eval, check_tasks = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks")
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    try:  # before anything is exported
+        check_tasks(tasks, args.include_path)
+    except (ImportError, ValueError) as error:
+        raise ConfigError(f"--lm-eval: {error}") from None
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{config} is not a readable JSON file ({error})") from None
     hf_dir = run_dir
-    if json.loads(config.read_text()).get("model_type") != "miras":  # a native run: export it first
+    if saved.get("model_type") != "miras":  # a native run: export it first
         hf_dir = run_dir / "hf"
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    tasks = [t for t in args.lm_eval.split(",") if t]
     results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False)
     print(json.dumps(results["results"], indent=1, default=str))
     return 0
@@ -232,6 +242,8 @@ def _run_export(args: argparse.Namespace) -> int:
     if not (Path(args.run_dir) / "config.json").is_file():
         raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
     (export_run,) = _hf("export_run")
+    if Path(args.hf_dir).exists() and not Path(args.hf_dir).is_dir():
+        raise ConfigError(f"{args.hf_dir} is a file: give a folder to write the HF model into")
     export_run(args.run_dir, args.hf_dir)
     print(f"wrote {args.hf_dir}")
     return 0

@@ -437,10 +437,18 @@ def _run_tasks(train_config, names: list[str] | None, length: int, overrides: di
         raise ValueError("--task-params sets no context_length: the lengths come from --lengths")
     kind, _, spec = train_config.data.partition(":")
     own = spec if kind == "task" else None
-    tasks = {}
+    tasks, short = {}, []
     for name in names or ([own] if own else ["passkey", "mqar"]):
-        params = {"context_length": length, **(train_config.data_params if name == own else {}), **(overrides or {})}
-        tasks[name] = dataclasses.replace(make_task(name, **params), context_length=length)
+        params = {**(train_config.data_params if name == own else {}), **(overrides or {})}
+        need = make_task(name, context_length=2**40, **params).minimum_length()  # a frozen config: nothing built
+        if need > length:
+            short.append(f"{name} needs at least {need}")
+            continue
+        tasks[name] = make_task(name, context_length=length, **params)
+    if short and not tasks:
+        raise ValueError(f"every task is longer than the longest of --lengths ({length} tokens): {'; '.join(short)}")
+    for reason in short:
+        print(f"miras eval: skipping {reason} tokens (the longest of --lengths is {length})", file=sys.stderr)
     return tasks
 
 
@@ -467,7 +475,10 @@ def run_eval(args: argparse.Namespace) -> int:
             from .data.tokenizers import ByteTokenizer
 
             text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
-    except ValueError as error:
+        if tokenizer is not None and tokenizer.kind != "byte" and tasks:
+            print(f"miras eval: warning: the run's tokenizer is {tokenizer.kind!r}, but the tasks are written in "
+                  "bytes: the model never saw their tokens as such, so their accuracies say little", file=sys.stderr)
+    except (TypeError, ValueError, OSError) as error:
         print(f"miras eval: {error}", file=sys.stderr)
         return 2
     name = Path(args.run_dir).resolve().name

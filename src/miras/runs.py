@@ -22,6 +22,7 @@ from .models import LanguageModel, ModelConfig
 from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig
 
 CHECKPOINT_FORMAT = "miras.checkpoint/1"
+CHECKPOINT_KEYS = ("step", "elapsed", "model", "optimizer", "rng", "train_config", "model_config")
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, oldest first."""
@@ -46,6 +47,9 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
         raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error)}){hint}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in payload]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is damaged: it lacks {', '.join(map(repr, missing))}")
     return payload
 
 
@@ -89,7 +93,10 @@ def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) ->
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
     """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
     saved = _read_run_config(run_dir)
-    if saved is not None:
+    paths = checkpoints(run_dir)
+    # A folder with no checkpoint holds nothing to continue (e.g. a run that failed before its first save):
+    # its config.json does not bind the next run.
+    if saved is not None and paths:
         defining, runtime = _differences(saved, config, model_config)
         if defining:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
@@ -97,7 +104,6 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
         if runtime and not config.resume:
             raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
                               "pass resume=true to continue it with the new ones")
-    paths = checkpoints(run_dir)
     if not paths:
         return None
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
@@ -105,6 +111,9 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
                                config, model_config)
     if defining:
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
+    if config.max_steps < payload["step"]:
+        raise ConfigError(f"{run_dir} is already at step {payload['step']}, past max_steps={config.max_steps}: "
+                          f"pass max_steps >= {payload['step']} to continue it, or another out_dir")
     return payload
 
 
@@ -168,7 +177,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     saved = _read_run_config(run_dir, training=False)
     if saved is None:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
-    config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    try:
+        config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{run_dir / 'config.json'} is damaged: {error}") from None
     paths = checkpoints(run_dir)
     if not paths:
         raise ConfigError(f"{run_dir} has no checkpoint")
@@ -178,9 +190,25 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
     model = LanguageModel(model_config)
     model.load_state_dict(payload["model"])
-    tokenizer = None
-    if saved.get("tokenizer"):
-        from .data.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(run_dir)
+    tokenizer = saved_tokenizer(run_dir, saved)
     return model.to(device).eval(), config, tokenizer
+
+
+def run_tokenizer(run_dir: Path):
+    """The tokenizer saved in ``run_dir`` (see ``saved_tokenizer``)."""
+    return saved_tokenizer(run_dir, _read_run_config(run_dir) or {})
+
+
+def saved_tokenizer(run_dir: Path, saved: dict):
+    """The tokenizer the run saved (None if it saved none: task runs, custom data); a ConfigError if its files
+    are missing or damaged."""
+    if not saved.get("tokenizer"):
+        return None
+    from .data.tokenizers import load_tokenizer
+
+    try:
+        return load_tokenizer(run_dir)
+    except Exception as error:  # a missing file, bad JSON, a damaged tokenizers file: each says it differently
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{run_dir}: the run's saved tokenizer cannot be loaded ({reason}); it was trained "
+                          "with it, so restore its tokenizer files (miras_tokenizer.json and what it names)") from None

@@ -76,6 +76,7 @@ from .runs import (
     checkpoints,
     load_run,
     resume_point,
+    run_tokenizer,
     save_checkpoint,
     set_rng_state,
     write_run_dir,
@@ -140,8 +141,9 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
             except ValueError as error:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
         return DataSource(train, validation, tokenizer, tokenizer.vocab_size)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"data {config.data!r}: {error}") from None
+    except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"data {config.data!r}: {reason}") from None
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule
@@ -260,16 +262,6 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
             dist.destroy_process_group()
 
 
-def _saved_tokenizer(run_dir: Path):
-    """The tokenizer a run saved (None if it saved none: task runs, custom data)."""
-    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    if not saved.get("tokenizer"):
-        return None
-    from .data.tokenizers import load_tokenizer
-
-    return load_tokenizer(run_dir)
-
-
 def _train(config: TrainConfig, data: DataSource | None, distributed: _Distributed) -> Path:
     rank, world, device = distributed.rank, distributed.world, distributed.device
     main, slices, accum = rank == 0, world * config.grad_accum, config.grad_accum
@@ -286,7 +278,8 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if data is None:
         # A resumed run keeps the tokenizer it saved: a BPE retrained on a corpus that has changed
         # since would renumber the tokens under the checkpoint's embeddings.
-        saved = _saved_tokenizer(run_dir) if checkpoint is not None else None
+        text = config.data.startswith("text:")  # task data is bytes: no tokenizer to keep
+        saved = run_tokenizer(run_dir) if checkpoint is not None and text else None
         data = make_batches(config, saved)
     if (data.train.batch_size, data.train.seq_len) != (config.batch_size, config.seq_len):
         raise ConfigError(f"data gives batches of {data.train.batch_size} x {data.train.seq_len}, config says "
@@ -340,19 +333,25 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
             # The step's loss is one mean over the global batch's scored tokens, whatever the layout.
             scored = _all_reduce(sum((y != IGNORE).sum() for _, y in micro), world).clamp(min=1)
             step_loss = torch.zeros((), device=device)
-            for i, (inputs, targets) in enumerate(micro):
-                state = None
-                for start in range(0, config.seq_len, segment):
-                    end = start + segment
-                    with sync(i == accum - 1 and end >= config.seq_len):
-                        with autocast():
-                            logits, state = model(inputs[:, start:end], state)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, start:end].flatten(),
-                                               ignore_index=IGNORE, reduction="sum") / scored
-                        # DDP and FSDP average gradients over ranks; scaling by world makes that a sum.
-                        (loss * world).backward()
-                    state = state.detach()
-                    step_loss += loss.detach()
+            try:
+                for i, (inputs, targets) in enumerate(micro):
+                    state = None
+                    for start in range(0, config.seq_len, segment):
+                        end = start + segment
+                        with sync(i == accum - 1 and end >= config.seq_len):
+                            with autocast():
+                                logits, state = model(inputs[:, start:end], state)
+                            loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, start:end].flatten(),
+                                                   ignore_index=IGNORE, reduction="sum") / scored
+                            # DDP and FSDP average gradients over ranks; scaling by world makes that a sum.
+                            (loss * world).backward()
+                        state = state.detach()
+                        step_loss += loss.detach()
+            except ValueError as error:  # the memory engine refuses non-finite gates: the run has diverged
+                if "must be finite" not in str(error):
+                    raise
+                raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): {error}; the checkpoints "
+                                  "saved before are kept; lower lr (or keep grad_clip > 0)") from None
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
             if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients
                 grad_norm = grad_norm.full_tensor()
@@ -362,6 +361,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
 
             if step % config.log_every == 0 or step == config.max_steps:
                 loss_value = _all_reduce(step_loss, world).item()
+                if not math.isfinite(loss_value):
+                    raise ConfigError(f"training diverged by step {step} (lr {lr:.3g}): the loss is {loss_value}; "
+                                      "the checkpoints saved before are kept; lower lr (or keep grad_clip > 0)")
                 now = time.perf_counter()
                 tokens_per_s = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
                 last_log = (now, step)

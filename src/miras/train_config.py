@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .models import PRESETS, ModelConfig, preset_config
+from .models import PRESETS, LanguageModel, ModelConfig, preset_config
 from .models.config import check_overrides
 
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
@@ -42,6 +42,9 @@ def resolve_device(name: str):
         raise ConfigError(f"device {name!r} asked for, but CUDA is not available (torch {torch.__version__})")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; e.g. auto, cpu, cuda, cuda:1")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -87,7 +90,9 @@ class TrainConfig:
         if self.model not in PRESETS:
             raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
         try:
-            preset_config(self.model, **check_overrides(self.model_overrides))
+            model_config = preset_config(self.model, **check_overrides(self.model_overrides))
+            with torch.device("meta"):  # the layers' own checks (e.g. impl against the rule), without memory
+                LanguageModel(model_config)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model_overrides: {error}") from None
         kind, _, spec = self.data.partition(":")
@@ -101,8 +106,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed}")
+        if kind == "text" and self.data_params:
+            raise ConfigError(f"data_params are a task's parameters (data=task:<name>); text data takes none, "
+                              f"got {self.data_params}")
         if self.bptt is not None and self.bptt < 1:
             raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
@@ -200,9 +210,9 @@ def _coerce(name: str, value, kind):
     inner, optional = _optional(kind)
     if value is None and optional:
         return None
-    if typing.get_origin(inner) is tuple and isinstance(value, (list, tuple)):
+    if typing.get_origin(inner) is tuple:
         items = typing.get_args(inner)
-        if len(value) == len(items):
+        if isinstance(value, (list, tuple)) and len(value) == len(items):
             return tuple(_coerce(name, v, item) for v, item in zip(value, items))
     elif inner is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)

@@ -1,5 +1,6 @@
 """Corpora, tokenizers, the token cache and text batches (miras.data.text, miras.data.tokenizers)."""
 
+import json
 import subprocess
 import sys
 import time
@@ -244,6 +245,96 @@ def test_hf_tokenizers_sharing_a_vocabulary_but_not_a_pipeline_have_different_id
         identities.append(get_tokenizer(str(tmp_path / name)).identity)
     assert get_tokenizer(str(tmp_path / "cased")).identity == identities[0]  # stable
     assert identities[0] != identities[1]
+
+
+def _crash_on_fsync(monkeypatch):
+    """A crash mid-write: the data is written but never made durable or renamed into place."""
+    import miras.files
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(miras.files.os, "fsync", crash)
+
+
+def _snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_bpe_save_is_atomic(tmp_path, monkeypatch):
+    """A resumed run saves its tokenizer again: a crash then must leave the saved one whole, no temp files."""
+    first, second = BPETokenizer.train(_bpe_texts(), 300), BPETokenizer.train(_bpe_texts()[:20], 400)
+    first.save(tmp_path)
+    before = _snapshot(tmp_path)
+    assert sorted(before) == ["miras_tokenizer.json", "tokenizer.json"]
+    assert json.loads(before["miras_tokenizer.json"]) == {"kind": "bpe", "vocab_size": 300}
+    assert before["tokenizer.json"] == first.tokenizer.to_str(pretty=True).encode()  # as Tokenizer.save writes it
+    assert (tmp_path / "tokenizer.json").stat().st_mode & 0o777 != 0o600  # a plain file's mode, not mkstemp's
+    with monkeypatch.context() as patch:
+        _crash_on_fsync(patch)
+        with pytest.raises(OSError, match="disk full"):
+            second.save(tmp_path)
+        with pytest.raises(OSError, match="disk full"):
+            ByteTokenizer().save(tmp_path)  # the metadata alone
+    assert _snapshot(tmp_path) == before
+    assert load_tokenizer(tmp_path).identity == first.identity
+    second.save(tmp_path)
+    assert load_tokenizer(tmp_path).identity == second.identity
+    assert load_tokenizer(tmp_path).vocab_size == second.vocab_size != 300
+
+
+def test_hf_save_is_atomic(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, eos_token="<|endoftext|>").save_pretrained(
+        tmp_path / "hf")
+    tokenizer = get_tokenizer(str(tmp_path / "hf"))
+    tokenizer.save(tmp_path / "run")
+    before = _snapshot(tmp_path / "run")
+    assert {"miras_tokenizer.json", "tokenizer.json", "tokenizer_config.json"} <= set(before)
+    with monkeypatch.context() as patch:
+        _crash_on_fsync(patch)
+        with pytest.raises(OSError, match="disk full"):
+            tokenizer.save(tmp_path / "run")
+    assert _snapshot(tmp_path / "run") == before  # no half-written file, no temp file or folder left
+    assert load_tokenizer(tmp_path / "run").identity == tokenizer.identity
+
+
+def test_a_folder_without_a_tokenizer_is_a_one_line_error(tmp_path):
+    pytest.importorskip("transformers")
+    allowed = ("expected 'byte', 'bpe:<vocab_size>', 'hf:<name>' (a tokenizer in the local HF cache) or a folder "
+               "saved by miras (Tokenizer.save) or by transformers (save_pretrained)")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer_config.json").write_text('{"tokenizer_class": "NoSuchTokenizer"}')
+    (tmp_path / "junk" / "config.json").write_text("{}")
+    for name in ("empty", "junk"):
+        folder = str(tmp_path / name)
+        with pytest.raises(ValueError) as error:
+            get_tokenizer(folder)
+        assert str(error.value) == f"tokenizer folder {folder!r} holds no tokenizer that miras or transformers " \
+                                   f"can load; {allowed}"
+    with pytest.raises(ValueError) as error:
+        get_tokenizer("hf:no-such-org/no-such-tokenizer")
+    assert str(error.value) == "tokenizer 'no-such-org/no-such-tokenizer' is neither a folder nor a Hugging Face " \
+                               f"tokenizer in the local HF cache (nothing is downloaded); {allowed}"
+
+
+def test_train_with_a_folder_without_a_tokenizer_says_so_in_one_line(tmp_path, capsys):
+    """`miras train ... tokenizer=FOLDER`: one line, exit code 2, nothing written."""
+    pytest.importorskip("transformers")
+    from miras.cli import main
+
+    (tmp_path / "text.txt").write_text("hello world\n" * 50)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    assert main(["train", "titans-lmm-tiny", f"data=text:{tmp_path / 'text.txt'}", f"tokenizer={tmp_path / 'empty'}",
+                 "max_steps=1", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("miras train: error: ") and err.count("\n") == 1
+    assert f"tokenizer folder {str(tmp_path / 'empty')!r} holds no tokenizer that miras or transformers can load; " \
+           "expected 'byte', 'bpe:<vocab_size>', 'hf:<name>'" in err
+    assert not out.exists()
 
 
 # -------------------------------------------------------------------------------------- token cache

@@ -335,7 +335,14 @@ def test_export_run_converts_a_native_run(tmp_path):
         torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "hf2")]) == 2
     assert not (tmp_path / "hf2").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["export", str(run_dir), str(tmp_path / "file")]) == 2  # a file where the folder should go
     if importlib.util.find_spec("lm_eval") is not None:  # `miras eval RUN --lm-eval`: exports to RUN/hf, then runs
+        # an unknown task (or none) is refused before anything is exported
+        for tasks in ("miras_tiny_loglikelihood,no_such_task_xyz", ","):
+            assert main(["eval", str(run_dir), "--lm-eval", tasks, "--include-path",
+                         str(FIXTURES / "tiny_tasks")]) == 2
+        assert not (run_dir / "hf").exists()
         assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", "--limit", "2",
                      "--include-path", str(FIXTURES / "tiny_tasks")]) == 0
         assert (run_dir / "hf" / "model.safetensors").is_file()

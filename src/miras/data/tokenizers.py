@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -33,12 +34,16 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..files import atomic_write
+
 if TYPE_CHECKING:
     from .text import Corpus
 
 METADATA = "miras_tokenizer.json"   # written by every ``save``; names the kind to restore
 END_OF_TEXT = "<|endoftext|>"       # the BPE's end-of-document token (id 0: special tokens come first)
 DOCUMENT_SEPARATOR = "\n\n"         # joins documents for tokenizers without an end-of-document token
+ALLOWED = ("expected 'byte', 'bpe:<vocab_size>', 'hf:<name>' (a tokenizer in the local HF cache) or a folder "
+           "saved by miras (Tokenizer.save) or by transformers (save_pretrained)")
 
 
 @runtime_checkable
@@ -63,10 +68,16 @@ class Tokenizer(Protocol):
     def save(self, directory: str | Path) -> None: ...
 
 
-def _write_metadata(directory: str | Path, kind: str, vocab_size: int) -> Path:
+def _write_metadata(directory: str | Path, kind: str, vocab_size: int) -> None:
+    """Written last by every ``save`` (and atomically, like the tokenizer's own files: a resumed run saves
+    again over the files its checkpoint depends on), so a folder with it holds a whole tokenizer."""
+    text = json.dumps({"kind": kind, "vocab_size": vocab_size}) + "\n"
+    atomic_write(Path(directory) / METADATA, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _folder(directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / METADATA).write_text(json.dumps({"kind": kind, "vocab_size": vocab_size}) + "\n")
     return directory
 
 
@@ -103,7 +114,7 @@ class ByteTokenizer:
         return np.frombuffer(joined, dtype=np.uint8).astype(np.int64)
 
     def save(self, directory: str | Path) -> None:
-        _write_metadata(directory, self.kind, self.vocab_size)
+        _write_metadata(_folder(directory), self.kind, self.vocab_size)
 
     @classmethod
     def load(cls, directory: str | Path) -> ByteTokenizer:
@@ -157,8 +168,10 @@ class BPETokenizer:
         return _join([encoding.ids for encoding in encodings], [self.eos_id])
 
     def save(self, directory: str | Path) -> None:
-        directory = _write_metadata(directory, self.kind, self.vocab_size)
-        self.tokenizer.save(str(directory / "tokenizer.json"))
+        directory = _folder(directory)
+        text = self.tokenizer.to_str(pretty=True)  # what ``Tokenizer.save`` writes, through a temp file
+        atomic_write(directory / "tokenizer.json", lambda handle: handle.write(text.encode("utf-8")))
+        _write_metadata(directory, self.kind, self.vocab_size)
 
     @classmethod
     def load(cls, directory: str | Path) -> BPETokenizer:
@@ -178,7 +191,13 @@ class HFTokenizer:
                 f"tokenizer {str(path)!r} is a Hugging Face tokenizer, which needs `transformers`: "
                 "pip install transformers"
             ) from None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError):  # transformers' several-line messages: say it in one
+            where = (f"folder {str(path)!r} holds no tokenizer that miras or transformers can load"
+                     if Path(path).is_dir() else f"{str(path)!r} is neither a folder nor a Hugging Face tokenizer "
+                     "in the local HF cache (nothing is downloaded)")
+            raise ValueError(f"tokenizer {where}; {ALLOWED}") from None
         # we tokenise whole documents, never feed them to a model at once: silence the length warning
         self.tokenizer.model_max_length = 2**62
         self.vocab_size = len(self.tokenizer)
@@ -208,8 +227,17 @@ class HFTokenizer:
         return _join(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"], separator)
 
     def save(self, directory: str | Path) -> None:
-        directory = _write_metadata(directory, self.kind, self.vocab_size)
-        self.tokenizer.save_pretrained(str(directory))
+        """``save_pretrained`` into a temp folder beside, then each file moved in whole (``atomic_write``)."""
+        directory = _folder(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer.") as temp:
+            self.tokenizer.save_pretrained(temp)
+            for file in sorted(Path(temp).rglob("*")):
+                if file.is_file():
+                    target = directory / file.relative_to(temp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    data = file.read_bytes()
+                    atomic_write(target, lambda handle, data=data: handle.write(data))
+        _write_metadata(directory, self.kind, self.vocab_size)
 
     @classmethod
     def load(cls, directory: str | Path) -> HFTokenizer:
@@ -234,7 +262,6 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
     """``"byte"`` | ``"bpe:<vocab_size>"`` (trained on ``corpus``'s train split) | ``"hf:<name>"`` (a Hugging
     Face tokenizer already in the local HF cache) | a local folder: one written by ``Tokenizer.save``,
     or else a Hugging Face tokenizer."""
-    allowed = "expected 'byte', 'bpe:<vocab_size>', 'hf:<name>' or a local folder (a saved or Hugging Face tokenizer)"
     if spec == "byte":
         return ByteTokenizer()
     if spec.startswith("hf:"):
@@ -242,11 +269,11 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
     if spec.startswith("bpe:"):
         size = spec.removeprefix("bpe:")
         if not size.isdigit():
-            raise ValueError(f"tokenizer {spec!r}: the vocabulary size must be an integer; {allowed}")
+            raise ValueError(f"tokenizer {spec!r}: the vocabulary size must be an integer; {ALLOWED}")
         if corpus is None:
             raise ValueError(f"tokenizer {spec!r}: a BPE is trained on a corpus; pass the corpus to train it on")
         return BPETokenizer.train([document.text for document in corpus.split("train")], int(size))
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_tokenizer(path) if (path / METADATA).is_file() else HFTokenizer(path)
-    raise ValueError(f"tokenizer {spec!r}: not a known kind and no such folder; {allowed}")
+    raise ValueError(f"tokenizer {spec!r}: not a known kind and no such folder; {ALLOWED}")

@@ -19,6 +19,24 @@ import os
 from collections.abc import Sequence
 
 
+def check_lm_eval_tasks(tasks: Sequence[str], include_path: str | os.PathLike | None = None) -> None:
+    """A ValueError naming the tasks lm-eval does not know (names, groups, tags or patterns), or that there
+    are none; ImportError without lm-eval. (Indexing lm-eval's tasks takes some seconds.)"""
+    if not tasks:
+        raise ValueError("no lm-eval task given: name one or more, comma-separated (e.g. lambada_openai)")
+    try:
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as error:
+        if error.name != "lm_eval":
+            raise
+        raise ImportError("lm-eval tasks need lm-evaluation-harness: pip install lm-eval") from None
+    manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [task for task in tasks if not manager.match_tasks([task])]
+    if unknown:
+        where = f" (nor in {include_path})" if include_path is not None else ""
+        raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm-eval ls tasks` lists those installed")
+
+
 def run_lm_eval(model_dir: str | os.PathLike, tasks: Sequence[str], limit: int | float | None = None, *,
                 include_path: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu",
                 dtype: str | None = None, num_fewshot: int | None = None, max_length: int | None = None,

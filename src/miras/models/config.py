@@ -98,6 +98,8 @@ class ModelConfig:
             raise ValueError(f"recompute must be >= 0 (0: off), got {self.recompute}")
         if self.gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
+        if self.gate_rank and FAMILIES[self.family] is None:
+            raise ValueError(f"gate_rank sets the memory's gates, and {self.family} has no memory: leave it at 0")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
 

@@ -199,18 +199,23 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int = 0, state: ModelState | None = None
-                 ) -> tuple[Tensor, ModelState]:
+                 top_p: float | None = None, seed: int = 0, state: ModelState | None = None,
+                 vocab_limit: int | None = None) -> tuple[Tensor, ModelState]:
         """Prefill the prompt (fast path), then decode one token at a time with the carried state.
-        ``temperature=0`` is greedy. Returns the new tokens [B, max_new_tokens] and the state."""
+        ``temperature=0`` is greedy; ``vocab_limit``: draw only ids below it (a tokenizer with fewer ids than
+        the model's vocabulary). Returns the new tokens [B, max_new_tokens] and the state."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
+        vocab = self.config.vocab_size
+        if vocab_limit is not None and not (isinstance(vocab_limit, int) and 1 <= vocab_limit <= vocab):
+            raise ValueError(f"vocab_limit must be an integer in [1, {vocab}] or None, "
+                             f"got {vocab_limit!r}")
         if prompt_ids.dim() == 2 and prompt_ids.shape[1] == 0 and max_new_tokens:
             raise ValueError("prompt_ids is empty: generation needs at least one prompt token per row")
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
         logits, state = self(prompt_ids, state)
         tokens = []
         for _ in range(max_new_tokens):
-            token = sample(logits[:, -1], temperature, top_k, top_p, generator)
+            token = sample(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
             tokens.append(token)
             logits, state = self(token[:, None], state)
         return torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0), state

@@ -1,0 +1,102 @@
+"""`miras bench`: every option is checked before anything is timed or written (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import miras.bench
+from miras.cli import main
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """The bench must stop before its matmul timing and its cases: either one now fails the test."""
+    def timed(*args, **kwargs):
+        raise AssertionError("the bench timed something before rejecting its input")
+
+    monkeypatch.setattr(miras.bench, "matmul_rate", timed)
+    monkeypatch.setattr(miras.bench, "spawn", timed)
+
+
+TINY = ["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32", "--contexts", "40"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "foo"], "--device: unknown device 'foo'; e.g. auto, cpu, cuda, cuda:1"),
+    (["--device", "mps"], "--device: device 'mps' is not supported; e.g. auto, cpu, cuda, cuda:1"),
+    (["--threads", "0"], "--threads must be >= 1 (torch CPU threads per case), got 0"),
+    (["--threads", "-2"], "--threads must be >= 1 (torch CPU threads per case), got -2"),
+    (["--lengths", "0", "32"], "--lengths must be >= 1 (training lengths in tokens), got 0"),
+    (["--contexts", "-1"], "--contexts must be >= 0 (decoding contexts in tokens), got -1"),
+    (["--lengths", "--contexts"], "--lengths and --contexts are both empty: nothing to measure; give at least one"),
+    (["--overrides", "dim=0"], "--overrides dim=0: titans-lmm-tiny: dim must be >= 1, got 0"),
+    (["--overrides", "recompute=x"], "--overrides recompute='x': expected an integer"),
+    (["--overrides", "vocab_size=100"], "--overrides vocab_size=100: vocab_size=100, but the bench feeds random "
+                                        "byte ids (0-255): vocab_size must be >= 256"),
+])
+def test_bench_rejects_bad_options_before_timing_anything(tmp_path, capsys, nothing_runs, options, message):
+    out = tmp_path / "bench"
+    assert main([*TINY, *options, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"miras bench: error: {message}\n" and captured.out == ""
+    assert not out.exists()
+
+
+def test_bench_checks_every_family_with_the_overrides(tmp_path, capsys, nothing_runs):
+    """impl=delta is the online rule: fine for deltanet, an error for titans-lmm's MLP memory (a layer's check)."""
+    out = tmp_path / "bench"
+    assert main([*TINY[:2], "deltanet", "titans-lmm", *TINY[3:], "--overrides", "impl=delta", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("miras bench: error: --overrides impl=delta: titans-lmm-tiny: impl='delta' computes the "
+                          "online rule") and err.count("\n") == 1
+    assert main([*TINY, "--overrides", "family=transformer", "--out", str(out)]) == 2
+    assert "titans-lmm-tiny: family='transformer' contradicts preset 'titans-lmm-tiny'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bench_checks_cuda_devices(tmp_path, capsys, nothing_runs, monkeypatch):
+    out = tmp_path / "bench"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*TINY, "--device", "cuda", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"miras bench: error: --device: device 'cuda' asked for, but CUDA is not "
+                                       f"available (torch {torch.__version__})\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main([*TINY, "--device", "cuda:2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # the index checked by resolve_device (the wording is train_config's)
+    assert err.startswith("miras bench: error: --device: device 'cuda:2'") and "2 CUDA device(s)" in err
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bench_checks_the_out_folder(tmp_path, capsys, nothing_runs):
+    afile = tmp_path / "results.txt"
+    afile.write_text("keep")
+    for out in (afile, afile / "bench"):
+        assert main([*TINY, "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"miras bench: error: --out {str(out)!r}: {str(afile)!r} is not a folder; "
+                                           "give a folder for models.json / models.md\n")
+    assert afile.read_text() == "keep"
+
+
+def test_bench_module_entry_point_reports_one_line(tmp_path, capsys, nothing_runs):
+    """``python -m miras.bench`` / benchmarks/models.py: the same check, the same line, without the CLI."""
+    assert miras.bench.main(["--size", "tiny", "--threads", "0", "--out", str(tmp_path / "bench")]) == 2
+    assert capsys.readouterr().err == "miras bench: error: --threads must be >= 1 (torch CPU threads per case), got 0\n"
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_accepts_good_options(tmp_path, monkeypatch):
+    """Valid options pass the checks: `auto` resolves to a device this machine has; contexts may be 0."""
+    seen = {}
+
+    def stop(device, threads):
+        seen.update(device=device, threads=threads)
+        raise KeyboardInterrupt  # stop at the first timing: the checks are what is tested
+
+    monkeypatch.setattr(miras.bench, "matmul_rate", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main([*TINY, "--contexts", "0", "--device", "auto", "--threads", "1", "--overrides", "recompute=2",
+              "--out", str(tmp_path / "new" / "bench")])
+    assert seen == {"device": torch.device("cuda" if torch.cuda.is_available() else "cpu"), "threads": 1}
