@@ -315,6 +315,30 @@ def test_save_pretrained_round_trip(tmp_path, tie):
     torch.testing.assert_close(loaded(x).logits, native(x)[0], rtol=0, atol=0)
 
 
+def test_an_export_wider_than_its_tokenizer_never_generates_ids_it_lacks(tmp_path):
+    from miras.data.tokenizers import ByteTokenizer
+
+    torch.manual_seed(0)
+    native = create("transformer-tiny", vocab_size=512)
+    with torch.no_grad():  # the ids past the bytes the likeliest: without the limit they would be drawn
+        native.head.weight[256:] += 10 * native.head.weight[:256].norm(dim=-1).max()
+    export(native, ByteTokenizer(), tmp_path / "hf")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([list(b"hi")])
+    for options in ({"do_sample": False}, {"do_sample": True, "temperature": 2.0}, {"num_beams": 2}):
+        torch.manual_seed(1)
+        new = loaded.generate(ids, max_new_tokens=12, **options)[0, 2:]
+        assert new.max() < 256, options
+    assert native.generate(ids, 4, temperature=0)[0].min() >= 256  # the head does favour them
+
+
+def test_resizing_the_embeddings_is_refused_before_anything_changes():
+    model = MirasForCausalLM.from_native(create("titans-lmm-tiny"))
+    with pytest.raises(NotImplementedError, match="vocabulary is fixed when it is created"):
+        model.resize_token_embeddings(300)
+    assert model.embed.weight.shape[0] == model.head.weight.shape[0] == model.config.vocab_size == 256
+
+
 def test_export_run_converts_a_native_run(tmp_path):
     """A real `miras train` run, exported (`miras export`), loads with identical logits and its tokenizer."""
     from miras.cli import main

@@ -39,6 +39,10 @@ def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_
     wrapped = MirasForCausalLM.from_native(model, **special)
     for name, value in special.items():
         setattr(wrapped.generation_config, name, value)
+    if tokenizer is not None and len(tokenizer) < model.config.vocab_size:
+        # a model wider than its tokenizer (model.vocab_size above the data's): generate never draws the ids
+        # the tokenizer cannot decode, as `miras generate` does not
+        wrapped.generation_config.suppress_tokens = list(range(len(tokenizer), model.config.vocab_size))
     wrapped.save_pretrained(hf_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(hf_dir)

@@ -122,6 +122,13 @@ class MirasForCausalLM(PreTrainedModel, GenerationMixin):
         self.native.training = mode
         return self
 
+    def resize_token_embeddings(self, *args, **kwargs):
+        """Refused before anything changes: a miras model's vocabulary is part of its native config (its
+        ``vocab_size`` checks every id); create the model with the size wanted instead."""
+        raise NotImplementedError("a miras model's vocabulary is fixed when it is created: create it with the "
+                                  "size wanted (create(preset, vocab_size=N), or model.vocab_size=N in miras "
+                                  "train) instead of resizing the embeddings")
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed
 
