@@ -146,6 +146,12 @@ def test_task_accuracy_counts_exactly_the_examples_it_gets_right():
                           batch_size=24)
     assert first[0]["correct"] == again[0]["correct"] == expected
     assert first[0]["accuracy"] == expected / examples
+    # no evaluation example is a training row, whatever the seeds: training rows hash (seed, step, row)
+    from miras.data.tasks import TaskBatches
+
+    rows = TaskBatches(task, batch_size=8, seed=5)
+    assert not any(torch.equal(generate(task, example_generator(5, 48, i)).tokens, rows.example(48, i).tokens)
+                   for i in range(8))
     other = generate(task, example_generator(6, 48, 0)).tokens
     assert not torch.equal(other, generate(task, example_generator(5, 48, 0)).tokens)
     assert torch.equal(generate(task, example_generator(5, 48, 7)).tokens,

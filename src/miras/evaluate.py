@@ -116,8 +116,10 @@ def stream_logits(model: nn.Module, ids: Tensor, segment: int, keep: int = 1) ->
 
 
 def example_generator(seed: int, context_length: int, index: int) -> torch.Generator:
-    """The generator of example ``index`` at ``context_length``: a hash, so nearby triples get unrelated streams."""
-    digest = hashlib.blake2b(f"{seed}/{context_length}/{index}".encode(), digest_size=8).digest()
+    """The generator of example ``index`` at ``context_length``: a hash, so nearby triples get unrelated streams.
+    Tagged "eval/", so that no example is ever a training row (those hash "seed/step/row": without the tag,
+    evaluating with the training seed at length L gave example i the generator of step L's row i)."""
+    digest = hashlib.blake2b(f"eval/{seed}/{context_length}/{index}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 

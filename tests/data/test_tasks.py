@@ -212,6 +212,25 @@ def test_needle_depth_is_respected(haystack, depth):
         assert 0 <= depth * filler - before <= slack, (depth, before, filler)
 
 
+def test_a_text_haystack_without_sentences_keeps_the_depth_and_whole_characters():
+    # no sentence end in the corpus: the needle goes to the last word start before its depth, also in the
+    # first 256 bytes (it went to the very start there), and a corpus without spaces is never cut mid-character
+    words = " ".join(["lorem ipsum dolor sit amet consectetur adipiscing elit"] * 300)
+    for length, filler in ((400, 400 - 103), (600, 600 - 103)):
+        task = PassKey(context_length=length, haystack="text", corpus=words, depth=0.5)
+        for seed in range(5):
+            raw = bytes(generate(task, gen(seed)).tokens.tolist())
+            at = raw.index(b"The pass key")
+            assert filler * 0.5 - 12 <= at <= filler * 0.5 and raw[at - 1:at] == b" ", (length, seed, at)
+    chinese = "我们的长文本没有空格也没有英文句号" * 200
+    for seed in range(20):
+        for task in (PassKey(context_length=1500, haystack="text", corpus=chinese, depth=0.5),
+                     MultiKeyNeedle(context_length=1501, needles=3, haystack="text", corpus=chinese)):
+            example = generate(task, gen(seed))
+            bytes(example.tokens.tolist()).decode("utf-8")  # raises on a cut character
+            assert len(example.tokens) == task.context_length
+
+
 def test_too_short_contexts_and_bad_parameters_are_clear_errors():
     with pytest.raises(ValueError, match=r"context_length=64 is too short.*at least 103 tokens.*needle"):
         PassKey(context_length=64)

@@ -39,17 +39,45 @@ def _encode(corpus: str) -> bytes:
     return corpus.encode("utf-8") + b" "
 
 
-def _sentence_start(filler: bytes, position: int) -> int:
-    """The last sentence start at or before `position` (looking back a little), else the last word start."""
+def _sentence_start(filler: bytes, position: int, *, starts_sentence: bool) -> int:
+    """The last sentence start at or before `position` (looking back a little; the filler's start, if it
+    `starts_sentence`), else the last word start, else the last character start."""
     low = max(0, position - _LOOK_BACK)
     found = [filler.rfind(mark, low, position) for mark in _SENTENCE_ENDS]
     starts = [i + len(mark) for i, mark in zip(found, _SENTENCE_ENDS) if i >= 0]
     if starts:
         return max(starts)
-    if low == 0:
+    if low == 0 and starts_sentence:
         return 0
     space = filler.rfind(b" ", low, position)
-    return space + 1 if space >= 0 else position
+    if space >= 0:
+        return space + 1
+    while 0 < position < len(filler) and _continues(filler[position]):  # never inside a UTF-8 character
+        position -= 1
+    return position
+
+
+def _continues(byte: int) -> bool:
+    """A UTF-8 continuation byte (10xxxxxx): not the start of a character."""
+    return byte & 0xC0 == 0x80
+
+
+def _whole_characters(filler: bytes) -> bytes:
+    """`filler` with the pieces of UTF-8 characters cut at either end (a slice at a byte offset) blanked to
+    spaces: the same length, valid UTF-8 wherever the source was."""
+    text = bytearray(filler)
+    head = 0
+    while head < len(text) and _continues(text[head]):
+        head += 1
+    text[:head] = b" " * head
+    lead = len(text) - 1
+    while lead >= max(head, len(text) - 3) and _continues(text[lead]):
+        lead -= 1
+    if lead >= head and text[lead] >= 0xC0:  # the last character's first byte: is the character whole?
+        width = 2 if text[lead] < 0xE0 else 3 if text[lead] < 0xF0 else 4
+        if len(text) - lead < width:
+            text[lead:] = b" " * (len(text) - lead)
+    return bytes(text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,11 +101,11 @@ class _HaystackTask(Task):
         size = length - sum(map(len, encoded))
         source = _FILLER if self.haystack == "repeat" else _encode(self.corpus)
         start = 0 if self.haystack == "repeat" else _randint(generator, 0, len(source))
-        filler = (source * ((start + size) // len(source) + 1))[start:start + size]
+        filler = _whole_characters((source * ((start + size) // len(source) + 1))[start:start + size])
         parts, last = [], 0
         for (depth, _), piece in zip(pieces, encoded):
             # max(): insertion points never move before the previous one, so the pieces keep their order
-            position = max(last, _sentence_start(filler, round(depth * size)))
+            position = max(last, _sentence_start(filler, round(depth * size), starts_sentence=start == 0))
             parts += [filler[last:position], piece]
             last = position
         return b"".join([*parts, filler[last:]])
