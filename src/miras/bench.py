@@ -208,7 +208,7 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
     (``auto`` resolved), or a ConfigError with a one-line message that says what is allowed."""
     import typing
 
-    from .models import LanguageModel, ModelConfig, preset_config
+    from .models import ModelConfig, check_buildable, preset_config
     from .train_config import ConfigError, parse_value, resolve_device
 
     hints, overrides = typing.get_type_hints(ModelConfig), {}
@@ -246,8 +246,7 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
     for family in args.families:  # every case's model, as run_case will build it (on no memory)
         try:
             config = preset_config(f"{family}-{args.size}", **overrides)
-            with torch.device("meta"):  # the layers' own checks too (e.g. impl against the memory rule)
-                LanguageModel(config)
+            check_buildable(config)  # the layers' own checks too (e.g. impl against the memory rule)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{given}{family}-{args.size}: {error}") from None
         if config.vocab_size < 256:

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .files import atomic_write
 from .models import LanguageModel, ModelConfig
-from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig
+from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig, first_line
 
 CHECKPOINT_FORMAT = "miras.checkpoint/1"
 CHECKPOINT_KEYS = ("step", "elapsed", "model", "optimizer", "rng", "train_config", "model_config")
@@ -61,7 +61,7 @@ def _load_failure(error: Exception) -> str:
         return "not a torch checkpoint file"
     if isinstance(error, EOFError) or "failed finding central directory" in text or "Invalid argument" in text:
         return "truncated or not a torch file"
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = first_line(error)
     return first if len(first) <= 120 else first[:117] + "..."
 
 
@@ -209,6 +209,6 @@ def saved_tokenizer(run_dir: Path, saved: dict):
     try:
         return load_tokenizer(run_dir)
     except Exception as error:  # a missing file, bad JSON, a damaged tokenizers file: each says it differently
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"{run_dir}: the run's saved tokenizer cannot be loaded ({reason}); it was trained "
-                          "with it, so restore its tokenizer files (miras_tokenizer.json and what it names)") from None
+        raise ConfigError(f"{run_dir}: the run's saved tokenizer cannot be loaded ({first_line(error)}); it was "
+                          "trained with it, so restore its tokenizer files (miras_tokenizer.json and what it names)"
+                          ) from None

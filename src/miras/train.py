@@ -88,6 +88,7 @@ from .train_config import (
     ConfigError,
     TrainConfig,
     config_from_args,
+    first_line,
     parse_value,
     resolve_device,
 )
@@ -142,8 +143,7 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
         return DataSource(train, validation, tokenizer, tokenizer.vocab_size)
     except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"data {config.data!r}: {reason}") from None
+        raise ConfigError(f"data {config.data!r}: {first_line(error)}") from None
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .models import PRESETS, LanguageModel, ModelConfig, preset_config
+from .models import PRESETS, ModelConfig, check_buildable, preset_config
 from .models.config import check_overrides
 
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
@@ -29,6 +29,12 @@ VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task und
 
 class ConfigError(ValueError):
     """A bad config, out_dir or checkpoint: raised before anything is written, with a one-line message."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if it has none): for a one-line ConfigError
+    made from another library's multi-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def resolve_device(name: str):
@@ -90,9 +96,7 @@ class TrainConfig:
         if self.model not in PRESETS:
             raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
         try:
-            model_config = preset_config(self.model, **check_overrides(self.model_overrides))
-            with torch.device("meta"):  # the layers' own checks (e.g. impl against the rule), without memory
-                LanguageModel(model_config)
+            check_buildable(preset_config(self.model, **check_overrides(self.model_overrides)))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"model_overrides: {error}") from None
         kind, _, spec = self.data.partition(":")

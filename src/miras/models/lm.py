@@ -254,6 +254,13 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_buildable(config: ModelConfig) -> None:
+    """The layers' own checks of ``config`` (e.g. impl against the memory rule), beyond ModelConfig's: the
+    model is built on the meta device, so nothing is allocated. Raises what the layers raise."""
+    with torch.device("meta"):
+        LanguageModel(config)
+
+
 def create(name: str, **overrides) -> LanguageModel:
     """``create("titans-lmm-tiny", dim=32)``: a model from a preset; unknown names and fields are errors."""
     return LanguageModel(preset_config(name, **overrides))
