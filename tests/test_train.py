@@ -152,16 +152,23 @@ def test_unknown_preset_lists_the_valid_ones():
 # ---------------------------------------------------------------------------------- optimizer and schedule
 
 
-def test_weight_decay_only_on_linear_weight_matrices():
-    model = create("titans-mac-tiny")
+@pytest.mark.parametrize("preset", ["titans-mac-tiny", "gated-deltanet-tiny"])
+def test_weight_decay_only_on_linear_weight_matrices_other_than_the_gates(preset):
+    model = create(preset)
     decay, keep = param_groups(model, 0.1)
     names = {id(p): name for name, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)} - {"head.weight"}
-    assert decayed == linear and (decay["weight_decay"], keep["weight_decay"]) == (0.1, 0.0)
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    gates = {name for name in linear if name.endswith(".gate_proj.weight")}
+    assert len(gates) == 2 and "head.weight" in linear  # one gate projection per layer; the head is tied
+    assert decayed == linear - gates - {"head.weight"} and (decay["weight_decay"], keep["weight_decay"]) == (0.1, 0.0)
+    assert {name for name in decayed if name.endswith(".out_gate.weight")}  # output gates are feature maps
     kept = {names[id(p)] for p in keep["params"]}
-    assert {"embed.weight", "norm.weight", "blocks.0.mixer.persistent", "blocks.0.mixer.memory.gate_proj.bias",
-            "blocks.0.mixer.memory.initial_weights.0", "blocks.0.mixer.memory.conv_weight"} <= kept
+    memory = "blocks.0.mixer.memory." if preset.startswith("titans") else "blocks.0.mixer."
+    assert {"embed.weight", "norm.weight", memory + "gate_proj.weight", memory + "gate_proj.bias",
+            memory + "conv_weight"} <= kept
+    if preset.startswith("titans"):
+        assert {"blocks.0.mixer.persistent", memory + "initial_weights.0"} <= kept
     assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
 
 

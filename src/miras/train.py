@@ -22,10 +22,13 @@ Choices DESIGN.md §5 leaves open, written down here:
   share of that one mean, so a 2-process run logs and optimises the loss of a 1-process run.
 - ``bptt``: each row is fed in segments of ``bptt`` tokens, the model state carried and detached
   between them, each segment backpropagated on its own (activation memory of one segment).
-- Weight decay applies only to the weight matrices of ``nn.Linear`` layers. Embeddings (also when
-  tied to the output head), norms, biases (a gate's bias sets its resting value), depthwise conv
-  kernels, the memory's learned initial weights and persistent tokens are not decayed: pulling
-  those towards zero changes what the model computes instead of regularising a linear map.
+- Weight decay applies only to the weight matrices of ``nn.Linear`` layers, except the memory's gate
+  projections. Embeddings (also when tied to the output head), norms, biases, the gates (``gate_proj``,
+  weight and bias: the memory's inner learning rate θ, momentum η, forgetting α and Huber δ), depthwise
+  conv kernels, the memory's learned initial weights and persistent tokens are not decayed: pulling
+  those towards zero changes what the model computes instead of regularising a linear map (a gate
+  projection's weights start at zero, and decaying them pulls every gate towards a data-independent
+  value). The output gates (``out_gate``, σ(W x) ⊙ y) are ordinary feature maps and are decayed.
 - The learning rate is a pure function of the step (linear warmup, cosine to ``lr * min_lr_ratio``
   at ``max_steps``), so the step stored in a checkpoint is the scheduler's whole state.
 - Checkpoints: ``out_dir/checkpoints/step_XXXXXXXX.pt``, one file holding full (unsharded) model and
@@ -167,9 +170,11 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay the weights of ``nn.Linear`` layers that are not also embeddings; nothing else."""
+    """AdamW groups: decay the weights of ``nn.Linear`` layers that are neither embeddings nor the memory's
+    gate projections (``gate_proj``); nothing else."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    gates = {id(m.gate_proj.weight) for m in model.modules() if isinstance(getattr(m, "gate_proj", None), nn.Linear)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings - gates
     parameters = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in parameters if id(p) in linear], "weight_decay": weight_decay},
             {"params": [p for p in parameters if id(p) not in linear], "weight_decay": 0.0}]
