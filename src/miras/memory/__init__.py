@@ -5,6 +5,7 @@
 
 from .architectures import LinearMemory, MLPMemory
 from .chunked import chunked
+from .delta import delta, supports_delta
 from .objectives import (
     GD,
     L2,
@@ -44,7 +45,8 @@ from .state import Gates, MemoryState
 __all__ = [
     "LinearMemory", "MLPMemory", "L2", "DotProduct", "Lp", "Huber", "NoRetention", "Decay", "PreDecay",
     "LqNormalize", "KLSoftmax", "ElasticNet", "GD", "Momentum", "ImplicitGD",
-    "MemoryRule", "Gates", "MemoryState", "recurrent", "chunked", "read", "initial_state",
+    "MemoryRule", "Gates", "MemoryState", "recurrent", "chunked", "delta", "supports_delta", "read",
+    "initial_state",
     "get_rule", "PRESETS", "TITANS", "TITANS_LINEAR", "DELTANET", "LINEAR_ATTENTION", "MAMBA2",
     "TTT_LINEAR", "TTT_MLP", "GATED_DELTANET", "LONGHORN", "RETNET", "MONETA", "YAAD", "MEMORA",
 ]

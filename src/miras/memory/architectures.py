@@ -49,9 +49,11 @@ def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
     multiplied once per head: ``torch.matmul`` would copy them per row (its batched path reshapes the
     expanded operand). Only for reads whose weight gradient is wanted w.r.t. what the weights were
     expanded from: it reaches the expanded rows through row 0 alone, so an inner gradient taken
-    w.r.t. the expanded tensor itself (the reference's ``autograd.grad``) must not use it."""
+    w.r.t. the expanded tensor itself (the reference's ``autograd.grad``) must not use it, nor may an
+    expanded tensor that is itself a leaf wanting its gradient (it gets one per row)."""
     w_t = w.transpose(-1, -2) if transpose else w
-    if u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]:
+    if (u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]
+            or (w.is_leaf and w.requires_grad)):
         return torch.matmul(u, w_t)
     batch, heads, tokens, dim = u.shape
     out = torch.matmul(u.transpose(0, 1).reshape(heads, batch * tokens, dim), w_t[0])
@@ -112,6 +114,10 @@ class MLPMemory:
     kind: ClassVar[str] = "mlp"
 
     def __post_init__(self):
+        for name in ("depth", "expansion"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MLPMemory {name} must be an integer, got {value!r}")
         if self.depth < 2:
             raise ValueError(f"MLPMemory needs depth >= 2 (depth 1 is LinearMemory), got {self.depth}")
         if self.expansion < 1:

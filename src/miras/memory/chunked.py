@@ -247,15 +247,17 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         steps = [-lr * torch.matmul(delta.transpose(-1, -2), act)
                  for lr, delta, act in zip(factors(gates.lr), deltas, acts)]
         surprise = state.momentum
-        if rule.algorithm.uses_momentum:
-            surprise = tuple(eta * s + step for eta, s, step in zip(factors(gates.momentum), surprise, steps))
+        if rule.algorithm.uses_momentum:  # η clamped as in the chunk algebra (log space)
+            etas = factors(torch.exp(rule.algorithm.log_momentum(gates)))
+            surprise = tuple(eta * s + step for eta, s, step in zip(etas, surprise, steps))
             steps = list(surprise)
         keeps = [1.0] * len(steps) if log_retain is None else factors(torch.exp(log_retain))
         weights = tuple(factor * w + step for factor, w, step in zip(keeps, state.weights, steps))
         position = (state.position + 1) % chunk_size
         if position == 0 and retention.projects:
             weights = retention.chunk_end(weights, anchor, retained)
-    y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2)
+    # in the inputs' dtype, as the chunk path returns it (under autocast a linear read would be bf16)
+    y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2).to(q.dtype)
     if position == 0:
         return y, MemoryState(weights, surprise)
     return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None)

@@ -88,7 +88,10 @@ def _block(weight, q, k, v, lr, log_keep, b, lower, eye):
     system = eye + b.unsqueeze(-1) * strict * torch.matmul(k, k.transpose(-1, -2))
     start_k = torch.matmul(k, weight.transpose(-1, -2))  # W⁰ k_t
     rhs = lr.unsqueeze(-1) * v - (b * torch.exp(log_gamma_prev)).unsqueeze(-1) * start_k
-    u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    if system.dtype.itemsize < 4:  # no half-precision triangular solve (CPU, CUDA): solve in float32
+        u = torch.linalg.solve_triangular(system.float(), rhs.float(), upper=False, unitriangular=True).to(rhs.dtype)
+    else:
+        u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     decay = _ratio(log_gamma, log_gamma, lower)          # Γ_t/Γ_i, i ≤ t
     gamma = torch.exp(log_gamma).unsqueeze(-1)
     scores = decay * torch.matmul(q, k.transpose(-1, -2))

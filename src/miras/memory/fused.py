@@ -12,7 +12,9 @@ with one ``torch.autograd.Function`` over the whole loop:
 
 Same values and gradients as autograd (tests hold them equal in float64), about half the ops,
 and no per-chunk activations kept between forward and backward: training memory is the kept
-states plus one chunk's work.
+states plus one chunk's work. First derivatives only: the backward is not itself differentiable,
+and a second backward through it (a gradient penalty, a Hessian-vector product) is an error; take
+those with ``fused=False``.
 
 Covered (``supports``): ``MLPMemory`` of any depth with GELU, SiLU or ReLU; the ``L2`` bias;
 no retention or ``Decay``; ``GD`` or ``Momentum``; token-level gates; a call that starts at a chunk
@@ -106,6 +108,7 @@ class _ChunkLoop(torch.autograd.Function):
         return (torch.stack(ys), *weights, *(surprise or ()), *anchor)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its states were computed with autograd off
     def backward(ctx, grad_y, *grads):
         from .chunked import _chunk_end_state
 

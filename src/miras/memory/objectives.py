@@ -70,6 +70,8 @@ class Lp:
     gates: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self):
+        check_real("Lp", "p", self.p)
+        check_real("Lp", "eps", self.eps)
         if not self.p >= 1:
             raise ValueError(f"Lp needs p >= 1, got {self.p}")
         if not self.eps > 0:
@@ -120,6 +122,14 @@ class Huber:
     def output_grad(self, pred: Tensor, target: Tensor, threshold: Tensor) -> Tensor:
         error = pred - target
         return torch.where(self._small(error.detach(), threshold.detach()), error, threshold * torch.sign(error))
+
+
+def check_real(owner: str, name: str, value) -> None:
+    """A rule's numeric field: a finite real number (not a bool, not a string), or a TypeError / ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner} {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner} {name} must be finite, got {value}")
 
 
 # Gates in [0, 1] are clamped one eps away from the end that logs to −inf before taking logs: a
@@ -200,8 +210,12 @@ class LqNormalize(Decay):
     projects: ClassVar[bool] = True
 
     def __post_init__(self):
+        check_real("LqNormalize", "q", self.q)  # (q = inf would make every entry's 1/q-th root 1: no norm)
+        check_real("LqNormalize", "power", self.power)
         if not self.q > 1:
             raise ValueError(f"LqNormalize needs q > 1, got {self.q}")
+        if not self.power > 0:
+            raise ValueError(f"LqNormalize needs power > 0, got {self.power}")
 
     def chunk_end(self, weights, start, keep):
         return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
@@ -246,6 +260,7 @@ class ElasticNet(Decay):
     projects: ClassVar[bool] = True
 
     def __post_init__(self):
+        check_real("ElasticNet", "gamma", self.gamma)
         if not self.gamma > 0:
             raise ValueError(f"ElasticNet needs gamma > 0, got {self.gamma}")
 

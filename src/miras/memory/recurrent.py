@@ -17,6 +17,8 @@ fast path is tested against: short, slow and obvious. It uses autograd for g_t (
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -75,6 +77,9 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
               state: MemoryState | None = None, chunk_size: int = 16) -> tuple[Tensor, MemoryState]:
     """Reference path: one token at a time. Returns y ``[B, T, H, Dv]`` and the final state."""
     check_inputs(rule, q, k, v, gates, state, chunk_size)
+    if torch.is_inference_mode_enabled():  # the inner gradient needs autograd: run on ordinary tensors
+        with torch.inference_mode(False), torch.no_grad():
+            return recurrent(rule, *_ordinary((q, k, v, gates, state)), chunk_size)
     batch, tokens, heads, dk = k.shape
     if state is None:
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
@@ -82,6 +87,8 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     log_retain = retention.log_retain(gates)
     keep_all = None if log_retain is None else torch.exp(log_retain)
     lr_all = rule.algorithm.effective_lr(gates.lr, k)
+    # η through the same clamp as the chunked path's log-space algebra (η = 0 is taken one eps above)
+    eta_all = torch.exp(rule.algorithm.log_momentum(gates)) if rule.algorithm.uses_momentum else None
     # Each gate at token t as one factor per weight matrix ([B, H, 1, 1], or [B, H, 1, in] channel-wise).
     widths = channel_widths(rule, dk, v.shape[-1])
 
@@ -111,7 +118,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             loss = rule.bias.loss(pred, v[:, t].unsqueeze(2), **extra).sum()
             grads = torch.autograd.grad(loss, at, create_graph=outer_grad)
         lrs = factors(lr_all, t)
-        etas = factors(gates.momentum, t) if momentum else None
+        etas = factors(eta_all, t) if momentum else None
         keeps = None if keep_all is None else factors(keep_all, t)
         for i, g in enumerate(grads):
             step = -lrs[i] * g
@@ -127,6 +134,16 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                         tuple(anchor) if position else None, position,
                         retained if position and needs_retained(rule) else None)
     return torch.stack(outputs, dim=1), final
+
+
+def _ordinary(value):
+    """``value`` (tensors, tuples, state and gate dataclasses) with every tensor cloned outside inference
+    mode: an ordinary tensor that autograd can use."""
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _ordinary(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return tuple(_ordinary(v) for v in value)
+    return value.clone() if isinstance(value, Tensor) else value
 
 
 def _differentiable(weights: list[Tensor], outer_grad: bool) -> list[Tensor]:
