@@ -33,20 +33,19 @@ stopped weight-decaying the memory's gate projections, which retrained every mem
 - **Task**: MQAR with one key-value pair (a symbolic pass-key: key, value, random noise, key, predict
   the value), trained at 32 tokens. Every model here learns it within the budget; with 2-4 pairs
   or the text pass-key the Titans models were still near chance after 1500 steps.
-- **Forgetting gate α at initialisation** (``decay_init``): 1e-5 for the Titans models, 1e-3 for
-  Gated DeltaNet, each the value that served it best on seed 0 among those tried (8K tokens):
-  titans-lmm 0.81 at 1e-3, 1.00 at 1e-5; Gated DeltaNet 0.72 at 1e-3, 0.48 at 1e-4, 0.19 at 1e-5
-  (a fixed-size state that forgets little fills with noise). These design runs, and the ones below,
-  were made before b878fca. Rechecked after it (seed 0, 100 examples at 8K, evaluation seed 12345,
-  ``docs/demo/long/``): Gated DeltaNet 0.05 / 0.41 / 0.27 from 1e-2 / 1e-3 / 1e-4, so 1e-3 stays. At 1e-2 (the layer's earlier
-  default) titans-lmm forgot within ~2K tokens (0.40-0.89 at 2K, 3 seeds). The trained gate stays
-  near its start: from 1e-3, titans-lmm learned α ~ 1e-4 to 2e-3 per noise token (read off by
-  hand), so a fact 64K tokens back is scaled by e^-8 or less, and its recall fell to 0.52/1.00 at
-  16K and 0.05/0.02 at 64K (seeds 0/1, ``--segment 1024``); from
-  1e-5, seed 0 recalls 1.00 at 64K (2048x). Earlier runs at 1e-3 (5 seeds): titans-lmm kept
-  0.81/1.00/0.98/0.86/0.58 at 8K, Gated DeltaNet 0.72/0.58/0.39/0.70/0.19. The default seeds are
-  0, 1, 2, fixed before any of these runs. titans-lmm at 1e-5, seed 0 (gives 1.00, 1.00, 1.00, before
-  and after b878fca)::
+- **Forgetting gate α at initialisation** (``decay_init``): 1e-5 for the Titans models, 1e-3 for Gated
+  DeltaNet, each the value that served it best on seed 0 among those tried (8K tokens): titans-lmm 0.81
+  at 1e-3, 1.00 at 1e-5; Gated DeltaNet 0.72 at 1e-3, 0.48 at 1e-4, 0.19 at 1e-5 (a fixed-size state
+  that forgets little fills with noise). These design runs, and the ones below, were made before
+  b878fca. Rechecked after it (seed 0, 100 examples at 8K, evaluation seed 12345, ``docs/demo/long/``):
+  Gated DeltaNet 0.05 / 0.41 / 0.27 from 1e-2 / 1e-3 / 1e-4, so 1e-3 stays. At 1e-2 (the layer's earlier
+  default) titans-lmm forgot within ~2K tokens (0.40-0.89 at 2K, 3 seeds). The trained gate stays near
+  its start: from 1e-3, titans-lmm learned α ~ 1e-4 to 2e-3 per noise token (read off by hand), so a
+  fact 64K tokens back is scaled by e^-8 or less, and its recall fell to 0.52/1.00 at 16K and 0.05/0.02
+  at 64K (seeds 0/1, ``--segment 1024``); from 1e-5, seed 0 recalls 1.00 at 64K (2048x). Earlier runs at
+  1e-3 (5 seeds): titans-lmm kept 0.81/1.00/0.98/0.86/0.58 at 8K, Gated DeltaNet
+  0.72/0.58/0.39/0.70/0.19. The default seeds are 0, 1, 2, fixed before any of these runs. titans-lmm
+  at 1e-5, seed 0 (gives 1.00, 1.00, 1.00, before and after b878fca)::
 
     miras train titans-lmm-tiny data=task:mqar 'data_params={"pairs": 1, "queries": 1}' seq_len=32 \
         batch_size=16 max_steps=1500 lr=3e-3 warmup_steps=50 precision=fp32 seed=0 model.decay_init=0.00001 \

@@ -105,6 +105,24 @@ def test_bad_arguments():
         Attention(16, heads=2, sinks=4)
     with pytest.raises(ValueError, match=r"x must be \[B, T, dim=16\]"):
         make()(torch.randn(2, 3, 8, dtype=torch.float64))
+    layer = make("window")
+    with pytest.raises(TypeError, match="x is torch.float32 but the layer's parameters are torch.float64"):
+        layer(torch.randn(2, 3, 16))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        layer(torch.zeros(2, 3, 16, dtype=torch.long))
+    _, state = layer(inputs(4, batch=2))
+    with pytest.raises(ValueError, match=r"the state holds 2 sequence\(s\) but x holds 3"):
+        layer(inputs(4, batch=3), state)
+    with pytest.raises(TypeError, match="state must be a KVCache"):
+        layer(inputs(4), (state.keys, state.values))
+
+
+def test_a_long_call_of_sink_positions_only():
+    """More than 2·window tokens, all of them sinks: no key past the sinks for the blockwise path."""
+    torch.manual_seed(0)
+    layer = Attention(16, heads=2, window=4, sinks=20).double()
+    x = inputs(tokens=12)
+    torch.testing.assert_close(layer(x)[0], naive(layer, x), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("window, sinks", [(1, 0), (4, 0), (4, 3), (6, 9), (7, 2)])

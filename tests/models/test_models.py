@@ -94,6 +94,7 @@ def test_state_save_load_round_trips(family, tmp_path):
     _, state = model(x[:, :13])
     state.save(tmp_path / "state.pt")
     loaded = ModelState.load(tmp_path / "state.pt")
+    assert any(t.requires_grad for t in _tensors(state)) and not any(t.requires_grad for t in _tensors(loaded))
     expected, _ = model(x[:, 13:], state)
     got, _ = model(x[:, 13:], loaded)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -150,6 +151,60 @@ def test_state_to_and_load_map_location(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["swa-transformer", "titans-mag"])
+def test_state_to_casts_floating_tensors_only(family):
+    """A dtype given to state.to leaves a KV cache's integer positions alone (in bfloat16, 301 would
+    become 300.0 and move the window)."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny")
+    with torch.no_grad():
+        _, state = model(ids(300, batch=1))
+        converted = state.to(torch.bfloat16)
+        def positions(state):
+            return [(layer.attention if family == "titans-mag" else layer).positions for layer in state.layers]
+
+        assert {p.dtype for p in positions(converted)} == {torch.int64}
+        assert all(torch.equal(a, b) for a, b in zip(positions(converted), positions(state)))
+        assert positions(state)[0][-1] > 256  # past what bfloat16 holds exactly
+        floats = [t for t in _tensors(converted) if t.is_floating_point()]
+        assert floats and {t.dtype for t in floats} == {torch.bfloat16}
+        by_hand = ModelState(tuple(_cast_floats(s) for s in state.layers), state.seen, state.model)
+        bf16 = model.to(torch.bfloat16)
+        torch.testing.assert_close(bf16(ids(5, batch=1), converted)[0], bf16(ids(5, batch=1), by_hand)[0],
+                                   rtol=0, atol=0)
+
+
+def _cast_floats(value):
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _cast_floats(getattr(value, f.name)) for f in dataclasses.fields(value)})
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(torch.bfloat16)
+    return value
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_state_holds_no_hidden_storage(family, tmp_path):
+    """Every tensor of a state owns just its elements: a view into a call's activations (e.g. the conv
+    tail as a slice of the whole call's projections) would keep them alive and write them to the
+    state's file, growing with the prompt while nbytes() stays flat."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny")
+    sizes = []
+    for tokens in (256, 2048):
+        with torch.no_grad():
+            _, state = model(ids(tokens, batch=1))
+        for t in _tensors(state):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (family, tuple(t.shape))
+        state.save(tmp_path / "state.pt")
+        sizes.append((tmp_path / "state.pt").stat().st_size)
+    if family != "transformer":  # its cache is the context
+        assert sizes[1] <= 2 * sizes[0], sizes
+
+
 def _tensors(value):
     import dataclasses
 
@@ -176,7 +231,10 @@ def test_sampling_edge_cases():
     assert {sample(halves, 1.0, None, 0.51, gen).item() for _ in range(200)} == {0, 1}
     model = make("titans-lmm")
     for bad, match in (({"top_k": True}, "top_k must be an integer >= 1, got True"),
-                       ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 0, got True")):
+                       ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 0, got True"),
+                       ({"temperature": None}, "temperature must be a finite number >= 0 .*, got None"),
+                       ({"top_p": "0.9"}, "top_p must be in \\(0, 1\\], got 0.9"),
+                       ({"vocab_limit": True}, "vocab_limit must be an integer in \\[1, 256\\] or None, got True")):
         with pytest.raises(ValueError, match=match):
             model.generate(ids(3), **{"max_new_tokens": 2, **bad})
 
@@ -219,6 +277,35 @@ def test_bad_model_inputs_are_clear_errors(tmp_path):
     torch.save(damaged, tmp_path / "damaged.pt")
     with pytest.raises(ValueError, match="damaged.pt is a damaged miras state file"):
         ModelState.load(tmp_path / "damaged.pt")
+
+
+def test_mixers_check_their_inputs():
+    """The MAC and MAG mixers, used on their own, say what is wrong instead of failing inside torch."""
+    mac, mag = (create(f"{family}-tiny").blocks[0].mixer for family in ("titans-mac", "titans-mag"))
+    x = torch.randn(2, 5, 64)
+    with pytest.raises(TypeError, match="x is torch.float64 but the layer's parameters are torch.float32"):
+        mac(x.double())
+    with pytest.raises(ValueError, match=r"x must be \[B, T, dim=64\], got \(2, 5, 32\)"):
+        mac(torch.randn(2, 5, 32))
+    for mixer in (mac, mag):
+        _, state = mixer(x)
+        with pytest.raises(ValueError, match=r"the state holds 2 sequence\(s\) but x holds 3|for a batch of 3"):
+            mixer(torch.randn(3, 5, 64), state)
+    with pytest.raises(TypeError, match="state must be a MACState"):
+        mac(x, mag.init_state(2))
+    with pytest.raises(TypeError, match="state must be a PairState"):
+        mag(x, mac.init_state(2))
+
+
+@pytest.mark.parametrize("family", ["deltanet", "gated-deltanet", "longhorn"])
+def test_delta_rule_models_run_in_bfloat16(family):
+    """No half-precision triangular solve exists in torch: the blockwise delta rule solves in float32."""
+    torch.manual_seed(0)
+    model, tokens = create(f"{family}-tiny"), ids(40)
+    reference = model(tokens)[0]
+    logits = model.to(torch.bfloat16)(tokens)[0]
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.1)
 
 
 def test_generate_needs_a_prompt():

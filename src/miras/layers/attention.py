@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .base import check_input
+
 
 @dataclass(frozen=True)
 class KVCache:
@@ -79,8 +81,9 @@ class Attention(nn.Module):
         return KVCache(empty, empty, torch.zeros(0, dtype=torch.long, device=empty.device), 0)
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        if state is not None and not isinstance(state, KVCache):
+            raise TypeError(f"state must be a KVCache (from init_state or a previous call), got {type(state).__name__}")
+        check_input(x, self.dim, self.qkv.weight.dtype, None if state is None else state.batch)
         batch, tokens, _ = x.shape
         if state is None:
             state = self.init_state(batch)
@@ -92,7 +95,8 @@ class Attention(nn.Module):
         key_positions = torch.cat([state.positions, positions])
         if self.window is None and state.seen == 0:
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
-        elif self.window is not None and tokens > 2 * self.window:
+        elif self.window is not None and tokens > 2 * self.window and state.seen + tokens > self.sinks:
+            # (banded needs a key past the sinks; a call of sink positions alone is at most `sinks` long)
             y = self._banded(q, keys, values, positions, key_positions)
         else:
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._visible(positions, key_positions))

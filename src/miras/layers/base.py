@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -18,6 +19,23 @@ class TokenMixer(Protocol):
     def forward(self, x: Tensor, state: Any | None = None) -> tuple[Tensor, Any]: ...
 
     def init_state(self, batch: int) -> Any: ...
+
+
+def check_input(x: Tensor, dim: int, dtype: torch.dtype, state_batch: int | None) -> None:
+    """A mixer's input: ``x [B >= 1, T, dim]``, floating point, in the layer's parameter ``dtype`` (or
+    under autocast); ``state_batch``: the batch of the state it continues (None: no state given)."""
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x must be [B, T, dim={dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype} but the layer's parameters are {dtype}: convert one to the other "
+                        "(layer.to(dtype)), or run under torch.autocast")
+    if x.shape[0] < 1:
+        raise ValueError("x must hold at least one sequence (B >= 1)")
+    if state_batch is not None and state_batch != x.shape[0]:
+        raise ValueError(f"the state holds {state_batch} sequence(s) but x holds {x.shape[0]}: continue a state "
+                         "with the batch it was made for (init_state(batch) or the previous call's state)")
 
 
 def piece_sizes(tokens: int, size: int, filled: int = 0) -> list[int]:

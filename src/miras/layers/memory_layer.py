@@ -60,7 +60,7 @@ from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
 from ..memory.state import CHANNEL_GATES, channel_widths, check_count, check_rule, supports_channel_gates
-from .base import piece_sizes
+from .base import check_input, piece_sizes
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
 GATINGS = ("token", "fixed", "channel")
@@ -205,17 +205,8 @@ class MemoryLayer(nn.Module):
         return MemoryLayerState(MemoryState(weights, momentum), conv)
 
     def forward(self, x: Tensor, state: MemoryLayerState | None = None) -> tuple[Tensor, MemoryLayerState]:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [B, T, dim={self.dim}], got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        dtype = self.qkv.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x is {x.dtype} but the layer's parameters are {dtype}: convert one to the other "
-                            "(layer.to(dtype)), or run under torch.autocast")
+        check_input(x, self.dim, self.qkv.weight.dtype, None)
         batch = x.shape[0]
-        if batch < 1:
-            raise ValueError("x must hold at least one sequence (B >= 1)")
         if state is None:
             state = self.init_state(batch)
         elif not isinstance(state, MemoryLayerState) or state.conv.shape[0] != batch:
@@ -273,7 +264,8 @@ class MemoryLayer(nn.Module):
         kernel = self.conv_weight.shape[1]
         padded = torch.cat([tail.to(u.dtype), u], dim=1)
         out = F.conv1d(padded.transpose(1, 2), self.conv_weight.unsqueeze(1).to(u.dtype), groups=u.shape[-1])
-        return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):]
+        # cloned: a view would keep the whole call's padded projections alive in the state (and in its file)
+        return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):].clone()
 
     def _engine(self, q, k, v, gates: Gates, memory: MemoryState, *, fused: bool | None):
         if self.impl == "delta":

@@ -49,6 +49,15 @@ class _MemoryAndAttention(nn.Module):
     def init_state(self, batch: int) -> PairState:
         return PairState(self.memory.init_state(batch), self.attention.init_state(batch))
 
+    def _state(self, x: Tensor, state: PairState | None) -> PairState:
+        """The state to continue (checked), or a fresh one. The layers check x and their own halves."""
+        if state is None:
+            return self.init_state(x.shape[0])
+        if not isinstance(state, PairState):
+            raise TypeError("state must be a PairState (from init_state or a previous call), "
+                            f"got {type(state).__name__}")
+        return state
+
 
 class MemoryAsGate(_MemoryAndAttention):
     """MAG: the SWA* branch gated by the memory branch."""
@@ -59,7 +68,7 @@ class MemoryAsGate(_MemoryAndAttention):
         self.memory_norm = nn.RMSNorm(attention.dim, eps=1e-6)
 
     def forward(self, x: Tensor, state: PairState | None = None) -> tuple[Tensor, PairState]:
-        state = state or self.init_state(x.shape[0])
+        state = self._state(x, state)
         y, attention_state = self.attention(x, state.attention)
         m, memory_state = self.memory(x, state.memory)
         return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), PairState(memory_state, attention_state)
@@ -69,7 +78,7 @@ class MemoryAsLayer(_MemoryAndAttention):
     """MAL: the memory layer, then sliding-window attention over its output."""
 
     def forward(self, x: Tensor, state: PairState | None = None) -> tuple[Tensor, PairState]:
-        state = state or self.init_state(x.shape[0])
+        state = self._state(x, state)
         m, memory_state = self.memory(x, state.memory)
         y, attention_state = self.attention(m, state.attention)
         return y, PairState(memory_state, attention_state)

@@ -40,7 +40,8 @@ class Block(nn.Module):
 
     With ``persistent`` > 0 the block owns N_p learned, input-independent tokens P (Titans Eq. 19)
     and, at the start of a stream, runs on P ‖ x and drops P's outputs: the mixer's state then
-    holds what it made of P (the attention keeps P visible as sink positions, the memory wrote it).
+    holds what it made of P (the memory wrote it; MAG's attention keeps P visible as sink positions, while
+    MAL's plain sliding window lets P fall out of its window like any other token).
 
     ``recompute`` > 0 (tokens): under autograd, x + mlp(norm(x)) runs in groups of that many tokens,
     each checkpointed, so backward keeps only each group's input and recomputes the rest (the MLP's
@@ -149,7 +150,7 @@ class LanguageModel(nn.Module):
 
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"ids must be an integer tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
+            raise ValueError(f"ids must be an int64 or int32 tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[0] < 1:
             raise ValueError("ids must hold at least one sequence (B >= 1)")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
@@ -206,7 +207,8 @@ class LanguageModel(nn.Module):
         the model's vocabulary). Returns the new tokens [B, max_new_tokens] and the state."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         vocab = self.config.vocab_size
-        if vocab_limit is not None and not (isinstance(vocab_limit, int) and 1 <= vocab_limit <= vocab):
+        if vocab_limit is not None and not (isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool)
+                                            and 1 <= vocab_limit <= vocab):
             raise ValueError(f"vocab_limit must be an integer in [1, {vocab}] or None, "
                              f"got {vocab_limit!r}")
         if prompt_ids.dim() == 2 and prompt_ids.shape[1] == 0 and max_new_tokens:
@@ -227,11 +229,11 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
     (called ``name(argument)``: the CLI names its flags)."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
-    if not 0 <= temperature < math.inf:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
         raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
 
 

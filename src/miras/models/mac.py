@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import MemoryLayer, MemoryLayerState, piece_sizes, rotary
+from ..layers.base import check_input
 from ..memory import MemoryState, read
 
 
@@ -78,6 +79,10 @@ class MemoryAsContext(nn.Module):
         return MACState(memory, _weights_only(memory.memory), empty, empty, 0)
 
     def forward(self, x: Tensor, state: MACState | None = None) -> tuple[Tensor, MACState]:
+        if state is not None and not isinstance(state, MACState):
+            raise TypeError("state must be a MACState (from init_state or a previous call), "
+                            f"got {type(state).__name__}")
+        check_input(x, self.dim, self.qkv.weight.dtype, None if state is None else state.batch)
         state = state or self.init_state(x.shape[0])
         if x.shape[1] == 0:  # nothing to read or write
             return x.new_zeros(x.shape[0], 0, self.dim), state
@@ -156,7 +161,8 @@ class MemoryAsContext(nn.Module):
         out = y * torch.sigmoid(self.gate_norm(r))
         filled = done + tokens
         if filled == self.segment:  # the segment is complete: the next one retrieves from here
-            empty = segment_keys[:, :, :0]
+            # a new empty tensor, not a view: a view would keep the whole segment's storage in the state
+            empty = segment_keys.new_zeros(*segment_keys.shape[:2], 0, segment_keys.shape[3])
             return out, MACState(memory, _weights_only(memory.memory), empty, empty, 0)
         return out, MACState(memory, state.before, segment_keys, segment_values, filled)
 

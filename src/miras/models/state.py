@@ -39,10 +39,17 @@ class ModelState:
         return ModelState(tuple(s.detach() for s in self.layers), self.seen, self.model)
 
     def to(self, *args, **kwargs) -> ModelState:
-        """Every tensor moved or cast as ``Tensor.to(*args, **kwargs)`` would (a device, a dtype): e.g. a
-        float32 state for a model turned float64, or a state saved on a GPU for a CPU model."""
-        return ModelState(tuple(_map_tensors(s, lambda t: t.to(*args, **kwargs)) for s in self.layers), self.seen,
-                          self.model)
+        """Every tensor moved as ``Tensor.to(*args, **kwargs)`` would (a device, a dtype): e.g. a float32
+        state for a model turned float64, or a state saved on a GPU for a CPU model. A dtype applies to the
+        floating-point tensors only: integer ones (a KV cache's positions) keep theirs and only move."""
+
+        def move(t: Tensor) -> Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            # the device that .to(...) picks for a float tensor on t's device (unchanged if none given)
+            return t.to(t.new_empty(0, dtype=torch.float32).to(*args, **kwargs).device)
+
+        return ModelState(tuple(_map_tensors(s, move) for s in self.layers), self.seen, self.model)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers)
@@ -77,7 +84,9 @@ def _to_plain(value):
                 "fields": {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, tuple):
         return {"type": "tuple", "items": [_to_plain(v) for v in value]}
-    if value is None or isinstance(value, (Tensor, int, float)):
+    if isinstance(value, Tensor):  # the values only: a file holds no autograd graph
+        return value.detach()
+    if value is None or isinstance(value, (int, float)):
         return value
     raise TypeError(f"cannot save a state holding {type(value).__name__}")
 
@@ -99,4 +108,5 @@ def _from_plain(value):
         if value["type"] not in STATE_TYPES:
             raise ValueError(f"unknown state type {value['type']!r} in state file")
         return STATE_TYPES[value["type"]](**{k: _from_plain(v) for k, v in value["fields"].items()})
-    return value
+    # (files written before states were saved detached hold tensors that say requires_grad)
+    return value.detach() if isinstance(value, Tensor) else value
