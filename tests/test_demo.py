@@ -42,13 +42,15 @@ def test_report_numbers_are_those_of_results_json(quick_demo):
     report = (out / "report.md").read_text()
     pooled = results["pooled"]["tasks"]["mqar"]["results"]
     for name, rows in pooled.items():
-        line = next(line for line in report.splitlines() if line.startswith(f"| {name} | ") and "±" in line)
-        cells = re.findall(r"(\d\.\d\d) ± (\d\.\d\d) \[(\d\.\d\d)–(\d\.\d\d)\]", line)
+        pattern = r"(\d\.\d\d) \((\d\.\d\d)–(\d\.\d\d)\) \[(\d\.\d\d)–(\d\.\d\d)\]"
+        line = next(line for line in report.splitlines()
+                    if line.startswith(f"| {name} | ") and re.search(pattern, line))
+        cells = re.findall(pattern, line)
         assert len(cells) == len(rows)
         assert line.count("not run") == len(results["pooled"]["lengths"]) - len(rows)
-        for (accuracy, half, low, high), row in zip(cells, rows):
+        for (accuracy, ci_low, ci_high, low, high), row in zip(cells, rows):
             assert float(accuracy) == pytest.approx(row["accuracy"], abs=0.005)
-            assert float(half) == pytest.approx((row["ci_high"] - row["ci_low"]) / 2, abs=0.005)
+            assert (float(ci_low), float(ci_high)) == pytest.approx((row["ci_low"], row["ci_high"]), abs=0.005)
             assert (float(low), float(high)) == pytest.approx(
                 (min(row["seed_accuracy"]), max(row["seed_accuracy"])), abs=0.005)
             assert row["correct"] == round(row["accuracy"] * row["examples"])
@@ -74,6 +76,53 @@ def test_conclusions_follow_the_numbers():
     missed = _conclusions(config, _pooled({"lmm": [1.0, 0.5, 0.1], "gdn": [0.2, 0.1, 0.0], "tf": [1.0, 1.0, 0.95]}))
     assert "lmm (fails)" in missed[-1] and "gdn (did not learn the task)" in missed[-1]
     assert "tf (keeps recalling)" in missed[-1] and "holds here for no model" in missed[-1]
+
+
+def test_pooled_interval_covers_the_spread_between_seeds():
+    from miras.demo import _seed_interval
+    from miras.evaluate import wilson_interval
+
+    wilson = wilson_interval(273, 300)
+    low, high = _seed_interval([1.0, 1.0, 0.73], wilson)  # mean 0.91, sd 0.156: t(2) half-width 0.387
+    assert (low, high) == pytest.approx((0.91 - 4.303 * 0.15588 / 3**0.5, 1.0), abs=1e-3)
+    assert low < wilson[0] - 0.3
+    assert _seed_interval([1.0, 1.0, 1.0], wilson_interval(300, 300)) == wilson_interval(300, 300)  # examples only
+    assert _seed_interval([0.5], wilson_interval(50, 100)) == wilson_interval(50, 100)
+
+
+def test_conclusions_name_split_seeds_and_untested_lengths():
+    models = (DemoModel(name="lmm", preset="titans-lmm-tiny"),
+              DemoModel(name="mac", preset="titans-mac-tiny", max_multiple=4))
+    config = DemoConfig(models=models, eval_multiples=(1, 4, 16))
+    rows = {"lmm": [{"context_length": 32 * 4**i, "accuracy": a, "seed_accuracy": s} for i, (a, s) in
+                    enumerate([(1.0, [1.0, 1.0, 1.0]), (0.95, [1.0, 1.0, 0.85]), (0.83, [1.0, 1.0, 0.5])])],
+            "mac": [{"context_length": 32 * 4**i, "accuracy": 0.9, "seed_accuracy": [0.9] * 3} for i in range(2)]}
+    lines = _conclusions(config, {"tasks": {"mqar": {"results": rows}}})
+    assert "**keeps recalling**" in lines[0] and "per seed: keeps recalling, keeps recalling, degrades" in lines[0]
+    # mac keeps recalling to 4x, its longest: that does not make "Titans keeps recalling at 16x" hold
+    assert not lines[-1].startswith("The papers' claim holds")
+    assert "holds here for lmm; not tested at 16x: mac (keeps recalling at 4x, its longest)" in lines[-1]
+
+
+def test_repeated_seeds_are_refused():
+    import argparse
+
+    with pytest.raises(ValueError, match=r"seeds must be distinct .*, got \[0, 0\]"):
+        DemoConfig(seeds=(0, 0))
+    args = argparse.Namespace(quick=True, out="x", seeds=[1, 1], steps=None, workers=None, size="tiny")
+    assert run_demo_command(args) == 2
+
+
+def test_a_rerun_says_which_runs_it_reused(quick_demo):
+    """(Reruns in the module's quick-demo folder: the tests above have read it.)"""
+    out, first = quick_demo
+    assert all(job["reused_from_step"] is None for job in first["jobs"])
+    assert "Reused" not in (out / "report.md").read_text()
+    again = run_demo(DemoConfig.quick(out_dir=str(out)))
+    results = json.loads((again / "results.json").read_text())
+    steps = DemoConfig.quick().steps
+    assert [job["reused_from_step"] for job in results["jobs"]] == [steps] * len(first["jobs"])
+    assert f"**Reused**: {len(first['jobs'])} of {len(first['jobs'])} runs" in (again / "report.md").read_text()
 
 
 def test_a_model_evaluated_to_a_shorter_length(tmp_path):

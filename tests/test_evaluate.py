@@ -214,7 +214,7 @@ def test_reports_are_written(tmp_path):
 
     table = markdown_table(results)
     assert "| model | 8 | 32 | 64 |" in table
-    assert "| oracle | – | 1.00 ± 0." in table
+    assert "| oracle | – | 1.00 [0." in table
     assert "### State size per sequence (KiB)" in table and "| oracle | – | 2.0 | 2.0 |" in table
     assert "### Perplexity (windows of 50 tokens)" in table
 

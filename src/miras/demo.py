@@ -91,6 +91,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -101,8 +102,14 @@ from multiprocessing import get_context
 from pathlib import Path
 
 RESULTS_FORMAT = "miras.demo/1"
-KEEPS, FAILS = 0.8, 0.2  # pooled accuracy at the longest length: "keeps recalling" above, "fails" below
+KEEPS, FAILS = 0.8, 0.2  # accuracy at the longest length: "keeps recalling" at or above, "fails" at or below
 LEARNED = 0.8  # accuracy at the training length below which a model "did not learn the task"
+# t_{0.975} with 1, 2, ... degrees of freedom (the seed-level interval); 1.96 past 30
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+INTERVAL = ("95% interval: the wider of the Wilson interval of the pooled count (which example was drawn) and "
+            "the t-interval over the seeds' accuracies (which model training gave); every seed sees the same "
+            "examples, so the pooled count alone would take the seeds for independent trials")
 ROLES = {"titans": "Titans", "transformer": "full-attention Transformer", "swa": "sliding-window Transformer",
          "rnn": "fixed-state RNN"}
 
@@ -195,6 +202,13 @@ class DemoConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1" (each worker trains and evaluates there)
     out_dir: str = "runs/demo"
 
+    def __post_init__(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct (each is a run directory seed-<s>), got {list(self.seeds)}")
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be distinct (each is a run directory), got {names}")
+
     @property
     def eval_lengths(self) -> list[int]:
         return [self.train_length * multiple for multiple in self.eval_multiples]
@@ -244,9 +258,14 @@ def _run_job(job: _Job) -> dict:
 
     from .data.tasks import make_task
     from .evaluate import evaluate, read_metrics
+    from .runs import checkpoints
     from .train import load_run, train
 
     c, name, threads = job.config, f"{job.model.name} seed {job.seed}", torch.get_num_threads()
+    # A run directory already holding a checkpoint (an interrupted or earlier demo with the same config) is
+    # resumed from it, not trained from scratch: the report says so.
+    saved = checkpoints(job.run_dir)
+    reused_from = int(saved[-1].stem.removeprefix("step_")) if saved else None
     torch.set_num_threads(c.threads)
     try:
         began = time.perf_counter()
@@ -268,7 +287,7 @@ def _run_job(job: _Job) -> dict:
           " ".join(f"{r['accuracy']:.2f}@{r['context_length']}" for r in rows), flush=True)
     return {"model": job.model.name, "seed": job.seed, "rows": rows, "parameters": model.num_parameters(),
             "train_seconds": records[-1]["elapsed"], "eval_seconds": time.perf_counter() - trained,
-            "final_loss": losses[-1], "run_dir": str(job.run_dir)}
+            "final_loss": losses[-1], "run_dir": str(job.run_dir), "reused_from_step": reused_from}
 
 
 def _progress(jobs: list[_Job], done: set[int], started: float) -> None:
@@ -310,8 +329,8 @@ def _run_jobs(jobs: list[_Job], workers: int, started: float) -> list[dict]:
 
 
 def _pooled(config: DemoConfig, jobs: list[dict]) -> dict:
-    """``miras.evaluate`` results with one row per model and length: the seeds' examples pooled (Wilson
-    interval of the pooled count) and the per-seed accuracies kept in ``seed_accuracy``."""
+    """``miras.evaluate`` results with one row per model and length: the seeds' examples pooled, the
+    interval of ``INTERVAL`` (``ci_low``, ``ci_high``) and the per-seed accuracies in ``seed_accuracy``."""
     from .evaluate import RESULTS_FORMAT as EVAL_FORMAT
     from .evaluate import wilson_interval
 
@@ -322,7 +341,7 @@ def _pooled(config: DemoConfig, jobs: list[dict]) -> dict:
         rows = []
         for per_seed in zip(*(job["rows"] for job in mine)):
             correct, examples = sum(r["correct"] for r in per_seed), sum(r["examples"] for r in per_seed)
-            low, high = wilson_interval(correct, examples)
+            low, high = _seed_interval([r["accuracy"] for r in per_seed], wilson_interval(correct, examples))
             rows.append({"context_length": per_seed[0]["context_length"], "examples": examples, "correct": correct,
                          "accuracy": correct / examples, "ci_low": low, "ci_high": high,
                          "seed_accuracy": [r["accuracy"] for r in per_seed],
@@ -330,12 +349,26 @@ def _pooled(config: DemoConfig, jobs: list[dict]) -> dict:
         results[model.name] = rows
     return {"format": EVAL_FORMAT, "lengths": config.eval_lengths, "examples": config.examples * len(config.seeds),
             "seed": config.eval_seed, "segment": config.eval_segment, "train_length": config.train_length,
-            "models": models, "tasks": {config.task: {"config": {"name": config.task, **config.task_params},
-                                                      "skipped_lengths": [], "results": results}}}
+            "models": models, "interval": INTERVAL,
+            "tasks": {config.task: {"config": {"name": config.task, **config.task_params},
+                                    "skipped_lengths": [], "results": results}}}
 
 
-def _verdict(rows: list[dict]) -> str:
-    first, last = rows[0]["accuracy"], rows[-1]["accuracy"]
+def _seed_interval(accuracies: list[float], wilson: tuple[float, float]) -> tuple[float, float]:
+    """The wider of ``wilson`` and the 95% t-interval of the mean over the seeds' accuracies (clipped to [0, 1])."""
+    low, high = wilson
+    if len(accuracies) < 2:
+        return low, high
+    mean = sum(accuracies) / len(accuracies)
+    spread = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
+    half = (T95[len(accuracies) - 2] if len(accuracies) - 1 <= len(T95) else 1.96) * spread / math.sqrt(len(accuracies))
+    return min(low, max(0.0, mean - half)), max(high, min(1.0, mean + half))
+
+
+def _verdict(rows: list[dict], seed: int | None = None) -> str:
+    """The verdict on the pooled accuracies, or on seed number ``seed``'s."""
+    first, last = ((rows[0]["accuracy"], rows[-1]["accuracy"]) if seed is None
+                   else (rows[0]["seed_accuracy"][seed], rows[-1]["seed_accuracy"][seed]))
     if first < LEARNED:
         return "did not learn the task"
     if last >= KEEPS:
@@ -354,22 +387,33 @@ def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
         seeds = ", ".join(f"{a:.2f}" for a in r[-1]["seed_accuracy"])
         below = next((row["context_length"] for row in r if row["accuracy"] < 0.5), None)
         fall = f"; first below 50% at {below:,} tokens ({below // config.train_length}x)" if below else ""
+        per_seed = [_verdict(r, seed) for seed in range(len(r[-1]["seed_accuracy"]))]
+        split = f"; per seed: {', '.join(per_seed)}" if len(set(per_seed)) > 1 else ""
         lines.append(f"**{model.name}** ({ROLES[model.role]}) **{_verdict(r)}**: {r[0]['accuracy']:.2f} at the "
                      f"training length, {r[-1]['accuracy']:.2f} at {longest:,} tokens "
-                     f"({longest // config.train_length}x; seeds: {seeds}){fall}"
+                     f"({longest // config.train_length}x; seeds: {seeds}){split}{fall}"
                      + ("; not evaluated further" if longest < config.eval_lengths[-1] else "") + ".")
-    verdicts = {model.name: (model.role, _verdict(rows[model.name])) for model in config.models}
     expected = {"titans": ("keeps recalling",), "transformer": ("fails",), "swa": ("fails",),
                 "rnn": ("degrades", "fails")}
-    held = [name for name, (role, verdict) in verdicts.items() if verdict in expected[role]]
-    missed = [f"{name} ({verdict})" for name, (role, verdict) in verdicts.items() if verdict not in expected[role]]
-    claim = (f"Titans keeps recalling at {multiple}x the training length, the Transformers fail past their "
-             "training length or window, and the fixed-state RNN degrades with distance")
-    if not missed:
+    held, missed, untested = [], [], []
+    for model in config.models:
+        r, verdict = rows[model.name], _verdict(rows[model.name])
+        reached = r[-1]["context_length"] // config.train_length
+        if verdict not in expected[model.role]:
+            missed.append(f"{model.name} ({verdict})")
+        elif model.role == "titans" and reached < multiple:  # the claim is "at the longest length"
+            untested.append(f"{model.name} ({verdict} at {reached}x, its longest)")
+        else:
+            held.append(model.name)
+    claim = (f"Titans keeps recalling at {multiple}x the training length, the Transformers fail at the longest "
+             "length they are evaluated at, and the fixed-state RNN degrades with distance")
+    if not missed and not untested:
         lines.append(f"The papers' claim holds in this run: {claim}.")
     else:
-        lines.append(f"The papers' claim ({claim}) holds here for {', '.join(held) or 'no model'}; it does not "
-                     f"for {', '.join(missed)}.")
+        parts = [f"holds here for {', '.join(held) or 'no model'}"]
+        parts += [f"it does not for {', '.join(missed)}"] if missed else []
+        parts += [f"not tested at {multiple}x: {', '.join(untested)}"] if untested else []
+        lines.append(f"The papers' claim ({claim}) {'; '.join(parts)}.")
     return lines
 
 
@@ -382,7 +426,7 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
     table = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
     for model in config.models:
         found = {r["context_length"]: r for r in rows[model.name]}
-        cells = [f"{r['accuracy']:.2f} ± {(r['ci_high'] - r['ci_low']) / 2:.2f} "
+        cells = [f"{r['accuracy']:.2f} ({r['ci_low']:.2f}–{r['ci_high']:.2f}) "
                  f"[{min(r['seed_accuracy']):.2f}–{max(r['seed_accuracy']):.2f}]" if (r := found.get(n)) else "not run"
                  for n in lengths]
         table.append(f"| {model.name} | {' | '.join(cells)} |")
@@ -405,8 +449,8 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
         *[f"- {line}" for line in lines], "",
         "![accuracy against context length](accuracy.png)", "",
         f"## Exact-match accuracy, {len(config.seeds)} seeds pooled", "",
-        f"{config.examples} examples per seed and length ({config.examples * len(config.seeds)} pooled); cell: "
-        "accuracy ± half-width of the 95% Wilson interval of the pooled count [lowest–highest seed].", "",
+        f"The same {config.examples} examples per length for every seed ({config.examples * len(config.seeds)} "
+        f"answers pooled); cell: accuracy (95% interval) [lowest–highest seed]. The {INTERVAL}.", "",
         *table, "",
         "## What was run", "",
         f"- Task: `{config.task}` ({params}), trained at {config.train_length} tokens, evaluated at "
@@ -417,9 +461,21 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['workers']} "
         f"worker process(es) x {machine['threads']} thread(s); wall time {wall / 60:.1f} min ({wall:.0f} s).", "",
         *models, "",
+        *_reuse_lines(jobs),
         "![training loss](loss.png)", "",
-        "## Every seed", "",
+        "## Every seed (95% Wilson interval of each seed's count)", "",
         markdown_table(per_seed), ""])
+
+
+def _reuse_lines(jobs: list[dict]) -> list[str]:
+    """A note naming the runs this demo resumed from checkpoints already in its output folder (none: no lines)."""
+    reused = [f"{job['model']} seed {job['seed']} (step {job['reused_from_step']})" for job in jobs
+              if job.get("reused_from_step") is not None]
+    if not reused:
+        return []
+    return [f"**Reused**: {len(reused)} of {len(jobs)} runs were already in the output folder and were resumed "
+            f"from their saved checkpoint, not trained from scratch by this run (the training code may have been "
+            f"another version): {', '.join(reused)}. Delete the folder to train everything anew.", ""]
 
 
 def _mean(values) -> float:
@@ -478,7 +534,7 @@ def run_demo(config: DemoConfig) -> Path:
     plot_losses({f"{r['model']} (seed {first})": Path(r["run_dir"]) / "metrics.jsonl" for r in results
                  if r["seed"] == first}, out / "loss.png")
     (out / "report.md").write_text(_report(config, pooled, per_seed, results, lines, wall, machine))
-    print("\n".join(lines))
+    print("\n".join([*lines, *_reuse_lines(results)]).rstrip())
     print(f"miras demo: done in {wall / 60:.1f} min; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")
     return out
 
@@ -514,7 +570,11 @@ def run_demo_command(args: argparse.Namespace) -> int:
         changes["models"] = models_at_size(args.size)
         if not args.quick:
             changes.setdefault("out_dir", f"runs/demo-{args.size}")
-    config = DemoConfig.quick(**changes) if args.quick else DemoConfig(**changes)
+    try:
+        config = DemoConfig.quick(**changes) if args.quick else DemoConfig(**changes)
+    except ValueError as error:
+        print(f"miras demo: {error}", file=sys.stderr)
+        return 2
     run_demo(config)
     return 0
 

@@ -260,7 +260,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _cell(row: dict | None) -> str:
-    return "–" if row is None else f"{row['accuracy']:.2f} ± {(row['ci_high'] - row['ci_low']) / 2:.2f}"
+    """``accuracy [low–high]``: the interval as it is (a Wilson interval is not centred on the accuracy)."""
+    return "–" if row is None else f"{row['accuracy']:.2f} [{row['ci_low']:.2f}–{row['ci_high']:.2f}]"
 
 
 def _peak_states(results: dict) -> dict[str, dict[int, int]]:
@@ -276,8 +277,8 @@ def _peak_states(results: dict) -> dict[str, dict[int, int]]:
 
 
 def markdown_table(results: dict) -> str:
-    """One table per task (rows: models, columns: context lengths, cells ``accuracy ± h``, h the half-width of the
-    95% Wilson interval), the state size per sequence, and the perplexity when measured."""
+    """One table per task (rows: models, columns: context lengths, cells ``accuracy [low–high]``, the 95% Wilson
+    interval), the state size per sequence, and the perplexity when measured."""
     lines, lengths = [], results["lengths"]
     header = ["model", *(_short(n) for n in lengths)]
     for task_name, entry in results["tasks"].items():
@@ -311,7 +312,8 @@ def _figure(panels: int):
 
 
 def plot_accuracy(results: dict, path: str | os.PathLike) -> Path:
-    """Accuracy vs context length (log2 axis, Wilson error bars), one panel per task, one line per model."""
+    """Accuracy vs context length (log2 axis), one panel per task, one line per model; error bars from each row's
+    ``ci_low``-``ci_high`` (``miras eval``: the Wilson interval; the demo: its pooled interval)."""
     figure, axes = _figure(max(1, len(results["tasks"])))
     for axis, (task_name, entry) in zip(axes, results["tasks"].items()):
         for model_name, rows in entry["results"].items():
