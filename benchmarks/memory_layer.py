@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,7 +78,9 @@ def make_step(layer, x, case):
 
 def time_case(case, step, flops=None) -> dict:
     """Warm up once, then time up to ``repeats`` runs within ``budget_s``; median, peak RSS."""
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from miras.bench import peak_rss_mb
+
+    rss_before = peak_rss_mb()
     finite = bool(torch.isfinite(step().float()).all())
     times = []
     while len(times) < case["repeats"] and sum(times) < case["budget_s"]:
@@ -89,7 +90,7 @@ def time_case(case, step, flops=None) -> dict:
     seconds = statistics.median(times)
     return {**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds,
             "gflops": None if flops is None else flops / seconds / 1e9, "runs": len(times), "finite": finite,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "rss_before_mb": rss_before}
 
 
@@ -105,12 +106,15 @@ def run_case(case) -> dict:
 
         # Count on the eager twin (same math, same FLOPs): the counter cannot see into compiled code.
         twin = make_step(build({**case, "layer": "chunked"}), x, case) if case["layer"] == "compiled" else step
-        count_t = min(case["T"], 1024)  # matmul FLOPs are linear in T for the memory layer
-        counter = FlopCounterMode(display=False)
+        from miras.bench import attention_flop_formulas
+
+        # The memory layer's FLOPs are linear in T: counted on 1024 tokens and scaled. Attention's are not (and
+        # torch counts none for its CPU kernel without these formulas): counted at the full T.
+        count_t = case["T"] if case["layer"] == "attention" else min(case["T"], 1024)
+        counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
         with counter:
             twin(x[:, :count_t])
-        scale = case["T"] / count_t if case["layer"] != "attention" else (case["T"] / count_t) ** 2
-        flops = counter.get_total_flops() * scale
+        flops = counter.get_total_flops() * case["T"] / count_t
     return time_case(case, step, flops)
 
 

@@ -100,3 +100,34 @@ def test_bench_accepts_good_options(tmp_path, monkeypatch):
         main([*TINY, "--contexts", "0", "--device", "auto", "--threads", "1", "--overrides", "recompute=2",
               "--out", str(tmp_path / "new" / "bench")])
     assert seen == {"device": torch.device("cuda" if torch.cuda.is_available() else "cpu"), "threads": 1}
+
+
+# ------------------------------------------------------------------------------------------ what it measures
+
+
+def test_attention_flops_count_the_cpu_kernel_forward_and_backward():
+    """torch's FlopCounterMode has no formula for the CPU flash kernel (it counts 0): ours counts Q·Kᵀ and P·V
+    over the causal pairs, and twice that for the backward."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(1, 2, 48, 16, requires_grad=True) for _ in range(3))
+    counter = FlopCounterMode(display=False, custom_mapping=miras.bench.attention_flop_formulas())
+    with counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    forward = 2 * 1 * 2 * (48 * 49 // 2) * (16 + 16)
+    assert miras.bench.attention_flops((1, 2, 48, 16), (1, 2, 48, 16), (1, 2, 48, 16), True) == forward
+    assert counter.get_total_flops() == 3 * forward
+
+
+def test_peak_rss_is_the_case_process_own_not_its_parents():
+    """A case process started by a parent that once held 1 GB reports its own peak, far below it (ru_maxrss
+    would report the parent's 1 GB: Linux carries it across fork and exec)."""
+    import subprocess
+    import sys
+
+    child = "from miras.bench import peak_rss_mb; print(peak_rss_mb())"
+    parent = (f"import subprocess, sys; big = bytearray(2**30); big[::4096] = b'x' * len(big[::4096]); del big; "
+              f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
+    out = subprocess.run([sys.executable, "-c", parent], check=True, capture_output=True, text=True).stdout
+    assert 0 < float(out) < 700

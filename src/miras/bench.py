@@ -37,6 +37,18 @@ def _peak_mb(device: torch.device) -> float:
     """Peak memory of this process: the CUDA allocator's peak on a GPU, else the peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB): ``VmHWM`` from /proc/self/status, which starts afresh at exec.
+    ``getrusage(...).ru_maxrss`` does not: on Linux a child started by fork + exec inherits its parent's peak, so
+    a small case run from a large parent would report the parent's. (ru_maxrss where /proc is missing.)"""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -99,15 +111,27 @@ def model_flops(case, ids: torch.Tensor) -> float:
     if overrides.get("impl") == "compiled":  # same math; the counter cannot see into compiled code
         overrides["impl"] = "chunked"
     twin = create(f"{case['family']}-{case.get('size', 'small')}", **overrides).to(ids.device).requires_grad_(False)
-    aten = torch.ops.aten
-    counter = FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _flash_attention_flops,
-        aten._scaled_dot_product_flash_attention: _flash_attention_flops,
-        aten._scaled_dot_product_efficient_attention: _biased_attention_flops,
-        aten._scaled_dot_product_cudnn_attention: _biased_attention_flops})
+    counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
     with torch.no_grad(), counter:
         twin(ids)
     return 3.0 * counter.get_total_flops()
+
+
+def attention_flop_formulas() -> dict:
+    """FlopCounterMode's ``custom_mapping`` for the attention kernels it has no formula for (it counts the CPU
+    flash kernel as 0): forward as ``attention_flops``, the CPU kernel's backward as twice that."""
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _flash_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_attention_backward_flops,
+            aten._scaled_dot_product_flash_attention: _flash_attention_flops,
+            aten._scaled_dot_product_efficient_attention: _biased_attention_flops,
+            aten._scaled_dot_product_cudnn_attention: _biased_attention_flops}
+
+
+def _flash_attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
+                                    *args, **kwargs) -> int:
+    """dQ, dK, dV: twice the forward's two products (the CPU kernel's backward; arguments as shapes)."""
+    return 2 * attention_flops(query, key, value, is_causal)
 
 
 def _flash_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
