@@ -152,23 +152,30 @@ def test_unknown_preset_lists_the_valid_ones():
 # ---------------------------------------------------------------------------------- optimizer and schedule
 
 
-@pytest.mark.parametrize("preset", ["titans-mac-tiny", "gated-deltanet-tiny"])
-def test_weight_decay_only_on_linear_weight_matrices_other_than_the_gates(preset):
-    model = create(preset)
+@pytest.mark.parametrize("preset, overrides", [("titans-mac-tiny", {}), ("gated-deltanet-tiny", {}),
+                                               ("titans-lmm-tiny", {"gate_rank": 8})])
+def test_weight_decay_only_on_linear_weight_matrices_other_than_the_gates(preset, overrides):
+    model = create(preset, **overrides)
     decay, keep = param_groups(model, 0.1)
     names = {id(p): name for name, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    gates = {name for name in linear if name.endswith(".gate_proj.weight")}
-    assert len(gates) == 2 and "head.weight" in linear  # one gate projection per layer; the head is tied
+    gates = {name for name in linear if name.endswith((".gate_proj.weight", ".gate_down.weight"))
+             or (name.endswith(".gate_up.weight") and ".mlp." not in name)}
+    assert len(gates) == (6 if overrides else 2) and "head.weight" in linear  # per layer; the head is tied
+    assert {"blocks.0.mlp.gate_up.weight", "blocks.1.mlp.gate_up.weight"} <= decayed  # SwiGLU's is a feature map
     assert decayed == linear - gates - {"head.weight"} and (decay["weight_decay"], keep["weight_decay"]) == (0.1, 0.0)
     assert {name for name in decayed if name.endswith(".out_gate.weight")}  # output gates are feature maps
     kept = {names[id(p)] for p in keep["params"]}
-    memory = "blocks.0.mixer.memory." if preset.startswith("titans") else "blocks.0.mixer."
+    memory = "blocks.0.mixer.memory." if preset.startswith("titans-mac") else "blocks.0.mixer."
     assert {"embed.weight", "norm.weight", memory + "gate_proj.weight", memory + "gate_proj.bias",
             memory + "conv_weight"} <= kept
     if preset.startswith("titans"):
-        assert {"blocks.0.mixer.persistent", memory + "initial_weights.0"} <= kept
+        assert memory + "initial_weights.0" in kept
+    if preset.startswith("titans-mac"):
+        assert "blocks.0.mixer.persistent" in kept
+    if overrides:
+        assert {memory + "gate_down.weight", memory + "gate_up.weight", memory + "gate_up.bias"} <= kept
     assert len(decay["params"]) + len(keep["params"]) == len(list(model.parameters()))
 
 

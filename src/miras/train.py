@@ -24,7 +24,8 @@ Choices DESIGN.md §5 leaves open, written down here:
   between them, each segment backpropagated on its own (activation memory of one segment).
 - Weight decay applies only to the weight matrices of ``nn.Linear`` layers, except the memory's gate
   projections. Embeddings (also when tied to the output head), norms, biases, the gates (``gate_proj``,
-  weight and bias: the memory's inner learning rate θ, momentum η, forgetting α and Huber δ), depthwise
+  weight and bias: the memory's inner learning rate θ, momentum η, forgetting α and Huber δ; with
+  channel-wise gates also their low-rank ``gate_down`` / ``gate_up``), depthwise
   conv kernels, the memory's learned initial weights and persistent tokens are not decayed: pulling
   those towards zero changes what the model computes instead of regularising a linear map (a gate
   projection's weights start at zero, and decaying them pulls every gate towards a data-independent
@@ -173,7 +174,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay the weights of ``nn.Linear`` layers that are neither embeddings nor the memory's
     gate projections (``gate_proj``); nothing else."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    gates = {id(m.gate_proj.weight) for m in model.modules() if isinstance(getattr(m, "gate_proj", None), nn.Linear)}
+    # A memory layer's gates: gate_proj, and with channel-wise gates its low-rank gate_down / gate_up (not the
+    # SwiGLU MLP's gate_up, a feature map that is decayed)
+    gates = {id(getattr(m, name).weight) for m in model.modules()
+             if isinstance(getattr(m, "gate_proj", None), nn.Linear)
+             for name in ("gate_proj", "gate_down", "gate_up") if isinstance(getattr(m, name, None), nn.Linear)}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings - gates
     parameters = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in parameters if id(p) in linear], "weight_decay": weight_decay},
