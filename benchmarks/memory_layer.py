@@ -202,11 +202,15 @@ def cases(quick: bool, threads: int, baseline: bool):
 
 def spawn(case, cmd: list[str] | None = None) -> dict:
     """Run ``case`` in a child process (``cmd``, default: this script's ``--case``); its JSON result."""
+    env = None
     if cmd is None and case["layer"] == "titans-pytorch":
         cmd = [str(BASELINE_PYTHON), str(ROOT / "titans_baseline.py"), json.dumps(case)]
+        # miras is not installed there; its measurement helpers (miras.bench: torch and the stdlib) are imported
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT.parent / "src"),
+                                                                         os.environ.get("PYTHONPATH")]))}
     elif cmd is None:
         cmd = [sys.executable, __file__, "--case", json.dumps(case)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if out.returncode != 0:
         return {**case, "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     return json.loads(out.stdout.strip().splitlines()[-1])
