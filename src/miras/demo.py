@@ -94,6 +94,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
@@ -258,14 +259,14 @@ def _run_job(job: _Job) -> dict:
 
     from .data.tasks import make_task
     from .evaluate import evaluate, read_metrics
-    from .runs import checkpoints
+    from .runs import checkpoint_step, checkpoints
     from .train import load_run, train
 
     c, name, threads = job.config, f"{job.model.name} seed {job.seed}", torch.get_num_threads()
     # A run directory already holding a checkpoint (an interrupted or earlier demo with the same config) is
     # resumed from it, not trained from scratch: the report says so.
     saved = checkpoints(job.run_dir)
-    reused_from = int(saved[-1].stem.removeprefix("step_")) if saved else None
+    reused_from = checkpoint_step(saved[-1]) if saved else None
     torch.set_num_threads(c.threads)
     try:
         began = time.perf_counter()
@@ -359,8 +360,7 @@ def _seed_interval(accuracies: list[float], wilson: tuple[float, float]) -> tupl
     low, high = wilson
     if len(accuracies) < 2:
         return low, high
-    mean = sum(accuracies) / len(accuracies)
-    spread = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1))
+    mean, spread = statistics.fmean(accuracies), statistics.stdev(accuracies)
     half = (T95[len(accuracies) - 2] if len(accuracies) - 1 <= len(T95) else 1.96) * spread / math.sqrt(len(accuracies))
     return min(low, max(0.0, mean - half)), max(high, min(1.0, mean + half))
 

@@ -28,7 +28,12 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     found = [p for p in folder.glob("step_*.pt") if re.fullmatch(r"step_\d+\.pt", p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.stem.removeprefix("step_")))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint file was saved at, from its name ``step_XXXXXXXX.pt``."""
+    return int(path.stem.removeprefix("step_"))
 
 
 def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:

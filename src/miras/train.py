@@ -74,6 +74,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_
 from torch.distributed.tensor import DTensor
 
 from .data.base import IGNORE, Batches
+from .memory.state import GateRangeError
 from .models import LanguageModel, preset_config
 from .runs import (
     CHECKPOINT_FORMAT,
@@ -357,9 +358,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                             (loss * world).backward()
                         state = state.detach()
                         step_loss += loss.detach()
-            except ValueError as error:  # the memory engine refuses non-finite gates: the run has diverged
-                if "must be finite" not in str(error):
-                    raise
+            except GateRangeError as error:  # the memory engine refuses non-finite gates: the run has diverged
                 raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): {error}; the checkpoints "
                                   "saved before are kept; lower lr (or keep grad_clip > 0)") from None
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)

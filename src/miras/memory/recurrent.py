@@ -17,8 +17,6 @@ fast path is tested against: short, slow and obvious. It uses autograd for g_t (
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -32,6 +30,7 @@ from .state import (
     check_inputs,
     check_rule,
     check_weights,
+    map_tensors,
     needs_retained,
     per_layer,
 )
@@ -79,7 +78,8 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     check_inputs(rule, q, k, v, gates, state, chunk_size)
     if torch.is_inference_mode_enabled():  # the inner gradient needs autograd: run on ordinary tensors
         with torch.inference_mode(False), torch.no_grad():
-            return recurrent(rule, *_ordinary((q, k, v, gates, state)), chunk_size)
+            # clones made outside inference mode: ordinary tensors that autograd can use
+            return recurrent(rule, *map_tensors((q, k, v, gates, state), Tensor.clone), chunk_size)
     batch, tokens, heads, dk = k.shape
     if state is None:
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
@@ -134,16 +134,6 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                         tuple(anchor) if position else None, position,
                         retained if position and needs_retained(rule) else None)
     return torch.stack(outputs, dim=1), final
-
-
-def _ordinary(value):
-    """``value`` (tensors, tuples, state and gate dataclasses) with every tensor cloned outside inference
-    mode: an ordinary tensor that autograd can use."""
-    if dataclasses.is_dataclass(value):
-        return type(value)(**{f.name: _ordinary(getattr(value, f.name)) for f in dataclasses.fields(value)})
-    if isinstance(value, tuple):
-        return tuple(_ordinary(v) for v in value)
-    return value.clone() if isinstance(value, Tensor) else value
 
 
 def _differentiable(weights: list[Tensor], outer_grad: bool) -> list[Tensor]:

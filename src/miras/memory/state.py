@@ -17,7 +17,9 @@ scalar (PreDecay, KLSoftmax) or a per-token lr rescaling (ImplicitGD) take token
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -205,6 +207,20 @@ def _check_gates(rule, gates: Gates, shape: tuple[int, int, int], channels: int,
         raise ValueError(f"the rule {rule.name()} needs gates {sorted(missing)}, which are None")
 
 
+def map_tensors(value, function: Callable[[Tensor], Tensor]):
+    """``value`` (a state or gates dataclass, a tuple, a tensor or a plain value, nested) with ``function`` applied
+    to every tensor; everything else as it is."""
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: map_tensors(getattr(value, f.name), function) for f in fields(value)})
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, function) for v in value)
+    return function(value) if isinstance(value, Tensor) else value
+
+
+class GateRangeError(ValueError):
+    """A gate outside its range or not finite (a diverged model's gates are NaN: the trainer says so)."""
+
+
 def _check_gate_values(name: str, gate: Tensor) -> None:
     """Each gate in its range (Gates' docstring). Checked on the CPU only: elsewhere the check would
     wait for the device at every call (a MemoryLayer's gates are in range by construction)."""
@@ -215,7 +231,7 @@ def _check_gate_values(name: str, gate: Tensor) -> None:
     valid = (least >= low if closed else least > low) and (most <= high if high is not None else most < math.inf)
     if not valid:  # (NaN fails every comparison)
         allowed = f"in [{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
-        raise ValueError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
+        raise GateRangeError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
 
 
 def check_weights(rule, weights, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:

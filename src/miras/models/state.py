@@ -17,6 +17,7 @@ from torch import Tensor
 from ..files import atomic_write
 from ..layers import KVCache, MemoryLayerState
 from ..memory import MemoryState
+from ..memory.state import map_tensors
 from .hybrids import PairState
 from .mac import MACState
 
@@ -49,7 +50,7 @@ class ModelState:
             # the device that .to(...) picks for a float tensor on t's device (unchanged if none given)
             return t.to(t.new_empty(0, dtype=torch.float32).to(*args, **kwargs).device)
 
-        return ModelState(tuple(_map_tensors(s, move) for s in self.layers), self.seen, self.model)
+        return ModelState(tuple(map_tensors(s, move) for s in self.layers), self.seen, self.model)
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers)
@@ -89,16 +90,6 @@ def _to_plain(value):
     if value is None or isinstance(value, (int, float)):
         return value
     raise TypeError(f"cannot save a state holding {type(value).__name__}")
-
-
-def _map_tensors(value, function):
-    """``value`` (a state dataclass, tuple, tensor or plain value) with ``function`` applied to every tensor."""
-    if dataclasses.is_dataclass(value):
-        return type(value)(**{f.name: _map_tensors(getattr(value, f.name), function)
-                              for f in dataclasses.fields(value)})
-    if isinstance(value, tuple):
-        return tuple(_map_tensors(v, function) for v in value)
-    return function(value) if isinstance(value, Tensor) else value
 
 
 def _from_plain(value):
