@@ -56,6 +56,11 @@ def test_report_numbers_are_those_of_results_json(quick_demo):
             assert row["correct"] == round(row["accuracy"] * row["examples"])
     for sentence in results["conclusions"]:
         assert f"- {sentence}" in report
+    assert results["comparisons"]
+    for c in results["comparisons"]:
+        assert (f"| {c['titans']} | {c['other']} | {c['context_length']:,} "
+                f"({c['context_length'] // results['config']['train_length']}x) | {c['difference']:+.2f} "
+                f"({c['ci_low']:+.2f} to {c['ci_high']:+.2f}) |") in report
 
 
 def _pooled(accuracies: dict[str, list[float]]) -> dict:
@@ -88,6 +93,51 @@ def test_pooled_interval_covers_the_spread_between_seeds():
     assert low < wilson[0] - 0.3
     assert _seed_interval([1.0, 1.0, 1.0], wilson_interval(300, 300)) == wilson_interval(300, 300)  # examples only
     assert _seed_interval([0.5], wilson_interval(50, 100)) == wilson_interval(50, 100)
+
+
+def _row(length: int, seed_correct: list[int], examples: int = 100) -> dict:
+    correct = sum(seed_correct)
+    return {"context_length": length, "correct": correct, "examples": examples * len(seed_correct),
+            "accuracy": correct / (examples * len(seed_correct)), "seed_accuracy": [c / examples for c in seed_correct]}
+
+
+def test_difference_between_two_models_takes_the_wider_interval():
+    from miras.demo import _difference
+    from miras.evaluate import wilson_interval
+
+    # seeds spread (the committed demo's titans-lmm and gated-deltanet at 256x): Welch decides
+    lmm, gdn = _row(8192, [100, 100, 73]), _row(8192, [41, 16, 5])
+    difference, low, high = _difference(lmm, gdn)
+    var = 0.15588**2 / 3 + 0.18447**2 / 3  # seed variances / 3; Welch-Satterthwaite df 3.89, rounded down to 3
+    assert difference == pytest.approx((273 - 62) / 300, abs=1e-12)
+    assert (low, high) == pytest.approx((difference - 3.182 * var**0.5, 1.0), abs=1e-4)
+    assert 0 < low < 0.3  # resolved, though the two models' own intervals overlap
+    assert _difference(gdn, lmm) == pytest.approx((-difference, -high, -low), abs=1e-12)  # the mirror image
+    # seeds agree: only which examples were drawn is uncertain (Newcombe from the two Wilson intervals)
+    difference, low, high = _difference(_row(32, [100] * 3), _row(32, [0] * 3))
+    newcombe = (1.0 - wilson_interval(300, 300)[0]) ** 2 + wilson_interval(0, 300)[1] ** 2
+    assert (difference, high) == (1.0, 1.0) and low == pytest.approx(1.0 - newcombe**0.5)
+
+
+def test_titans_models_are_compared_with_every_other_at_their_longest_common_length():
+    from miras.demo import _comparison_lines, _comparisons
+
+    models = (DemoModel(name="lmm", preset="titans-lmm-tiny"), DemoModel(name="gdn", preset="gated-deltanet-tiny"),
+              DemoModel(name="tf", preset="transformer-tiny", max_multiple=4))
+    config = DemoConfig(models=models, eval_multiples=(1, 4, 16))
+    rows = {"lmm": [_row(32, [100] * 3), _row(128, [100] * 3), _row(512, [66, 24, 44])],
+            "gdn": [_row(32, [100] * 3), _row(128, [100] * 3), _row(512, [70, 79, 88])],
+            "tf": [_row(32, [100] * 3), _row(128, [2, 0, 1])]}
+    found = _comparisons(config, {"tasks": {"mqar": {"results": rows}}})
+    assert [(c["titans"], c["other"], c["context_length"]) for c in found] == [("lmm", "gdn", 512), ("lmm", "tf", 128)]
+    unresolved, ahead = found
+    assert unresolved["ci_low"] < 0 < unresolved["ci_high"] and unresolved["outcome"] is None
+    assert unresolved["difference"] == pytest.approx((134 - 237) / 300, abs=1e-12)
+    assert ahead["outcome"] == "lmm" and ahead["ci_low"] > 0.9
+    # one sentence per fixed-state RNN only
+    (line,) = _comparison_lines(config, found)
+    assert line.startswith("lmm minus gdn at 512 tokens (16x): -0.34 (95% interval of the difference -")
+    assert line.endswith("; not resolved by 3 seeds.")
 
 
 def test_conclusions_name_split_seeds_and_untested_lengths():

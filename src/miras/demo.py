@@ -17,7 +17,10 @@ a short length, once per seed (run directory ``out_dir/<model>/seed-<s>``), then
 ``miras.evaluate`` at lengths up to 256x the training length, streamed through the model in
 segments (constant memory for the recurrent models; results do not depend on the segment length,
 since every model streams exactly). The report's tables and conclusions are generated from the
-measured numbers (``results.json``); nothing in it is written by hand.
+measured numbers (``results.json``); nothing in it is written by hand. Beside each model's verdict it
+compares every Titans model with every other model at the longest length both were evaluated at: the
+difference in accuracy and its 95% interval (``DIFFERENCE``). Two models' own intervals may overlap while
+their difference is resolved: with three seeds, each model's interval is as wide as its seeds' spread.
 
 Choices, and why (measured on this 2-core CPU while designing the demo, 64 examples per length,
 evaluation seed 123). Each design run is one model and seed, repeatable with committed commands;
@@ -108,6 +111,10 @@ LEARNED = 0.8  # accuracy at the training length below which a model "did not le
 # t_{0.975} with 1, 2, ... degrees of freedom (the seed-level interval); 1.96 past 30
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+DIFFERENCE = ("accuracy of the Titans model minus that of the other, at the longest length both were evaluated at; "
+              "95% interval: the wider of Newcombe's interval from the two pooled counts' Wilson intervals and "
+              "Welch's t-interval over the two models' seed accuracies (degrees of freedom rounded down). A "
+              "difference is resolved when its interval excludes 0")
 INTERVAL = ("95% interval: the wider of the Wilson interval of the pooled count (which example was drawn) and "
             "the t-interval over the seeds' accuracies (which model training gave); every seed sees the same "
             "examples, so the pooled count alone would take the seeds for independent trials")
@@ -361,8 +368,62 @@ def _seed_interval(accuracies: list[float], wilson: tuple[float, float]) -> tupl
     if len(accuracies) < 2:
         return low, high
     mean, spread = statistics.fmean(accuracies), statistics.stdev(accuracies)
-    half = (T95[len(accuracies) - 2] if len(accuracies) - 1 <= len(T95) else 1.96) * spread / math.sqrt(len(accuracies))
+    half = _t95(len(accuracies) - 1) * spread / math.sqrt(len(accuracies))
     return min(low, max(0.0, mean - half)), max(high, min(1.0, mean + half))
+
+
+def _t95(df: float) -> float:
+    """t_{0.975} at ``df`` degrees of freedom, a fractional ``df`` rounded down (the wider interval)."""
+    whole = max(1, math.floor(df))
+    return T95[whole - 1] if whole <= len(T95) else 1.96
+
+
+def _difference(a: dict, b: dict) -> tuple[float, float, float]:
+    """Pooled row ``a``'s accuracy minus row ``b``'s (one length) and the 95% interval of ``DIFFERENCE``."""
+    from .evaluate import wilson_interval
+
+    p, q = a["accuracy"], b["accuracy"]
+    (p_low, p_high), (q_low, q_high) = (wilson_interval(r["correct"], r["examples"]) for r in (a, b))
+    low, high = p - q - math.hypot(p - p_low, q_high - q), p - q + math.hypot(p_high - p, q - q_low)
+    seeds_a, seeds_b = a["seed_accuracy"], b["seed_accuracy"]
+    if len(seeds_a) > 1 and len(seeds_b) > 1:
+        var_a, var_b = (statistics.variance(s) / len(s) for s in (seeds_a, seeds_b))
+        if var_a + var_b > 0:  # Welch: unequal variances, Welch-Satterthwaite degrees of freedom
+            df = (var_a + var_b) ** 2 / (var_a**2 / (len(seeds_a) - 1) + var_b**2 / (len(seeds_b) - 1))
+            mean, half = statistics.fmean(seeds_a) - statistics.fmean(seeds_b), _t95(df) * math.sqrt(var_a + var_b)
+            low, high = min(low, mean - half), max(high, mean + half)
+    return p - q, max(-1.0, low), min(1.0, high)
+
+
+def _comparisons(config: DemoConfig, pooled: dict) -> list[dict]:
+    """Every Titans model against every other model at the longest length both were evaluated at."""
+    rows = pooled["tasks"][config.task]["results"]
+    found = []
+    for titans in (m for m in config.models if m.role == "titans"):
+        for other in (m for m in config.models if m.role != "titans"):
+            mine = {r["context_length"]: r for r in rows[titans.name]}
+            common = [r["context_length"] for r in rows[other.name] if r["context_length"] in mine]
+            if not common:
+                continue
+            length = max(common)
+            theirs = next(r for r in rows[other.name] if r["context_length"] == length)
+            difference, low, high = _difference(mine[length], theirs)
+            found.append({"titans": titans.name, "other": other.name, "role": other.role, "context_length": length,
+                          "difference": difference, "ci_low": low, "ci_high": high,
+                          "outcome": titans.name if low > 0 else other.name if high < 0 else None})
+    return found
+
+
+def _outcome(c: dict, seeds: int) -> str:
+    return f"{c['outcome']} ahead" if c["outcome"] else f"not resolved by {seeds} seeds"
+
+
+def _comparison_lines(config: DemoConfig, comparisons: list[dict]) -> list[str]:
+    """A sentence for each Titans model against each fixed-state RNN (the claim the other verdicts leave open)."""
+    return [f"{c['titans']} minus {c['other']} at {c['context_length']:,} tokens "
+            f"({c['context_length'] // config.train_length}x): {c['difference']:+.2f} (95% interval of the "
+            f"difference {c['ci_low']:+.2f} to {c['ci_high']:+.2f}); {_outcome(c, len(config.seeds))}."
+            for c in comparisons if c["role"] == "rnn"]
 
 
 def _verdict(rows: list[dict], seed: int | None = None) -> str:
@@ -417,8 +478,8 @@ def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
     return lines
 
 
-def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], lines: list[str],
-            wall: float, machine: dict) -> str:
+def _report(config: DemoConfig, pooled: dict, comparisons: list[dict], per_seed: dict, jobs: list[dict],
+            lines: list[str], wall: float, machine: dict) -> str:
     from .evaluate import markdown_table
 
     rows, lengths = pooled["tasks"][config.task]["results"], config.eval_lengths
@@ -430,6 +491,12 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
                  f"[{min(r['seed_accuracy']):.2f}–{max(r['seed_accuracy']):.2f}]" if (r := found.get(n)) else "not run"
                  for n in lengths]
         table.append(f"| {model.name} | {' | '.join(cells)} |")
+    against = ["| Titans model | other model | length | difference (95% interval) | outcome |", "|---|---|---|---|---|"]
+    against += [f"| {c['titans']} | {c['other']} | {c['context_length']:,} "
+                f"({c['context_length'] // config.train_length}x) | "
+                f"{c['difference']:+.2f} ({c['ci_low']:+.2f} to {c['ci_high']:+.2f}) | "
+                f"{_outcome(c, len(config.seeds))} |"
+                for c in comparisons]
     models = ["| model | preset | overrides | lr | parameters | state at the shortest / longest evaluated length | "
               "train s / seed | eval s / seed | final loss |", "|---|---|---|---|---|---|---|---|---|"]
     for model in config.models:
@@ -452,6 +519,9 @@ def _report(config: DemoConfig, pooled: dict, per_seed: dict, jobs: list[dict], 
         f"The same {config.examples} examples per length for every seed ({config.examples * len(config.seeds)} "
         f"answers pooled); cell: accuracy (95% interval) [lowest–highest seed]. The {INTERVAL}.", "",
         *table, "",
+        "## Titans against each other model", "",
+        f"Cell: {DIFFERENCE}.", "",
+        *against, "",
         "## What was run", "",
         f"- Task: `{config.task}` ({params}), trained at {config.train_length} tokens, evaluated at "
         f"{', '.join(f'{n:,}' for n in lengths)} tokens, streamed in segments of {config.eval_segment}.",
@@ -523,17 +593,19 @@ def run_demo(config: DemoConfig) -> Path:
         f"{r['model']} s{r['seed']}": {"parameters": r["parameters"]} for r in results},
         "tasks": {config.task: {**pooled["tasks"][config.task], "results": {
             f"{r['model']} s{r['seed']}": r["rows"] for r in results}}}}
-    lines, wall = _conclusions(config, pooled), time.perf_counter() - started
+    comparisons, verdicts = _comparisons(config, pooled), _conclusions(config, pooled)
+    lines, wall = [*verdicts[:-1], *_comparison_lines(config, comparisons), verdicts[-1]], time.perf_counter() - started
     machine = _machine(workers, threads)
     out.mkdir(parents=True, exist_ok=True)
     write_json({"format": RESULTS_FORMAT, "config": config.to_dict(), "machine": machine, "wall_seconds": wall,
-                "conclusions": lines, "pooled": pooled, "per_seed": per_seed, "jobs": results},
+                "conclusions": lines, "pooled": pooled, "comparisons": comparisons, "per_seed": per_seed,
+                "jobs": results},
                out / "results.json")
     plot_accuracy(pooled, out / "accuracy.png")
     first = config.seeds[0]
     plot_losses({f"{r['model']} (seed {first})": Path(r["run_dir"]) / "metrics.jsonl" for r in results
                  if r["seed"] == first}, out / "loss.png")
-    (out / "report.md").write_text(_report(config, pooled, per_seed, results, lines, wall, machine))
+    (out / "report.md").write_text(_report(config, pooled, comparisons, per_seed, results, lines, wall, machine))
     print("\n".join([*lines, *_reuse_lines(results)]).rstrip())
     print(f"miras demo: done in {wall / 60:.1f} min; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")
     return out
