@@ -86,6 +86,43 @@ def test_single_file_is_cut_at_a_line_break(tmp_path):
     assert len(validation.text) == pytest.approx(0.05 * len(path.read_text()), abs=10)
 
 
+def test_single_file_cut_at_the_nearest_line_break_or_at_the_fraction(tmp_path):
+    """The cut is the line break nearest to 95% of the text, after it as well as before it; a long last
+    line is cut through rather than handing (almost) all the text to validation."""
+    def cut(text: str) -> tuple[int, int]:
+        path = tmp_path / "one.txt"
+        path.write_text(text)
+        corpus = from_path(path)
+        train, validation = corpus.split("train"), corpus.split("validation")
+        assert "".join(d.text for d in train + validation) == text
+        return len(train[0].text), sum(len(d.text) for d in validation)
+
+    assert cut("title\n" + "x" * 10000) == (9505, 501)  # no break near 95%: cut at it (was 6 / 10000)
+    assert cut("a\n" * 3 + "y" * 1000 + "\n") == (956, 51)
+    # a break just after 95% is nearer than the one far before it
+    assert cut("x" * 100 + "\n" + "y" * 850 + "\n" + "z" * 60) == (952, 60)
+
+
+def test_a_file_name_with_glob_characters_and_unreadable_entries(tmp_path):
+    """A real path holding "[" is read as that path, not as a glob; a dangling link in a folder is skipped."""
+    folder = tmp_path / "run[1]"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha\n")
+    (folder / "b.txt").write_text("beta\n")
+    (folder / "dangling.txt").symlink_to(tmp_path / "nowhere")
+    assert [d.name for d in from_path(folder).documents] == ["a.txt", "b.txt"]
+    assert [d.text for d in from_path(folder / "a.txt").documents] == ["alpha\n"]
+
+
+def test_a_single_file_that_is_not_text_says_why(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "blob.txt").write_bytes(b"ab\0cd")
+    with pytest.raises(ValueError, match=r"'.*latin.txt': the file is skipped: it is not UTF-8 text \(byte 3\)"):
+        from_path(tmp_path / "latin.txt")
+    with pytest.raises(ValueError, match=r"the file is skipped: it holds a NUL byte"):
+        from_path(tmp_path / "blob.txt")
+
+
 def test_glob(folder):
     corpus = from_path(str(folder / "part1" / "*.txt"))
     # names are relative to the glob's folder, so the split does not depend on where it lives
@@ -247,6 +284,30 @@ def test_hf_tokenizers_sharing_a_vocabulary_but_not_a_pipeline_have_different_id
     assert identities[0] != identities[1]
 
 
+def test_hf_tokenizers_differing_only_in_their_end_marker_do_not_share_a_token_cache(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    bpe.tokenizer.add_special_tokens(["<eos>", "<end>"])  # the same backend either way
+    corpus = Corpus("x", tuple(Document(f"d{i}", f"text {i}\n") for i in range(40)))
+    caches = []
+    for eos in ("<eos>", "<end>"):
+        transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, eos_token=eos).save_pretrained(
+            tmp_path / "hf")
+        tokenizer = get_tokenizer(str(tmp_path / "hf"))
+        cached = cached_tokens(corpus, tokenizer, cache_dir=tmp_path / "cache")
+        np.testing.assert_array_equal(cached, tokenizer.encode_documents([d.text for d in corpus.split("train")]))
+        caches.append(np.array(cached))
+    assert not np.array_equal(caches[0], caches[1]) and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_bpe_reads_its_end_marker_written_in_a_document_as_text():
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    text = 'EOS = "<|endoftext|>"\n'
+    ids = bpe.encode_documents([text, "second"])
+    assert list(ids).count(bpe.eos_id) == 2 and ids[-1] == bpe.eos_id  # one end per document, none inside
+    assert bpe.decode(bpe.encode(text)) == text and bpe.eos_id not in bpe.encode(text)
+
+
 def _crash_on_fsync(monkeypatch):
     """A crash mid-write: the data is written but never made durable or renamed into place."""
     import miras.files
@@ -345,7 +406,7 @@ class CountingByteTokenizer(ByteTokenizer):
         self.calls = 0
 
     def encode_documents(self, texts):
-        self.calls += 1
+        self.calls += any(texts)  # the cache key encodes one empty document (the end marker): not the corpus
         return super().encode_documents(texts)
 
 
@@ -434,6 +495,8 @@ def test_text_batches_errors():
         batches.batch(0, rank=0, world=4)
     with pytest.raises(ValueError, match=r"rank=2 must be in \[0, world=2\)"):
         batches.batch(0, rank=2, world=2)
+    with pytest.raises(ValueError, match=r"rank=0 must be in \[0, world=0\)"):  # not a division by zero
+        batches.batch(0, rank=0, world=0)
     with pytest.raises(ValueError, match=r"seq_len=100 needs at least 101 tokens .* the corpus has 100"):
         TextBatches(np.arange(100), batch_size=2, seq_len=100, seed=0)
 

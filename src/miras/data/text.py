@@ -13,16 +13,19 @@ Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func
 **Train/validation split by document.** A document goes to validation when a stable hash
 (SHA-256) of its name — the file path relative to the folder given, so the split does not depend
 on where the folder lives — falls below ``validation_fraction`` (default 0.05). Adding a file never
-moves another file across the split. With two or more documents each split gets at least one
-(the lowest hash is moved to validation, or the highest to train). A corpus of a single document
-is cut at the line break nearest to ``1 - validation_fraction`` of its text instead.
+moves another file across the split, except in a corpus so small that no hash falls below the
+fraction (or every one does): with two or more documents each split gets at least one, so then the
+lowest hash is moved to validation (or the highest to train), and a new file can take that place.
+A corpus of a single document is cut at the line break nearest to ``1 - validation_fraction`` of its
+text instead, or at that point itself when no line break is within half the validation part of it.
 
 **Token cache.** :func:`cached_tokens` tokenises a split once into a flat ``np.memmap`` (uint16 when
 the vocabulary fits, else uint32) under ``~/.cache/miras/tokens`` (or ``$MIRAS_CACHE_DIR``), named by
-a hash of the split's document names and contents and of the tokenizer's identity, so a changed
-file or tokenizer gives a new cache and never a stale one. Each document is followed by the
-tokenizer's end-of-document marker (see ``tokenizers.py``). The file is written to a temporary
-name and renamed (``os.replace``) so that an interrupted run never leaves a partial cache.
+a hash of the split's document names and contents, of the tokenizer's identity and of the ids it
+writes between documents, so a changed file or tokenizer gives a new cache and never a stale one.
+Each document is followed by the tokenizer's end-of-document marker (see ``tokenizers.py``). The
+file is written to a temporary name and renamed (``os.replace``) so that an interrupted run never
+leaves a partial cache.
 
 **Batches.** :class:`TextBatches` draws row ``i`` of step ``s`` as a window of ``seq_len + 1``
 tokens at an offset from a generator seeded by ``(seed, s, i)``: a pure function of its arguments,
@@ -52,7 +55,8 @@ from .tokenizers import Tokenizer
 SPLITS = ("train", "validation")
 ALLOWED = "expected 'stdlib', 'hf:<name>[:<split>]', a text file, a folder of text files or a glob"
 STDLIB_SKIPPED = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-CACHE_FORMAT = 1  # bump when the cache layout changes, to orphan old files
+CACHE_FORMAT = 2  # bump when the cache layout or its ids change, to orphan old files (2: BPE reads a literal
+# "<|endoftext|>" in a document as text, not as the end marker)
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,13 @@ class Corpus:
 
 
 def _cut_document(document: Document, validation_fraction: float) -> dict[str, tuple[Document, ...]]:
-    """Split one document's text at the line break before ``1 - validation_fraction`` of it."""
+    """Split one document's text at the line break nearest to ``1 - validation_fraction`` of it, or at
+    that point when the nearest is further than half the validation part (a long last line)."""
     text = document.text
     target = int(len(text) * (1 - validation_fraction))
-    cut = text.rfind("\n", 0, target) + 1
-    if cut <= 0 or cut >= len(text):
+    breaks = [cut for cut in (text.rfind("\n", 0, target) + 1, text.find("\n", target) + 1) if 0 < cut < len(text)]
+    cut = min(breaks, key=lambda cut: abs(cut - target), default=target)
+    if abs(cut - target) > len(text) * validation_fraction / 2 or not 0 < cut < len(text):
         cut = min(max(target, 1), len(text))
     train = (Document(document.name + "[train]", text[:cut]),)
     validation = (Document(document.name + "[validation]", text[cut:]),) if cut < len(text) else ()
@@ -119,14 +125,22 @@ def _cut_document(document: Document, validation_fraction: float) -> dict[str, t
 
 
 def _read_text(path: Path) -> str | None:
-    """The file's text, or None when it looks binary (a NUL byte) or is not UTF-8."""
-    data = path.read_bytes()
-    if b"\0" in data:
-        return None
+    """The file's text, or None when it cannot be read, looks binary (a NUL byte) or is not UTF-8."""
+    return _why_not_text(path)[0]
+
+
+def _why_not_text(path: Path) -> tuple[str | None, str]:
+    """(the file's text, "") or (None, why it is skipped)."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"it cannot be read ({error.strerror or error})"
+    if b"\0" in data:
+        return None, "it holds a NUL byte (a binary file)"
+    try:
+        return data.decode("utf-8"), ""
+    except UnicodeDecodeError as error:
+        return None, f"it is not UTF-8 text (byte {error.start})"
 
 
 def _walk(root: Path, skipped: frozenset[str] = frozenset(), skip_test_folders: bool = False) -> list[Path]:
@@ -138,7 +152,9 @@ def _walk(root: Path, skipped: frozenset[str] = frozenset(), skip_test_folders: 
             if not name.startswith(".") and name not in skipped
             and not (skip_test_folders and name.startswith("test_"))
         ]
-        files.extend(Path(folder) / name for name in names if not name.startswith("."))
+        # regular files only: a dangling link or a FIFO would fail or block on reading
+        files.extend(Path(folder) / name for name in names
+                     if not name.startswith(".") and (Path(folder) / name).is_file())
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
@@ -165,16 +181,19 @@ def from_path(path_or_glob: str | Path, validation_fraction: float = 0.05) -> Co
     """A text file, a folder of text files (recursive) or a glob such as ``"books/**/*.txt"``."""
     spec = str(path_or_glob)
     path = Path(spec).expanduser()
-    if glob.has_magic(spec):
+    if path.is_file():  # before the glob: a real name may hold "[", "*" or "?"
+        text, why = _why_not_text(path)
+        if text is None:
+            raise ValueError(f"corpus {spec!r}: the file is skipped: {why}; {ALLOWED}")
+        documents = (Document(path.name, text),)
+    elif path.is_dir():
+        documents = _documents(_walk(path), path)
+    elif glob.has_magic(spec):
         root = _glob_root(str(path))
         paths = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not paths:
             raise ValueError(f"corpus {spec!r}: the glob matches no file; {ALLOWED}")
         documents = _documents(paths, root)
-    elif path.is_file():
-        documents = _documents([path], path.parent)
-    elif path.is_dir():
-        documents = _documents(_walk(path), path)
     else:
         raise ValueError(f"corpus {spec!r}: no such file or folder; {ALLOWED}")
     return Corpus(spec, documents, validation_fraction)
@@ -227,6 +246,8 @@ def default_cache_dir() -> Path:
 
 def _cache_key(documents: Sequence[Document], tokenizer: Tokenizer, split: str) -> str:
     digest = hashlib.sha256(f"format={CACHE_FORMAT}\0{tokenizer.identity}\0{split}\0".encode())
+    # the end marker written after each document: an HF tokenizer's eos is set apart from its vocabulary
+    digest.update(np.asarray(tokenizer.encode_documents([""]), dtype=np.int64).tobytes() + b"\0")
     for document in documents:
         name, text = document.name.encode("utf-8"), document.text.encode("utf-8")
         # lengths first, so that no two different document lists hash the same bytes
@@ -295,10 +316,10 @@ class TextBatches:
         return np.array([np.random.default_rng((self.seed, step, row)).integers(high) for row in rows])
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
-        if self.batch_size % world:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by world={world} (the number of ranks)")
         if not 0 <= rank < world or step < 0:
             raise ValueError(f"rank={rank} must be in [0, world={world}) and step={step} >= 0")
+        if self.batch_size % world:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by world={world} (the number of ranks)")
         rows = self.batch_size // world
         starts = self.offsets(step, range(rank * rows, (rank + 1) * rows))
         window = np.stack([self.tokens[start : start + self.seq_len + 1] for start in starts]).astype(np.int64)

@@ -128,6 +128,8 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: _RustTokenizer):
         self.tokenizer = tokenizer
+        # a literal "<|endoftext|>" in a document is text, not the end marker (not saved: set on every load)
+        self.tokenizer.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         self.eos_id = tokenizer.token_to_id(END_OF_TEXT)
 
