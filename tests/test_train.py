@@ -20,6 +20,7 @@ import torch.nn as nn
 import miras.train as train_module
 from miras.data.base import IGNORE, Batches
 from miras.models import create
+from miras.runs import checkpoint_step, tensor_digest
 from miras.train import (
     ConfigError,
     DataSource,
@@ -386,6 +387,102 @@ def test_grad_accum_splits_the_same_global_batch(tmp_path):
 # ------------------------------------------------------------------------------------------------- DDP
 
 
+def test_a_diverging_run_stops_before_its_update_and_keeps_only_finite_checkpoints(tmp_path):
+    """Checked every step, not only on log steps: the step whose gradients are not finite is never applied,
+    so no checkpoint holds diverged weights (before, they were saved and the good ones pruned)."""
+    config = tiny(tmp_path / "run", lr=10.0, warmup_steps=0, save_every=1, log_every=10, keep_checkpoints=3)
+    with pytest.raises(ConfigError, match=r"^training diverged at step 8 \(lr 7.31\): the loss is 8403 and the "
+                                          r"gradient norm inf; the checkpoints up to step 7 are kept, none after it; "
+                                          r"lower lr \(a new run: another out_dir\)"):
+        train(config, source())
+    kept = checkpoints(tmp_path / "run")
+    assert [checkpoint_step(path) for path in kept] == [5, 6, 7]
+    for path in kept:
+        state = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(tensor).all() for tensor in state.values())
+
+
+def _edit_checkpoint(path: Path, edit) -> None:
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    payload["digest"] = tensor_digest(payload)  # a consistent file: what another version of miras would write
+    torch.save(payload, path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", r"lacks blocks.0.mixer_norm.weight"),
+    ("renamed", r"lacks blocks.0.mixer_norm.weight; has unknown blocks.0.renamed.weight"),
+    ("resized", r"has resized embed.weight \(10, 64\) where the model has \(256, 64\)"),
+])
+def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_in_train_and_load_run(tmp_path, change, message):
+    """set_state_dict fills a missing tensor from the fresh model without a word: it must be refused first."""
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1)
+    train(config, source())
+    run_dir = tmp_path / "run"
+
+    def edit(payload):
+        state = payload["model"]
+        if change in ("missing", "renamed"):
+            weight = state.pop("blocks.0.mixer_norm.weight")
+            if change == "renamed":
+                state["blocks.0.renamed.weight"] = weight
+        else:
+            state["embed.weight"] = state["embed.weight"][:10]
+
+    _edit_checkpoint(checkpoints(run_dir)[-1], edit)
+    before = snapshot(run_dir)
+    pattern = rf"^checkpoint .*step_00000002.pt does not fit its model \({message}\): made by another version"
+    with pytest.raises(ConfigError, match=pattern):
+        train(dataclasses.replace(config, max_steps=3, resume=True), source())
+    with pytest.raises(ConfigError, match=pattern):
+        load_run(run_dir)
+    assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_damaged_inside_is_refused(tmp_path):
+    """torch.load reads a zip without checking its CRCs: bytes flipped inside a tensor would load."""
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1)
+    train(config, source())
+    latest = checkpoints(tmp_path / "run")[-1]
+    payload = torch.load(latest, weights_only=True)
+    data = bytearray(latest.read_bytes())
+    at = data.find(payload["model"]["embed.weight"][5].numpy().tobytes())  # the tensor's bytes in the file
+    assert at > 0
+    data[at:at + 64] = bytes(b ^ 0x55 for b in data[at:at + 64])
+    latest.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"step_00000002.pt is damaged: its tensors do not match the checksum "
+                                          r"saved with them; delete it to fall back to step_00000001.pt$"):
+        load_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"its tensors do not match the checksum"):
+        train(dataclasses.replace(config, max_steps=3, resume=True), source())
+    # a wrongly typed entry is named, not a traceback
+    _edit_checkpoint(latest, lambda payload: payload.update(step="2"))
+    with pytest.raises(ConfigError, match=r"step_00000002.pt is damaged: its step is '2', not a count of steps$"):
+        load_run(tmp_path / "run")
+    _edit_checkpoint(latest, lambda payload: payload.update(step=2, rng={"torch": None}))
+    with pytest.raises(ConfigError, match=r"damaged: its random-generator states are not those a miras run saves$"):
+        load_run(tmp_path / "run")
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
+    """A field added to miras since the run was saved is compared at its default, not as None."""
+    config = tiny(tmp_path / "run", model="titans-lmm-tiny", max_steps=2, save_every=1)
+    train(config, source())
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "config.json").read_text())
+    del saved["model"]["recompute"], saved["train"]["keep_checkpoints"]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    _edit_checkpoint(checkpoints(run_dir)[-1], lambda payload: (payload["model_config"].pop("recompute"),
+                                                                payload["train_config"].pop("keep_checkpoints")))
+    train(dataclasses.replace(config, max_steps=3, resume=True), source())
+    assert [step for step, _ in losses(run_dir)] == [1, 2, 3]
+    # a field the saved run has and this version does not know is still a difference
+    saved["model"]["retired_field"] = 1
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"different config \(model.retired_field: 1 -> None\)"):
+        train(dataclasses.replace(config, max_steps=4, resume=True), source())
+
+
 def ddp_config(out_dir: Path, grad_accum: int = 1) -> TrainConfig:
     """A real task (miras.data.tasks), so the ranks also exercise make_batches and the final evaluation."""
     return tiny(out_dir, data="task:mqar", max_steps=6, batch_size=8, grad_accum=grad_accum, eval_batches=2)
@@ -410,6 +507,21 @@ def test_ddp_matches_single_process(tmp_path):
     assert whole[0][1] == pytest.approx(ddp[0][1], rel=1e-6)
 
 
+def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
+    """Rank 0 makes the folder before any rank trains; the others stop with it (not in a collective it left)."""
+    (tmp_path / "file").write_text("")
+    out_dir = tmp_path / "file" / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(out_dir), "--expect-config-error", str(tmp_path)]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [(tmp_path / f"error_rank{rank}.txt").read_text() for rank in range(2)]
+    assert lines == [f"rank 0: out_dir {out_dir}: cannot make the run folder there (Not a directory); pass a folder "
+                     "path that can be created",
+                     f"rank 1: out_dir {out_dir}: rank 0 could not make the run folder (its error says why)"]
+
+
 def _ddp_rank(out_dir: str) -> None:
     """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
     import hashlib
@@ -429,6 +541,20 @@ def _ddp_rank(out_dir: str) -> None:
     (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(digest)
 
 
+def _ddp_rank_expecting_an_error(out_dir: str, report_dir: str) -> None:
+    """One rank of test_ddp_ranks_stop_together_...: write this rank's ConfigError (exit 1 if there was none)."""
+    rank = os.environ["RANK"]
+    try:
+        train(ddp_config(Path(out_dir)))
+    except ConfigError as error:
+        (Path(report_dir) / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
+        return
+    sys.exit(1)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    _ddp_rank(sys.argv[1])
+    if sys.argv[2:3] == ["--expect-config-error"]:
+        _ddp_rank_expecting_an_error(sys.argv[1], sys.argv[3])
+    else:
+        _ddp_rank(sys.argv[1])

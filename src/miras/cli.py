@@ -63,7 +63,7 @@ def _train_examples() -> str:
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            keys.append(f"  {f.name:<18} default {'runs/<preset>' if f.name == 'out_dir' else repr(default)}")
+            keys.append(f"  {f.name:<18} default {'runs/<preset>' if f.name == 'out_dir' else _as_typed(default)}")
     model_fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "family")
     return f"""examples:
   miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
@@ -321,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
     return parser
+
+
+def _as_typed(value) -> str:
+    """A default as one would type it after ``key=``: true/false, none, JSON for a tuple or dict."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    return json.dumps(value) if isinstance(value, (tuple, list, dict)) else str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -636,7 +636,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
                                              ("seeds", tuple(args.seeds) if args.seeds else None))
                if value is not None}
     if any(value < 1 for value in (changes.get("steps", 1), changes.get("workers", 1))):
-        print("miras demo: --steps and --workers must be >= 1", file=sys.stderr)
+        print("miras demo: error: --steps and --workers must be >= 1", file=sys.stderr)
         return 2
     if args.size != "tiny":
         changes["models"] = models_at_size(args.size)
@@ -645,7 +645,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     try:
         config = DemoConfig.quick(**changes) if args.quick else DemoConfig(**changes)
     except ValueError as error:
-        print(f"miras demo: {error}", file=sys.stderr)
+        print(f"miras demo: error: {error}", file=sys.stderr)
         return 2
     run_demo(config)
     return 0

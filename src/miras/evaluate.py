@@ -483,7 +483,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"miras eval: warning: the run's tokenizer is {tokenizer.kind!r}, but the tasks are written in "
                   "bytes: the model never saw their tokens as such, so their accuracies say little", file=sys.stderr)
     except (TypeError, ValueError, OSError) as error:
-        print(f"miras eval: {error}", file=sys.stderr)
+        print(f"miras eval: error: {error}", file=sys.stderr)
         return 2
     name = Path(args.run_dir).resolve().name
     results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,

@@ -7,6 +7,8 @@ a run back as a model, its config and its tokenizer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -23,6 +25,8 @@ from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainC
 
 CHECKPOINT_FORMAT = "miras.checkpoint/1"
 CHECKPOINT_KEYS = ("step", "elapsed", "model", "optimizer", "rng", "train_config", "model_config")
+# Since 2026-12-06 a checkpoint also holds "digest", a SHA-256 of its tensors: torch.load does not check the
+# zip's CRCs, so a file damaged inside (not truncated) would load. Checkpoints without it load unchecked.
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, oldest first."""
@@ -55,7 +59,70 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if key not in payload]
     if missing:
         raise ConfigError(f"checkpoint {path} is damaged: it lacks {', '.join(map(repr, missing))}")
+    wrong = _malformed(payload)
+    if wrong:
+        raise ConfigError(f"checkpoint {path} is damaged: {wrong}")
+    if "digest" in payload and payload["digest"] != tensor_digest(payload):
+        hint = f"; delete it to fall back to {previous.name}" if previous is not None else ""
+        raise ConfigError(f"checkpoint {path} is damaged: its tensors do not match the checksum saved with them{hint}")
     return payload
+
+
+def _malformed(payload: dict) -> str:
+    """What is wrong with a checkpoint's entries' types ("" when nothing)."""
+    step, model, optimizer, rng = payload["step"], payload["model"], payload["optimizer"], payload["rng"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"its step is {step!r}, not a count of steps"
+    if not isinstance(payload["elapsed"], (int, float)):
+        return f"its elapsed time is {payload['elapsed']!r}, not a number of seconds"
+    if not isinstance(model, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in model.values()):
+        return "its model entry is not a state dict of tensors"
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        return "its optimizer entry is not an optimizer state dict"
+    rng_types = {"torch": torch.Tensor, "python": (tuple, list), "cuda": list}
+    if not isinstance(rng, dict) or not all(isinstance(rng.get(key), kind) for key, kind in rng_types.items()):
+        return "its random-generator states are not those a miras run saves"
+    if not isinstance(payload["train_config"], dict) or not isinstance(payload["model_config"], dict):
+        return "its configs are not dicts"
+    return ""
+
+
+def tensor_digest(payload: dict) -> str:
+    """SHA-256 of every tensor of the payload's model and optimizer state, in their (saved) order."""
+    digest = hashlib.sha256()
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(payload["model"])
+    walk(payload["optimizer"])
+    return digest.hexdigest()
+
+
+def check_model_state(path: Path, state: dict, expected: dict) -> None:
+    """A ConfigError unless checkpoint ``path``'s model ``state`` has exactly the tensors (names, shapes) of
+    ``expected`` (the state dict of the model it is loaded into): another code version or a damaged file
+    would otherwise fail in ``load_state_dict`` or, with ``set_state_dict``, keep the fresh init silently."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    resized = [f"{name} {tuple(state[name].shape)} where the model has {tuple(expected[name].shape)}"
+               for name in expected if name in state and tuple(state[name].shape) != tuple(expected[name].shape)]
+    problems = []
+    for what, names in (("lacks", missing), ("has unknown", unexpected), ("has resized", resized)):
+        if names:
+            problems.append(f"{what} {', '.join(names[:3])}" + (f" (+{len(names) - 3} more)" if len(names) > 3
+                                                                  else ""))
+    if problems:
+        raise ConfigError(f"checkpoint {path} does not fit its model ({'; '.join(problems)}): made by another "
+                          "version of miras, or damaged")
 
 
 def _load_failure(error: Exception) -> str:
@@ -84,15 +151,36 @@ def _read_run_config(run_dir: Path, *, training: bool = True) -> dict | None:
 
 
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
-    """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS)."""
+    """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS).
+    A field the saved config lacks (added to miras since) is compared at its default."""
     defining, runtime = [], []
-    for prefix, old, new in (("", saved["train"], config.to_dict()), ("model.", saved["model"],
-                                                                       model_config.to_dict())):
+    for prefix, old, new in (("", _with_defaults(TrainConfig, saved["train"]), config.to_dict()),
+                             ("model.", _with_defaults(ModelConfig, saved["model"]), model_config.to_dict())):
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS):
                 change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
     return defining, runtime
+
+
+def _with_defaults(kind, values: dict) -> dict:
+    """``values`` with the fields of ``kind`` they lack at their defaults (through ``kind.from_dict``); fields
+    this version does not know stay as they are, so they are reported as differences."""
+    known = {f.name for f in dataclasses.fields(kind)}
+    try:
+        filled = kind.from_dict({key: value for key, value in values.items() if key in known}).to_dict()
+    except (TypeError, ValueError):  # a value this version refuses (ConfigError is a ValueError): compare as saved
+        return values
+    return {**filled, **{key: value for key, value in values.items() if key not in known}}
+
+
+def make_run_folder(run_dir: Path) -> None:
+    """``run_dir/checkpoints`` (rank 0, after every check): a ConfigError when it cannot be made."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"out_dir {run_dir}: cannot make the run folder there ({error.strerror}); "
+                          "pass a folder path that can be created") from None
 
 
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
@@ -136,11 +224,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
     """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"out_dir {run_dir}: cannot make the run folder there ({error.strerror}); "
-                          "pass a folder path that can be created") from None
+    make_run_folder(run_dir)
     for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
         stale.unlink()
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
@@ -162,6 +246,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     payload = {"format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "model": model_state,
                "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
                "model_config": model_config.to_dict()}
+    payload["digest"] = tensor_digest(payload)
     path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
     atomic_write(path, lambda handle: torch.save(payload, handle))
     for old in checkpoints(run_dir)[:-config.keep_checkpoints]:
@@ -194,6 +279,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
         defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
     model = LanguageModel(model_config)
+    check_model_state(paths[-1], payload["model"], model.state_dict())
     model.load_state_dict(payload["model"])
     tokenizer = saved_tokenizer(run_dir, saved)
     return model.to(device).eval(), config, tokenizer

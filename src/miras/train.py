@@ -78,8 +78,10 @@ from .memory.state import GateRangeError
 from .models import LanguageModel, preset_config
 from .runs import (
     CHECKPOINT_FORMAT,
+    check_model_state,
     checkpoints,
     load_run,
+    make_run_folder,
     resume_point,
     run_tokenizer,
     save_checkpoint,
@@ -298,8 +300,15 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if data.vocab_size is not None and data.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the data has {data.vocab_size} token ids but the model's vocab_size is "
                           f"{model_config.vocab_size}; set model.vocab_size={data.vocab_size}")
-    if world > 1:
-        dist.barrier()  # every rank has validated the run before rank 0 writes to it
+    # Every rank has validated the run; rank 0 makes its folder, and every rank stops if it could not.
+    failure = None
+    if main:
+        try:
+            make_run_folder(run_dir)
+        except ConfigError as error:
+            failure = error
+    if _all_reduce(torch.tensor(float(failure is not None), device=device), world).item():
+        raise failure or ConfigError(f"out_dir {run_dir}: rank 0 could not make the run folder (its error says why)")
 
     torch.manual_seed(config.seed)
     raw_model = LanguageModel(model_config).to(device)
@@ -308,6 +317,8 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     optimizer = torch.optim.AdamW(param_groups(raw_model, config.weight_decay), lr=config.lr, betas=config.betas)
     step, elapsed = 0, 0.0
     if checkpoint is not None:
+        # set_state_dict would fill a missing tensor from the fresh model silently: check names and shapes first
+        check_model_state(checkpoints(run_dir)[-1], checkpoint["model"], raw_model.state_dict())
         set_state_dict(raw_model, optimizer, model_state_dict=checkpoint["model"],
                        optim_state_dict=checkpoint["optimizer"], options=StateDictOptions(full_state_dict=True))
         set_rng_state(checkpoint["rng"])
@@ -359,11 +370,17 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                         state = state.detach()
                         step_loss += loss.detach()
             except GateRangeError as error:  # the memory engine refuses non-finite gates: the run has diverged
-                raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): {error}; the checkpoints "
-                                  "saved before are kept; lower lr (or keep grad_clip > 0)") from None
+                raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): {error}; "
+                                  f"{_kept(last_saved)}") from None
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
             if isinstance(grad_norm, DTensor):  # FSDP: the norm of sharded gradients
                 grad_norm = grad_norm.full_tensor()
+            # Checked every step, before the update (the same on every rank: the gradients are reduced), so that
+            # no checkpoint ever holds the weights of a diverged step.
+            if not math.isfinite(float(grad_norm)):
+                loss_value = _all_reduce(step_loss, world).item()
+                raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): the loss is {loss_value:.4g} "
+                                  f"and the gradient norm {float(grad_norm)}; {_kept(last_saved)}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -372,7 +389,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 loss_value = _all_reduce(step_loss, world).item()
                 if not math.isfinite(loss_value):
                     raise ConfigError(f"training diverged by step {step} (lr {lr:.3g}): the loss is {loss_value}; "
-                                      "the checkpoints saved before are kept; lower lr (or keep grad_clip > 0)")
+                                      f"{_kept(last_saved)}")
                 now = time.perf_counter()
                 tokens_per_s = (step - last_log[1]) * tokens_per_step / max(now - last_log[0], 1e-9)
                 last_log = (now, step)
@@ -403,6 +420,13 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
             if writer is not None:
                 writer.close()
     return run_dir
+
+
+def _kept(last_saved: int | None) -> str:
+    """The end of a divergence error: what is kept, and what to do (lr defines a run: another out_dir)."""
+    kept = ("nothing was saved" if last_saved is None else
+            f"the checkpoints up to step {last_saved} are kept, none after it")
+    return f"{kept}; lower lr (a new run: another out_dir) or keep grad_clip > 0"
 
 
 def _log(metrics: typing.TextIO, writer, record: dict) -> None:
