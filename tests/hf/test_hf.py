@@ -332,6 +332,61 @@ def test_an_export_wider_than_its_tokenizer_never_generates_ids_it_lacks(tmp_pat
     assert native.generate(ids, 4, temperature=0)[0].min() >= 256  # the head does favour them
 
 
+def test_a_folder_lacking_weights_or_contradicting_the_tie_is_refused(tmp_path):
+    """transformers would leave a missing weight as uninitialised memory (NaN logits) and only report it."""
+    from safetensors.torch import load_file, save_file
+
+    MirasForCausalLM.from_native(make("transformer", dtype=torch.float32)).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    loaded, info = MirasForCausalLM.from_pretrained(tmp_path, output_loading_info=True)  # still given when asked
+    assert isinstance(loaded, MirasForCausalLM) and not info["missing_keys"] and not info["mismatched_keys"]
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=False contradicts the native config's "
+                                         r"tie_embeddings=True"):
+        MirasForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=False)
+    weights.pop("blocks.0.mixer_norm.weight")
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the checkpoint lacks \['blocks.0.mixer_norm.weight'\]: a miras "
+                                         r"export holds every weight"):
+        MirasForCausalLM.from_pretrained(tmp_path)
+    weights["blocks.0.mlp.down.weight"] = weights["blocks.0.mlp.down.weight"][:, :3].contiguous()
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks \['blocks.0.mixer_norm.weight'\] and has other shapes for "
+                                         r"\['blocks.0.mlp.down.weight'\]"):
+        MirasForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_a_cache_from_beam_search_cannot_continue_and_an_empty_prompt_is_refused():
+    """Its rows are the running beams, not the returned sequences (sorted by score): continuing from it
+    paired each sequence with another beam's state."""
+    model = MirasForCausalLM.from_native(make("titans-lmm"))
+    x = prompt(9)
+    out = model.generate(x, max_new_tokens=4, num_beams=3, num_return_sequences=3, do_sample=False,
+                         eos_token_id=None, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="this cache comes from a beam search"):
+        model.generate(out.sequences, cache=getattr(out, CACHE_NAME), max_new_tokens=3, do_sample=False)
+    given = getattr(model(x[:, :5]), CACHE_NAME)  # a cache handed to a beam search: expanded, reordered in place
+    model.generate(x, cache=given, max_new_tokens=3, num_beams=2, do_sample=False, eos_token_id=None)
+    with pytest.raises(ValueError, match="this cache comes from a beam search"):
+        model.generate(x, cache=given, max_new_tokens=3)
+    greedy = getattr(model.generate(x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                    eos_token_id=None), CACHE_NAME)
+    assert not greedy.from_beam_search  # a greedy cache continues (test_generate_continues_a_given_state)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
+
+
+def test_exporting_again_without_a_tokenizer_leaves_none_of_the_previous_one(tmp_path):
+    from miras.data.tokenizers import ByteTokenizer
+    from miras.hf.export import TRAIN_CONFIG
+
+    export(create("transformer-tiny"), ByteTokenizer(), tmp_path, train_config={"model": "first-run"})
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / TRAIN_CONFIG).exists()
+    export(create("transformer-tiny", vocab_size=64), None, tmp_path)
+    assert not (tmp_path / "tokenizer.json").exists() and not (tmp_path / "tokenizer_config.json").exists()
+    assert not (tmp_path / TRAIN_CONFIG).exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == 64
+
+
 def test_resizing_the_embeddings_is_refused_before_anything_changes():
     model = MirasForCausalLM.from_native(create("titans-lmm-tiny"))
     with pytest.raises(NotImplementedError, match="vocabulary is fixed when it is created"):

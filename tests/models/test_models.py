@@ -222,6 +222,19 @@ def test_sampling_edge_cases():
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     # a tiny temperature is greedy, not an overflow to inf
     assert [sample(logits, 1e-45, None, None, gen).item() for _ in range(20)] == [0] * 20
+    # below float32's smallest normal the temperature itself would round to 0 (0/0 at the maximum): greedy
+    for temperature in (1e-46, 1e-300, 5e-324):
+        assert sample(logits, temperature, None, None, gen).item() == 0
+    # top_p=1 keeps every token: float32 cumsums reach 1 before the tail and would drop it
+    tail = torch.tensor([[0.0, -30.0] + [-1.0] * 10])
+    draws = torch.stack([sample(tail.expand(20000, -1), 1.0, None, 1.0, gen) for _ in range(3)])
+    kept = torch.zeros(12).scatter_add(0, draws.flatten(), torch.ones(draws.numel()))
+    assert (kept[2:] > 0).all()
+    wide = torch.randn(8, 50257, generator=torch.Generator().manual_seed(0)) * 3
+    torch.manual_seed(0)
+    full = torch.stack([sample(wide, 1.0, None, 1.0, torch.Generator().manual_seed(i)) for i in range(4)])
+    plain = torch.stack([sample(wide, 1.0, None, None, torch.Generator().manual_seed(i)) for i in range(4)])
+    assert torch.equal(full, plain)  # the same draws as no nucleus filter at all
     # top_k=1 keeps one token even when the largest logits tie
     tied = torch.tensor([[1.0, 1.0, 0.0]])
     assert len({sample(tied, 1.0, 1, None, gen).item() for _ in range(50)}) == 1

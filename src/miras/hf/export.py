@@ -23,6 +23,10 @@ from .modeling import MirasForCausalLM
 from .tokenization import hf_tokenizer
 
 TRAIN_CONFIG = "miras_train_config.json"  # the run's training config, kept for provenance
+# What a tokenizer's save_pretrained may write (transformers 4.x and 5.x): removed from a folder exported again
+# without a tokenizer, so that AutoTokenizer does not load the previous export's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_config=None) -> MirasForCausalLM:
@@ -49,6 +53,10 @@ def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_
         _portable_tokenizer_class(hf_dir)
     if train_config is not None:
         (hf_dir / TRAIN_CONFIG).write_text(json.dumps(_plain(train_config), indent=2, default=str) + "\n")
+    # an export into a folder that held another: nothing of the previous one's may outlive it
+    stale = ((TOKENIZER_FILES if tokenizer is None else ()) + ((TRAIN_CONFIG,) if train_config is None else ()))
+    for name in stale:
+        (hf_dir / name).unlink(missing_ok=True)
     return wrapped
 
 

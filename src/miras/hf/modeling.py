@@ -13,7 +13,9 @@ beams with :func:`~miras.hf.state.select_state`. Transformers renamed the cache 
 field from ``past_key_values`` (4.x) to ``cache`` (5.x): both names are accepted, the installed
 release's name is used, and a generate step that arrives without the state it was handed raises
 instead of decoding from scratch. Padding is not supported (a recurrent state would absorb the pad
-tokens): an attention mask with zeros is an error.
+tokens): an attention mask with zeros is an error. A cache that beam search has reordered holds the
+running beams, not the returned sequences: continuing from it is an error. ``from_pretrained`` refuses a
+folder that lacks a weight or holds one of another shape (transformers would leave it uninitialised).
 """
 
 from __future__ import annotations
@@ -45,16 +47,20 @@ class MirasCache:
     is_compileable = False
     is_linear = (True,)  # a recurrent state: generate must not slice the inputs by a KV length
 
-    def __init__(self, state: ModelState):
+    def __init__(self, state: ModelState, *, from_beam_search: bool = False):
         if not isinstance(state, ModelState):
             raise TypeError(f"MirasCache holds a miras ModelState, got {type(state).__name__}")
         self.state = state
+        # Set once beam search has reordered it: its rows are then the running beams, not the sequences
+        # generate returns (those are sorted by score), so it cannot continue them.
+        self.from_beam_search = from_beam_search
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.state.seen
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self.state = select_state(self.state, beam_idx)
+        self.from_beam_search = True
 
     def batch_select_indices(self, indices: Tensor) -> None:
         self.state = select_state(self.state, indices)
@@ -72,6 +78,7 @@ class _Generation:
     """Bookkeeping of one ``generate`` call: how many steps have been prepared."""
 
     steps: int = 0
+    beam_search: bool = False  # a cache was reordered (beam search)
 
 
 class MirasForCausalLM(PreTrainedModel, GenerationMixin):
@@ -89,6 +96,9 @@ class MirasForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MirasConfig, native: LanguageModel | None = None):
         super().__init__(config)
+        if config.tie_word_embeddings != config.model_config.tie_embeddings:  # e.g. a from_pretrained override
+            raise ValueError(f"tie_word_embeddings={config.tie_word_embeddings} contradicts the native config's "
+                             f"tie_embeddings={config.model_config.tie_embeddings}")
         if native is None:
             native = LanguageModel(config.model_config)
         elif native.config != config.model_config:
@@ -196,14 +206,26 @@ class MirasForCausalLM(PreTrainedModel, GenerationMixin):
     def _reorder_cache(self, cache, beam_idx: Tensor) -> MirasCache:
         """The states of the beams that survive a beam-search step, in their new order."""
         cache = _as_cache(cache)
-        return MirasCache(select_state(cache.state, beam_idx))
+        if self._generation is not None:
+            self._generation.beam_search = True
+        return MirasCache(select_state(cache.state, beam_idx), from_beam_search=True)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> MirasForCausalLM:
-        """transformers' ``from_pretrained``, with every weight in memory of its own (see ``_own_memory``)."""
-        model = super().from_pretrained(*args, **kwargs)
+        """transformers' ``from_pretrained``, with every weight in memory of its own (see ``_own_memory``).
+        A folder that lacks a weight or holds one of another shape is an error: transformers would leave
+        it as uninitialised memory (``_init_weights`` is a no-op) and only report it."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys", ()))
+        mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys", ()))
+        if missing or mismatched:
+            parts = ([f"lacks {missing}"] if missing else []) + ([f"has other shapes for {mismatched}"]
+                                                                if mismatched else [])
+            raise ValueError(f"the checkpoint {' and '.join(parts)}: a miras export holds every weight of its "
+                             "model; re-export it (miras export) rather than load it partly initialised")
         _own_memory(model)
-        return model
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' ``save_pretrained`` (safetensors; a tied head is saved once, as ``embed.weight``),
@@ -218,12 +240,22 @@ class MirasForCausalLM(PreTrainedModel, GenerationMixin):
         the tokens it has seen followed by the new ones."""
         cache = _as_cache(_one_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None)))
         if cache is not None:
+            if cache.from_beam_search:
+                raise ValueError("this cache comes from a beam search: it holds the running beams' states, not "
+                                 "those of the sequences generate returned; continue without the cache (it re-reads "
+                                 "the sequence)")
             kwargs[CACHE_NAME] = cache
-        self._generation = _Generation()
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, Tensor) and prompt.ndim == 2 and prompt.shape[1] == 0:
+            raise ValueError("the prompt is empty: generate continues at least one token (e.g. the tokenizer's "
+                             "bos or eos id)")
+        self._generation = generation = _Generation()
         try:
             return super().generate(inputs, **kwargs)
         finally:
             self._generation = None
+            if generation.beam_search and cache is not None:  # expanded and reordered in place: the beams now
+                cache.from_beam_search = True
 
 
 @torch.no_grad()

@@ -240,7 +240,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator) -> Tensor:
     """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 holds as 0: greedy
         return logits.argmax(-1)
     logits = logits.float()
     # the row maximum first: a tiny temperature then sends the others to -inf, never the maximum to inf
@@ -248,7 +248,7 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     if top_k is not None:  # exactly k tokens, ties broken by topk's order
         kept = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, kept.indices, kept.values)
-    if top_p is not None:
+    if top_p is not None and top_p < 1:  # at 1, float32 cumsums reaching 1 early would drop the tail
         ordered, index = logits.sort(-1, descending=True)
         probabilities = ordered.softmax(-1)
         drop = probabilities.cumsum(-1) - probabilities >= top_p  # keep the smallest set reaching top_p
