@@ -259,6 +259,48 @@ def test_eval_skips_tasks_longer_than_every_length(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_eval_names_skipped_lengths_and_survives_a_torn_metrics_line(tmp_path, capsys):
+    run = _task_run(tmp_path)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 4, "lo')  # what a killed run leaves
+    capsys.readouterr()
+    assert main(["eval", str(run), "--lengths", "3,32", "--examples", "2", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "miras eval: mqar skipped at 3 tokens: it needs at least 4\n" in err
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
+    """A write that fails (a full disk) leaves the previous results whole."""
+    import miras.files
+    from miras.evaluate import plot_accuracy, write_json
+
+    results = {"tasks": {"mqar": {"results": {"m": [{"context_length": 32, "accuracy": 0.5, "ci_low": 0.2,
+                                                          "ci_high": 0.8}]}}}, "train_length": 32}
+    write_json(results, tmp_path / "results.json")
+    plot_accuracy(results, tmp_path / "accuracy.png")
+    before = {name: (tmp_path / name).read_bytes() for name in ("results.json", "accuracy.png")}
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(miras.files.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        write_json({**results, "more": "x" * 10_000}, tmp_path / "results.json")
+    with pytest.raises(OSError):
+        plot_accuracy({**results, "train_length": 64}, tmp_path / "accuracy.png")
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "results.json"]  # no temp file left
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    run = _task_run(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "caf\udce9", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == ("miras generate: error: --prompt is not valid UTF-8 text (check the "
+                                       "terminal's encoding)\n")
+
+
 def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'nowhere'} is not a run directory " \

@@ -126,6 +126,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         if model.config.vocab_size > 256:
             raise ConfigError(f"{args.run_dir} saved no tokenizer and its vocabulary is not bytes")
         tokenizer = get_tokenizer("byte")
+    try:  # a prompt that is not UTF-8 arrives with surrogate escapes, which no tokenizer can encode
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=device)
     if prompt.numel() == 0:
         raise ConfigError("the prompt is empty")
@@ -186,10 +190,33 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
-def _run_lm_eval(args: argparse.Namespace) -> int:
-    """lm-eval on an HF folder, exporting a native run first (its folder's ``hf/``)."""
-    from .train import ConfigError
+# `miras eval` options that only the native evaluation reads, with their defaults: refused with --lm-eval
+NATIVE_EVAL_OPTIONS = {"tasks": None, "lengths": None, "task_params": None, "examples": 100, "segment": None,
+                       "seed": 0, "perplexity": None, "perplexity_tokens": 2**18}
 
+
+def _run_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval on an HF folder, exporting a native run first (its folder's ``hf/``); results.json into --out."""
+    from .evaluate import _check_out_folder, write_json
+    from .train import ConfigError, resolve_device
+
+    given = [f"--{name.replace('_', '-')}" for name, default in NATIVE_EVAL_OPTIONS.items()
+             if getattr(args, name) != default]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: options of the native evaluation, not of --lm-eval (which takes "
+                          "--limit, --include-path, --batch-size, --device and --out)")
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError(f"--limit must be > 0 (examples per task, a fraction if < 1), got {args.limit:g}")
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    device = str(resolve_device(args.device))
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        try:
+            _check_out_folder(out)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     run_dir = Path(args.run_dir)
     config = run_dir / "config.json"
     if not config.is_file():
@@ -209,8 +236,14 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
         hf_dir = run_dir / "hf"
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False)
+    results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False,
+                          batch_size=batch_size, device=device)
     print(json.dumps(results["results"], indent=1, default=str))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json({"lm_eval": results["results"], "tasks": tasks, "limit": limit, "model_dir": str(hf_dir)},
+                   out / "results.json")
+        print(f"wrote {out / 'results.json'}")
     return 0
 
 

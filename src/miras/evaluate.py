@@ -26,7 +26,7 @@ Choices written down here:
   of ``(seed, L, i)``: independent of the batch size, the other lengths and the model.
 - **Confidence interval**: the 95% Wilson score interval of the binomial proportion (it stays inside
   [0, 1] and is not empty at 0 or n successes, unlike the normal approximation). The JSON holds its
-  ends (``ci_low``, ``ci_high``); the markdown's ``acc ± h`` shows its half-width h.
+  ends (``ci_low``, ``ci_high``); the markdown's cells show them as ``acc [low–high]``.
 - **State size** is ``model.state_bytes(state)`` (bytes per sequence), the largest seen while
   streaming; ``None`` for a model without ``state_bytes``.
 - **Perplexity** is ``exp`` of the mean next-token loss over consecutive windows of ``seq_len``
@@ -37,8 +37,10 @@ Choices written down here:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -242,9 +244,22 @@ def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequ
 
 
 def write_json(results: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
+    """``results`` as JSON, written atomically (a failed write leaves the previous file whole)."""
+    return _write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    from .files import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(data))
+    return Path(path)
+
+
+def _save_figure(figure, path: str | os.PathLike) -> Path:
+    """The figure as PNG, written atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return _write_bytes(path, buffer.getvalue())
 
 
 def _short(length: int) -> str:
@@ -327,13 +342,19 @@ def plot_accuracy(results: dict, path: str | os.PathLike) -> Path:
         axis.set(title=task_name, xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    return _save_figure(figure, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a training run's ``metrics.jsonl`` (blank lines skipped)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a training run's ``metrics.jsonl``; blank lines and lines that are not a JSON object
+    (torn by a killed run: the trainer cuts them back on resume) are skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
 
 
 def plot_losses(metrics: dict[str, str | os.PathLike], path: str | os.PathLike) -> Path:
@@ -347,9 +368,9 @@ def plot_losses(metrics: dict[str, str | os.PathLike], path: str | os.PathLike) 
                 axis.plot(*zip(*points), style, marker="o", markersize=2, color=color, label=label)
     axis.set(xlabel="step", ylabel="loss (nats per token)", title="training")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    if axis.get_legend_handles_labels()[0]:  # a run with no logged step yet draws an empty plot, without a warning
+        axis.legend(fontsize="small")
+    return _save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -398,7 +419,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
     parser.add_argument("--segment", type=int, default=None,
                         help="tokens per forward call while streaming (default: the training length)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward call (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per forward call (default 8; with --lm-eval 1, as generation tasks need)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated examples (default 0)")
     parser.add_argument("--perplexity", metavar="CORPUS", default=None,
                         help="also the perplexity on CORPUS's validation split "
@@ -426,10 +448,9 @@ def _check_out_folder(out: Path) -> None:
 
 
 def _training_length(train_config) -> int:
-    """A task run's context length (its ``data_params`` may set one), else the run's ``seq_len``."""
-    kind, _, spec = train_config.data.partition(":")
-    return train_config.data_params.get("context_length", train_config.seq_len) if kind == "task" \
-        else train_config.seq_len
+    """The run's ``seq_len``: the tokens a training row feeds the model (a task example of ``seq_len + 1``
+    tokens gives ``seq_len`` inputs and their next tokens). The default lengths are its multiples."""
+    return train_config.seq_len
 
 
 def _run_tasks(train_config, names: list[str] | None, length: int, overrides: dict | None = None) -> dict[str, Task]:
@@ -487,15 +508,20 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     name = Path(args.run_dir).resolve().name
     results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
-                       segment=args.segment or train_length, batch_size=args.batch_size, train_length=train_length,
+                       segment=args.segment or train_length, batch_size=args.batch_size or 8, train_length=train_length,
                        text=text, seq_len=train_config.seq_len, max_tokens=args.perplexity_tokens,
                        log=lambda message: print(message, file=sys.stderr))
     table = markdown_table(results)
     print(table)
+    for task_name, entry in results["tasks"].items():
+        if entry["skipped_lengths"]:
+            skipped = ", ".join(map(str, entry["skipped_lengths"]))
+            print(f"miras eval: {task_name} skipped at {skipped} tokens: it needs at least "
+                  f"{tasks[task_name].minimum_length()}", file=sys.stderr)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json(results, out / "results.json")
-        (out / "results.md").write_text(table)
+        _write_bytes(out / "results.md", table.encode())
         plot_accuracy(results, out / "accuracy.png")
         metrics = Path(args.run_dir) / "metrics.jsonl"
         if metrics.exists():

@@ -421,10 +421,15 @@ def test_export_run_converts_a_native_run(tmp_path):
         for tasks in ("miras_tiny_loglikelihood,no_such_task_xyz", ","):
             assert main(["eval", str(run_dir), "--lm-eval", tasks, "--include-path",
                          str(FIXTURES / "tiny_tasks")]) == 2
+        # options of the native evaluation, a --limit of 0 and a bad device are refused before anything runs
+        for bad in (["--examples", "5"], ["--lengths", "64", "--seed", "3"], ["--limit", "0"], ["--device", "tpu"]):
+            assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", *bad]) == 2
         assert not (run_dir / "hf").exists()
         assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", "--limit", "2",
-                     "--include-path", str(FIXTURES / "tiny_tasks")]) == 0
+                     "--include-path", str(FIXTURES / "tiny_tasks"), "--out", str(tmp_path / "lm")]) == 0
         assert (run_dir / "hf" / "model.safetensors").is_file()
+        written = json.loads((tmp_path / "lm" / "results.json").read_text())
+        assert "miras_tiny_loglikelihood" in written["lm_eval"] and written["limit"] == 2
 
 
 # --- lm-evaluation-harness -------------------------------------------------------------------------
