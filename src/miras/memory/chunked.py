@@ -122,10 +122,11 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         return y.transpose(1, 2)[:, :tokens], _final_state(rule, weights, surprise, anchor, position, coef.beta, last)
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
-    if widths is None:
-        first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
-    else:  # Σ_c q_t[c] k_i[c] A[c, t, i] over the first layer's channels
-        first_scores = torch.einsum("nbhtc,nbhic,nbhcti->nbhti", q, k, coef.mix[..., :dk, :, :])
+    with rule.reading(q.device.type):  # part of every read
+        if widths is None:
+            first_scores = coef.mix * torch.matmul(q, k.transpose(-1, -2))
+        else:  # Σ_c q_t[c] k_i[c] A[c, t, i] over the first layer's channels
+            first_scores = torch.einsum("nbhtc,nbhic,nbhcti->nbhti", q, k, coef.mix[..., :dk, :, :])
     retention = rule.retention
     # β since the chunk start: the decay-first gradient point and the KL projection's keep (token-
     # level gates only; channel-wise rules do not use it).
@@ -164,7 +165,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 keep = None if retained_n is None else retained_n[:, :, row, 0]
                 weights = retention.chunk_end(weights, anchor, keep)
                 # The chunk's last token reads the projected state (as in the reference).
-                y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
+                with rule.reading(q_n.device.type):
+                    y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
                 y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
             outputs.append(y_n)
         return outputs, weights, surprise, anchor
@@ -219,7 +221,8 @@ def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scor
     full_precision = torch.autocast(q.device.type, enabled=False)
     with full_precision:
         _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
-    y = rule.architecture.apply(q, _dual_read(weights, surprise, deltas, acts, first_scores, coef))
+    with rule.reading(q.device.type):
+        y = rule.architecture.apply(q, _dual_read(weights, surprise, deltas, acts, first_scores, coef))
     with full_precision:
         weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, row)
     return y, weights, surprise
@@ -257,7 +260,8 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         if position == 0 and retention.projects:
             weights = retention.chunk_end(weights, anchor, retained)
     # in the inputs' dtype, as the chunk path returns it (under autocast a linear read would be bf16)
-    y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2).to(q.dtype)
+    with rule.reading(q.device.type):
+        y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2).to(q.dtype)
     if position == 0:
         return y, MemoryState(weights, surprise)
     return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None)

@@ -154,6 +154,7 @@ class NoRetention:
     projects: ClassVar[bool] = False
     decay_first: ClassVar[bool] = False
     tracks_keep: ClassVar[bool] = False  # the chunk step needs Π(1 − α) since the chunk start
+    precise_reads: ClassVar[bool] = False  # reads stay in the inputs' precision under autocast
 
     def log_retain(self, gates) -> Tensor | None:
         return None
@@ -168,6 +169,7 @@ class Decay:
     projects: ClassVar[bool] = False
     decay_first: ClassVar[bool] = False
     tracks_keep: ClassVar[bool] = False  # the chunk step needs Π(1 − α) since the chunk start
+    precise_reads: ClassVar[bool] = False  # reads stay in the inputs' precision under autocast
 
     def log_retain(self, gates) -> Tensor:
         return _log_complement(gates.decay)
@@ -238,6 +240,9 @@ class KLSoftmax(Decay):
     kind: ClassVar[str] = "kl"
     projects: ClassVar[bool] = True
     tracks_keep: ClassVar[bool] = True
+    # Rows on the simplex make the last layer's output nearly constant across features (its mean ~20x its
+    # spread), and the layer norm after it amplifies a bf16 read's rounding by as much: reads stay float32.
+    precise_reads: ClassVar[bool] = True
 
     def initial(self, weights):
         return tuple(torch.softmax(w, dim=-1) for w in weights)

@@ -68,7 +68,9 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     if any(w.dtype != q.dtype for w in state.weights):
         raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
     weights = state.weights
-    y = rule.architecture.apply(q.transpose(1, 2), lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
+    with rule.reading(q.device.type):
+        y = rule.architecture.apply(q.transpose(1, 2),
+                                    lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
     return y.transpose(1, 2)
 
 
@@ -111,7 +113,8 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             retained = k.new_ones(batch, heads)
         if keep_all is not None and keep_all.dim() == 3:  # token-level; channel-wise rules never need it
             retained = retained * keep_all[:, t]
-        with torch.enable_grad():
+        # the write path in the inputs' precision, as chunked runs it: under autocast only the reads are bf16
+        with torch.enable_grad(), torch.autocast(k.device.type, enabled=False):
             at = [retained[..., None, None] * w for w in start] if retention.decay_first else start
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(at))
             extra = {name: getattr(gates, name)[:, t, :, None, None] for name in rule.bias.gates}
@@ -127,8 +130,10 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 step = surprise[i]
             weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
         if retention.projects and (offset + t + 1) % chunk_size == 0:
-            weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
-        outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2))
+            with torch.autocast(k.device.type, enabled=False):
+                weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
+        with rule.reading(q.device.type):
+            outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2).to(q.dtype))
     position = (offset + tokens) % chunk_size
     final = MemoryState(tuple(weights), tuple(surprise) if momentum else None,
                         tuple(anchor) if position else None, position,

@@ -6,8 +6,11 @@ here; ``memory/README.md`` maps them to the papers.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+import torch
 
 from .architectures import LinearMemory, MLPMemory
 from .objectives import (
@@ -63,6 +66,11 @@ class MemoryRule:
                 isinstance(self.architecture, LinearMemory) and isinstance(self.bias, L2)):
             raise ValueError("ImplicitGD (Longhorn) is closed-form for LinearMemory with the L2 bias only, "
                              f"got {type(self.architecture).__name__} with {type(self.bias).__name__}")
+
+    def reading(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The context of this rule's memory reads: autocast as the caller set it, or off for a retention
+        whose reads need full precision (``precise_reads``). The write path never runs under autocast."""
+        return torch.autocast(device_type, enabled=False) if self.retention.precise_reads else contextlib.nullcontext()
 
     def needed_gates(self) -> set[str]:
         """Names of the Gates fields (besides lr) this rule reads."""

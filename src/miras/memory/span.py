@@ -173,7 +173,8 @@ def _span(rule, q, k, v, mix, beta, carry, surprise_mix, surprise_keep, extra, w
         scores = query_scores if layer == 0 else read * torch.matmul(u, acts[layer].transpose(-1, -2))
         return z + torch.matmul(scores, deltas[layer])
 
-    y = rule.architecture.apply(q, read_linear)
+    with rule.reading(q.device.type):
+        y = rule.architecture.apply(q, read_linear)
 
     with full_precision:
         def state_at(j: int, momentum_state: bool) -> tuple[Tensor, ...]:
