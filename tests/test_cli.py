@@ -291,6 +291,8 @@ def test_eval_results_are_written_atomically(tmp_path, monkeypatch):
         plot_accuracy({**results, "train_length": 64}, tmp_path / "accuracy.png")
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "results.json"]  # no temp file left
+    monkeypatch.undo()
+    assert plot_accuracy(results, tmp_path / "accuracy.pdf").read_bytes()[:5] == b"%PDF-"  # the suffix's format
 
 
 def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):

@@ -451,7 +451,8 @@ def test_a_checkpoint_damaged_inside_is_refused(tmp_path):
     data[at:at + 64] = bytes(b ^ 0x55 for b in data[at:at + 64])
     latest.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=r"step_00000002.pt is damaged: its tensors do not match the checksum "
-                                          r"saved with them; delete it to fall back to step_00000001.pt$"):
+                                          r"saved with them; the one before it, step_00000001.pt, is readable: "
+                                          r"delete step_00000002.pt to fall back to it$"):
         load_run(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"its tensors do not match the checksum"):
         train(dataclasses.replace(config, max_steps=3, resume=True), source())

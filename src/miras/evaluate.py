@@ -256,9 +256,9 @@ def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
-    """The figure as PNG, written atomically."""
+    """The figure in the format its file name says (PNG without a suffix), written atomically."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
     return _write_bytes(path, buffer.getvalue())
 
 

@@ -46,14 +46,8 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        hint = ""
-        if previous is not None:
-            try:
-                _load_checkpoint(previous)
-                hint = f"; the one before it, {previous.name}, is readable: delete {path.name} to fall back to it"
-            except ConfigError:
-                hint = f"; the one before it, {previous.name}, is unusable too"
-        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error)}){hint}") from None
+        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error)}){_fallback(path, previous)}"
+                          ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in CHECKPOINT_KEYS if key not in payload]
@@ -63,9 +57,20 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     if wrong:
         raise ConfigError(f"checkpoint {path} is damaged: {wrong}")
     if "digest" in payload and payload["digest"] != tensor_digest(payload):
-        hint = f"; delete it to fall back to {previous.name}" if previous is not None else ""
-        raise ConfigError(f"checkpoint {path} is damaged: its tensors do not match the checksum saved with them{hint}")
+        raise ConfigError(f"checkpoint {path} is damaged: its tensors do not match the checksum saved with them"
+                          f"{_fallback(path, previous)}")
     return payload
+
+
+def _fallback(path: Path, previous: Path | None) -> str:
+    """The end of an unusable checkpoint's error: whether ``previous`` (the one before it) would do instead."""
+    if previous is None:
+        return ""
+    try:
+        _load_checkpoint(previous)
+    except ConfigError:
+        return f"; the one before it, {previous.name}, is unusable too"
+    return f"; the one before it, {previous.name}, is readable: delete {path.name} to fall back to it"
 
 
 def _malformed(payload: dict) -> str:
