@@ -1,7 +1,9 @@
 # `make demo`: set up .venv (the package and its runtime dependencies) and run `miras demo`.
 # `make test`: set up .venv with the dev extras and run the CPU test suite. `make bench`: the memory-layer benchmark.
-# TORCH_SPEC picks the torch that is installed when the venv has none; the default is the
-# CPU build (override e.g. `make test TORCH_SPEC="torch==2.5.1 --index-url ..."`).
+# TORCH_SPEC picks the torch that is installed when the venv has none (a venv that has torch keeps it).
+# The default, torch==2.13.0, is the CPU build only where pip finds a local CPU wheel (this project's
+# machines); elsewhere PyPI's is the CUDA build: pass the CPU index, as the README says
+# (`make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -62,4 +64,5 @@ clean:
 # A throwaway venv with titans-pytorch 0.5.5 for the benchmark comparison (never a dependency).
 bench-baseline-venv:
 	test -x .bench/titans-venv/bin/python || $(PYTHON) -m venv .bench/titans-venv
-	.bench/titans-venv/bin/python -m pip install -q $(TORCH_SPEC) titans-pytorch==0.5.5
+	.bench/titans-venv/bin/python -m pip install -q $(TORCH_SPEC)
+	.bench/titans-venv/bin/python -m pip install -q titans-pytorch==0.5.5  # apart: TORCH_SPEC may set --index-url

@@ -154,6 +154,17 @@ def test_conclusions_name_split_seeds_and_untested_lengths():
     assert "holds here for lmm; not tested at 16x: mac (keeps recalling at 4x, its longest)" in lines[-1]
 
 
+def test_quick_says_it_is_a_smoke_test(tmp_path, capsys):
+    import argparse
+
+    args = argparse.Namespace(quick=True, out=str(tmp_path / "q"), seeds=None, steps=None, workers=None, size="tiny")
+    assert run_demo_command(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("miras demo --quick: a smoke test of the pipeline (3 training steps at tiny widths): the "
+                          "models are not expected to learn")
+    assert "not resolved by 1 seed." in out and re.search(r"miras demo: done in \d+ s; wrote", out)
+
+
 def test_repeated_seeds_are_refused():
     import argparse
 

@@ -415,7 +415,7 @@ def _comparisons(config: DemoConfig, pooled: dict) -> list[dict]:
 
 
 def _outcome(c: dict, seeds: int) -> str:
-    return f"{c['outcome']} ahead" if c["outcome"] else f"not resolved by {seeds} seeds"
+    return f"{c['outcome']} ahead" if c["outcome"] else f"not resolved by {seeds} seed{'s' * (seeds != 1)}"
 
 
 def _comparison_lines(config: DemoConfig, comparisons: list[dict]) -> list[str]:
@@ -607,7 +607,8 @@ def run_demo(config: DemoConfig) -> Path:
                  if r["seed"] == first}, out / "loss.png")
     (out / "report.md").write_text(_report(config, pooled, comparisons, per_seed, results, lines, wall, machine))
     print("\n".join([*lines, *_reuse_lines(results)]).rstrip())
-    print(f"miras demo: done in {wall / 60:.1f} min; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")
+    took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
+    print(f"miras demo: done in {took}; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")
     return out
 
 
@@ -647,6 +648,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"miras demo: error: {error}", file=sys.stderr)
         return 2
+    if args.quick:
+        print(f"miras demo --quick: a smoke test of the pipeline ({config.steps} training steps at tiny widths): "
+              "the models are not expected to learn, and the verdicts below say so", flush=True)
     run_demo(config)
     return 0
 
