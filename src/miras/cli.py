@@ -264,7 +264,8 @@ def _hf(*names: str):
     try:
         import miras.hf as hf
     except ImportError as error:
-        raise ConfigError(f"this command needs the HF extra ({error}): pip install 'miras-lm[hf]' "
+        missing = f"{error.name} is not installed" if error.name else str(error)
+        raise ConfigError(f"this command needs the HF extra ({missing}): pip install 'miras-lm[hf]' "
                           "(and 'miras-lm[eval]' for lm-eval)") from None
     return [getattr(hf, name) for name in names]
 

@@ -114,6 +114,20 @@ def test_importing_miras_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_miras_hf_without_transformers_names_the_install(tmp_path):
+    code = ("import sys\nsys.modules['transformers'] = None  # as if it were not installed\n"
+            "try:\n    import miras.hf\nexcept ModuleNotFoundError as error:\n    print(error.name, '|', error)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
+    assert out == "transformers | miras.hf needs Hugging Face transformers: pip install 'miras-lm[hf]' (or pip " \
+                  "install transformers)\n"
+    (tmp_path / "config.json").write_text("{}")  # a run folder, as far as `export` checks before miras.hf
+    code = f"import sys\nsys.modules['transformers'] = None\nfrom miras.cli import main\nmain(['export', " \
+           f"{str(tmp_path)!r}, {str(tmp_path / 'hf')!r}])"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    assert err == ("miras export: error: this command needs the HF extra (transformers is not installed): pip install "
+                   "'miras-lm[hf]' (and 'miras-lm[eval]' for lm-eval)\n")
+
+
 # --- state selection (beam search) -----------------------------------------------------------------
 
 def test_state_tables_cover_every_field_of_every_state_type():

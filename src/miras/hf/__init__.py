@@ -9,7 +9,13 @@
 >>> run_lm_eval("out", ["lambada_openai"], limit=100)      # lm-evaluation-harness (pip install lm-eval)
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+try:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+except ModuleNotFoundError as error:
+    if error.name != "transformers":
+        raise
+    raise ModuleNotFoundError("miras.hf needs Hugging Face transformers: pip install 'miras-lm[hf]' (or "
+                              "pip install transformers)", name="transformers") from None
 
 from . import modeling_miras  # noqa: F401  (the module the classes name as theirs; save_pretrained copies it)
 from .configuration import MirasConfig
