@@ -284,7 +284,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return 0
-    from .files import atomic_write
+    from .files import atomic_write_bytes
     from .train_config import ConfigError
 
     try:
@@ -305,12 +305,12 @@ def run_bench(args: argparse.Namespace) -> int:
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
             "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides, "matmul_gflops": rate}
     report = json.dumps({"meta": meta, "results": results}, indent=1)
-    atomic_write(args.out / "models.json", lambda handle: handle.write(report.encode()))
+    atomic_write_bytes(args.out / "models.json", report.encode())
     extra = f", overrides {overrides}" if overrides else ""
     memory = "CUDA allocator peak" if on_gpu else "peak RSS"
     table = (f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
              f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n" + tables(results, rate))
-    atomic_write(args.out / "models.md", lambda handle: handle.write(table.encode()))
+    atomic_write_bytes(args.out / "models.md", table.encode())
     print(f"wrote {args.out / 'models.md'}")
     return 0
 

@@ -190,18 +190,19 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
-# `miras eval` options that only the native evaluation reads, with their defaults: refused with --lm-eval
-NATIVE_EVAL_OPTIONS = {"tasks": None, "lengths": None, "task_params": None, "examples": 100, "segment": None,
-                       "seed": 0, "perplexity": None, "perplexity_tokens": 2**18}
+# `miras eval` options that only the native evaluation reads: refused with --lm-eval when not at their defaults
+NATIVE_EVAL_OPTIONS = ("tasks", "lengths", "task_params", "examples", "segment", "seed", "perplexity",
+                       "perplexity_tokens")
 
 
 def _run_lm_eval(args: argparse.Namespace) -> int:
     """lm-eval on an HF folder, exporting a native run first (its folder's ``hf/``); results.json into --out."""
-    from .evaluate import _check_out_folder, write_json
+    from .evaluate import add_eval_arguments, check_out_folder, write_json
     from .train import ConfigError, resolve_device
 
-    given = [f"--{name.replace('_', '-')}" for name, default in NATIVE_EVAL_OPTIONS.items()
-             if getattr(args, name) != default]
+    defaults = add_eval_arguments(argparse.ArgumentParser())  # the defaults as the eval parser sets them
+    given = [f"--{name.replace('_', '-')}" for name in NATIVE_EVAL_OPTIONS
+             if getattr(args, name) != defaults.get_default(name)]
     if given:
         raise ConfigError(f"{', '.join(given)}: options of the native evaluation, not of --lm-eval (which takes "
                           "--limit, --include-path, --batch-size, --device and --out)")
@@ -214,7 +215,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else None
     if out is not None:
         try:
-            _check_out_folder(out)
+            check_out_folder(out)
         except ValueError as error:
             raise ConfigError(str(error)) from None
     run_dir = Path(args.run_dir)

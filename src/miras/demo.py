@@ -400,8 +400,8 @@ def _comparisons(config: DemoConfig, pooled: dict) -> list[dict]:
     rows = pooled["tasks"][config.task]["results"]
     found = []
     for titans in (m for m in config.models if m.role == "titans"):
+        mine = {r["context_length"]: r for r in rows[titans.name]}
         for other in (m for m in config.models if m.role != "titans"):
-            mine = {r["context_length"]: r for r in rows[titans.name]}
             common = [r["context_length"] for r in rows[other.name] if r["context_length"] in mine]
             if not common:
                 continue

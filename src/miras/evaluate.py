@@ -60,6 +60,7 @@ from torch import Tensor
 from .data.base import IGNORE
 from .data.tasks import Example, Task, exact_match, generate
 from .data.text import windows
+from .files import atomic_write_bytes
 
 RESULTS_FORMAT = "miras.eval/1"
 WILSON_Z = 1.959963984540054  # the 97.5% quantile of the standard normal: a two-sided 95% interval
@@ -245,21 +246,14 @@ def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequ
 
 def write_json(results: dict, path: str | os.PathLike) -> Path:
     """``results`` as JSON, written atomically (a failed write leaves the previous file whole)."""
-    return _write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
-
-
-def _write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    from .files import atomic_write
-
-    atomic_write(path, lambda handle: handle.write(data))
-    return Path(path)
+    return atomic_write_bytes(path, (json.dumps(results, indent=2) + "\n").encode())
 
 
 def _save_figure(figure, path: str | os.PathLike) -> Path:
     """The figure in the format its file name says (PNG without a suffix), written atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=120)
-    return _write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _short(length: int) -> str:
@@ -433,7 +427,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-def _check_out_folder(out: Path) -> None:
+def check_out_folder(out: Path) -> None:
     """``--out`` (or the run folder) can hold the results: a folder, or one that can be made. Tried by
     making (and removing) an empty folder in it or in its nearest existing parent: nothing is left."""
     if out.exists() and not out.is_dir():
@@ -490,7 +484,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.perplexity and args.perplexity_tokens < 2:
             raise ValueError(f"--perplexity-tokens must be >= 2, got {args.perplexity_tokens}")
-        _check_out_folder(out)
+        check_out_folder(out)
         model, train_config, tokenizer = load_run(args.run_dir, device=str(resolve_device(args.device)))
         train_length = _training_length(train_config)
         lengths = args.lengths or [train_length * 2**k for k in range(7)]
@@ -521,7 +515,7 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json(results, out / "results.json")
-        _write_bytes(out / "results.md", table.encode())
+        atomic_write_bytes(out / "results.md", table.encode())
         plot_accuracy(results, out / "accuracy.png")
         metrics = Path(args.run_dir) / "metrics.jsonl"
         if metrics.exists():

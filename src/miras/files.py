@@ -27,6 +27,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[typing.BinaryIO], Non
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` as the whole of ``path``, written as ``atomic_write`` writes."""
+    atomic_write(path, lambda handle: handle.write(data))
+    return Path(path)
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0o022)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from .files import atomic_write
+from .files import atomic_write, atomic_write_bytes
 from .models import LanguageModel, ModelConfig
 from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig, first_line
 
@@ -224,7 +224,7 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         with contextlib.suppress(ValueError):
             if json.loads(line)["step"] <= step:
                 kept.append(line + "\n")
-    atomic_write(path, lambda handle: handle.write("".join(kept).encode()))
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
@@ -233,7 +233,7 @@ def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
     for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
         stale.unlink()
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
-    atomic_write(run_dir / "config.json", lambda handle: handle.write(json.dumps(saved, indent=2).encode()))
+    atomic_write_bytes(run_dir / "config.json", json.dumps(saved, indent=2).encode())
     if tokenizer is not None:
         tokenizer.save(run_dir)
     _keep_metrics_until(run_dir / "metrics.jsonl", step)

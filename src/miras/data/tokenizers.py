@@ -34,7 +34,7 @@ import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ..files import atomic_write
+from ..files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .text import Corpus
@@ -72,7 +72,7 @@ def _write_metadata(directory: str | Path, kind: str, vocab_size: int) -> None:
     """Written last by every ``save`` (and atomically, like the tokenizer's own files: a resumed run saves
     again over the files its checkpoint depends on), so a folder with it holds a whole tokenizer."""
     text = json.dumps({"kind": kind, "vocab_size": vocab_size}) + "\n"
-    atomic_write(Path(directory) / METADATA, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_bytes(Path(directory) / METADATA, text.encode("utf-8"))
 
 
 def _folder(directory: str | Path) -> Path:
@@ -172,7 +172,7 @@ class BPETokenizer:
     def save(self, directory: str | Path) -> None:
         directory = _folder(directory)
         text = self.tokenizer.to_str(pretty=True)  # what ``Tokenizer.save`` writes, through a temp file
-        atomic_write(directory / "tokenizer.json", lambda handle: handle.write(text.encode("utf-8")))
+        atomic_write_bytes(directory / "tokenizer.json", text.encode("utf-8"))
         _write_metadata(directory, self.kind, self.vocab_size)
 
     @classmethod
@@ -237,8 +237,7 @@ class HFTokenizer:
                 if file.is_file():
                     target = directory / file.relative_to(temp)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    data = file.read_bytes()
-                    atomic_write(target, lambda handle, data=data: handle.write(data))
+                    atomic_write_bytes(target, file.read_bytes())
         _write_metadata(directory, self.kind, self.vocab_size)
 
     @classmethod
