@@ -380,8 +380,11 @@ def test_engine_errors_name_the_problem():
         chunked(TITANS, q, q, torch.randn(2, 5, 3, 5), Gates(lr=gates.lr, momentum=gates.lr, decay=gates.lr))
     _, state = chunked(DELTANET, q, q, q, gates, None, 4)
     assert state.position == 1
-    with pytest.raises(ValueError, match="state.position is 1"):
+    with pytest.raises(ValueError, match="the state was left 1 tokens into a chunk of 4; continue it with "
+                                         "chunk_size=4"):
         chunked(DELTANET, q, q, q, gates, state, 1)
+    with pytest.raises(ValueError, match="state.position is 1: .* continue it with the chunk_size it was made with"):
+        chunked(DELTANET, q, q, q, gates, dataclasses.replace(state, chunk_size=0), 1)  # a state saved before
     with pytest.raises(TypeError, match="the state's tensors must have q, k and v's dtype torch.float64"):
         chunked(DELTANET, q.double(), q.double(), q.double(), Gates(lr=gates.lr.double()), state)
     with pytest.raises(ValueError, match="state.position must be an integer >= 0"):

@@ -1,6 +1,7 @@
 """Edges of the engine's contract: gates at their closed ends, second derivatives, expanded leaf states,
 inference mode, autocast dtypes, and the rule fields' checks."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from miras.memory import (
     DELTANET,
+    GATED_DELTANET,
     MAMBA2,
     TITANS,
     TTT_LINEAR,
@@ -98,6 +100,100 @@ def test_an_expanded_leaf_state_gets_a_gradient_per_row():
                                rtol=0, atol=1e-12)
     by_hand = grad(lambda s: read(TTT_LINEAR, MemoryState((s.weights[0].expand(3, 3, 4, 4) * 1.0,)), q))
     torch.testing.assert_close(grad(lambda s: read(TTT_LINEAR, s, q)), by_hand, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["span", "chunk loop", "read"])
+def test_an_expanded_state_that_is_not_a_leaf_gets_a_gradient_per_row(path):
+    """MemoryLayer.init_state's weights: a parameter expanded over the batch (stride 0, not a leaf). The
+    gradient w.r.t. the expanded tensor itself is one per row, as the reference gives it (the span form
+    and read multiply the shared weights once; they once put every row's gradient in row 0)."""
+    q, k, v, gates, state = make_inputs(TITANS, batch=3, tokens=9)
+    bases = [w[0].clone().requires_grad_() for w in state.weights]
+    # a random projection of the outputs (their plain sum is ~0: the memory ends in a layer norm)
+    projection = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grads(run):
+        weights = tuple(base.unsqueeze(0).expand(3, *base.shape) for base in bases)
+        momentum = tuple(torch.zeros(w.shape, dtype=w.dtype) for w in weights)
+        y = run(MemoryState(weights, momentum))
+        return torch.autograd.grad((y * projection).sum(), weights)
+
+    if path == "read":
+        def fast(s):
+            return read(TITANS, s, q)
+
+        def slow(s):
+            return read(TITANS, MemoryState(tuple(w.contiguous() for w in s.weights)), q)
+    else:
+        def fast(s):
+            return chunked(TITANS, q, k, v, gates, s, 4, span=None if path == "span" else 1)[0]
+
+        def slow(s):
+            return recurrent(TITANS, q, k, v, gates, s, 4)[0]
+    expected = grads(slow)
+    assert all(g[1].abs().max() > 1e-3 for g in expected)  # every row has its own, non-zero gradient
+    for got, want in zip(grads(fast), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_a_shared_start_state_reads_under_bf16_autocast_as_a_copy_does():
+    """The shared product runs in the autocast dtype and returns gradients in the inputs' dtypes."""
+    q, k, v, gates, state = make_inputs(TITANS, batch=3, tokens=9, dtype=torch.float32)
+    bases = [w[0].clone().requires_grad_() for w in state.weights]
+    projection = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for copy in (False, True):
+        weights = tuple(b.unsqueeze(0).expand(3, *b.shape) for b in bases)
+        weights = tuple(w.contiguous() for w in weights) if copy else weights
+        q_ = q.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = read(TITANS, MemoryState(weights), q_)
+        grads = torch.autograd.grad((y.float() * projection).sum(), [q_, *bases])
+        results.append((y, grads))
+    (y_shared, g_shared), (y_copy, g_copy) = results
+    assert y_shared.dtype == y_copy.dtype
+    torch.testing.assert_close(y_shared, y_copy, rtol=0, atol=0)
+    for a, b in zip(g_shared, g_copy):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def _slice(gates: Gates, start: int, stop: int) -> Gates:
+    return Gates(**{name: gate[:, start:stop] for name, gate in gates.present().items()})
+
+
+@pytest.mark.parametrize("path", [chunked, recurrent])
+def test_a_state_left_mid_chunk_continues_only_at_its_chunk_size(path):
+    """A state records the chunk size it was left inside; another one (larger too) would compute neither
+    call's result, so it is an error that names the right one. delta (chunk 1) says to use chunked."""
+    q, k, v, gates, state = make_inputs(DELTANET, tokens=20)
+    _, mid = path(DELTANET, q[:, :13], k[:, :13], v[:, :13], _slice(gates, 0, 13), state, 8)
+    assert (mid.position, mid.chunk_size) == (5, 8)
+    rest = (q[:, 13:], k[:, 13:], v[:, 13:], _slice(gates, 13, 20))
+    for other in (6, 16):
+        with pytest.raises(ValueError, match=f"left 5 tokens into a chunk of 8; continue it with chunk_size=8, got "
+                                             f"{other}"):
+            path(DELTANET, *rest, mid, other)
+    with pytest.raises(ValueError, match="delta continues states at a chunk boundary .* left 5 tokens into a chunk "
+                                         "of 8: continue it with chunked or recurrent"):
+        delta(DELTANET, *rest, mid)
+    expected, _ = recurrent(DELTANET, q, k, v, gates, state, 8)
+    torch.testing.assert_close(path(DELTANET, *rest, mid, 8)[0], expected[:, 13:], rtol=0, atol=1e-12)
+    # a boundary records none; the detached, moved and saved forms keep it
+    assert path(DELTANET, q[:, :16], k[:, :16], v[:, :16], _slice(gates, 0, 16), state, 8)[1].chunk_size == 0
+    assert mid.detach().chunk_size == mid.to(torch.float32).chunk_size == 8
+
+
+def test_a_state_s_counts_and_retention_product_are_checked():
+    q, k, v, gates, state = make_inputs(GATED_DELTANET, tokens=6)
+    _, mid = chunked(GATED_DELTANET, q[:, :3], k[:, :3], v[:, :3], _slice(gates, 0, 3), state, 4)
+    rest = (q[:, 3:], k[:, 3:], v[:, 3:], _slice(gates, 3, 6))
+    for field, value, message in [("position", True, r"state.position must be an integer >= 0 .*got True"),
+                                  ("chunk_size", -1, r"state.chunk_size must be an integer >= 0 .*got -1"),
+                                  ("retained", mid.retained * 3, r"state.retained .* must be in \(0, 1\]"),
+                                  ("weights", list(mid.weights), "state.weights, .* must be tuples of tensors")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            chunked(GATED_DELTANET, *rest, dataclasses.replace(mid, **{field: value}), 4)
 
 
 @pytest.mark.parametrize("rule", [DELTANET, TITANS])

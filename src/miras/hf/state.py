@@ -31,7 +31,7 @@ BATCHED_FIELDS: dict[type, tuple[str, ...]] = {
 SHARED_FIELDS: dict[type, tuple[str, ...]] = {
     ModelState: ("seen", "model"),
     MemoryLayerState: (),
-    MemoryState: ("position",),
+    MemoryState: ("position", "chunk_size"),
     KVCache: ("positions", "seen"),
     MACState: ("filled",),
     PairState: (),

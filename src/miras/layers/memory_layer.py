@@ -108,7 +108,7 @@ class MemoryLayer(nn.Module):
                  gate_init: dict[str, float] | None = None, fused: bool | None = None):
         super().__init__()
         check_rule(rule)
-        for name, value in (("dim", dim), ("heads", heads), ("conv_size", conv_size)) + \
+        for name, value in (("dim", dim), ("heads", heads), ("conv_size", conv_size), ("block_size", block_size)) + \
                 (() if head_dim is None else (("head_dim", head_dim),)):
             check_count(name, value)
         if not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
@@ -126,7 +126,7 @@ class MemoryLayer(nn.Module):
         if gating == "channel" and (impl == "delta" or not supports_channel_gates(rule)):
             raise ValueError(f"gating='channel' needs a rule without PreDecay/KLSoftmax/implicit GD and impl other "
                              f"than 'delta'; got {rule.name()} with impl={impl!r} (use gating='token')")
-        if gating == "channel" and (not isinstance(gate_rank, int) or gate_rank < 1):
+        if gating == "channel" and (not isinstance(gate_rank, int) or isinstance(gate_rank, bool) or gate_rank < 1):
             raise ValueError(f"gate_rank must be an integer >= 1, got {gate_rank!r}")
         if head_dim is None:
             if dim % heads:

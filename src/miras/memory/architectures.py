@@ -47,17 +47,54 @@ def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
 
     Weights shared by every batch row (a learned initial memory expanded with batch stride 0) are
     multiplied once per head: ``torch.matmul`` would copy them per row (its batched path reshapes the
-    expanded operand). Only for reads whose weight gradient is wanted w.r.t. what the weights were
-    expanded from: it reaches the expanded rows through row 0 alone, so an inner gradient taken
-    w.r.t. the expanded tensor itself (the reference's ``autograd.grad``) must not use it, nor may an
-    expanded tensor that is itself a leaf wanting its gradient (it gets one per row)."""
-    w_t = w.transpose(-1, -2) if transpose else w
-    if (u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]
-            or (w.is_leaf and w.requires_grad)):
-        return torch.matmul(u, w_t)
+    expanded operand). The gradient w.r.t. ``w`` is still one per row (``_SharedMatmul``), as the plain
+    matmul gives it: what ``w`` was expanded from gets their sum, and a caller that asks for the
+    gradient w.r.t. the expanded tensor itself (``autograd.grad``, a leaf) gets every row's own."""
+    if u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]:
+        return torch.matmul(u, w.transpose(-1, -2) if transpose else w)
+    return _SharedMatmul.apply(u, w, transpose)
+
+
+def _rows_shared(u: Tensor, w: Tensor, transpose: bool) -> Tensor:
+    """``u Wᵀ`` (or ``u W``) with W = w[0] for every row: one matmul per head over all rows' tokens."""
     batch, heads, tokens, dim = u.shape
-    out = torch.matmul(u.transpose(0, 1).reshape(heads, batch * tokens, dim), w_t[0])
+    out = torch.matmul(u.transpose(0, 1).reshape(heads, batch * tokens, dim), w[0].transpose(-1, -2) if transpose
+                       else w[0])
     return out.view(heads, batch, tokens, -1).transpose(0, 1)
+
+
+class _SharedMatmul(torch.autograd.Function):
+    """``shared_matmul``'s stride-0 case. Forward multiplies by w[0] alone; backward gives u its gradient
+    the same way and w one gradient per row, [B, H, out, in] (what backward through an expand makes
+    anyway). The backward is made of differentiable ops (itself through this function), so second
+    derivatives work. Under autocast the product runs in the autocast dtype, as ``torch.matmul`` would,
+    and the gradients return in the inputs' dtypes (second derivatives then reach the expanded rows
+    through row 0: their sum, what the shared weights get, is right)."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, w: Tensor, transpose: bool) -> Tensor:
+        device = u.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
+        cast_u = u.to(dtype)
+        cast_w = w if w.dtype == dtype else w[0].to(dtype).expand_as(w)
+        with torch.autocast(device, enabled=False):
+            out = _rows_shared(cast_u, cast_w, transpose)
+        ctx.save_for_backward(cast_u, cast_w)
+        ctx.transpose, ctx.dtypes = transpose, (u.dtype, w.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, w = ctx.saved_tensors
+        grad = grad.to(u.dtype)
+        grad_u = grad_w = None
+        if ctx.needs_input_grad[0]:  # out = u M with M = Wᵀ (transpose) or W: du = grad Mᵀ
+            grad_u = shared_matmul(grad, w, transpose=not ctx.transpose).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:  # dM = uᵀ grad per row; dW = dMᵀ when M = Wᵀ
+            per_row = (torch.matmul(grad.transpose(-1, -2), u) if ctx.transpose
+                       else torch.matmul(u.transpose(-1, -2), grad))
+            grad_w = per_row.to(ctx.dtypes[1])
+        return grad_u, grad_w, None
 
 
 def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:

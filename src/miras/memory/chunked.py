@@ -119,7 +119,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     if span > 1 and span_supports(rule, channelwise=widths is not None, offset=offset):
         y, weights, surprise, anchor = span_chunks(rule, q, k, v, coef, extra, state.weights, state.momentum, last,
                                                    span, lambda v, extra: _output_grad(rule, v, None, extra))
-        return y.transpose(1, 2)[:, :tokens], _final_state(rule, weights, surprise, anchor, position, coef.beta, last)
+        return y.transpose(1, 2)[:, :tokens], _final_state(rule, weights, surprise, anchor, position, coef.beta, last,
+                                                                  chunk_size)
     # Every architecture's first layer reads the raw query and writes with the raw key, so the
     # first layer's masked scores A ⊙ (Q Kᵀ) do not depend on the state: one batched matmul.
     with rule.reading(q.device.type):  # part of every read
@@ -143,7 +144,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         ys, weights, surprise, anchor = fused_chunks(rule, q, k, v, first_scores, coef, weights, surprise, last,
                                                      max(recompute, 1), compile, keep_anchor=position != 0)
         y = ys.permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
-        return y[:, :tokens], _final_state(rule, weights, surprise, anchor, position, retained, last)
+        return y[:, :tokens], _final_state(rule, weights, surprise, anchor, position, retained, last, chunk_size)
     # Split into per-chunk views once: indexing x[n] inside the loop would make backward allocate
     # (and fill) a full-size zero gradient per chunk, quadratic in T; unbind's backward is one stack.
     per_chunk = list(zip(q.unbind(0), k.unbind(0), v.unbind(0), first_scores.unbind(0), coef.unbind(),
@@ -182,14 +183,17 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             ys, weights, surprise, anchor = run(first, stop, weights, surprise, anchor)
         outputs += ys
     y = torch.stack(outputs).permute(1, 0, 3, 2, 4).reshape(batch, chunks * size, heads, dv)
-    return y[:, offset:offset + tokens], _final_state(rule, weights, surprise, anchor, position, retained, last)
+    return y[:, offset:offset + tokens], _final_state(rule, weights, surprise, anchor, position, retained, last,
+                                                      chunk_size)
 
 
-def _final_state(rule, weights, surprise, anchor, position: int, retained: Tensor | None, last: int) -> MemoryState:
+def _final_state(rule, weights, surprise, anchor, position: int, retained: Tensor | None, last: int,
+                 chunk_size: int) -> MemoryState:
     """The state after the call; mid-chunk it keeps the chunk-start weights and, for the rules that need
     it, β since the chunk start at the last token."""
-    kept = retained[-1][:, :, last, 0] if position and needs_retained(rule) else None
-    return MemoryState(weights, surprise, anchor if position else None, position, kept)
+    # a copy, not a view: a view would keep the whole call's [N, B, H, C, 1] products alive in the state
+    kept = retained[-1][:, :, last, 0].clone() if position and needs_retained(rule) else None
+    return MemoryState(weights, surprise, anchor if position else None, position, kept, chunk_size if position else 0)
 
 
 def check_fused(fused) -> None:
@@ -264,7 +268,7 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2).to(q.dtype)
     if position == 0:
         return y, MemoryState(weights, surprise)
-    return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None)
+    return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None, chunk_size)
 
 
 def _output_grad(rule: MemoryRule, v: Tensor, scale: Tensor | None, extra: dict[str, Tensor]):

@@ -48,6 +48,11 @@ def delta(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state
     if not supports_delta(rule):
         raise ValueError("delta computes LinearMemory + L2 + (NoRetention | Decay | PreDecay) + (GD | ImplicitGD) "
                          f"rules (DeltaNet, Gated DeltaNet, Longhorn); got {rule.name()}")
+    if isinstance(state, MemoryState) and state.position:
+        size = f"a chunk of {state.chunk_size}" if state.chunk_size else "a chunk"
+        raise ValueError(f"delta continues states at a chunk boundary (from delta, or chunked/recurrent with "
+                         f"chunk_size=1); this one was left {state.position} tokens into {size}: continue it with "
+                         f"chunked or recurrent at that chunk_size")
     check_inputs(rule, q, k, v, gates, state, 1)
     if gates.channelwise:
         raise ValueError("delta takes token-level gates [B, T, H] only (the WY form needs a scalar decay per "

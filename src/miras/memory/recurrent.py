@@ -137,7 +137,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     position = (offset + tokens) % chunk_size
     final = MemoryState(tuple(weights), tuple(surprise) if momentum else None,
                         tuple(anchor) if position else None, position,
-                        retained if position and needs_retained(rule) else None)
+                        retained if position and needs_retained(rule) else None, chunk_size if position else 0)
     return torch.stack(outputs, dim=1), final
 
 

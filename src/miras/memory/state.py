@@ -95,6 +95,17 @@ def needs_retained(rule) -> bool:
     return rule.retention.tracks_keep
 
 
+def detached(t: Tensor) -> Tensor:
+    """``t.detach()``, copied if it is a view of a parameter (one row kept if it is expanded over the batch)."""
+    parameter = isinstance(t._base, torch.nn.Parameter)
+    t = t.detach()
+    if not parameter:
+        return t
+    if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1].clone().expand_as(t)
+    return t.clone()
+
+
 @dataclass(frozen=True)
 class MemoryState:
     """The memory's recurrent state.
@@ -108,6 +119,8 @@ class MemoryState:
     sequence into calls gives the same outputs and state as one call.
     retained: ``[B, H]``, Π(1 − α) over those ``position`` tokens, kept (mid-chunk only) for the
     retentions whose chunk step needs it (KLSoftmax, PreDecay; ``needs_retained(rule)``).
+    chunk_size: mid-chunk, the chunk size of the call that left it there (a call continuing it must use
+    the same); 0 at a chunk boundary, or unrecorded (states saved before it was kept).
     """
 
     weights: tuple[Tensor, ...]
@@ -115,15 +128,19 @@ class MemoryState:
     chunk_start: tuple[Tensor, ...] | None = None
     position: int = 0
     retained: Tensor | None = None
+    chunk_size: int = 0
 
     def _map(self, fn) -> MemoryState:
         return MemoryState(tuple(map(fn, self.weights)), _maybe(self.momentum, lambda m: tuple(map(fn, m))),
                            _maybe(self.chunk_start, lambda m: tuple(map(fn, m))), self.position,
-                           _maybe(self.retained, fn))
+                           _maybe(self.retained, fn), self.chunk_size)
 
     def detach(self) -> MemoryState:
-        """The same state cut from the autograd graph (truncated backpropagation through time)."""
-        return self._map(lambda t: t.detach())
+        """The same state cut from the autograd graph (truncated backpropagation through time). Weights
+        that are still a layer's learned initial memory (a view of the parameter, expanded over the
+        batch) are copied: an optimizer step or ``load_state_dict`` changes the parameter in place, and
+        must not change a state that was made before it."""
+        return self._map(detached)
 
     def to(self, *args, **kwargs) -> MemoryState:
         return self._map(lambda t: t.to(*args, **kwargs))
@@ -163,9 +180,16 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])), k.dtype)
     if state is not None:
         check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1], k.dtype)
+        if state.position and state.chunk_size and state.chunk_size != chunk_size:
+            raise ValueError(f"the state was left {state.position} tokens into a chunk of {state.chunk_size}; "
+                             f"continue it with chunk_size={state.chunk_size}, got {chunk_size}")
         if not 0 <= state.position < chunk_size:
             raise ValueError(f"state.position is {state.position}: the state was left inside a chunk of a larger "
-                             f"chunk_size; continue it with a chunk_size > {state.position}, got {chunk_size}")
+                             f"chunk_size; continue it with the chunk_size it was made with, got {chunk_size}")
+
+
+STATE_COUNTS = {"position": "tokens into the current chunk",
+                "chunk_size": "the chunk size of a state left mid-chunk; 0 at a chunk boundary"}
 
 
 def check_count(name: str, value) -> None:
@@ -247,9 +271,15 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
                 dtype: torch.dtype | None = None) -> None:
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a miras.memory.MemoryState or None, got {type(state).__name__}")
-    if not isinstance(state.position, int) or state.position < 0:
-        raise ValueError(f"state.position must be an integer >= 0 (tokens into the current chunk), "
-                         f"got {state.position!r}")
+    for name in ("position", "chunk_size"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"state.{name} must be an integer >= 0 ({STATE_COUNTS[name]}), got {value!r}")
+    if not isinstance(state.weights, tuple) or not isinstance(state.momentum, (tuple, type(None))) \
+            or not isinstance(state.chunk_start, (tuple, type(None))):
+        raise TypeError("state.weights, and state.momentum and state.chunk_start when given, must be tuples of "
+                        f"tensors, got {type(state.weights).__name__}, {type(state.momentum).__name__}, "
+                        f"{type(state.chunk_start).__name__}")
     expected = check_weights(rule, state.weights, batch, heads, dk, dv)
     if dtype is not None and any(t.dtype != dtype for t in state.tensors()):
         raise TypeError(f"the state's tensors must have q, k and v's dtype {dtype}, got "
@@ -271,3 +301,7 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
                          f"retention needs it (KLSoftmax, PreDecay); position={state.position}, rule {rule.name()}")
     if state.retained is not None and tuple(state.retained.shape) != (batch, heads):
         raise ValueError(f"state.retained must have shape {[batch, heads]}, got {list(state.retained.shape)}")
+    if state.retained is not None and state.retained.device.type == "cpu" and state.retained.numel() and not (
+            0 < state.retained.min() and state.retained.max() <= 1):
+        raise ValueError("state.retained is a product of retentions 1 − α: it must be in (0, 1], got values in "
+                         f"[{state.retained.min().item():.3g}, {state.retained.max().item():.3g}]")
