@@ -55,6 +55,40 @@ def test_bench_checks_every_family_with_the_overrides(tmp_path, capsys, nothing_
     assert not out.exists()
 
 
+def test_bench_gives_each_family_the_overrides_it_uses(tmp_path, capsys, nothing_runs):
+    """One set of --overrides for several families: each takes those it reads; one that no family reads
+    is an error (a typo or a mistake, not a silently identical run)."""
+    out = tmp_path / "bench"
+    cases = list(miras.bench.cases(["transformer", "titans-lmm"], "tiny", [32], [40], {"impl": "compiled",
+                                                                                      "recompute": 2}))
+    assert {(c["family"], c["kind"]): c["overrides"] for c in cases} == {
+        ("transformer", "train"): {"recompute": 2}, ("transformer", "decode"): {"recompute": 2},
+        ("titans-lmm", "train"): {"impl": "compiled", "recompute": 2},
+        ("titans-lmm", "decode"): {"impl": "compiled", "recompute": 2}}
+    assert main([*TINY[:2], "transformer", *TINY[3:], "--overrides", "impl=compiled", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("miras bench: error: --overrides impl=compiled: no family here uses impl "
+                                       "(transformer): leave it out\n")
+    assert not out.exists()
+
+
+def test_bench_reports_the_largest_decoding_state():
+    """Mid-chunk a memory keeps its chunk-start weights too: the bench reports the largest state of its
+    decoding steps (as evaluate does), not the one where the 64 steps happen to end (a chunk boundary)."""
+    row = miras.bench.run_case({"family": "titans-lmm", "size": "tiny", "kind": "decode", "context": 40,
+                                "threads": 1})
+    from miras.models import create
+
+    model = create("titans-lmm-tiny")
+    with torch.no_grad():
+        _, state = model(torch.zeros(1, 40, dtype=torch.long))
+        sizes = []
+        for _ in range(65):
+            _, state = model(torch.zeros(1, 1, dtype=torch.long), state)
+            sizes.append(model.state_bytes(state))
+    assert max(sizes) > min(sizes)  # at a chunk boundary (every 8th step) the state is smaller
+    assert row["state_mb"] * 2**20 == max(sizes)
+
+
 def test_bench_checks_cuda_devices(tmp_path, capsys, nothing_runs, monkeypatch):
     out = tmp_path / "bench"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -141,9 +141,11 @@ def test_bad_overrides_say_what_is_valid(pair, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_unknown_preset_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown preset 'titans-tiny'; valid: .*titans-lmm-tiny"):
-        TrainConfig(model="titans-tiny")
+def test_unknown_preset_names_the_closest_and_how_names_are_made():
+    expected = (r"unknown preset 'titans-mc-tiny' \(did you mean 'titans-mac-tiny' or .*\?\); "
+                r"a preset is <family>-<size>, families: titans-lmm, .*; sizes: tiny")
+    with pytest.raises(ConfigError, match=expected):
+        TrainConfig(model="titans-mc-tiny")
     with pytest.raises(TypeError, match="lr must be a number, got '1'"):
         TrainConfig(model="transformer-tiny", lr="1")
     with pytest.raises(ConfigError, match=r"unknown train config key\(s\) \['width'\]"):

@@ -91,14 +91,19 @@ def run_case(case) -> dict:
             length = min(4096, case["context"] - start)
             _, state = model(torch.randint(0, 256, (1, length), generator=gen).to(device), state)
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        model(token, state)  # warm-up
+        _, state = model(token, state)  # warm-up
+        # the largest state of the 64 steps: mid-chunk a memory also keeps its chunk-start weights, and
+        # 64 steps from a chunk boundary end on one (as evaluate reports it: the largest state seen)
+        largest = model.state_bytes(state)
         start = _clock(device)
         for _ in range(64):
             logits, state = model(token, state)
+            largest = max(largest, model.state_bytes(state))
             token = logits[:, -1:].argmax(-1)
         seconds = _clock(device) - start
+    # sizes in MiB (2**20 bytes), as the tables label them
     return {**case, "tokens_per_s": 64 / seconds, "ms_per_token": 1000 * seconds / 64,
-            "state_mb": model.state_bytes(state) / 2**20, "peak_rss_mb": _peak_mb(device)}
+            "state_mb": largest / 2**20, "peak_rss_mb": _peak_mb(device)}
 
 
 def model_flops(case, ids: torch.Tensor) -> float:
@@ -173,13 +178,17 @@ def matmul_rate(device: torch.device, threads: int, n: int = 2048, dtype: torch.
 
 def cases(families: list[str], size: str, lengths: list[int], contexts: list[int], overrides: dict | None = None,
           device: str = "cpu", threads: int = 2):
-    common = {"size": size, "overrides": overrides or {}, "device": device, "threads": threads}
+    """Each case with the ``overrides`` its family uses (``used_overrides``: e.g. no ``impl`` for the Transformer)."""
+    from .models.config import used_overrides
+
+    common = {"size": size, "device": device, "threads": threads}
+    used = {family: used_overrides(f"{family}-{size}", overrides or {}) for family in families}
     for family in families:
         for length in lengths:
-            yield {"family": family, **common, "kind": "train", "T": length}
+            yield {"family": family, **common, "overrides": used[family], "kind": "train", "T": length}
     for family in families:
         for context in contexts:
-            yield {"family": family, **common, "kind": "decode", "context": context}
+            yield {"family": family, **common, "overrides": used[family], "kind": "decode", "context": context}
 
 
 def spawn(case) -> dict:
@@ -194,9 +203,10 @@ def spawn(case) -> dict:
 
 
 def tables(results, matmul_gflops: float | None = None) -> str:
-    train = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MB | params |",
+    train = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MiB | params |",
              "|---|---|---|---|---|---|---|"]
-    decode = ["| family | context | decode tokens/s | ms/token | state MB | peak RSS MB |", "|---|---|---|---|---|---|"]
+    decode = ["| family | context | decode tokens/s | ms/token | state MiB | peak RSS MiB |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             (train if r["kind"] == "train" else decode).append(f"| {r['family']} | error: {r['error']} |")
@@ -233,6 +243,7 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
     import typing
 
     from .models import ModelConfig, check_buildable, preset_config
+    from .models.config import used_overrides
     from .train_config import ConfigError, parse_value, resolve_device
 
     hints, overrides = typing.get_type_hints(ModelConfig), {}
@@ -267,15 +278,21 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {str(args.out)!r}: {str(existing)!r} is not writable")
     given = f"--overrides {' '.join(args.overrides)}: " if args.overrides else ""
+    used = set()
     for family in args.families:  # every case's model, as run_case will build it (on no memory)
         try:
-            config = preset_config(f"{family}-{args.size}", **overrides)
+            family_overrides = used_overrides(f"{family}-{args.size}", overrides)
+            used |= set(family_overrides)
+            config = preset_config(f"{family}-{args.size}", **family_overrides)
             check_buildable(config)  # the layers' own checks too (e.g. impl against the memory rule)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{given}{family}-{args.size}: {error}") from None
         if config.vocab_size < 256:
             raise ConfigError(f"{given}vocab_size={config.vocab_size}, but the "
                               "bench feeds random byte ids (0-255): vocab_size must be >= 256")
+    if set(overrides) - used:
+        raise ConfigError(f"{given}no family here uses {', '.join(sorted(set(overrides) - used))} "
+                          f"({', '.join(args.families)}): leave it out")
     return overrides, str(device)
 
 
@@ -306,7 +323,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides, "matmul_gflops": rate}
     report = json.dumps({"meta": meta, "results": results}, indent=1)
     atomic_write_bytes(args.out / "models.json", report.encode())
-    extra = f", overrides {overrides}" if overrides else ""
+    extra = f", overrides {overrides} (each family takes those it uses)" if overrides else ""
     memory = "CUDA allocator peak" if on_gpu else "peak RSS"
     table = (f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
              f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n" + tables(results, rate))

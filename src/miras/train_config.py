@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .models import PRESETS, ModelConfig, check_buildable, preset_config
-from .models.config import check_overrides
+from .models.config import check_overrides, unknown_preset
 
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
 # step (grad_accum included: see the module docstring), or they extend the run (max_steps).
@@ -94,7 +94,7 @@ class TrainConfig:
         for f in fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         if self.model not in PRESETS:
-            raise ConfigError(f"unknown preset {self.model!r}; valid: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(unknown_preset(self.model))
         try:
             check_buildable(preset_config(self.model, **check_overrides(self.model_overrides)))
         except (TypeError, ValueError) as error:

@@ -1,12 +1,13 @@
 """Every model family at `tiny`: causal, streams exactly, bounded state, generation, state files."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from miras.models import FAMILIES, LanguageModel, ModelState, create, preset_config
-from miras.models.config import MIRAS_FAMILIES
+from miras.models.config import MIRAS_FAMILIES, unused_fields, used_overrides
 
 RECURRENT = [f for f in FAMILIES if f != "transformer"]
 
@@ -47,11 +48,12 @@ def test_full_equals_segments_equals_token_by_token(family):
 
 @pytest.mark.parametrize("family", RECURRENT)
 def test_state_size_does_not_grow(family):
-    """After 100 and after 10,004 tokens (both mid-chunk) the state is the same size. Chunks of 64
+    """After 100 and after 10,004 tokens (both mid-chunk) the state is the same size. Memory chunks of 64
     (the online families keep their chunk of 1) only to keep the 10K-token pass quick."""
     torch.manual_seed(0)
-    online = preset_config(f"{family}-tiny").chunk_size == 1
-    model = create(f"{family}-tiny", **({} if online else {"chunk_size": 64}))
+    config = preset_config(f"{family}-tiny")
+    chunked = config.rule is not None and config.chunk_size > 1  # a memory that is not online
+    model = create(f"{family}-tiny", **({"chunk_size": 64} if chunked else {}))
     with torch.no_grad():
         _, short = model(ids(100, batch=1))
         _, long = model(ids(10_004, batch=1))
@@ -131,8 +133,13 @@ def test_a_state_from_a_model_of_another_layout_is_rejected(maker, taker):
     name, overrides = taker
     with pytest.raises(ValueError, match="state comes from a different model: .*this model"):
         create(name, **overrides)(ids(7), state)
-    # what only changes how the state is computed, or how the model starts, is not a different layout
-    model = create(maker, impl="recurrent" if "transformer" not in maker else "chunked", decay_init=0.01, lr_init=0.05)
+    # what only changes how the state is computed, or how the model starts, is not a different layout,
+    # nor is a field the family does not read (a window without sliding-window attention, ...)
+    changes = {"impl": "recurrent", "decay_init": 0.01, "lr_init": 0.05, "window": 5, "segment": 3, "chunk_size": 3}
+    config = preset_config(maker)
+    unused = unused_fields(config)
+    model = LanguageModel(dataclasses.replace(config, **{k: v for k, v in changes.items()
+                                                         if k in unused or k in ("impl", "decay_init", "lr_init")}))
     assert model(ids(7), state)[0].shape == (2, 7, 256)
 
 
@@ -194,7 +201,7 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
     torch.manual_seed(0)
     model = create(f"{family}-tiny")
     sizes = []
-    for tokens in (256, 2048):
+    for tokens in (259, 2051):  # ends mid-chunk and mid-segment: the mid-chunk fields are views no more
         with torch.no_grad():
             _, state = model(ids(tokens, batch=1))
         for t in _tensors(state):
@@ -203,6 +210,33 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
         sizes.append((tmp_path / "state.pt").stat().st_size)
     if family != "transformer":  # its cache is the context
         assert sizes[1] <= 2 * sizes[0], sizes
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "memora", "gated-deltanet"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_state_does_not_change_when_the_model_is_changed_in_place(family, grad):
+    """A call that ends inside the first chunk (MAC: segment) leaves the layer's initial memory in the
+    state (the chunk start; MAC's memory before the segment). A state returned without autograd, or one
+    detached for truncated BPTT, holds a copy, not a view of the parameter: an optimizer step or
+    load_state_dict afterwards must not change it."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny").double()
+    first, rest = ids(3, seed=2), ids(9)
+    with torch.set_grad_enabled(grad):
+        _, state = model(first)
+    state = state.detach()
+    assert not any(t.requires_grad for t in _tensors(state))
+    with torch.no_grad():
+        expected, _ = model(rest, state)
+        saved = {name: p.clone() for name, p in model.named_parameters()}
+        for p in model.parameters():  # as load_state_dict or an optimizer step would, in place
+            p.add_(0.1)
+        for name, p in model.named_parameters():
+            if "initial" not in name:  # everything else as it was: only the state could see the change
+                p.copy_(saved[name])
+        got, _ = model(rest, state)
+    assert any("initial" in name for name in saved)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def _tensors(value):
@@ -290,6 +324,57 @@ def test_bad_model_inputs_are_clear_errors(tmp_path):
     torch.save(damaged, tmp_path / "damaged.pt")
     with pytest.raises(ValueError, match="damaged.pt is a damaged miras state file"):
         ModelState.load(tmp_path / "damaged.pt")
+    # every other way a file can be damaged: the same one error, with the path
+    for damage in (lambda d: d["layers"][0].update(fields=[1, 2]),  # fields not a mapping
+                   lambda d: d["layers"][0].update(type="Foo"),  # an unknown state type
+                   lambda d: d.update(seen=-5)):
+        damaged = torch.load(tmp_path / "state.pt", weights_only=True)
+        damage(damaged)
+        torch.save(damaged, tmp_path / "damaged.pt")
+        with pytest.raises(ValueError, match="damaged.pt is a damaged miras state file"):
+            ModelState.load(tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\) .*got None"):
+        model.generate(ids(3), 2, seed=None)
+    with pytest.raises(TypeError, match="config field 'family' must be str, got None"):
+        create("titans-lmm-tiny", family=None)
+    with pytest.raises(ValueError, match=r"unknown family \['x'\]"):
+        ModelConfig(family=["x"])
+    with pytest.raises(TypeError, match="state must be a ModelState .*got NoneType"):
+        model.state_bytes(None)
+    with pytest.raises(ValueError, match="batch must be an integer >= 0 .*got -1"):
+        model.init_state(-1)
+    with pytest.raises(ValueError, match=r"state.seen must be .* \(an integer >= 0\), got -5"):
+        model(ids(3), dataclasses.replace(state, seen=-5))
+
+
+@pytest.mark.parametrize("family", ["transformer", "swa-transformer", "titans-mac"])
+def test_a_state_with_values_that_do_not_fit_says_so(family):
+    """A hand-edited or damaged state: the layer names what does not fit instead of failing inside torch."""
+    model = create(f"{family}-tiny")
+    _, state = model(ids(5))
+    layer = state.layers[0]
+    if family == "titans-mac":
+        bad = [dataclasses.replace(layer, filled=100), dataclasses.replace(layer, keys=layer.keys[:, :, :3])]
+        message = "the MAC state does not fit this layer"
+    else:
+        bad = [dataclasses.replace(layer, keys=layer.keys[:, :, :3]), dataclasses.replace(layer, seen=2)]
+        message = "the KV cache does not fit this attention layer"
+    for layer_state in bad:
+        with pytest.raises(ValueError, match=message):
+            model(ids(3), dataclasses.replace(state, layers=(layer_state, *state.layers[1:])))
+
+
+@pytest.mark.parametrize("family", ["transformer", "swa-transformer"])
+def test_an_attention_state_of_another_dtype_is_refused_as_a_memory_state_is(family):
+    model = create(f"{family}-tiny").double()
+    _, state = create(f"{family}-tiny")(ids(5))  # float32
+    with pytest.raises(TypeError, match=r"model's dtype torch.float64, got torch.float32 \(state.to"):
+        model(ids(3), state)
+    assert model(ids(3), state.to(torch.float64))[0].dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast writes a bf16 cache: it continues either way
+        _, half = create(f"{family}-tiny")(ids(5))
+    assert half.layers[0].keys.dtype == torch.bfloat16
+    assert create(f"{family}-tiny")(ids(3), half)[0].dtype == torch.float32
 
 
 def test_mixers_check_their_inputs():
@@ -348,8 +433,22 @@ def test_presets_and_overrides():
     model = create("titans-lmm-tiny", dim=32, layers=1)
     assert isinstance(model, LanguageModel) and model.config.dim == 32 and model.config.vocab_size == 256
     assert preset_config("transformer-170m").dim == 768
-    with pytest.raises(ValueError, match="unknown preset 'titans-lmm-huge'; valid:"):
+    with pytest.raises(ValueError, match="unknown preset 'titans-lmm-huge'; a preset is <family>-<size>, families: "
+                                         "titans-lmm, titans-mac, .*; sizes: tiny, small, 170m"):
         create("titans-lmm-huge")
+    # an override the family would not read is an error, not a silently identical model
+    for name, overrides, unused in [("transformer-tiny", {"impl": "recurrent", "lr_init": 0.5}, "impl, lr_init"),
+                                    ("titans-lmm-tiny", {"segment": 3}, "segment"),
+                                    ("titans-lmm-tiny", {"block_size": 3}, "block_size"),
+                                    ("retnet-tiny", {"decay_init": 0.5}, "decay_init"),
+                                    ("deltanet-tiny", {"decay_init": 0.5}, "decay_init"),
+                                    ("titans-mac-tiny", {"window": 8}, "window")]:
+        with pytest.raises(ValueError, match=f"does not use {unused} "):
+            create(name, **overrides)
+    assert create("titans-lmm-tiny", window=32).config == create("titans-lmm-tiny").config  # the preset's own value
+    assert create("titans-mag-tiny", window=8, decay_init=0.01).config.window == 8
+    assert create("transformer-tiny", recompute=2, chunk_size=4).config.chunk_size == 4  # its MLP groups
+    assert used_overrides("transformer-tiny", {"impl": "compiled", "recompute": 4}) == {"recompute": 4}
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['width'\]; valid:"):
         create("titans-lmm-tiny", width=3)
     with pytest.raises(TypeError, match="config field 'dim' must be int"):

@@ -87,6 +87,8 @@ class Attention(nn.Module):
         batch, tokens, _ = x.shape
         if state is None:
             state = self.init_state(batch)
+        else:
+            self._check_cache(state, x)
         positions = torch.arange(state.seen, state.seen + tokens, device=x.device)
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
@@ -105,6 +107,21 @@ class Attention(nn.Module):
             return y, KVCache(keys, values, key_positions, state.seen + tokens)
         keep = self._kept(key_positions, state.seen + tokens)
         return y, KVCache(keys[:, :, keep], values[:, :, keep], key_positions[keep], state.seen + tokens)
+
+    def _check_cache(self, state: KVCache, x: Tensor) -> None:
+        """A cache this layer made: its heads, head size and lengths agree, and its dtype is the model's (or a
+        half precision one that autocast wrote, which widens exactly)."""
+        want = (state.batch, self.heads, state.keys.shape[2], self.head_dim)
+        if (state.keys.dim() != 4 or tuple(state.keys.shape) != want or state.values.shape != state.keys.shape
+                or state.positions.shape != (state.keys.shape[2],) or not 0 <= state.keys.shape[2] <= state.seen):
+            raise ValueError(f"the KV cache does not fit this attention layer ({self.heads} heads of {self.head_dim}): "
+                             f"keys {tuple(state.keys.shape)}, values {tuple(state.values.shape)}, "
+                             f"{state.positions.numel()} positions, seen {state.seen}; pass a state this model made")
+        dtype = self.qkv.weight.dtype
+        if (state.keys.dtype != dtype and state.keys.dtype not in (torch.bfloat16, torch.float16)
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"the state's tensors must have the model's dtype {dtype}, got {state.keys.dtype} "
+                            f"(state.to({dtype}) converts it)")
 
     def _banded(self, q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, key_positions: Tensor) -> Tensor:
         """Sliding-window attention in blocks of ``window`` queries, each against the 2·window − 1 stream

@@ -7,11 +7,13 @@ size picks widths (Titans Table 5 for the paper sizes: 170M/340M/760M/1.3B).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, fields
 
 from ..layers.memory_layer import IMPLS
+from ..memory import get_rule
 
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
@@ -42,6 +44,8 @@ HYBRID_FAMILIES = ("moneta-h", "yaad-h", "memora-h")
 ONLINE_FAMILIES = ("deltanet", "gated-deltanet", "longhorn")
 # RetNet's decay is fixed per head, not data-dependent.
 FIXED_GATE_FAMILIES = ("retnet",)
+# The families with sliding-window attention (``window``); MAC alone has segments (``segment``).
+WINDOW_FAMILIES = ("swa-transformer", "titans-mag", "titans-mal", *HYBRID_FAMILIES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +75,7 @@ class ModelConfig:
     lr_init: float = 0.1
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
         positive = ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment", "block_size")
         for name in (*positive, "persistent", "gate_rank", "recompute"):
@@ -174,12 +178,60 @@ def check_overrides(values: dict, *, require_family: bool = False) -> dict:
     return values
 
 
+def unused_fields(config: ModelConfig) -> set[str]:
+    """The fields ``config``'s model does not read: a window without sliding-window attention, a segment
+    outside MAC, the memory's settings without a memory, block_size off the delta path, a gate's start
+    value for a gate the rule does not have (or fixed gates)."""
+    unused = set()
+    if config.family not in WINDOW_FAMILIES:
+        unused.add("window")
+    if config.family != "titans-mac":
+        unused.add("segment")
+    if config.rule is None:
+        unused |= {"impl", "block_size", "decay_init", "lr_init"}
+        if not config.recompute:  # with recompute the MLPs run in groups of recompute * chunk_size tokens
+            unused.add("chunk_size")
+        return unused
+    if config.impl != "delta":
+        unused.add("block_size")
+    if config.family in FIXED_GATE_FAMILIES:
+        unused |= {"decay_init", "lr_init"}
+    elif "decay" not in get_rule(config.rule).needed_gates():
+        unused.add("decay_init")
+    return unused
+
+
+def used_overrides(name: str, overrides: dict) -> dict:
+    """The ``overrides`` that preset ``name``'s model reads (``unused_fields``): for one set of overrides
+    applied to several families (``miras bench --overrides``)."""
+    if name not in PRESETS:
+        raise ValueError(unknown_preset(name))
+    unused = unused_fields(ModelConfig(**{**PRESETS[name], **check_overrides(overrides)}))
+    return {key: value for key, value in overrides.items() if key not in unused}
+
+
+def unknown_preset(name) -> str:
+    """The error for a name that is not a preset: the closest preset names, then how names are made."""
+    close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.75) if isinstance(name, str) else []
+    guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return (f"unknown preset {name!r}{guess}; a preset is <family>-<size>, families: {', '.join(FAMILIES)}; "
+            f"sizes: {', '.join(SIZES)}")
+
+
 def preset_config(name: str, **overrides) -> ModelConfig:
     """The config of preset ``name`` with ``overrides`` applied."""
     if not isinstance(name, str) or name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+        raise ValueError(unknown_preset(name))
+    check_overrides(overrides)
     if "family" in overrides and overrides["family"] != PRESETS[name]["family"]:
         raise ValueError(f"family={overrides['family']!r} contradicts preset {name!r} (family "
                          f"{PRESETS[name]['family']!r}): name the family in the preset, e.g. "
                          f"'{overrides['family']}-{name.rsplit('-', 1)[1]}'")
-    return ModelConfig(**{**PRESETS[name], **check_overrides(overrides)})
+    config = ModelConfig(**{**PRESETS[name], **overrides})
+    preset = ModelConfig(**PRESETS[name])
+    ignored = sorted(key for key in overrides if key in unused_fields(config)
+                     and overrides[key] != getattr(preset, key))
+    if ignored:
+        raise ValueError(f"{config.family} does not use {', '.join(ignored)} (its model would be the same without "
+                         f"{'it' if len(ignored) == 1 else 'them'}): leave {'it' if len(ignored) == 1 else 'them'} out")
+    return config

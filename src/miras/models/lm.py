@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, MemoryLayer
 from ..memory import get_rule
-from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config
+from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config, unused_fields
 from .hybrids import MemoryAsGate, MemoryAsLayer
 from .mac import MemoryAsContext
 from .state import ModelState
@@ -140,12 +140,16 @@ class LanguageModel(nn.Module):
         return self._state_layout
 
     def _layout(self) -> str:
-        left_out = ("impl", "block_size", "recompute", "decay_init", "lr_init", "vocab_size", "mlp_ratio",
-                    "tie_embeddings")
+        left_out = {"impl", "block_size", "recompute", "decay_init", "lr_init", "vocab_size", "mlp_ratio",
+                    "tie_embeddings", *unused_fields(self.config)}
+        if self.config.rule is None:  # attention keeps no chunks (chunk_size only groups its MLP's recompute)
+            left_out.add("chunk_size")
         layout = {k: v for k, v in self.config.to_dict().items() if k not in left_out}
         return json.dumps(layout, sort_keys=True, separators=(",", ":"))
 
     def init_state(self, batch: int) -> ModelState:
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            raise ValueError(f"batch must be an integer >= 0 (sequences in the state), got {batch!r}")
         return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0, self.state_layout)
 
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
@@ -160,13 +164,14 @@ class LanguageModel(nn.Module):
         else:
             self._check_state(state, ids.shape[0])
         if ids.shape[1] == 0:  # nothing to read: no logits, the state as it was
-            return self.head.weight.new_zeros(ids.shape[0], 0, self.config.vocab_size), state
+            return self.head.weight.new_zeros(ids.shape[0], 0, self.config.vocab_size), _returned(state)
         x = self.embed(ids)
         new_states = []
         for block, block_state in zip(self.blocks, state.layers):
             x, block_state = block(x, block_state, start=state.seen == 0)
             new_states.append(block_state)
-        return self.head(self.norm(x)), ModelState(tuple(new_states), state.seen + ids.shape[1], self.state_layout)
+        return self.head(self.norm(x)), _returned(ModelState(tuple(new_states), state.seen + ids.shape[1],
+                                                             self.state_layout))
 
     def _check_state(self, state, batch: int) -> None:
         """A state this model made (``init_state`` or a previous call) for ``batch`` sequences."""
@@ -190,12 +195,17 @@ class LanguageModel(nn.Module):
         if state.layers[0].batch != batch:
             raise ValueError(f"state is for a batch of {state.layers[0].batch} sequences, ids for {batch}: "
                              f"pass the state of a previous call on the same batch, or init_state({batch})")
+        if not isinstance(state.seen, int) or isinstance(state.seen, bool) or state.seen < 0:
+            raise ValueError(f"state.seen must be the number of tokens the state has read (an integer >= 0), got "
+                             f"{state.seen!r}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     def state_bytes(self, state: ModelState) -> int:
         """Recurrent state size in bytes per sequence (0 for a state of no sequences)."""
+        if not isinstance(state, ModelState):
+            raise TypeError(f"state must be a ModelState (from init_state or a call), got {type(state).__name__}")
         return state.nbytes() // max(1, state.layers[0].batch)
 
     @torch.no_grad()
@@ -206,6 +216,8 @@ class LanguageModel(nn.Module):
         ``temperature=0`` is greedy; ``vocab_limit``: draw only ids below it (a tokenizer with fewer ids than
         the model's vocabulary). Returns the new tokens [B, max_new_tokens] and the state."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63) (the sampling generator's seed), got {seed!r}")
         vocab = self.config.vocab_size
         if vocab_limit is not None and not (isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool)
                                             and 1 <= vocab_limit <= vocab):
@@ -266,3 +278,10 @@ def check_buildable(config: ModelConfig) -> None:
 def create(name: str, **overrides) -> LanguageModel:
     """``create("titans-lmm-tiny", dim=32)``: a model from a preset; unknown names and fields are errors."""
     return LanguageModel(preset_config(name, **overrides))
+
+
+def _returned(state: ModelState) -> ModelState:
+    """The state a call returns. Without autograd it is detached: nothing in it then requires grad or is a
+    view of a parameter (a memory still at its learned initial weights, ``MemoryState.detach``), so
+    changing the model in place later (``load_state_dict``, an optimizer step) leaves it as it was."""
+    return state if torch.is_grad_enabled() else state.detach()

@@ -84,6 +84,12 @@ class MemoryAsContext(nn.Module):
                             f"got {type(state).__name__}")
         check_input(x, self.dim, self.qkv.weight.dtype, None if state is None else state.batch)
         state = state or self.init_state(x.shape[0])
+        cached = (state.batch, self.heads, 2 * state.filled, self.head_dim)
+        if (not isinstance(state.filled, int) or not 0 <= state.filled < self.segment
+                or tuple(state.keys.shape) != cached or state.values.shape != state.keys.shape):
+            raise ValueError(f"the MAC state does not fit this layer (segment {self.segment}, {self.heads} heads of "
+                             f"{self.head_dim}): filled {state.filled!r}, keys {tuple(state.keys.shape)}, values "
+                             f"{tuple(state.values.shape)}; pass a state this model made")
         if x.shape[1] == 0:  # nothing to read or write
             return x.new_zeros(x.shape[0], 0, self.dim), state
         sizes = piece_sizes(x.shape[1], self.segment, state.filled)  # the rest of this segment, then whole ones

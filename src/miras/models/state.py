@@ -72,10 +72,11 @@ class ModelState:
             raise ValueError(f"{path} is not a miras state file (format 'miras.ModelState/1')")
         try:
             model = data.get("model", "")  # absent in files written before the layout was recorded
-            if not isinstance(data["layers"], list) or not isinstance(data["seen"], int) or not isinstance(model, str):
-                raise TypeError("'layers' must be a list, 'seen' an integer and 'model' a string")
+            if (not isinstance(data["layers"], list) or not isinstance(data["seen"], int) or data["seen"] < 0
+                    or not isinstance(model, str)):
+                raise TypeError("'layers' must be a list, 'seen' an integer >= 0 and 'model' a string")
             return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"], model)
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"{path} is a damaged miras state file ({type(error).__name__}: {error})") from None
 
 
@@ -97,7 +98,7 @@ def _from_plain(value):
         if value["type"] == "tuple":
             return tuple(_from_plain(v) for v in value["items"])
         if value["type"] not in STATE_TYPES:
-            raise ValueError(f"unknown state type {value['type']!r} in state file")
+            raise ValueError(f"unknown state type {value['type']!r}; known: {', '.join(sorted(STATE_TYPES))}")
         return STATE_TYPES[value["type"]](**{k: _from_plain(v) for k, v in value["fields"].items()})
     # (files written before states were saved detached hold tensors that say requires_grad)
     return value.detach() if isinstance(value, Tensor) else value
