@@ -150,7 +150,9 @@ def main() -> int:
     summary = {"device": name, "torch": torch.__version__, "checks": len(results), "failed": failed,
                "seconds": round(time.perf_counter() - started, 1), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
+    from miras.files import atomic_write_bytes
+
+    atomic_write_bytes(args.out, json.dumps(summary, indent=1).encode())
     print(f"cuda_check: {len(results) - failed}/{len(results)} passed in {summary['seconds']} s; wrote {args.out}")
     return 1 if failed else 0
 

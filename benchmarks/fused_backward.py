@@ -56,7 +56,7 @@ def check_equal() -> float:
 
 
 def table(results) -> str:
-    rows = ["| impl | recompute | T | backward | tokens/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    rows = ["| impl | recompute | T | backward | tokens/s | peak RSS MiB |", "|---|---|---|---|---|---|"]
     for r in results:
         backward = "fused" if r["fused"] else "autograd"
         value = f"error: {r['error']}" if "error" in r else f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f}"
@@ -89,13 +89,15 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "relative_difference": difference}
-    (args.out / "fused_backward.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    command = "python benchmarks/fused_backward.py" + (f" --lengths {' '.join(map(str, args.lengths))}"
-                                                         if args.lengths != [4096, 16384] else "")
-    (args.out / "fused_backward.md").write_text(
+    from miras.files import atomic_write_bytes
+
+    atomic_write_bytes(args.out / "fused_backward.json",
+                       json.dumps({"meta": meta, "results": results}, indent=1).encode())
+    command = " ".join(["python benchmarks/fused_backward.py", *sys.argv[1:]])
+    atomic_write_bytes(args.out / "fused_backward.md", (
         f"Command: `{command}`. torch {torch.__version__}, {args.threads} threads, float32; MemoryLayer(256, "
         f"4 heads, TITANS, chunk 16), forward + backward of [1, T]; fused == autograd to {difference:.0e} "
-        f"(relative, float32).\n\n" + table(results) + "\n")
+        f"(relative, float32).\n\n" + table(results) + "\n").encode())
     print(f"wrote {args.out / 'fused_backward.md'}")
 
 

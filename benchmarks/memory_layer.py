@@ -217,7 +217,7 @@ def spawn(case, cmd: list[str] | None = None) -> dict:
 
 
 def table(results, rates) -> str:
-    rows = ["| layer | chunk | batch | T | mode | dtype | tokens/s | GFLOP/s | % of fp32 matmul | peak RSS MB |",
+    rows = ["| layer | chunk | batch | T | mode | dtype | tokens/s | GFLOP/s | % of fp32 matmul | peak RSS MiB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
@@ -238,7 +238,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="T in {1K, 4K}, batch 1 only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip titans-pytorch even if installed")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where memory_layer.json / .md go (default: benchmarks/results; with --quick, nowhere "
+                             "unless given, so that a quick run never replaces the committed full results)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
@@ -258,15 +260,21 @@ def main():
         result = spawn(case)
         results.append(result)
         print(table([result], rates).splitlines()[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    from miras.files import atomic_write_bytes
+
+    out = args.out if args.out is not None else None if args.quick else ROOT / "results"
+    if out is None:
+        print("--quick: nothing written (give --out to keep the results)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "quick": args.quick}
-    (args.out / "memory_layer.json").write_text(json.dumps(
-        {"meta": meta, "matmul_gflops": rates, "correctness": checks, "results": results}, indent=1))
+    atomic_write_bytes(out / "memory_layer.json", json.dumps(
+        {"meta": meta, "matmul_gflops": rates, "correctness": checks, "results": results}, indent=1).encode())
     md = (f"Matmul rate (2048³, {args.threads} threads): float32 {rates['float32']:.0f} GFLOP/s, "
           f"bf16 {rates['bfloat16']:.0f} GFLOP/s. torch {torch.__version__}.\n\n" + table(results, rates) + "\n")
-    (args.out / "memory_layer.md").write_text(md)
-    print(f"wrote {args.out / 'memory_layer.md'}")
+    atomic_write_bytes(out / "memory_layer.md", md.encode())
+    print(f"wrote {out / 'memory_layer.md'}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def per_block(a: torch.Tensor, b: torch.Tensor, block: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", help="run folders written by `miras train` / `miras demo`")
     parser.add_argument("--presets", nargs="*", default=[],
                         help="untrained models (torch.manual_seed(0), the demo's decay_init=1e-5) to measure too")

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from miras.files import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parent
 TINY = ["titans-lmm", "titans-mac", "titans-mag", "titans-mal", "ttt-mlp", "yaad"]
 SMALL = ["titans-lmm", "titans-mac"]
@@ -94,10 +96,11 @@ def main(argv=None) -> None:
         return
     machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "span.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
-    (out / "span.md").write_text(
+    atomic_write_bytes(out / "span.json", (json.dumps({"machine": machine, "results": results}, indent=1)
+                                           + "\n").encode())
+    atomic_write_bytes(out / "span.md", (
         f"# Span form vs chunk loop: training step on short rows\n\n{machine}; median of the rounds, the two "
-        f"paths alternating in one process (`benchmarks/span.py`).\n\n{table(results)}\n")
+        f"paths alternating in one process (`benchmarks/span.py`).\n\n{table(results)}\n").encode())
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 
 import miras.layers.memory_layer as memory_layer
+from miras.files import atomic_write_bytes
 from miras.models import create
+
+ROOT = Path(__file__).resolve().parent
 
 
 def null_engine(rule, q, k, v, gates, memory, chunk_size, **_):
@@ -111,21 +114,25 @@ def table(rows: list[dict], aims: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096], help="tokens per step (default: 4096)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up (default: 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--aims", type=float, nargs="+", default=[1.5, 1.0],
                         help="aims for MAC's step, as multiples of the Transformer's (issue: 1.5 at 4K, 1 at 16K)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_budget"))
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "step_budget",
+                        help="file stem: STEM.md and STEM.json (default: benchmarks/results/step_budget)")
     args = parser.parse_args()
+    for option, values in (("--lengths", args.lengths), ("--rounds", [args.rounds]), ("--threads", [args.threads])):
+        if min(values) < 1:
+            parser.error(f"{option} must be >= 1, got {' '.join(map(str, values))}")
     torch.set_num_threads(args.threads)
     rows = [row for length in args.lengths for row in measure(length, args.rounds)]
     text = table(rows, args.aims)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_bytes(args.out.parent / f"{args.out.name}.md", text.encode())
+    atomic_write_bytes(args.out.parent / f"{args.out.name}.json", (json.dumps(rows, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

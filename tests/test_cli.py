@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from miras.cli import COMMANDS, main
-from miras.models import PRESETS
+from miras.models import FAMILIES, PRESETS, SIZES
 from miras.train import DataSource, TrainConfig, load_run, train
 
 TEXT = b"hello world!\n"
@@ -57,7 +57,7 @@ def test_the_console_script_is_installed():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "titans-tiny"], "miras train: error: unknown preset 'titans-tiny'; valid: deltanet-1.3b, "),
+    (["train", "titans-tiny"], "miras train: error: unknown preset 'titans-tiny' (did you mean 'titans-"),
     (["train", "transformer-tiny", "steps=3"], "miras train: error: unknown key 'steps'; valid: batch_size, "),
     (["train", "transformer-tiny", "lr=big"], "miras train: error: lr='big': expected a number"),
     (["train", "transformer-tiny", "lr=inf"], "miras train: error: need a finite lr > 0"),
@@ -82,8 +82,9 @@ def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, messag
     assert main([*argv, f"out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1
-    if "unknown preset" in message:
-        assert all(name in err for name in PRESETS)
+    if "unknown preset" in message:  # every preset is one of the families at one of the sizes
+        assert all(f" {family}," in err or f" {family};" in err for family in FAMILIES)
+        assert all(f" {size}," in err or f" {size}\n" in err for size in SIZES)
     assert not (tmp_path / "run").exists()
 
 
@@ -141,6 +142,29 @@ def test_generate_without_a_saved_tokenizer_uses_bytes(tmp_path, capsys):
     tokens, _ = model.generate(torch.tensor([list(b"hi")]), 4, temperature=0)
     assert tokenizer is None
     assert capsys.readouterr().out == bytes(tokens[0].tolist()).decode("utf-8", errors="replace") + "\n"
+
+
+def test_generate_escapes_control_characters_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    """A byte model may sample an escape sequence: on a terminal it is shown, not obeyed; piped, the text
+    is printed as decoded."""
+    from miras.cli import escape_controls
+
+    assert escape_controls("a\x1b[31mb\x07\n\tc\x85\u00e9\x7f") == "a\\x1b[31mb\\x07\n\tc\\x85\u00e9\\x7f"
+    config = TrainConfig(model="transformer-tiny", out_dir=str(tmp_path / "run"), seq_len=24, batch_size=8,
+                         max_steps=1, progress=False)
+    train(config, DataSource(RepeatedText()))
+    model, _, _ = load_run(tmp_path / "run")
+    escape = torch.zeros(256)
+    escape[0x1B] = 1e4  # the likeliest next byte is ESC, whatever came before
+    model.head.register_forward_hook(lambda module, inputs, logits: logits + escape)
+    monkeypatch.setattr("miras.train.load_run", lambda *args, **kwargs: (model, None, None))
+    flags = ["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0"]
+    capsys.readouterr()
+    assert main(flags) == 0
+    assert capsys.readouterr().out == "\x1b\x1b\x1b\n"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(flags) == 0
+    assert capsys.readouterr().out == "\\x1b\\x1b\\x1b\n"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,9 @@ GENERATE_EXAMPLES = """examples:
   miras generate runs/shakespeare --prompt "To be" --temperature 0 --max-new-tokens 50
   miras generate runs/shakespeare --prompt "The " --top-p 0.9 --seed 3 --device cuda
 
-Prints the continuation only. The run's tokenizer is used if it saved one, else UTF-8 bytes."""
+Prints the continuation only. The run's tokenizer is used if it saved one, else UTF-8 bytes. On a
+terminal, control characters other than newline and tab are printed as escapes (\\x1b); piped, the
+text is printed as decoded."""
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -137,8 +140,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     limit = min(tokenizer.vocab_size, model.config.vocab_size)
     tokens, _ = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, vocab_limit=limit)
-    print(tokenizer.decode(tokens[0].tolist()))
+    text = tokenizer.decode(tokens[0].tolist())
+    print(escape_controls(text) if sys.stdout.isatty() else text)
     return 0
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters other than newline and tab written as escapes (``\\x1b``),
+    so that a sampled escape sequence cannot move the cursor or recolour the user's terminal."""
+    return "".join(char if char in "\n\t" or unicodedata.category(char) != "Cc" else repr(char)[1:-1]
+                   for char in text)
 
 
 # ----------------------------------------------------------------------------------------------- presets

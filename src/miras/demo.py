@@ -574,6 +574,7 @@ def run_demo(config: DemoConfig) -> Path:
     """Train every model once per seed, evaluate, and write report.md, results.json, accuracy.png and loss.png
     into ``config.out_dir`` (returned). A finished run directory with the same config is reused."""
     from .evaluate import plot_accuracy, plot_losses, write_json
+    from .files import atomic_write_bytes
     from .models import create
 
     started, out = time.perf_counter(), Path(config.out_dir)
@@ -605,7 +606,8 @@ def run_demo(config: DemoConfig) -> Path:
     first = config.seeds[0]
     plot_losses({f"{r['model']} (seed {first})": Path(r["run_dir"]) / "metrics.jsonl" for r in results
                  if r["seed"] == first}, out / "loss.png")
-    (out / "report.md").write_text(_report(config, pooled, comparisons, per_seed, results, lines, wall, machine))
+    atomic_write_bytes(out / "report.md",
+                       _report(config, pooled, comparisons, per_seed, results, lines, wall, machine).encode())
     print("\n".join([*lines, *_reuse_lines(results)]).rstrip())
     took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
     print(f"miras demo: done in {took}; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")

@@ -308,6 +308,21 @@ def test_bpe_reads_its_end_marker_written_in_a_document_as_text():
     assert bpe.decode(bpe.encode(text)) == text and bpe.eos_id not in bpe.encode(text)
 
 
+def test_hf_tokenizer_reads_its_special_tokens_written_in_a_document_as_text(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    bpe = BPETokenizer.train(_bpe_texts(), 300)
+    bpe.tokenizer.add_special_tokens(["<pad>"])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.tokenizer, eos_token="<|endoftext|>",
+                                         pad_token="<pad>").save_pretrained(tmp_path / "hf")
+    tokenizer = get_tokenizer(str(tmp_path / "hf"))
+    text = 'EOS = "<|endoftext|>"; PAD = "<pad>"\n'
+    specials = {tokenizer.eos_id, tokenizer.tokenizer.pad_token_id}
+    assert not specials & set(tokenizer.encode(text)) and tokenizer.decode(tokenizer.encode(text)) == text
+    ids = tokenizer.encode_documents([text, "second"])
+    assert list(ids).count(tokenizer.eos_id) == 2 and ids[-1] == tokenizer.eos_id  # one end per document
+    assert tokenizer.tokenizer.pad_token_id not in ids
+
+
 def _crash_on_fsync(monkeypatch):
     """A crash mid-write: the data is written but never made durable or renamed into place."""
     import miras.files

@@ -401,6 +401,20 @@ def test_exporting_again_without_a_tokenizer_leaves_none_of_the_previous_one(tmp
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).config.vocab_size == 64
 
 
+def test_the_usual_size_names_are_views_that_refuse_another_value(tmp_path):
+    export(create("titans-lmm-tiny"), None, tmp_path)
+    # the same value is accepted (tools pass the config's own values back), another one names the field
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=2)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    with pytest.raises(ValueError, match=r"num_hidden_layers=3: .* view of the native config's 'layers' \(here 2\)"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, num_hidden_layers=3)
+    config = MirasConfig.from_native(create("titans-lmm-tiny").config)
+    for name, field in [("vocab_size", "vocab_size"), ("hidden_size", "dim"), ("num_attention_heads", "heads")]:
+        with pytest.raises(ValueError, match=f"{name}=7: .*'{field}'"):
+            setattr(config, name, 7)
+    assert (config.vocab_size, config.hidden_size, config.num_attention_heads) == (256, 64, 2)
+
+
 def test_resizing_the_embeddings_is_refused_before_anything_changes():
     model = MirasForCausalLM.from_native(create("titans-lmm-tiny"))
     with pytest.raises(NotImplementedError, match="vocabulary is fixed when it is created"):

@@ -55,8 +55,8 @@ from .tokenizers import Tokenizer
 SPLITS = ("train", "validation")
 ALLOWED = "expected 'stdlib', 'hf:<name>[:<split>]', a text file, a folder of text files or a glob"
 STDLIB_SKIPPED = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
-CACHE_FORMAT = 2  # bump when the cache layout or its ids change, to orphan old files (2: BPE reads a literal
-# "<|endoftext|>" in a document as text, not as the end marker)
+CACHE_FORMAT = 3  # bump when the cache layout or its ids change, to orphan old files (2: BPE reads a literal
+# "<|endoftext|>" in a document as text, not as the end marker; 3: so does an HF tokenizer)
 
 
 @dataclass(frozen=True)

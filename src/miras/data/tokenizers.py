@@ -219,14 +219,17 @@ class HFTokenizer:
         return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # split_special_tokens: a special token's text written in a document ("<|endoftext|>" in source
+        # code about tokenizers) is read as text, as the BPE reads it; only _join writes the end marker.
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         separator = [self.eos_id] if self.eos_id is not None else self.encode(DOCUMENT_SEPARATOR)
-        return _join(self.tokenizer(list(texts), add_special_tokens=False)["input_ids"], separator)
+        ids = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return _join(ids, separator)
 
     def save(self, directory: str | Path) -> None:
         """``save_pretrained`` into a temp folder beside, then each file moved in whole (``atomic_write``)."""

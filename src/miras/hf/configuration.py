@@ -12,6 +12,28 @@ from transformers import PretrainedConfig
 
 from ..models import ModelConfig
 
+# The usual transformers names and the native ModelConfig fields they show.
+_VIEWS = {"vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "layers",
+          "num_attention_heads": "heads"}
+
+
+def _view_property(name: str) -> property:
+    """``config.<name>``: the native field it shows (None on the empty default config). Setting it to
+    another value is an error: ``from_pretrained(path, num_hidden_layers=2)`` would describe a model
+    the weights are not for."""
+    field = _VIEWS[name]
+
+    def get(config: MirasConfig) -> int | None:
+        return None if config.miras is None else config.miras[field]
+
+    def set_(config: MirasConfig, value) -> None:
+        if value != get(config):
+            raise ValueError(f"{name}={value!r}: {name} is a read-only view of the native config's {field!r} "
+                             f"(here {get(config)!r}); a MirasConfig cannot change the model's shape. Build "
+                             f"a new one with MirasConfig.from_native(create(preset, {field}=...).config)")
+
+    return property(get, set_)
+
 
 class MirasConfig(PretrainedConfig):
     """``MirasConfig(miras=ModelConfig(...).to_dict())``; ``MirasConfig.from_native(config)`` does the same."""
@@ -43,19 +65,10 @@ class MirasConfig(PretrainedConfig):
             raise ValueError("this MirasConfig holds no model: build it as MirasConfig.from_native(model_config)")
         return ModelConfig.from_dict(dict(self.miras))
 
-    # Views for tools that look for the usual names; None on the empty default config.
-    @property
-    def vocab_size(self) -> int | None:
-        return None if self.miras is None else self.miras["vocab_size"]
-
-    @property
-    def hidden_size(self) -> int | None:
-        return None if self.miras is None else self.miras["dim"]
-
-    @property
-    def num_hidden_layers(self) -> int | None:
-        return None if self.miras is None else self.miras["layers"]
-
-    @property
-    def num_attention_heads(self) -> int | None:
-        return None if self.miras is None else self.miras["heads"]
+    # Views for tools that look for the usual names; None on the empty default config. They cannot be
+    # set to another value (``from_pretrained(path, num_hidden_layers=2)`` would describe a model the
+    # weights are not for): change the native config instead.
+    vocab_size = _view_property("vocab_size")
+    hidden_size = _view_property("hidden_size")
+    num_hidden_layers = _view_property("num_hidden_layers")
+    num_attention_heads = _view_property("num_attention_heads")

@@ -29,7 +29,8 @@ def check_lm_eval_tasks(tasks: Sequence[str], include_path: str | os.PathLike | 
     except ModuleNotFoundError as error:
         if error.name != "lm_eval":
             raise
-        raise ImportError("lm-eval tasks need lm-evaluation-harness: pip install lm-eval") from None
+        raise ImportError("lm-eval tasks need lm-evaluation-harness: pip install 'miras-lm[eval]' (lm-eval and "
+                          "wonderwords, which some of its tasks import)") from None
     manager = TaskManager(include_path=None if include_path is None else str(include_path))
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
@@ -50,7 +51,8 @@ def run_lm_eval(model_dir: str | os.PathLike, tasks: Sequence[str], limit: int |
     except ModuleNotFoundError as error:
         if error.name != "lm_eval":
             raise
-        raise ImportError("run_lm_eval needs lm-evaluation-harness: pip install lm-eval") from None
+        raise ImportError("run_lm_eval needs lm-evaluation-harness: pip install 'miras-lm[eval]' (lm-eval and "
+                          "wonderwords, which some of its tasks import)") from None
     model_args = {"pretrained": str(model_dir), "trust_remote_code": True}
     if dtype is not None:
         model_args["dtype"] = dtype
