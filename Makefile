@@ -21,7 +21,7 @@ $(VENV)/.installed-runtime: pyproject.toml
 demo: $(VENV)/.installed-runtime
 	$(VENV)/bin/miras demo
 
-# After the demo: its seed-0 Titans LMM recalls 256K and 1M tokens back (13.1 min on 2 CPU cores;
+# After the demo: its seed-0 Titans LMM asked for the value 256K and 1M tokens back (13 min on 2 CPU cores;
 # runs the demo first if runs/demo has no such model). Results in runs/demo-long.
 demo-long: $(VENV)/.installed-runtime
 	test -d runs/demo/titans-lmm/seed-0 || $(VENV)/bin/miras demo
