@@ -231,7 +231,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="*", default=[1024, 16384, 65536],
                         help="decoding contexts (none: skip)")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="model config overrides for every case, e.g. recompute=16")
+                        help="model config overrides, e.g. recompute=16; each family takes those it reads (no "
+                             "impl for the Transformer), and one that no listed family reads is an error")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto (CUDA if there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case, >= 1 (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for models.json / models.md")
