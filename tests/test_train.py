@@ -486,6 +486,28 @@ def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
         train(dataclasses.replace(config, max_steps=4, resume=True), source())
 
 
+def test_a_run_saved_with_an_override_its_family_does_not_read_still_loads_and_resumes(tmp_path):
+    """Before 802487f an override the family ignores (window for titans-lmm) was accepted and saved; a new
+    config may not name it, but the saved run loads (evaluate, generate, export) and resumes: it is
+    dropped on reading, since the model is the same without it."""
+    with pytest.raises(ConfigError, match="titans-lmm does not use window"):
+        TrainConfig(model="titans-lmm-tiny", model_overrides={"window": 16})
+    assert TrainConfig.from_dict({"model": "titans-lmm-tiny", "model_overrides": {"window": 16, "dim": 32}}
+                                 ).model_overrides == {"dim": 32}
+    config = tiny(tmp_path / "run", model="titans-lmm-tiny", max_steps=2, save_every=1)
+    train(config, source())
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["train"]["model_overrides"] = {"window": 16}
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    _edit_checkpoint(checkpoints(run_dir)[-1], lambda payload: payload["train_config"].update(
+        model_overrides={"window": 16}))
+    model, loaded, _ = load_run(run_dir)
+    assert loaded.model_overrides == {} and model.config == create("titans-lmm-tiny").config
+    train(dataclasses.replace(config, max_steps=3, resume=True), source())
+    assert [step for step, _ in losses(run_dir)] == [1, 2, 3]
+
+
 def ddp_config(out_dir: Path, grad_accum: int = 1) -> TrainConfig:
     """A real task (miras.data.tasks), so the ranks also exercise make_batches and the final evaluation."""
     return tiny(out_dir, data="task:mqar", max_steps=6, batch_size=8, grad_accum=grad_accum, eval_batches=2)

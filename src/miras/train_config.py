@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .models import PRESETS, ModelConfig, check_buildable, preset_config
-from .models.config import check_overrides, unknown_preset
+from .models.config import check_overrides, unknown_preset, used_overrides
 
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
 # step (grad_accum included: see the module docstring), or they extend the run (max_steps).
@@ -142,6 +142,14 @@ class TrainConfig:
             raise ConfigError(f"unknown train config key(s) {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
         if "model" not in values:
             raise ConfigError("a train config needs a 'model' (a preset name)")
+        overrides = values.get("model_overrides")
+        if isinstance(overrides, dict) and values["model"] in PRESETS:
+            # a saved run's overrides that its family does not read (accepted before 802487f) are dropped:
+            # the model is the same without them, and a new config may not name them
+            try:
+                values = {**values, "model_overrides": used_overrides(values["model"], overrides)}
+            except (TypeError, ValueError):
+                pass  # a bad value: __post_init__ says what is wrong with it
         return cls(**values)
 
 

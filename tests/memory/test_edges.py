@@ -162,6 +162,36 @@ def _slice(gates: Gates, start: int, stop: int) -> Gates:
     return Gates(**{name: gate[:, start:stop] for name, gate in gates.present().items()})
 
 
+@pytest.mark.parametrize("transpose", [True, False])
+def test_the_shared_product_differentiates_as_the_plain_matmul(transpose):
+    """shared_matmul on weights expanded over the batch: first and second derivatives (gradcheck), and
+    torch.func's grad, jvp and vmap, equal the plain matmul; under autocast it is the plain matmul (a
+    float64 operand stays float64)."""
+    from miras.memory.architectures import shared_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 5, 6) if transpose else (2, 6, 5)
+    base = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    u = torch.randn(3, 2, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def shared(u, base):
+        return shared_matmul(u, base.unsqueeze(0).expand(3, *base.shape), transpose=transpose)
+
+    def plain(u, base):
+        return torch.matmul(u, base.transpose(-1, -2) if transpose else base)
+
+    assert torch.autograd.gradcheck(shared, (u, base)) and torch.autograd.gradgradcheck(shared, (u, base))
+    values = (u.detach(), base.detach())
+    for fn in (lambda f: torch.func.grad(lambda *x: f(*x).square().sum(), argnums=(0, 1))(*values),
+               lambda f: torch.func.jvp(f, values, (torch.ones_like(values[0]), torch.ones_like(values[1])))[1],
+               lambda f: torch.func.vmap(lambda x: f(x, values[1]))(torch.stack([values[0], 2 * values[0]]))):
+        got, want = fn(shared), fn(plain)
+        for a, b in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert shared(u, base).dtype == torch.float64
+
+
 @pytest.mark.parametrize("path", [chunked, recurrent])
 def test_a_state_left_mid_chunk_continues_only_at_its_chunk_size(path):
     """A state records the chunk size it was left inside; another one (larger too) would compute neither
@@ -190,10 +220,21 @@ def test_a_state_s_counts_and_retention_product_are_checked():
     rest = (q[:, 3:], k[:, 3:], v[:, 3:], _slice(gates, 3, 6))
     for field, value, message in [("position", True, r"state.position must be an integer >= 0 .*got True"),
                                   ("chunk_size", -1, r"state.chunk_size must be an integer >= 0 .*got -1"),
-                                  ("retained", mid.retained * 3, r"state.retained .* must be in \(0, 1\]"),
+                                  ("retained", mid.retained * 3, r"state.retained .* must be in \[0, 1\]"),
+                                  ("retained", mid.retained - 2, r"state.retained .* must be in \[0, 1\]"),
                                   ("weights", list(mid.weights), "state.weights, .* must be tuples of tensors")]:
         with pytest.raises((ValueError, TypeError), match=message):
             chunked(GATED_DELTANET, *rest, dataclasses.replace(mid, **{field: value}), 4)
+
+    # Strong forgetting underflows the product to 0 in float32 within a chunk: the state continues as one
+    # call would (decay 1 is taken one float eps inside, and eps**12 is below float32's smallest number)
+    q, k, v, gates, state = make_inputs(GATED_DELTANET, tokens=16, dtype=torch.float32)
+    gates = dataclasses.replace(gates, decay=torch.ones_like(gates.decay))
+    expected, _ = chunked(GATED_DELTANET, q, k, v, gates, state, 16)
+    _, mid = chunked(GATED_DELTANET, q[:, :12], k[:, :12], v[:, :12], _slice(gates, 0, 12), state, 16)
+    assert mid.retained.max() == 0
+    got, _ = chunked(GATED_DELTANET, q[:, 12:], k[:, 12:], v[:, 12:], _slice(gates, 12, 16), mid, 16)
+    torch.testing.assert_close(got, expected[:, 12:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rule", [DELTANET, TITANS])

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -143,6 +144,29 @@ def test_a_state_from_a_model_of_another_layout_is_rejected(maker, taker):
     assert model(ids(7), state)[0].shape == (2, 7, 256)
 
 
+@pytest.mark.parametrize("family", ["titans-lmm", "transformer", "gated-deltanet", "titans-mac"])
+def test_a_state_saved_before_layouts_left_out_unread_fields_still_continues(family, tmp_path):
+    """Before 802487f a state's layout named every field but the computational ones (window and segment
+    for every family, chunk_size for attention): such a state continues on the same model, while a
+    field that does shape the state still differs."""
+    model = create(f"{family}-tiny")
+    with torch.no_grad():
+        expected, _ = model(ids(13))
+        _, state = model(ids(13)[:, :9])
+    computational = ("impl", "block_size", "recompute", "decay_init", "lr_init", "vocab_size", "mlp_ratio",
+                     "tie_embeddings")
+    old = json.dumps({k: v for k, v in model.config.to_dict().items() if k not in computational},
+                     sort_keys=True, separators=(",", ":"))
+    assert old != model.state_layout
+    dataclasses.replace(state, model=old).save(tmp_path / "old.pt")
+    with torch.no_grad():
+        got, _ = model(ids(13)[:, 9:], ModelState.load(tmp_path / "old.pt"))
+    torch.testing.assert_close(got, expected[:, 9:], rtol=1e-4, atol=1e-5)  # streamed: float32 rounding
+    other = json.dumps({**json.loads(old), "heads": 4}, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(ValueError, match=r"state comes from a different model: heads=4 \(this model: 2\)"):
+        model(ids(3), dataclasses.replace(state, model=other))
+
+
 def test_state_to_and_load_map_location(tmp_path):
     model = make("titans-mac")  # float64
     _, state = create("titans-mac-tiny")(ids(13))  # float32
@@ -212,7 +236,7 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
         assert sizes[1] <= 2 * sizes[0], sizes
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "memora", "gated-deltanet"])
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "memora", "ttt-mlp"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_a_state_does_not_change_when_the_model_is_changed_in_place(family, grad):
     """A call that ends inside the first chunk (MAC: segment) leaves the layer's initial memory in the
@@ -224,8 +248,13 @@ def test_a_state_does_not_change_when_the_model_is_changed_in_place(family, grad
     first, rest = ids(3, seed=2), ids(9)
     with torch.set_grad_enabled(grad):
         _, state = model(first)
-    state = state.detach()
-    assert not any(t.requires_grad for t in _tensors(state))
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    if grad:  # the state is part of the graph: the initial weights themselves, until detached (Memora's
+        # memory starts at a softmax of its parameters, a tensor of its own)
+        assert any(t.untyped_storage().data_ptr() in storages for t in _tensors(state)) == (family != "memora")
+        state = state.detach()
+    # returned without autograd, or detached: nothing in it requires grad or is a parameter's memory
+    assert not any(t.requires_grad or t.untyped_storage().data_ptr() in storages for t in _tensors(state))
     with torch.no_grad():
         expected, _ = model(rest, state)
         saved = {name: p.clone() for name, p in model.named_parameters()}

@@ -49,8 +49,11 @@ def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
     multiplied once per head: ``torch.matmul`` would copy them per row (its batched path reshapes the
     expanded operand). The gradient w.r.t. ``w`` is still one per row (``_SharedMatmul``), as the plain
     matmul gives it: what ``w`` was expanded from gets their sum, and a caller that asks for the
-    gradient w.r.t. the expanded tensor itself (``autograd.grad``, a leaf) gets every row's own."""
-    if u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]:
+    gradient w.r.t. the expanded tensor itself (``autograd.grad``, a leaf) gets every row's own. Under
+    autocast it is the plain matmul, whose casts autocast owns (a float64 operand is not cast, a
+    float32 one is, and the cast copies the rows)."""
+    if (u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]
+            or torch.is_autocast_enabled(u.device.type)):
         return torch.matmul(u, w.transpose(-1, -2) if transpose else w)
     return _SharedMatmul.apply(u, w, transpose)
 
@@ -63,38 +66,49 @@ def _rows_shared(u: Tensor, w: Tensor, transpose: bool) -> Tensor:
     return out.view(heads, batch, tokens, -1).transpose(0, 1)
 
 
+def _per_row(u: Tensor, w: Tensor, transpose: bool) -> Tensor:
+    """``u Wᵀ`` (or ``u W``) with each row's own W (a tangent or gradient of the shared weights is per row)."""
+    return torch.matmul(u, w.transpose(-1, -2) if transpose else w)
+
+
 class _SharedMatmul(torch.autograd.Function):
     """``shared_matmul``'s stride-0 case. Forward multiplies by w[0] alone; backward gives u its gradient
     the same way and w one gradient per row, [B, H, out, in] (what backward through an expand makes
-    anyway). The backward is made of differentiable ops (itself through this function), so second
-    derivatives work. Under autocast the product runs in the autocast dtype, as ``torch.matmul`` would,
-    and the gradients return in the inputs' dtypes (second derivatives then reach the expanded rows
-    through row 0: their sum, what the shared weights get, is right)."""
+    anyway). Backward and the forward-mode ``jvp`` are made of differentiable ops (backward through this
+    function again), so second derivatives and ``torch.func`` (grad, jvp, vmap) work."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, u: Tensor, w: Tensor, transpose: bool) -> Tensor:
-        device = u.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else u.dtype
-        cast_u = u.to(dtype)
-        cast_w = w if w.dtype == dtype else w[0].to(dtype).expand_as(w)
-        with torch.autocast(device, enabled=False):
-            out = _rows_shared(cast_u, cast_w, transpose)
-        ctx.save_for_backward(cast_u, cast_w)
-        ctx.transpose, ctx.dtypes = transpose, (u.dtype, w.dtype)
-        return out
+    def forward(u: Tensor, w: Tensor, transpose: bool) -> Tensor:
+        return _rows_shared(u, w, transpose)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, w, transpose = inputs
+        ctx.save_for_backward(u, w)
+        ctx.save_for_forward(u, w)
+        ctx.transpose = transpose
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         u, w = ctx.saved_tensors
-        grad = grad.to(u.dtype)
         grad_u = grad_w = None
         if ctx.needs_input_grad[0]:  # out = u M with M = Wᵀ (transpose) or W: du = grad Mᵀ
-            grad_u = shared_matmul(grad, w, transpose=not ctx.transpose).to(ctx.dtypes[0])
+            grad_u = shared_matmul(grad, w, transpose=not ctx.transpose)
         if ctx.needs_input_grad[1]:  # dM = uᵀ grad per row; dW = dMᵀ when M = Wᵀ
-            per_row = (torch.matmul(grad.transpose(-1, -2), u) if ctx.transpose
-                       else torch.matmul(u.transpose(-1, -2), grad))
-            grad_w = per_row.to(ctx.dtypes[1])
+            grad_w = (torch.matmul(grad.transpose(-1, -2), u) if ctx.transpose
+                      else torch.matmul(u.transpose(-1, -2), grad))
         return grad_u, grad_w, None
+
+    @staticmethod
+    def jvp(ctx, tangent_u: Tensor | None, tangent_w: Tensor | None, _) -> Tensor:
+        u, w = ctx.saved_tensors
+        out = None if tangent_u is None else shared_matmul(tangent_u, w, transpose=ctx.transpose)
+        if tangent_w is not None:  # a per-row tangent of the shared weights
+            term = _per_row(u, tangent_w, ctx.transpose)
+            out = term if out is None else out + term
+        return out
 
 
 def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:

@@ -301,7 +301,8 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
                          f"retention needs it (KLSoftmax, PreDecay); position={state.position}, rule {rule.name()}")
     if state.retained is not None and tuple(state.retained.shape) != (batch, heads):
         raise ValueError(f"state.retained must have shape {[batch, heads]}, got {list(state.retained.shape)}")
+    # (0 is in range: a product of strong forgetting underflows to it, in float32 within a chunk)
     if state.retained is not None and state.retained.device.type == "cpu" and state.retained.numel() and not (
-            0 < state.retained.min() and state.retained.max() <= 1):
-        raise ValueError("state.retained is a product of retentions 1 − α: it must be in (0, 1], got values in "
+            0 <= state.retained.min() and state.retained.max() <= 1):
+        raise ValueError("state.retained is a product of retentions 1 − α: it must be in [0, 1], got values in "
                          f"[{state.retained.min().item():.3g}, {state.retained.max().item():.3g}]")

@@ -129,23 +129,25 @@ class LanguageModel(nn.Module):
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
-        self._state_layout = self._layout()
+        self._left_out = self._layout_left_out()
+        self._state_layout = json.dumps({k: v for k, v in config.to_dict().items() if k not in self._left_out},
+                                        sort_keys=True, separators=(",", ":"))
 
     @property
     def state_layout(self) -> str:
         """The config fields that shape this model's state (JSON): what ModelState.model records, so that a
         state is refused by a model of another family, width, head count, segment, window, chunk size...
         Fields that only choose how it is computed or how it starts (impl, block_size, recompute, gate inits) and
-        those outside the mixers (vocabulary, MLP width, tied embeddings) are left out."""
+        those outside the mixers (vocabulary, MLP width, tied embeddings), and fields the family does not read
+        (``unused_fields``), are left out."""
         return self._state_layout
 
-    def _layout(self) -> str:
+    def _layout_left_out(self) -> set[str]:
         left_out = {"impl", "block_size", "recompute", "decay_init", "lr_init", "vocab_size", "mlp_ratio",
                     "tie_embeddings", *unused_fields(self.config)}
         if self.config.rule is None:  # attention keeps no chunks (chunk_size only groups its MLP's recompute)
             left_out.add("chunk_size")
-        layout = {k: v for k, v in self.config.to_dict().items() if k not in left_out}
-        return json.dumps(layout, sort_keys=True, separators=(",", ":"))
+        return left_out
 
     def init_state(self, batch: int) -> ModelState:
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
@@ -180,11 +182,14 @@ class LanguageModel(nn.Module):
             raise ValueError(f"state must be a ModelState with one state per block ({len(self.blocks)} for this "
                              f"{self.config.family} model; from init_state or a previous call), got {got}")
         if state.model and state.model != self.state_layout:
+            # (states saved before 802487f recorded every field, the unread window and segment too)
             theirs, ours = json.loads(state.model), json.loads(self.state_layout)
             differ = ", ".join(f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
-                               for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
-            raise ValueError(f"state comes from a different model: {differ}; pass a state this model made "
-                             "(init_state or a previous call)")
+                               for k in sorted((set(theirs) | set(ours)) - self._left_out)
+                               if theirs.get(k) != ours.get(k))
+            if differ:
+                raise ValueError(f"state comes from a different model: {differ}; pass a state this model made "
+                                 "(init_state or a previous call)")
         if self._state_types is None:  # what each block's mixer carries, found once
             self._state_types = tuple(type(block.init_state(1)) for block in self.blocks)
         for i, (layer, expected) in enumerate(zip(state.layers, self._state_types)):
