@@ -232,6 +232,7 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     ignored = sorted(key for key in overrides if key in unused_fields(config)
                      and overrides[key] != getattr(preset, key))
     if ignored:
+        them = "it" if len(ignored) == 1 else "them"
         raise ValueError(f"{config.family} does not use {', '.join(ignored)} (its model would be the same without "
-                         f"{'it' if len(ignored) == 1 else 'them'}): leave {'it' if len(ignored) == 1 else 'them'} out")
+                         f"{them}): leave {them} out")
     return config
