@@ -126,3 +126,38 @@ def test_fused_saturated_gates_are_finite():
     (y.sum() + final.weights[0].sum()).backward()
     for name, tensor in [("q", q), ("k", k), ("v", v), *saturated.items()]:
         assert torch.isfinite(tensor.grad).all(), name
+
+
+def test_compiled_code_sees_full_chunks_only(monkeypatch):
+    """The compiled chunk step and per-chunk backward are specialised on the row the state is taken at; a
+    call's last chunk may end at any row (a prompt of another length), so it runs eagerly and nothing
+    compiles again per length. Recorded with the eager functions standing in for the compiled ones."""
+    import importlib
+
+    chunked_module = importlib.import_module("miras.memory.chunked")  # (the package exports the function)
+    fused_module = importlib.import_module("miras.memory.fused")
+
+    rows = {"step": [], "backward": []}
+
+    def recording(name, fn, index):
+        def run(*args):
+            rows[name].append(args[index])
+            return fn(*args)
+        return run
+
+    monkeypatch.setitem(chunked_module._COMPILED, "step", recording("step", chunked_module._chunk_step, 9))
+    monkeypatch.setitem(fused_module._COMPILED, "backward", recording("backward", fused_module._chunk_backward, 8))
+    rule = RULES["titans"]
+    q, k, v, gates, state = make_inputs(rule, tokens=11, requires_grad=True)
+    expected, _ = chunked(rule, q, k, v, gates, state, 4)
+    y, _ = chunked(rule, q, k, v, gates, state, 4, compile=True)  # rows 3, 3 and 2 (the last, eager)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    first = Gates(**{name: gate[:, :5] for name, gate in gates.present().items()})
+    rest = Gates(**{name: gate[:, 5:] for name, gate in gates.present().items()})
+    _, mid = chunked(rule, q[:, :5], k[:, :5], v[:, :5], first, state, 4, compile=True)  # streamed: 5 + 6
+    y, _ = chunked(rule, q[:, 5:], k[:, 5:], v[:, 5:], rest, mid, 4, compile=True)
+    torch.testing.assert_close(y, expected[:, 5:], rtol=1e-12, atol=1e-12)
+    y, _ = chunked(rule, q, k, v, gates, state, 4, compile=True, fused=True)
+    y.square().sum().backward()
+    assert rows["step"] and rows["backward"] and set(rows["step"]) == set(rows["backward"]) == {3}
+

@@ -57,7 +57,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
     faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
     of seconds), later calls reuse it. Same math, tested equal to the eager path. A one-token
-    call (decoding) always takes the written-out single-token update, compiled or not.
+    call (decoding) always takes the written-out single-token update, compiled or not, and a call's
+    last chunk, when it ends before the chunk does, runs eagerly (``chunk_step``).
 
     ``recompute=G`` (G >= 1) trades compute for memory when gradients are needed: autograd keeps
     only the state between groups of G chunks and recomputes a group's inside during backward
@@ -97,7 +98,6 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     gates = replace(gates, lr=rule.algorithm.effective_lr(gates.lr, k))
     if tokens == 1:  # decoding: the update written out for one token beats a padded chunk
         return _one_token(rule, q, k, v, gates, state, chunk_size)
-    step = _compiled_step() if compile else _chunk_step
     # A state left mid-chunk continues its chunk: the sequence is laid out as if `offset`
     # (inert, masked) tokens came first, so that chunk boundaries stay where they were.
     offset = state.position
@@ -160,6 +160,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 anchor = weights
             row = last if n == chunks - 1 else size - 1
             scale = retained_n if retention.decay_first else None
+            step = chunk_step(compile, row, size)
             y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
                                           scale, dict(zip(extra, extra_n)))
             if retention.projects and (n < chunks - 1 or position == 0):
@@ -280,6 +281,13 @@ def _output_grad(rule: MemoryRule, v: Tensor, scale: Tensor | None, extra: dict[
 
 
 _COMPILED: dict[str, object] = {}
+
+
+def chunk_step(compile: bool, row: int, size: int):
+    """The step for a chunk whose state is taken after token ``row``: compiled (``compile``) only for a full
+    chunk. A call's last chunk may end early (any row), and the compiled step, specialised on ``row``,
+    would compile again for every new one (a prompt of another length); that one chunk runs eagerly."""
+    return _compiled_step() if compile and row == size - 1 else _chunk_step
 
 
 def _compiled_step():

@@ -80,9 +80,8 @@ class _ChunkLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule, last, stride, layers, momentum, compile, keep_anchor, q, k, v, first, *rest):
         # chunked imports this module: its chunk step and state update are imported on use.
-        from .chunked import _chunk_step, _compiled_step
+        from .chunked import chunk_step
 
-        step = _compiled_step() if compile else _chunk_step
         ncoef = 5 if momentum else 2
         coefs, rest = rest[:ncoef], rest[ncoef:]
         weights = tuple(rest[:layers])
@@ -95,8 +94,8 @@ class _ChunkLoop(torch.autograd.Function):
                 kept.append((weights, surprise))
             anchor = weights
             row = last if n == chunks - 1 else size - 1
-            y, weights, surprise = step(rule, weights, surprise, weights, q[n], k[n], v[n], first[n],
-                                        per_chunk[n], row, None, {})
+            y, weights, surprise = chunk_step(compile, row, size)(rule, weights, surprise, weights, q[n], k[n], v[n],
+                                                                  first[n], per_chunk[n], row, None, {})
             ys.append(y)
         ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum = rule, last, stride, layers, momentum
         ctx.compile = compile
@@ -124,7 +123,6 @@ class _ChunkLoop(torch.autograd.Function):
         g_anchor = grads[2 * layers:] if momentum else grads[layers:]  # empty without keep_anchor
         chunks, size = q.shape[0], q.shape[3]
         per_chunk = _per_chunk(coefs)
-        chunk_backward = _compiled_backward() if ctx.compile else _chunk_backward
         grad_y = torch.zeros_like(q) if grad_y is None else grad_y
         g_q, g_k, g_v, g_first = (torch.empty_like(t) for t in (q, k, v, first))
         g_coefs = [torch.zeros_like(c) for c in coefs]
@@ -142,6 +140,8 @@ class _ChunkLoop(torch.autograd.Function):
             for n in reversed(range(start, stop)):
                 weights, surprise = states[n - start]
                 row = last if n == chunks - 1 else size - 1
+                # compiled for full chunks only (as chunked.chunk_step: the compiled code is specialised on row)
+                chunk_backward = _compiled_backward() if ctx.compile and row == size - 1 else _chunk_backward
                 out = chunk_backward(rule.architecture.activation, weights, surprise, q[n], k[n], v[n], first[n],
                                      per_chunk[n], row, grad_y[n], g_w, g_s)
                 g_q[n], g_k[n], g_v[n], g_first[n], coef_grads, g_w, g_s = out
