@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from miras.memory import GD, L2, PRESETS, Decay, Gates, Huber, MemoryRule, MLPMemory, Momentum, NoRetention, chunked
+from miras.memory import (
+    GD,
+    L2,
+    PRESETS,
+    Decay,
+    Gates,
+    Huber,
+    MemoryRule,
+    MemoryState,
+    MLPMemory,
+    Momentum,
+    NoRetention,
+    chunked,
+)
 from miras.memory.fused import supports
 
 from .helpers import assert_close, make_inputs, run_with_grads
@@ -129,9 +142,11 @@ def test_fused_saturated_gates_are_finite():
 
 
 def test_compiled_code_sees_full_chunks_only(monkeypatch):
-    """The compiled chunk step and per-chunk backward are specialised on the row the state is taken at; a
-    call's last chunk may end at any row (a prompt of another length), so it runs eagerly and nothing
-    compiles again per length. Recorded with the eager functions standing in for the compiled ones."""
+    """The compiled chunk step and per-chunk backward are specialised on the row the state is taken at, the
+    chunk length and the weights' strides; a call's last chunk may end at any row (a prompt of another
+    length), a short call has a chunk of its own length, a stream's first chunk starts from batch-shared
+    weights: those run eagerly, and nothing compiles again per length. Recorded with the eager functions
+    standing in for the compiled ones."""
     import importlib
 
     chunked_module = importlib.import_module("miras.memory.chunked")  # (the package exports the function)
@@ -160,4 +175,16 @@ def test_compiled_code_sees_full_chunks_only(monkeypatch):
     y, _ = chunked(rule, q, k, v, gates, state, 4, compile=True, fused=True)
     y.square().sum().backward()
     assert rows["step"] and rows["backward"] and set(rows["step"]) == set(rows["backward"]) == {3}
+    # a call shorter than one chunk (another chunk length), and a stream's first chunk from start weights
+    # shared by the batch (stride 0), run eagerly too: 11 tokens from a shared state compile 1 of 3 chunks
+    calls = len(rows["step"])
+    chunked(rule, q[:, :3], k[:, :3], v[:, :3], Gates(**{n: g[:, :3] for n, g in gates.present().items()}),
+            state, 4, compile=True)
+    assert len(rows["step"]) == calls
+    shared = MemoryState(tuple(w[:1].expand_as(w) for w in state.weights),
+                         tuple(m[:1].expand_as(m) for m in state.momentum))
+    expected, _ = chunked(rule, q, k, v, gates, shared, 4, span=1)
+    y, _ = chunked(rule, q, k, v, gates, shared, 4, compile=True)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert len(rows["step"]) == calls + 1
 

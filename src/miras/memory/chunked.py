@@ -102,6 +102,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     # (inert, masked) tokens came first, so that chunk boundaries stay where they were.
     offset = state.position
     size = min(chunk_size, offset + tokens)
+    # compiled code is specialised on the chunk length: a call shorter than one chunk runs eagerly
+    compile = compile and size == chunk_size
     chunks = -(-(offset + tokens) // size)
     layout = (offset, chunks * size - offset - tokens)  # padding (front, back)
     last = offset + tokens - (chunks - 1) * size - 1  # row of the last real token in the last chunk
@@ -160,7 +162,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 anchor = weights
             row = last if n == chunks - 1 else size - 1
             scale = retained_n if retention.decay_first else None
-            step = chunk_step(compile, row, size)
+            step = chunk_step(compile, row, size, anchor)
             y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
                                           scale, dict(zip(extra, extra_n)))
             if retention.projects and (n < chunks - 1 or position == 0):
@@ -283,16 +285,26 @@ def _output_grad(rule: MemoryRule, v: Tensor, scale: Tensor | None, extra: dict[
 _COMPILED: dict[str, object] = {}
 
 
-def chunk_step(compile: bool, row: int, size: int):
-    """The step for a chunk whose state is taken after token ``row``: compiled (``compile``) only for a full
-    chunk. A call's last chunk may end early (any row), and the compiled step, specialised on ``row``,
-    would compile again for every new one (a prompt of another length); that one chunk runs eagerly."""
-    return _compiled_step() if compile and row == size - 1 else _chunk_step
+def compiles(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]) -> bool:
+    """Whether a chunk whose state is taken after token ``row``, from the chunk-start weights ``anchor``,
+    runs compiled (``compile``): only a full chunk from weights of their own. The compiled code is
+    specialised on ``row`` and on the weights' strides: a call's last chunk may end at any row (a prompt of
+    another length), and a stream's first chunk starts from the learned initial memory expanded over the
+    batch (stride 0); each would compile a graph of its own, so those chunks run eagerly."""
+    shared = any(w.dim() and w.shape[0] > 1 and w.stride(0) == 0 for w in anchor)
+    return compile and row == size - 1 and not shared
+
+
+def chunk_step(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]):
+    """``_chunk_step``, compiled where ``compiles`` says."""
+    return _compiled_step() if compiles(compile, row, size, anchor) else _chunk_step
 
 
 def _compiled_step():
     """``_chunk_step`` under torch.compile, made on first use (importing miras compiles nothing).
-    Shapes are static: each new (batch, heads, chunk, dims, dtype) compiles once."""
+    Shapes are static: each new (batch, heads, chunk, dims, dtype, rule) compiles once, and again for
+    grad mode, autocast and whether the state requires grad (dynamo's guards); ``chunk_step`` keeps
+    partial chunks and batch-shared start weights out of it."""
     if "step" not in _COMPILED:
         _COMPILED["step"] = torch.compile(_chunk_step, dynamic=False)
     return _COMPILED["step"]

@@ -94,8 +94,8 @@ class _ChunkLoop(torch.autograd.Function):
                 kept.append((weights, surprise))
             anchor = weights
             row = last if n == chunks - 1 else size - 1
-            y, weights, surprise = chunk_step(compile, row, size)(rule, weights, surprise, weights, q[n], k[n], v[n],
-                                                                  first[n], per_chunk[n], row, None, {})
+            y, weights, surprise = chunk_step(compile, row, size, weights)(
+                rule, weights, surprise, weights, q[n], k[n], v[n], first[n], per_chunk[n], row, None, {})
             ys.append(y)
         ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum = rule, last, stride, layers, momentum
         ctx.compile = compile
@@ -109,7 +109,7 @@ class _ChunkLoop(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # its states were computed with autograd off
     def backward(ctx, grad_y, *grads):
-        from .chunked import _chunk_end_state
+        from .chunked import _chunk_end_state, compiles
 
         rule, last, stride, layers, momentum = ctx.rule, ctx.last, ctx.stride, ctx.layers, ctx.momentum
         ncoef = 5 if momentum else 2
@@ -140,8 +140,8 @@ class _ChunkLoop(torch.autograd.Function):
             for n in reversed(range(start, stop)):
                 weights, surprise = states[n - start]
                 row = last if n == chunks - 1 else size - 1
-                # compiled for full chunks only (as chunked.chunk_step: the compiled code is specialised on row)
-                chunk_backward = _compiled_backward() if ctx.compile and row == size - 1 else _chunk_backward
+                # compiled where the forward was (full chunks from weights of their own)
+                chunk_backward = _compiled_backward() if compiles(ctx.compile, row, size, weights) else _chunk_backward
                 out = chunk_backward(rule.architecture.activation, weights, surprise, q[n], k[n], v[n], first[n],
                                      per_chunk[n], row, grad_y[n], g_w, g_s)
                 g_q[n], g_k[n], g_v[n], g_first[n], coef_grads, g_w, g_s = out
