@@ -57,8 +57,9 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     ``compile=True`` runs each chunk's step through ``torch.compile`` (fused elementwise work, ~3x
     faster forward + backward at chunk 16 on CPU); the first call per input shape compiles (tens
     of seconds), later calls reuse it. Same math, tested equal to the eager path. A one-token
-    call (decoding) always takes the written-out single-token update, compiled or not, and a call's
-    last chunk, when it ends before the chunk does, runs eagerly (``chunk_step``).
+    call (decoding) always takes the written-out single-token update, compiled or not; a call's last
+    chunk when it ends early, a call shorter than one chunk and a stream's first chunk from batch-shared
+    weights run eagerly (``compiles``: the compiled code is specialised on each of those).
 
     ``recompute=G`` (G >= 1) trades compute for memory when gradients are needed: autograd keeps
     only the state between groups of G chunks and recomputes a group's inside during backward
