@@ -291,9 +291,9 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
         if config.vocab_size < 256:
             raise ConfigError(f"{given}vocab_size={config.vocab_size}, but the "
                               "bench feeds random byte ids (0-255): vocab_size must be >= 256")
-    if set(overrides) - used:
-        raise ConfigError(f"{given}no family here uses {', '.join(sorted(set(overrides) - used))} "
-                          f"({', '.join(args.families)}): leave it out")
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise ConfigError(f"{given}no family here uses {', '.join(unused)} ({', '.join(args.families)}): leave it out")
     return overrides, str(device)
 
 

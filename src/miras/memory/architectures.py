@@ -42,6 +42,12 @@ def matmul_linear_t(weights: tuple[Tensor, ...] | list[Tensor]) -> Linear:
     return lambda layer, g: torch.matmul(g, weights[layer])
 
 
+def batch_shared(t: Tensor) -> bool:
+    """``t`` is one tensor expanded over a batch of more than one row (batch stride 0): a layer's learned
+    initial memory as ``init_state`` gives it to every sequence."""
+    return t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+
 def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
     """``u Wᵀ`` (or ``u W``) per batch row and head, u ``[B, H, T, d]``, w ``[B, H, out, in]``.
 
@@ -52,9 +58,9 @@ def shared_matmul(u: Tensor, w: Tensor, *, transpose: bool) -> Tensor:
     gradient w.r.t. the expanded tensor itself (``autograd.grad``, a leaf) gets every row's own. Under
     autocast it is the plain matmul, whose casts autocast owns (a float64 operand is not cast, a
     float32 one is, and the cast copies the rows)."""
-    if (u.dim() != 4 or w.dim() != 4 or w.shape[0] == 1 or w.stride(0) != 0 or u.shape[0] != w.shape[0]
+    if (u.dim() != 4 or w.dim() != 4 or not batch_shared(w) or u.shape[0] != w.shape[0]
             or torch.is_autocast_enabled(u.device.type)):
-        return torch.matmul(u, w.transpose(-1, -2) if transpose else w)
+        return _per_row(u, w, transpose)
     return _SharedMatmul.apply(u, w, transpose)
 
 

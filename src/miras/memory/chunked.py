@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .architectures import matmul_linear
+from .architectures import batch_shared, matmul_linear
 from .fused import fused_chunks
 from .fused import supports as fused_supports
 from .recurrent import initial_state
@@ -292,8 +292,7 @@ def compiles(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]) -> 
     specialised on ``row`` and on the weights' strides: a call's last chunk may end at any row (a prompt of
     another length), and a stream's first chunk starts from the learned initial memory expanded over the
     batch (stride 0); each would compile a graph of its own, so those chunks run eagerly."""
-    shared = any(w.dim() and w.shape[0] > 1 and w.stride(0) == 0 for w in anchor)
-    return compile and row == size - 1 and not shared
+    return compile and row == size - 1 and not any(map(batch_shared, anchor))
 
 
 def chunk_step(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]):

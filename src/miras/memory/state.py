@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from .architectures import batch_shared
 from .rules import MemoryRule
 
 # The range of each gate (Gates' docstring): (low, high, whether low itself is allowed).
@@ -101,7 +102,7 @@ def detached(t: Tensor) -> Tensor:
     t = t.detach()
     if not parameter:
         return t
-    if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+    if batch_shared(t):
         return t[:1].clone().expand_as(t)
     return t.clone()
 
