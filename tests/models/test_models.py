@@ -649,3 +649,23 @@ def test_recompute_keeps_no_mlp_activations(family):
 
     assert {hidden, 2 * hidden} & set(saved_widths(0))
     assert not {hidden, 2 * hidden} & set(saved_widths(2))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_norms_run_in_their_input_dtype_under_autocast(family, monkeypatch):
+    """Under bf16 autocast every RMSNorm gets its weight in its input's dtype: a float32 weight on a bf16
+    input (MAC's and MAG's output gates used to) runs RMSNorm off its fused kernel, with a warning torch
+    prints once per process."""
+    torch.manual_seed(0)
+    model, calls = create(f"{family}-tiny"), []
+    original = torch.nn.functional.rms_norm
+
+    def recording(x, shape, weight=None, eps=None):
+        calls.append((x.dtype, None if weight is None else weight.dtype))
+        return original(x, shape, weight, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(ids(40))
+        logits.float().mean().backward()
+    assert calls and all(weight in (None, x) for x, weight in calls), sorted(set(calls), key=str)

@@ -47,3 +47,11 @@ def piece_sizes(tokens: int, size: int, filled: int = 0) -> list[int]:
     first = min(tokens, size - filled)
     whole, rest = divmod(tokens - first, size)
     return [first] + [size] * whole + ([rest] if rest else [])
+
+
+def rms_norm(norm: torch.nn.RMSNorm, x: Tensor) -> Tensor:
+    """``norm(x)`` with the weight cast to ``x``'s dtype. Under bf16 autocast a linear layer's output is
+    bf16, and a float32 weight takes RMSNorm off its fused kernel (with a warning); in float32 this is
+    ``norm(x)`` exactly."""
+    weight = None if norm.weight is None else norm.weight.to(x.dtype)
+    return torch.nn.functional.rms_norm(x, norm.normalized_shape, weight, norm.eps)

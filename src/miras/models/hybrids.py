@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..layers import Attention, MemoryLayer
+from ..layers.base import rms_norm
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class MemoryAsGate(_MemoryAndAttention):
         state = self._state(x, state)
         y, attention_state = self.attention(x, state.attention)
         m, memory_state = self.memory(x, state.memory)
-        return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), PairState(memory_state, attention_state)
+        return (rms_norm(self.attention_norm, y) * torch.sigmoid(rms_norm(self.memory_norm, m)),
+                PairState(memory_state, attention_state))
 
 
 class MemoryAsLayer(_MemoryAndAttention):

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import MemoryLayer, MemoryLayerState, piece_sizes, rotary
-from ..layers.base import check_input
+from ..layers.base import check_input, rms_norm
 from ..memory import MemoryState, read
 
 
@@ -164,7 +164,7 @@ class MemoryAsContext(nn.Module):
         y = F.scaled_dot_product_attention(q_s, keys, values, attn_mask=mask)
         y = self.out(y.transpose(1, 2).reshape(batch, tokens, self.dim))
         r, memory = self.memory(y, state.memory)
-        out = y * torch.sigmoid(self.gate_norm(r))
+        out = y * torch.sigmoid(rms_norm(self.gate_norm, r))
         filled = done + tokens
         if filled == self.segment:  # the segment is complete: the next one retrieves from here
             # a new empty tensor, not a view: a view would keep the whole segment's storage in the state
