@@ -174,6 +174,21 @@ def test_repeated_seeds_are_refused():
     assert run_demo_command(args) == 2
 
 
+@pytest.mark.parametrize("seeds", [(0, -1), (), (True,), (2**63,)])
+def test_bad_seeds_are_refused_before_any_training(seeds, tmp_path, capsys):
+    """A negative seed used to fail only when its job started, after the other jobs' training."""
+    import argparse
+
+    with pytest.raises(ValueError, match=r"seeds must be one or more integers in \[0, 2\*\*63\)"):
+        DemoConfig(seeds=seeds)
+    args = argparse.Namespace(quick=True, out=str(tmp_path / "demo"), seeds=list(seeds), steps=None, workers=None,
+                              size="tiny")
+    if seeds:  # an empty --seeds is argparse's to refuse (nargs="+")
+        assert run_demo_command(args) == 2
+        assert "miras demo: error: seeds must be" in capsys.readouterr().err
+        assert not (tmp_path / "demo").exists()
+
+
 def test_a_rerun_says_which_runs_it_reused(quick_demo):
     """(Reruns in the module's quick-demo folder: the tests above have read it.)"""
     out, first = quick_demo

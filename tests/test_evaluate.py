@@ -254,7 +254,12 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     assert (args.tasks, args.lengths, args.examples, args.segment) == (["mqar"], [32, 64], 4, 16)
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--lengths", "32,x"])
-    capsys.readouterr()
+    assert parser.parse_args(["run", "--lengths", "64,16,32"]).lengths == [16, 32, 64]  # columns short to long
+    with pytest.raises(SystemExit):  # a length twice was evaluated twice: two equal columns, twice the time
+        parser.parse_args(["run", "--lengths", "64,16,64"])
+    assert "'64,16,64': a context length is given twice; give each once" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"lengths must be distinct .*got \[64, 64\]"):
+        evaluate({"oracle": SuccessorOracle()}, {"mqar": MQAR(context_length=32, pairs=1, queries=1)}, [64, 64])
 
     config = types.SimpleNamespace(data="task:mqar", seq_len=32, data_params={"pairs": 3, "queries": 2})
     fake = types.ModuleType("miras.train")

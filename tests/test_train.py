@@ -280,13 +280,18 @@ def test_unusable_checkpoints_and_run_dirs_are_one_line_errors_that_write_nothin
         train(dataclasses.replace(config, max_steps=4, resume=True), source())
     (run_dir / "checkpoints" / "step_00000003.pt").unlink()
 
+    # torch's legacy unpickler reads what is not a zip archive, with reasons like "KeyError: 101" (b"hello\n")
+    for content, reason in [(b"not a checkpoint", "not a torch checkpoint file"),
+                            (b"hello\n", "not a torch checkpoint file"),
+                            (b"\x80\x02}q", "not a torch checkpoint file"), (b"", "an empty file")]:
+        latest.write_bytes(content)
+        before = snapshot(run_dir)
+        with pytest.raises(ConfigError, match=rf"step_00000002.pt is unreadable \({reason}\); the one "
+                                              r"before it, step_00000001.pt, is readable: delete step_00000002.pt to "
+                                              r"fall back to it$"):
+            train(dataclasses.replace(config, max_steps=4, resume=True), source())
+        assert snapshot(run_dir) == before
     latest.write_bytes(b"not a checkpoint")
-    before = snapshot(run_dir)
-    with pytest.raises(ConfigError, match=r"step_00000002.pt is unreadable \(not a torch checkpoint file\); the one "
-                                          r"before it, step_00000001.pt, is readable: delete step_00000002.pt to "
-                                          r"fall back to it$"):
-        train(dataclasses.replace(config, max_steps=4, resume=True), source())
-    assert snapshot(run_dir) == before
     previous = run_dir / "checkpoints" / "step_00000001.pt"
     kept = previous.read_bytes()
     previous.write_bytes(kept[:len(kept) // 2])  # truncated

@@ -211,6 +211,11 @@ class DemoConfig:
     out_dir: str = "runs/demo"
 
     def __post_init__(self):
+        # checked here, not when the job of a bad seed starts after minutes of the others' training
+        bad = [seed for seed in self.seeds if isinstance(seed, bool) or not isinstance(seed, int)
+               or not 0 <= seed < 2**63]
+        if bad or not self.seeds:
+            raise ValueError(f"seeds must be one or more integers in [0, 2**63), got {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct (each is a run directory seed-<s>), got {list(self.seeds)}")
         names = [model.name for model in self.models]

@@ -214,6 +214,8 @@ def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequ
     """Every task's accuracy for every model over ``lengths`` (those a task is too short for are skipped and
     listed), and the perplexity on ``text`` (token ids, windows of ``seq_len``) when given: a JSON-ready dict."""
     log = log or (lambda message: None)
+    if len(set(lengths)) != len(lengths):
+        raise ValueError(f"lengths must be distinct (each is a column of the results), got {list(lengths)}")
     results = {"format": RESULTS_FORMAT, "lengths": list(lengths), "examples": examples, "seed": seed,
                "segment": segment, "train_length": train_length,
                "models": {name: {"parameters": sum(p.numel() for p in model.parameters())}
@@ -377,7 +379,9 @@ def _integers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers like 256,1024") from None
     if not values or min(values) < 2:
         raise argparse.ArgumentTypeError(f"{text!r}: expected context lengths >= 2")
-    return values
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a context length is given twice; give each once")
+    return sorted(values)  # the table's columns and the plot's x axis run from short to long
 
 
 def _names(text: str) -> list[str]:
@@ -406,7 +410,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--tasks", type=_names, default=None,
                         help="comma-separated task names (default: the run's task, or passkey,mqar for text runs)")
     parser.add_argument("--lengths", type=_integers, default=None,
-                        help="comma-separated context lengths (default: the training length x 1, 2, 4, ..., 64)")
+                        help="comma-separated context lengths, each once (sorted; default: the training length x 1, "
+                             "2, 4, ..., 64)")
     parser.add_argument("--task-params", type=_json_object, default=None, metavar="JSON",
                         help="task parameters for every evaluated task, over the run's own, e.g. "
                              "'{\"pairs\": 16}' (more facts than in training)")

@@ -46,7 +46,7 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error)}){_fallback(path, previous)}"
+        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error, path)}){_fallback(path, previous)}"
                           ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
@@ -130,9 +130,15 @@ def check_model_state(path: Path, state: dict, expected: dict) -> None:
                           "version of miras, or damaged")
 
 
-def _load_failure(error: Exception) -> str:
+def _load_failure(error: Exception, path: Path) -> str:
     """Why torch.load failed, in a few words (not torch's advice to unpickle with weights_only=False,
     which a miras checkpoint never needs)."""
+    with contextlib.suppress(OSError), open(path, "rb") as file:
+        head = file.read(4)
+        if not head:
+            return "an empty file"
+        if head != b"PK\x03\x04":  # torch.save writes a zip archive; other bytes went to the legacy unpickler,
+            return "not a torch checkpoint file"  # whose errors say nothing (KeyError: 101 for b"hello")
     text = str(error).strip()
     if text.startswith("Weights only load failed"):
         return "not a torch checkpoint file"

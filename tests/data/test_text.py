@@ -68,6 +68,20 @@ def test_folder_corpus_splits_by_file_deterministically_and_skips_binary(folder)
     assert sorted(d.name for d in corpus_b.split("validation")) == sorted(d.name for d in validation)
 
 
+def test_a_file_name_that_is_not_utf8_is_a_document_like_any_other(folder, tmp_path_factory):
+    """Linux file names are bytes: b"caf\\xe9.txt" reaches Python as "caf\\udce9.txt", which utf-8 cannot
+    encode. Hashing it for the split and the cache key failed the whole corpus with "surrogates not allowed"."""
+    import os
+
+    (folder / os.fsdecode(b"caf\xe9.txt")).write_text("a file whose name is latin-1\n")
+    corpus = from_path(folder)
+    assert os.fsdecode(b"caf\xe9.txt") in [d.name for d in corpus.documents] and len(corpus.documents) == 21
+    cache = tmp_path_factory.mktemp("cache")
+    for split in ("train", "validation"):
+        assert len(cached_tokens(corpus, ByteTokenizer(), split, cache)) > 0
+    assert sum(len(corpus.split(split)) for split in ("train", "validation")) == 21
+
+
 def test_larger_validation_fraction_moves_more_files_and_keeps_old_ones():
     documents = tuple(Document(f"file{i}.txt", f"text {i}") for i in range(200))
     small = {d.name for d in Corpus("x", documents, 0.05).split("validation")}

@@ -67,7 +67,13 @@ class Document:
 
 def _hash_fraction(name: str) -> float:
     """A uniform number in [0, 1) fixed by ``name`` (unlike ``hash()``, the same in every process)."""
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+    return int.from_bytes(hashlib.sha256(_name_bytes(name)).digest()[:8], "big") / 2**64
+
+
+def _name_bytes(name: str) -> bytes:
+    """A document name's bytes; a file name that is not UTF-8 (``caf\\xe9.txt``) reached Python as lone
+    surrogates and is given back its bytes, as the file system has them."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -249,7 +255,7 @@ def _cache_key(documents: Sequence[Document], tokenizer: Tokenizer, split: str) 
     # the end marker written after each document: an HF tokenizer's eos is set apart from its vocabulary
     digest.update(np.asarray(tokenizer.encode_documents([""]), dtype=np.int64).tobytes() + b"\0")
     for document in documents:
-        name, text = document.name.encode("utf-8"), document.text.encode("utf-8")
+        name, text = _name_bytes(document.name), document.text.encode("utf-8")
         # lengths first, so that no two different document lists hash the same bytes
         digest.update(f"{len(name)}:{len(text)}\0".encode() + name + text)
     return digest.hexdigest()[:32]
