@@ -35,11 +35,11 @@ class RepeatedText:
 
 
 def test_the_subcommands_are_frozen():
-    assert list(COMMANDS) == ["train", "generate", "eval", "export", "bench", "presets", "demo"]
+    assert list(COMMANDS) == ["train", "generate", "eval", "export", "bench", "presets", "cache", "demo"]
 
 
 @pytest.mark.parametrize("argv", [[], ["train"], ["generate"], ["eval"], ["export"], ["bench"], ["presets"],
-                                  ["demo"]])
+                                  ["cache"], ["demo"]])
 def test_help_shows_examples(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--help"])
@@ -98,6 +98,32 @@ def test_usage_errors_are_one_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1 and "--help)" in err
+
+
+def test_cache_lists_and_clears_the_token_cache(tmp_path, monkeypatch, capsys):
+    from miras.data.text import cached_tokens, from_path
+    from miras.data.tokenizers import ByteTokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}\n" * 50)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
+    assert main(["cache"]) == 0
+    assert capsys.readouterr().out == f"0 cache file(s), 0.0 MiB, in {cache}\n"
+    for split in ("train", "validation"):
+        cached_tokens(from_path(corpus), ByteTokenizer(), split)
+    (cache / "mine.txt").write_text("kept")
+    assert main(["cache"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith(f"2 cache file(s), 0.0 MiB, in {cache}")
+    assert all(line.endswith(".uint16") and " MiB  20" in line for line in lines[:2])
+    assert main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out == f"deleted 2 cache file(s), 0.0 MiB, from {cache}\n"
+    assert [path.name for path in cache.iterdir()] == ["mine.txt"]
+    assert main(["cache", "--dir", str(cache / "mine.txt")]) == 2
+    assert capsys.readouterr().err == f"miras cache: error: --dir {cache / 'mine.txt'}: not a folder\n"
 
 
 def test_presets_lists_every_preset(capsys):

@@ -1,4 +1,4 @@
-"""The ``miras`` command line: ``miras train | generate | presets``.
+"""The ``miras`` command line: ``miras train | generate | eval | export | bench | presets | cache | demo``.
 
     miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
     miras generate runs/passkey --prompt "The " --max-new-tokens 100
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -169,6 +170,43 @@ PRESETS_EXAMPLES = """examples:
   miras demo
   miras presets
   miras presets | grep titans-mac"""
+
+
+# ------------------------------------------------------------------------------------------------- cache
+
+
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clear", action="store_true", help="delete the cache files (runs tokenise again)")
+    parser.add_argument("--dir", default=None, help="the cache folder (default: $MIRAS_CACHE_DIR or "
+                                                    "~/.cache/miras/tokens)")
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from .data.text import cache_files, clear_cache, default_cache_dir
+
+    folder = Path(args.dir).expanduser() if args.dir is not None else default_cache_dir()
+    if args.dir is not None and folder.exists() and not folder.is_dir():
+        print(f"miras cache: error: --dir {args.dir}: not a folder", file=sys.stderr)
+        return 2
+    if args.clear:
+        files, freed = clear_cache(folder)
+        print(f"deleted {files} cache file(s), {freed / 2**20:,.1f} MiB, from {folder}")
+        return 0
+    found = cache_files(folder)
+    for path in found:
+        stat = path.stat()
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
+        print(f"{stat.st_size / 2**20:>10,.1f} MiB  {when}  {path.name}")
+    total = sum(path.stat().st_size for path in found)
+    print(f"{len(found)} cache file(s), {total / 2**20:,.1f} MiB, in {folder}"
+          + (" (miras cache --clear deletes them)" if found else ""))
+    return 0
+
+
+CACHE_EXAMPLES = """examples:
+  miras cache                              # list the token cache's files (one per corpus split and tokenizer)
+  miras cache --clear                      # delete them; a run tokenises its corpus again
+  MIRAS_CACHE_DIR=/scratch/tokens miras cache"""
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -344,6 +382,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("training/decoding throughput, peak memory and state size per model family",
                      BENCH_EXAMPLES, _bench_arguments, _run_bench),
     "presets": Command("list the model presets", PRESETS_EXAMPLES, lambda parser: None, _run_presets),
+    "cache": Command("list or clear the token cache (tokenised text corpora)", CACHE_EXAMPLES, _cache_arguments,
+                     _run_cache),
     "demo": Command("train Titans and baselines on a recall task and test them far past the training length",
                     DEMO_EXAMPLES, _demo_arguments, _run_demo),
 }

@@ -14,7 +14,9 @@ from miras.data.text import (
     Corpus,
     Document,
     TextBatches,
+    cache_files,
     cached_tokens,
+    clear_cache,
     from_hf,
     from_path,
     load_corpus,
@@ -469,6 +471,31 @@ def test_cache_defaults_to_the_environment_folder(folder, tmp_path_factory, monk
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
     cached_tokens(from_path(folder), ByteTokenizer(), "validation")
     assert len(list(cache.iterdir())) == 1
+
+
+def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_factory):
+    """A changed corpus leaves its old cache behind (never read again); clear_cache deletes the cache's files,
+    a killed write's temp file among them, and leaves anything else in the folder alone."""
+    cache = tmp_path_factory.mktemp("cache")
+    tokenizer = CountingByteTokenizer()
+    for split in ("train", "validation"):
+        cached_tokens(from_path(folder), tokenizer, split, cache_dir=cache)
+    leftover = cache / f".{'0' * 32}.uint16.k2j4.tmp"  # as files.atomic_write names its temp file
+    leftover.write_bytes(b"12")
+    others = [cache / "notes.txt", cache / "0123.uint16", cache / f"{'a' * 32}.uint8", cache / f"{'b' * 32}.uint16.bak"]
+    for other in others:
+        other.write_text("not the cache's")
+    (cache / f"{'c' * 32}.uint32").mkdir()  # a folder, whatever its name
+    found = cache_files(cache)
+    assert len(found) == 3 and leftover in found and not set(others) & set(found)
+    total = sum(path.stat().st_size for path in found)
+    assert clear_cache(cache) == (3, total) and total > 2
+    assert sorted(path.name for path in cache.iterdir()) == sorted([*(o.name for o in others), "c" * 32 + ".uint32"])
+    assert cache_files(cache) == [] and clear_cache(cache) == (0, 0)
+    assert clear_cache(cache / "absent") == (0, 0) and cache_files(cache / "absent") == []
+    calls = tokenizer.calls
+    cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache)
+    assert tokenizer.calls > calls  # tokenised again
 
 
 def test_interrupted_cache_leaves_no_file(folder, tmp_path_factory):

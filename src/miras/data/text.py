@@ -23,6 +23,8 @@ text instead, or at that point itself when no line break is within half the vali
 the vocabulary fits, else uint32) under ``~/.cache/miras/tokens`` (or ``$MIRAS_CACHE_DIR``), named by
 a hash of the split's document names and contents, of the tokenizer's identity and of the ids it
 writes between documents, so a changed file or tokenizer gives a new cache and never a stale one.
+The files a changed corpus leaves behind are never read again and never deleted by a run:
+``miras cache`` lists the folder's cache files, ``miras cache --clear`` (:func:`clear_cache`) deletes them.
 Each document is followed by the tokenizer's end-of-document marker (see ``tokenizers.py``). The
 file is written to a temporary name and renamed (``os.replace``) so that an interrupted run never
 leaves a partial cache.
@@ -35,10 +37,12 @@ perplexity, predicting every token after the first exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
 import os
+import re
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -248,6 +252,34 @@ def load_corpus(spec: str, validation_fraction: float = 0.05) -> Corpus:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MIRAS_CACHE_DIR", "~/.cache/miras/tokens")).expanduser()
+
+
+# a cache file: the key's 32 hex digits and the dtype; an interrupted write's temp file (files.atomic_write)
+_CACHE_FILE = re.compile(r"[0-9a-f]{32}\.(uint16|uint32)")
+_CACHE_TEMP = re.compile(r"\.[0-9a-f]{32}\.(uint16|uint32)\..+\.tmp")
+
+
+def cache_files(cache_dir: str | Path | None = None) -> list[Path]:
+    """The token cache's files (and temp files a killed write left), oldest first; nothing else in the
+    folder: ``$MIRAS_CACHE_DIR`` may point at a folder that holds other files too."""
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if path.is_file() and not path.is_symlink()
+             and (_CACHE_FILE.fullmatch(path.name) or _CACHE_TEMP.fullmatch(path.name))]
+    return sorted(found, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def clear_cache(cache_dir: str | Path | None = None) -> tuple[int, int]:
+    """Delete the token cache's files (``cache_files``): (files, bytes) freed. A later run tokenises again;
+    a process that has a cache file open keeps reading it (on POSIX the data lives until it is closed)."""
+    files, freed = 0, 0
+    for path in cache_files(cache_dir):
+        with contextlib.suppress(FileNotFoundError):  # another process cleared it first
+            size = path.stat().st_size
+            path.unlink()
+            files, freed = files + 1, freed + size
+    return files, freed
 
 
 def _cache_key(documents: Sequence[Document], tokenizer: Tokenizer, split: str) -> str:
