@@ -167,7 +167,8 @@ def _gradient(rule, W, kt, vt, loss_fn):
 
 
 def test_moneta_by_hand():
-    """A = (1 − α) W − θ ∇ Σ|e|_ε³ at W, then W = A / ‖A‖_4 per matrix (MIRAS Eq. 24 with unit scale)."""
+    """A = (1 − α) W − θ ∇ Σ|e|_ε³ at W, then W = A / ‖A‖_4 per matrix: the state kept normalised, not
+    MIRAS Eq. 24's unnormalised A (the next test)."""
     def update(W, t, q, k, v, gates):
         grads = _gradient(MONETA, W, k[:, t], v[:, t], lambda e: (e * e + 1e-6).pow(1.5).sum(-1))
         A = [(1 - _col(gates.decay, t)) * w - _col(gates.lr, t) * g for w, g in zip(W, grads)]
@@ -176,9 +177,39 @@ def test_moneta_by_hand():
     _by_hand(MONETA, ["recurrent", "chunked"], update)
 
 
+def test_moneta_is_eq24_with_each_step_scaled_by_the_running_norm():
+    """What LqNormalize's docstring says it is, against MIRAS Eq. 24 written out (linear memory, float64):
+    Eq. 24 carries A_t = (1 − α_t) A_{t−1} − θ_t ∇ℓ(W_{t−1}), W_t = A_t / ‖A_t‖_4. The library carries W
+    only, and equals Eq. 24 once each step θ_t is divided by ‖A_{t−1}‖_4; with θ_t itself it does not."""
+    import dataclasses
+
+    rule = MemoryRule(LinearMemory(), MONETA.bias, LqNormalize(q=4.0), GD())
+    tokens = 12
+    q, k, v, gates, state = make_inputs(rule, batch=2, tokens=tokens, heads=2, dim=4, seed=3)
+    start = state.weights[0] / state.weights[0].abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25)
+    state = MemoryState((start,), None)
+    A, W, expected, norms = start, start, [], []
+    for t in range(tokens):
+        norms.append(A.abs().pow(4).sum((-2, -1)).pow(0.25))  # ‖A_{t−1}‖_4 [B, H]
+        (g,) = _gradient(rule, [W], k[:, t], v[:, t], lambda e: (e * e + 1e-6).pow(1.5).sum(-1))
+        A = (1 - _col(gates.decay, t)) * A - _col(gates.lr, t) * g
+        W = A / A.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25)
+        expected.append(_apply(rule, [W], q[:, t]))
+    expected = torch.stack(expected, 1)
+    scaled = dataclasses.replace(gates, lr=gates.lr / torch.stack(norms, 1))
+    for impl in (recurrent, chunked):
+        y, final = impl(rule, q, k, v, scaled, state, 1)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-11)
+        torch.testing.assert_close(final.weights[0], W, rtol=0, atol=1e-11)
+    assert max(abs(n - 1).max() for n in norms) > 0.05  # the running norm leaves 1: the scaling is not a no-op
+    y, _ = recurrent(rule, q, k, v, gates, state, 1)
+    assert (y - expected).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("per", ["token", "coordinate"])
 def test_yaad_by_hand(per):
-    """Yaad (Eq. 26): the ℓ2 step if the error is within δ_t, else δ_t × the ℓ1 step; then the decay."""
+    """Yaad (Eq. 26 with δ in RMS units): the ℓ2 step if the error is within δ_t, else δ_t × the ℓ1 step;
+    then the decay."""
     rule = MemoryRule(MLP, Huber(per=per), Decay(), GD())
 
     def update(W, t, q, k, v, gates):

@@ -192,18 +192,28 @@ class PreDecay(Decay):
 
 @dataclass(frozen=True, kw_only=True)
 class LqNormalize(Decay):
-    """Moneta's ℓ_q retention (MIRAS Eq. 24–25): A_t = (1 − α_t) A_{t−1} − θ_t g_t, W = A / ‖A‖_q^power.
+    """Moneta's ℓ_q retention, with the state kept normalised: the linear step
+    A_t = (1 − α_t) W_{t−1} − θ_t g_t from the normalised weights, then W_t = A_t / ‖A_t‖_q^power.
 
     The normalisation is non-linear, so (as MIRAS §5.4 trains it) it is applied at chunk ends only:
     within a chunk the memory evolves linearly from the normalised chunk-start weights; at the
     chunk end each weight matrix (per sequence and head) is divided by ‖A‖_q^power, ‖·‖_q being
-    the entrywise q-norm of that matrix.
+    the entrywise q-norm of that matrix. The state is W: there is no other.
+
+    **Not MIRAS Eq. 24 as printed.** Eq. 24 carries the unnormalised A as the state,
+    A_t = α_t A_{t−1} − η_t ∇ℓ(W_{t−1}), W_t = A_t / ‖A_t‖_q^{q−2}; here A_{t−1} is replaced by W_{t−1}.
+    With power = 1 the two differ only in step size: Eq. 24 is this rule with each matrix's step
+    θ_t g_t scaled by 1/‖A_{t−1}‖_q, a running norm this rule does not carry (the outputs part from
+    the first token on; a review measured 0.78 apart within 40 tokens for a linear memory, 3.0 for the
+    MONETA preset). Carrying it would take one scale per matrix in the state and a per-matrix step
+    size in every path (chunked, span, fused): not done.
 
     ``power=1`` (default) leaves every matrix with unit q-norm at each chunk end. Eq. 24 prints
     power = q − 2; with q = 4 that maps a matrix of q-norm s to one of q-norm 1/s, so the scale
     flips between s and 1/s at every chunk end, and with the writes in between it wanders over
     orders of magnitude (measured at chunk_size=1: q-norms from 0.01 to 24 within 37 tokens, and
-    rounding differences grew from 1e-15 to 1e-7). Pass ``power=q - 2`` for the printed rule.
+    rounding differences grew from 1e-15 to 1e-7). ``power=q - 2`` gives the printed exponent (with
+    the normalised state above).
     """
 
     q: float = 4.0
