@@ -24,6 +24,7 @@ from miras.memory import (
     Huber,
     ImplicitGD,
     LinearMemory,
+    Lp,
     LqNormalize,
     MemoryRule,
     MemoryState,
@@ -31,6 +32,7 @@ from miras.memory import (
     Momentum,
     PreDecay,
     chunked,
+    read,
     recurrent,
 )
 from miras.memory.delta import delta
@@ -45,6 +47,9 @@ EXTRA_RULES = {
     "lq-linear-momentum": MemoryRule(LinearMemory(), L2(), LqNormalize(q=3.0), Momentum()),
     "predecay-momentum": MemoryRule(LinearMemory(), L2(), PreDecay(), Momentum()),
     "huber-linear": MemoryRule(LinearMemory(), Huber(), Decay(), GD()),
+    # MIRAS Eq. 24's unnormalised state
+    "lq-carry-a-mlp": MemoryRule(MLP, L2(), LqNormalize(carry="A"), GD()),
+    "lq-carry-a-linear-momentum": MemoryRule(LinearMemory(), Lp(p=3.0), LqNormalize(q=3.0, carry="A"), Momentum()),
 }
 
 
@@ -206,6 +211,55 @@ def test_moneta_is_eq24_with_each_step_scaled_by_the_running_norm():
     assert (y - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("architecture", ["linear", "mlp"])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_moneta_carrying_a_is_eq24(architecture, power):
+    """LqNormalize(carry="A") at chunk 1 against MIRAS Eq. 24 written out: the state A_t = (1 − α_t) A_{t−1}
+    − θ_t ∇ℓ_p(W_{t−1}) and the memory W_t = A_t / ‖A_t‖_4^power (power 2 = q − 2: as printed)."""
+    memory = LinearMemory() if architecture == "linear" else MLP
+    rule = MemoryRule(memory, MONETA.bias, LqNormalize(q=4.0, power=power, carry="A"), GD())
+    tokens = 12
+    q, k, v, gates, state = make_inputs(rule, batch=2, tokens=tokens, heads=2, dim=4, seed=5)
+    gates = Gates(lr=0.1 * gates.lr, decay=gates.decay)  # MONETA's well-conditioned scale (tests/memory/helpers.py)
+
+    def normalised(A):
+        return [a / a.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25 * power) for a in A]
+
+    A, expected = [w.clone() for w in state.weights], []
+    for t in range(tokens):
+        grads = _gradient(rule, normalised(A), k[:, t], v[:, t], lambda e: (e * e + 1e-6).pow(1.5).sum(-1))
+        A = [(1 - _col(gates.decay, t)) * a - _col(gates.lr, t) * g for a, g in zip(A, grads)]
+        expected.append(_apply(rule, normalised(A), q[:, t]))
+    expected = torch.stack(expected, 1)
+    for impl in (recurrent, chunked):
+        y, final = impl(rule, q, k, v, gates, state, 1)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-11)
+        for a, b in zip(final.weights, A):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+        # read() of the state is the memory W, not the raw A
+        torch.testing.assert_close(read(rule, final, q[:, -1:]), expected[:, -1:], rtol=0, atol=1e-11)
+    assert max((a.abs().pow(4).sum((-2, -1)).pow(0.25) - 1).abs().max() for a in A) > 0.05  # A is not unit
+    default, _ = recurrent(MemoryRule(memory, MONETA.bias, LqNormalize(q=4.0, power=power), GD()),
+                           q, k, v, gates, state, 1)
+    assert (default - expected).abs().max() > 1e-3  # the default carries W: another rule
+
+
+@pytest.mark.parametrize("cuts", [[3, 10, 11], list(range(1, 23))], ids=["segments", "token-by-token"])
+def test_moneta_carrying_a_streams_exactly(cuts):
+    """Mid-chunk calls keep the gradient point (the normalised chunk-start A) as their chunk start."""
+    rule = EXTRA_RULES["lq-carry-a-mlp"]
+    q, k, v, gates, state = make_inputs(rule, tokens=23)
+    y, final = chunked(rule, q, k, v, gates, state, 5)
+    for impl in (recurrent, chunked):
+        outputs, s = [], state
+        for a, b in zip([0, *cuts], [*cuts, 23]):
+            out, s = impl(rule, q[:, a:b], k[:, a:b], v[:, a:b], gates.slice(a, b), s, 5)
+            outputs.append(out)
+        torch.testing.assert_close(torch.cat(outputs, 1), y, rtol=0, atol=1e-11)
+        for a, b in zip(s.tensors(), final.tensors()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
 @pytest.mark.parametrize("per", ["token", "coordinate"])
 def test_yaad_by_hand(per):
     """Yaad (Eq. 26 with δ in RMS units): the ℓ2 step if the error is within δ_t, else δ_t × the ℓ1 step;
@@ -301,6 +355,13 @@ def test_rule_validation():
         chunked(YAAD, q, k, v, Gates(lr=gates.lr, decay=gates.decay), state, 4)
     assert MemoryRule.from_dict(MONETA.to_dict()) == MONETA
     assert MemoryRule.from_dict(YAAD.to_dict()) == YAAD
+    with pytest.raises(ValueError, match=r"carry must be 'W' .* or 'A' .*, got 'a'"):
+        LqNormalize(carry="a")
+    eq24 = EXTRA_RULES["lq-carry-a-mlp"]
+    assert MemoryRule.from_dict(eq24.to_dict()) == eq24 != MemoryRule(MLP, L2(), LqNormalize(), GD())
+    old = MONETA.to_dict()  # a rule saved before the field existed reads as the default, carry="W"
+    del old["retention"]["carry"]
+    assert MemoryRule.from_dict(old) == MONETA
 
 
 def test_mid_chunk_state_carries_retention_product():

@@ -139,7 +139,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         retained = torch.cat([retained[:1] * state.retained[..., None, None], retained[1:]])
 
     weights, surprise = state.weights, state.momentum
-    anchor = state.chunk_start if offset else weights
+    anchor = state.chunk_start if offset else retention.gradient_point(weights)
     if fused is None:
         fused = recompute > 0
     if fused and torch.is_grad_enabled() and fused_supports(
@@ -160,10 +160,10 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         for n in range(first, stop):
             q_n, k_n, v_n, first_n, coef_n, retained_n, *extra_n = per_chunk[n]
             if n > 0:
-                anchor = weights
+                anchor = retention.gradient_point(weights)
             row = last if n == chunks - 1 else size - 1
             scale = retained_n if retention.decay_first else None
-            step = chunk_step(compile, row, size, anchor)
+            step = chunk_step(compile, row, size, (*anchor, *weights))  # (two tuples for LqNormalize(carry="A"))
             y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
                                           scale, dict(zip(extra, extra_n)))
             if retention.projects and (n < chunks - 1 or position == 0):
@@ -171,7 +171,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 weights = retention.chunk_end(weights, anchor, keep)
                 # The chunk's last token reads the projected state (as in the reference).
                 with rule.reading(q_n.device.type):
-                    y_last = rule.architecture.apply(q_n[:, :, row:row + 1], matmul_linear(weights))
+                    y_last = rule.architecture.apply(q_n[:, :, row:row + 1],
+                                                     matmul_linear(retention.read_point(weights)))
                 y_n = torch.cat([y_n[:, :, :row], y_last.to(y_n.dtype), y_n[:, :, row + 1:]], dim=2)
             outputs.append(y_n)
         return outputs, weights, surprise, anchor
@@ -240,8 +241,8 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
     """A single token, as DESIGN.md §2.2 writes it, with the closed-form gradient at the chunk start:
     g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
-    anchor = state.chunk_start if state.position else state.weights
     retention = rule.retention
+    anchor = state.chunk_start if state.position else retention.gradient_point(state.weights)
     with torch.autocast(q.device.type, enabled=False):
         log_retain = retention.log_retain(gates)
         # Π(1 − α) since the chunk start, [B, H]: token-level gates only (channel-wise rules do not use it)
@@ -268,8 +269,9 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         if position == 0 and retention.projects:
             weights = retention.chunk_end(weights, anchor, retained)
     # in the inputs' dtype, as the chunk path returns it (under autocast a linear read would be bf16)
+    read_weights = retention.read_point(weights) if position == 0 and retention.projects else weights
     with rule.reading(q.device.type):
-        y = rule.architecture.apply(q, matmul_linear(weights)).transpose(1, 2).to(q.dtype)
+        y = rule.architecture.apply(q, matmul_linear(read_weights)).transpose(1, 2).to(q.dtype)
     if position == 0:
         return y, MemoryState(weights, surprise)
     return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None, chunk_size)
@@ -287,8 +289,9 @@ _COMPILED: dict[str, object] = {}
 
 
 def compiles(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]) -> bool:
-    """Whether a chunk whose state is taken after token ``row``, from the chunk-start weights ``anchor``,
-    runs compiled (``compile``): only a full chunk from weights of their own. The compiled code is
+    """Whether a chunk whose state is taken after token ``row``, from the weights ``anchor`` (the chunk-start
+    weights, and the state too where it differs from them), runs compiled (``compile``): only a full chunk
+    from weights of their own. The compiled code is
     specialised on ``row`` and on the weights' strides: a call's last chunk may end at any row (a prompt of
     another length), and a stream's first chunk starts from the learned initial memory expanded over the
     batch (stride 0); each would compile a graph of its own, so those chunks run eagerly."""

@@ -145,8 +145,21 @@ def _log_complement(alpha: Tensor) -> Tensor:
     return torch.log1p(-alpha.clamp_max(1.0 - torch.finfo(alpha.dtype).eps))
 
 
+class _Retention:
+    """What every retention shares: the memory a chunk's gradients and its last read use is the state itself
+    (``LqNormalize(carry="A")`` alone keeps a state, Eq. 24's unnormalised A, that is not that memory)."""
+
+    def gradient_point(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The weights a chunk's gradients are taken at, from the chunk-start state."""
+        return weights
+
+    def read_point(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The weights a chunk's last token reads, from the state after ``chunk_end``."""
+        return weights
+
+
 @dataclass(frozen=True, kw_only=True)
-class NoRetention:
+class NoRetention(_Retention):
     """Nothing is forgotten: W_t = W_{t−1} + S_t."""
 
     kind: ClassVar[str] = "none"
@@ -161,7 +174,7 @@ class NoRetention:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Decay:
+class Decay(_Retention):
     """Titans forgetting (weight decay, Eq. 13): W_t = (1 − α_t) W_{t−1} + S_t."""
 
     kind: ClassVar[str] = "decay"
@@ -205,8 +218,7 @@ class LqNormalize(Decay):
     With power = 1 the two differ only in step size: Eq. 24 is this rule with each matrix's step
     θ_t g_t scaled by 1/‖A_{t−1}‖_q, a running norm this rule does not carry (the outputs part from
     the first token on; a review measured 0.78 apart within 40 tokens for a linear memory, 3.0 for the
-    MONETA preset). Carrying it would take one scale per matrix in the state and a per-matrix step
-    size in every path (chunked, span, fused): not done.
+    MONETA preset). ``carry="A"`` (below) is Eq. 24; the default stays W, which MONETA and the models use.
 
     ``power=1`` (default) leaves every matrix with unit q-norm at each chunk end. Eq. 24 prints
     power = q − 2; with q = 4 that maps a matrix of q-norm s to one of q-norm 1/s, so the scale
@@ -214,10 +226,17 @@ class LqNormalize(Decay):
     orders of magnitude (measured at chunk_size=1: q-norms from 0.01 to 24 within 37 tokens, and
     rounding differences grew from 1e-15 to 1e-7). ``power=q - 2`` gives the printed exponent (with
     the normalised state above).
+
+    ``carry="A"`` is Eq. 24 itself: the state is the unnormalised A, A_t = (1 − α_t) A_{t−1} − θ_t g_t
+    with g_t taken at W = A⁰ / ‖A⁰‖_q^power (A⁰ the chunk-start state), and the chunk's last token reads
+    W_t = A_t / ‖A_t‖_q^power; within a chunk the reads use the linear A_t (the normalisation, as every
+    non-linearity here, only at chunk ends). At ``chunk_size=1`` that is Eq. 24 token by token
+    (``power=q - 2``: as printed).
     """
 
     q: float = 4.0
     power: float = 1.0
+    carry: str = "W"  # the state: "W" the normalised weights, "A" Eq. 24's unnormalised sum
     kind: ClassVar[str] = "lq"
     projects: ClassVar[bool] = True
 
@@ -228,9 +247,21 @@ class LqNormalize(Decay):
             raise ValueError(f"LqNormalize needs q > 1, got {self.q}")
         if not self.power > 0:
             raise ValueError(f"LqNormalize needs power > 0, got {self.power}")
+        if self.carry not in ("W", "A"):
+            raise ValueError(f"LqNormalize carry must be 'W' (the normalised weights) or 'A' (MIRAS Eq. 24's "
+                             f"unnormalised sum), got {self.carry!r}")
+
+    def _normalised(self, weights):
+        return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
+
+    def gradient_point(self, weights):
+        return self._normalised(weights) if self.carry == "A" else weights
 
     def chunk_end(self, weights, start, keep):
-        return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
+        return weights if self.carry == "A" else self._normalised(weights)
+
+    def read_point(self, weights):
+        return self._normalised(weights) if self.carry == "A" else weights
 
 
 @dataclass(frozen=True, kw_only=True)

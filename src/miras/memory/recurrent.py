@@ -67,7 +67,9 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     check_weights(rule, state.weights, batch, heads, dk, dv)
     if any(w.dtype != q.dtype for w in state.weights):
         raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
-    weights = state.weights
+    # at a chunk boundary the state's memory (LqNormalize(carry="A") keeps a state that is not it); mid-chunk
+    # the linear state, as the chunk's own reads
+    weights = state.weights if state.position else rule.retention.read_point(state.weights)
     with rule.reading(q.device.type):
         y = rule.architecture.apply(q.transpose(1, 2),
                                     lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
@@ -108,7 +110,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     outputs = []
     for t in range(tokens):
         if (offset + t) % chunk_size == 0:
-            anchor = list(weights)
+            anchor = list(retention.gradient_point(tuple(weights)))
             start = _differentiable(anchor, outer_grad)
             retained = k.new_ones(batch, heads)
         if keep_all is not None and keep_all.dim() == 3:  # token-level; channel-wise rules never need it
@@ -129,11 +131,13 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 surprise[i] = etas[i] * surprise[i] + step
                 step = surprise[i]
             weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
+        read_weights = weights
         if retention.projects and (offset + t + 1) % chunk_size == 0:
             with torch.autocast(k.device.type, enabled=False):
                 weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
+                read_weights = retention.read_point(tuple(weights))
         with rule.reading(q.device.type):
-            outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(weights)).squeeze(2).to(q.dtype))
+            outputs.append(arch.apply(q[:, t].unsqueeze(2), matmul_linear(read_weights)).squeeze(2).to(q.dtype))
     position = (offset + tokens) % chunk_size
     final = MemoryState(tuple(weights), tuple(surprise) if momentum else None,
                         tuple(anchor) if position else None, position,
