@@ -103,9 +103,7 @@ def solve_fact_qa(prompt: str, facts: int) -> str:
             lying[thing] = place[person]
     the, subject = re.search(r"\nWhere is (the )?(\w+)\? Answer: $", prompt).groups()
     if the is None:
-        moves = [e for e in events if e[0] == subject and e[1] in MOVES]
-        assert len(moves) >= min(facts, 3)  # the asked person moves several times: only the last move counts
-        return place[subject]
+        return place[subject]  # KeyError if the asked person never moved: a question without an answer
     return place[holder[subject]] if subject in holder else lying[subject]
 
 
@@ -186,6 +184,31 @@ def test_fact_qa_object_answers_cover_dropped_and_carried():
     assert 0 < len(dropped) < len(prompts)  # both cases occur, and the solver above agrees on all of them
     for seed, prompt in enumerate(prompts):
         assert solve_fact_qa(prompt, 12) == generate(task, gen(seed)).answer_text()
+
+
+@pytest.mark.parametrize("question", ["person", "object"])
+def test_fact_qa_cannot_be_answered_without_reading_the_question(question):
+    """Everyone in a story acts alike: guesses that ignore the question stay near chance. (The asked person
+    used to follow a fixed plan of moves and the others to pick things up and drop them: "the last place of
+    whoever moves most" answered 0.79 of person questions, "the last place of someone who never handles an
+    object" 0.66.)"""
+    task = FactQA(context_length=2000, question=question)
+    hits = {"last place of the most frequent mover": 0, "place of the story's last move": 0}
+    subjects, trials = set(), 300
+    for seed in range(trials):
+        example = generate(task, gen(seed))
+        prompt, answer = split(example)
+        events = FACT.findall(prompt)
+        moves = [(person, thing) for person, verb, thing in events if verb in MOVES]
+        counts = {person: sum(p == person for p, _ in moves) for person, _ in moves}
+        busiest = max(counts, key=lambda person: (counts[person], person))
+        hits["last place of the most frequent mover"] += [t for p, t in moves if p == busiest][-1] == answer
+        hits["place of the story's last move"] += moves[-1][1] == answer
+        subjects.add(re.search(r"Where is (?:the )?(\w+)\?", prompt).group(1))
+        assert solve_fact_qa(prompt, task.facts) == answer
+    for guess, count in hits.items():
+        assert count / trials < 0.5, (guess, count / trials)
+    assert len(subjects) > 6  # the question is about many different people / objects
 
 
 @pytest.mark.parametrize("haystack", ["repeat", "text"])

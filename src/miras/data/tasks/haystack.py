@@ -287,49 +287,45 @@ class FactQA(_HaystackTask):
     def _ask(subject: str) -> str:
         return f"\nWhere is {subject}? Answer: "
 
-    def _plan(self, generator: torch.Generator) -> list[str]:
-        """The asked subject's own events, in order (the actor is the asked person or the object's holder)."""
-        if self.question == "person":
-            return ["move"] * min(self.facts, 3)
-        rest = ["move"] * min(self.facts - 2, 3)
-        if len(rest) == 3 and _randint(generator, 0, 2):
-            rest[1] = "drop"  # dropped, then the holder walks on: the answer is where it was dropped
-        return ["move", "take", *rest]
-
     def _story(self, generator: torch.Generator) -> tuple[list[str], str, str]:
-        """The fact sentences in order, the question's subject and its answer (by simulating the world)."""
-        people = _sample(generator, _NAMES, self.people)
-        actor, others, objects = people[0], people[1:], list(_OBJECTS)
-        target = _choice(generator, objects) if self.question == "object" else None
-        if target is not None:
-            objects.remove(target)  # the other people never touch the asked object, nor the actor
-        place: dict[str, str] = {}
-        holder: dict[str, str] = {}
-        dropped: dict[str, str] = {}
-        plan = self._plan(generator)
-        slots = set(torch.randperm(self.facts, generator=generator)[: len(plan)].tolist())
-        sentences = []
-        for slot in range(self.facts):
-            if slot in slots:
-                person, kind, thing = actor, plan.pop(0), target
-            else:
-                person = _choice(generator, others)
-                held = [o for o in objects if holder.get(o) == person]
-                free = [o for o in objects if o not in holder] if person in place else []
+        """The fact sentences in order, the question's subject and its answer (by simulating the world).
+
+        Every person acts alike (each fact: a random person, a random action they can take), and the subject
+        is drawn afterwards from those the question can be asked about: a person who has moved, an object
+        that has been picked up. So nothing but the question says whose facts matter (an earlier version
+        gave the asked person a fixed plan and the others pick-ups and drops: "the last place of the person
+        who moves most" answered 0.79 of its questions unread). A story with no pick-up, which an object
+        question cannot use, is drawn again."""
+        while True:
+            people = _sample(generator, _NAMES, self.people)
+            place: dict[str, str] = {}
+            holder: dict[str, str] = {}
+            dropped: dict[str, str] = {}
+            taken: list[str] = []
+            sentences = []
+            for _ in range(self.facts):
+                person = _choice(generator, people)
+                held = [o for o in _OBJECTS if holder.get(o) == person]
+                free = [o for o in _OBJECTS if o not in holder] if person in place else []
                 kind = _choice(generator, ["move"] + ["take"] * bool(free) + ["drop"] * bool(held))
-                thing = _choice(generator, free if kind == "take" else held) if kind != "move" else None
-            if kind == "move":
-                thing = _choice(generator, [p for p in _PLACES if p != place.get(person)])
-                place[person] = thing
-            elif kind == "take":
-                holder[thing] = person
-            else:
-                del holder[thing]
-                dropped[thing] = place[person]
-            sentences.append(f"{person} {_choice(generator, _VERBS[kind])} the {thing}. ")
-        if target is None:
-            return sentences, actor, place[actor]
-        return sentences, f"the {target}", place[actor] if target in holder else dropped[target]
+                if kind == "move":
+                    thing = _choice(generator, [p for p in _PLACES if p != place.get(person)])
+                    place[person] = thing
+                elif kind == "take":
+                    thing = _choice(generator, free)
+                    holder[thing] = person
+                    taken += [thing] * (thing not in taken)
+                else:
+                    thing = _choice(generator, held)
+                    del holder[thing]
+                    dropped[thing] = place[person]
+                sentences.append(f"{person} {_choice(generator, _VERBS[kind])} the {thing}. ")
+            if self.question == "person":  # the first fact is a move: someone has a place
+                subject = _choice(generator, [person for person in people if person in place])
+                return sentences, subject, place[subject]
+            if taken:
+                target = _choice(generator, taken)
+                return sentences, f"the {target}", place[holder[target]] if target in holder else dropped[target]
 
     def build(self, generator: torch.Generator) -> Example:
         sentences, subject, answer = self._story(generator)
