@@ -247,6 +247,39 @@ def test_importing_miras_does_not_import_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, monkeypatch, capsys):
+    """The tasks are written in bytes: a BPE run read them as other tokens altogether, and its accuracies,
+    noise, were written with a warning. Now that is an error; its perplexity is what can be evaluated."""
+    from miras.data.tokenizers import ByteTokenizer
+
+    class BPELike(ByteTokenizer):  # bytes underneath, so that the oracle's 256 logits fit; kind is what counts
+        kind = "bpe"
+
+        @property
+        def identity(self) -> str:
+            return "bpe-like"
+
+    config = types.SimpleNamespace(data="text:corpus", seq_len=32, data_params={})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, BPELike())
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    for flags in ([], ["--tasks", "mqar", "--perplexity", str(corpus)],
+                  ["--task-params", '{"pairs": 2}', "--perplexity", str(corpus)]):
+        args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", "--out", str(tmp_path / "bad"), *flags])
+        assert run_eval(args) == 2, flags
+        err = capsys.readouterr().err
+        assert "the run reads 'bpe' token ids and the tasks are written in bytes" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+    args = parser.parse_args([str(tmp_path / "run"), "--perplexity", str(corpus), "--out", str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"] == {} and results["perplexity"]["results"]["run"]["tokens"] > 0
+
+
 def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     parser = add_eval_arguments(argparse.ArgumentParser())
     args = parser.parse_args([str(tmp_path / "run"), "--tasks", "mqar", "--lengths", "32,64", "--examples", "4",

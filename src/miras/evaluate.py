@@ -493,15 +493,21 @@ def run_eval(args: argparse.Namespace) -> int:
         model, train_config, tokenizer = load_run(args.run_dir, device=str(resolve_device(args.device)))
         train_length = _training_length(train_config)
         lengths = args.lengths or [train_length * 2**k for k in range(7)]
-        tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
+        if tokenizer is not None and tokenizer.kind != "byte":
+            # the tasks are written in bytes; fed to a model of BPE or HF ids they are other tokens altogether,
+            # and their accuracies are noise (once a warning, with the numbers written all the same)
+            if args.tasks or args.task_params or not args.perplexity:
+                raise ValueError(f"the run reads {tokenizer.kind!r} token ids and the tasks are written in bytes: "
+                                 "evaluate its perplexity (--perplexity CORPUS, no --tasks), or evaluate tasks "
+                                 "on a run trained with tokenizer=byte")
+            tasks = {}
+        else:
+            tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
         if args.perplexity:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer
 
             text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
-        if tokenizer is not None and tokenizer.kind != "byte" and tasks:
-            print(f"miras eval: warning: the run's tokenizer is {tokenizer.kind!r}, but the tasks are written in "
-                  "bytes: the model never saw their tokens as such, so their accuracies say little", file=sys.stderr)
     except (TypeError, ValueError, OSError) as error:
         print(f"miras eval: error: {error}", file=sys.stderr)
         return 2
