@@ -244,6 +244,41 @@ def test_moneta_carrying_a_is_eq24(architecture, power):
     assert (default - expected).abs().max() > 1e-3  # the default carries W: another rule
 
 
+@pytest.mark.parametrize("architecture", ["linear", "mlp"])
+def test_moneta_carrying_a_in_chunks_by_hand(architecture):
+    """carry="A" at chunk 4 written out: gradients at W⁰ = A⁰/‖A⁰‖_4 for the whole chunk, A evolving linearly,
+    the reads inside the chunk of A_t/‖A⁰‖_4 (the chunk-start norm), the chunk's last read of A_t/‖A_t‖_4;
+    the call ends mid-chunk, and read() of that state reads as the chunk's own reads do."""
+    memory = LinearMemory() if architecture == "linear" else MLP
+    rule = MemoryRule(memory, MONETA.bias, LqNormalize(q=4.0, carry="A"), GD())
+    tokens, chunk = 10, 4
+    q, k, v, gates, state = make_inputs(rule, batch=2, tokens=tokens, heads=2, dim=4, seed=6)
+    gates = Gates(lr=0.1 * gates.lr, decay=gates.decay)
+
+    def norm(a):
+        return a.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25)
+
+    A, expected = [w.clone() for w in state.weights], []
+    for t in range(tokens):
+        if t % chunk == 0:
+            start = A
+        point = [a / norm(a) for a in start]
+        grads = _gradient(rule, point, k[:, t], v[:, t], lambda e: (e * e + 1e-6).pow(1.5).sum(-1))
+        A = [(1 - _col(gates.decay, t)) * a - _col(gates.lr, t) * g for a, g in zip(A, grads)]
+        end = (t + 1) % chunk == 0
+        expected.append(_apply(rule, [a / norm(a if end else s) for a, s in zip(A, start)], q[:, t]))
+    expected = torch.stack(expected, 1)
+    for impl in (recurrent, chunked):
+        y, final = impl(rule, q, k, v, gates, state, chunk)
+        torch.testing.assert_close(y, expected, rtol=0, atol=1e-11)
+        assert final.position == 2
+        for a, b in zip(final.weights, A):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+        inside = [a / norm(s) for a, s in zip(A, start)]
+        torch.testing.assert_close(read(rule, final, q[:, :3]), torch.stack(
+            [_apply(rule, inside, q[:, t]) for t in range(3)], 1), rtol=0, atol=1e-11)
+
+
 @pytest.mark.parametrize("cuts", [[3, 10, 11], list(range(1, 23))], ids=["segments", "token-by-token"])
 def test_moneta_carrying_a_streams_exactly(cuts):
     """Mid-chunk calls keep the gradient point (the normalised chunk-start A) as their chunk start."""

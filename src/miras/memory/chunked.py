@@ -139,7 +139,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         retained = torch.cat([retained[:1] * state.retained[..., None, None], retained[1:]])
 
     weights, surprise = state.weights, state.momentum
-    anchor = state.chunk_start if offset else retention.gradient_point(weights)
+    anchor = state.chunk_start if offset else weights
     if fused is None:
         fused = recompute > 0
     if fused and torch.is_grad_enabled() and fused_supports(
@@ -160,10 +160,10 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
         for n in range(first, stop):
             q_n, k_n, v_n, first_n, coef_n, retained_n, *extra_n = per_chunk[n]
             if n > 0:
-                anchor = retention.gradient_point(weights)
+                anchor = weights
             row = last if n == chunks - 1 else size - 1
             scale = retained_n if retention.decay_first else None
-            step = chunk_step(compile, row, size, (*anchor, *weights))  # (two tuples for LqNormalize(carry="A"))
+            step = chunk_step(compile, row, size, anchor)
             y_n, weights, surprise = step(rule, weights, surprise, anchor, q_n, k_n, v_n, first_n, coef_n, row,
                                           scale, dict(zip(extra, extra_n)))
             if retention.projects and (n < chunks - 1 or position == 0):
@@ -229,9 +229,11 @@ def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scor
     # state is ~17% off float64 after 1K tokens at the Titans defaults, with float32 writes 2e-5.
     full_precision = torch.autocast(q.device.type, enabled=False)
     with full_precision:
-        _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
+        point = rule.retention.gradient_point(anchor)
+        _, deltas, acts = rule.architecture.signals(point, k, _output_grad(rule, v, scale, extra))
     with rule.reading(q.device.type):
-        y = rule.architecture.apply(q, _dual_read(weights, surprise, deltas, acts, first_scores, coef))
+        y = rule.architecture.apply(q, _scaled(_dual_read(weights, surprise, deltas, acts, first_scores, coef),
+                                               rule.retention.read_scales(anchor)))
     with full_precision:
         weights, surprise = _chunk_end_state(weights, surprise, deltas, acts, coef, row)
     return y, weights, surprise
@@ -242,7 +244,7 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
     g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
     retention = rule.retention
-    anchor = state.chunk_start if state.position else retention.gradient_point(state.weights)
+    anchor = state.chunk_start if state.position else state.weights
     with torch.autocast(q.device.type, enabled=False):
         log_retain = retention.log_retain(gates)
         # Π(1 − α) since the chunk start, [B, H]: token-level gates only (channel-wise rules do not use it)
@@ -250,7 +252,8 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         retained = keep if state.retained is None or keep is None else state.retained * keep
         scale = retained[..., None, None] if retention.decay_first else None
         extra = {name: getattr(gates, name)[:, 0, :, None, None] for name in rule.bias.gates}
-        _, deltas, acts = rule.architecture.signals(anchor, k, _output_grad(rule, v, scale, extra))
+        _, deltas, acts = rule.architecture.signals(retention.gradient_point(anchor), k,
+                                                    _output_grad(rule, v, scale, extra))
         widths = channel_widths(rule, k.shape[-1], v.shape[-1])
 
         def factors(gate: Tensor) -> list[Tensor]:  # per weight matrix: [B, H, 1, 1] or [B, H, 1, in]
@@ -269,9 +272,12 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
         if position == 0 and retention.projects:
             weights = retention.chunk_end(weights, anchor, retained)
     # in the inputs' dtype, as the chunk path returns it (under autocast a linear read would be bf16)
-    read_weights = retention.read_point(weights) if position == 0 and retention.projects else weights
+    if position == 0 and retention.projects:
+        read = matmul_linear(retention.read_point(weights))
+    else:
+        read = _scaled(matmul_linear(weights), retention.read_scales(anchor))
     with rule.reading(q.device.type):
-        y = rule.architecture.apply(q, matmul_linear(read_weights)).transpose(1, 2).to(q.dtype)
+        y = rule.architecture.apply(q, read).transpose(1, 2).to(q.dtype)
     if position == 0:
         return y, MemoryState(weights, surprise)
     return y, MemoryState(weights, surprise, anchor, position, retained if needs_retained(rule) else None, chunk_size)
@@ -311,6 +317,13 @@ def _compiled_step():
     if "step" not in _COMPILED:
         _COMPILED["step"] = torch.compile(_chunk_step, dynamic=False)
     return _COMPILED["step"]
+
+
+def _scaled(linear, scales: tuple[Tensor, ...] | None):
+    """``linear(layer, u)`` times ``scales[layer]`` (the retention's ``read_scales``; None: as it is)."""
+    if scales is None:
+        return linear
+    return lambda layer, u: linear(layer, u) * scales[layer]
 
 
 def _dual_read(weights, surprise, deltas, acts, first_scores, coef: _Coefficients):

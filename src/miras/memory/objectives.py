@@ -146,12 +146,18 @@ def _log_complement(alpha: Tensor) -> Tensor:
 
 
 class _Retention:
-    """What every retention shares: the memory a chunk's gradients and its last read use is the state itself
-    (``LqNormalize(carry="A")`` alone keeps a state, Eq. 24's unnormalised A, that is not that memory)."""
+    """What every retention shares: the memory that a chunk's gradients and reads use is the state itself.
+    ``LqNormalize(carry="A")`` alone keeps a state (Eq. 24's unnormalised A) that is not that memory, and
+    overrides these three; a retention of one's own subclasses ``NoRetention`` or ``Decay`` to get them."""
 
-    def gradient_point(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """The weights a chunk's gradients are taken at, from the chunk-start state."""
-        return weights
+    def gradient_point(self, start: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The weights a chunk's gradients are taken at, from the chunk-start state ``start``."""
+        return start
+
+    def read_scales(self, start: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        """One factor per weight matrix (``[B, H, 1, 1]``) that the reads inside a chunk scale the state by,
+        from the chunk-start state; None: read the state as it is."""
+        return None
 
     def read_point(self, weights: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """The weights a chunk's last token reads, from the state after ``chunk_end``."""
@@ -228,9 +234,10 @@ class LqNormalize(Decay):
     the normalised state above).
 
     ``carry="A"`` is Eq. 24 itself: the state is the unnormalised A, A_t = (1 − α_t) A_{t−1} − θ_t g_t
-    with g_t taken at W = A⁰ / ‖A⁰‖_q^power (A⁰ the chunk-start state), and the chunk's last token reads
-    W_t = A_t / ‖A_t‖_q^power; within a chunk the reads use the linear A_t (the normalisation, as every
-    non-linearity here, only at chunk ends). At ``chunk_size=1`` that is Eq. 24 token by token
+    with g_t taken at W⁰ = A⁰ / ‖A⁰‖_q^power (A⁰ the chunk-start state), and the chunk's last token reads
+    W_t = A_t / ‖A_t‖_q^power. The norm, as every non-linearity here, is taken at chunk ends only: the
+    reads inside a chunk use A_t / ‖A⁰‖_q^power, the chunk-start norm (so the memory read is W⁰ at the
+    chunk's start and moves linearly from there). At ``chunk_size=1`` that is Eq. 24 token by token
     (``power=q - 2``: as printed).
     """
 
@@ -254,8 +261,11 @@ class LqNormalize(Decay):
     def _normalised(self, weights):
         return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
 
-    def gradient_point(self, weights):
-        return self._normalised(weights) if self.carry == "A" else weights
+    def gradient_point(self, start):
+        return self._normalised(start) if self.carry == "A" else start
+
+    def read_scales(self, start):
+        return tuple(1 / _entry_norm(w, self.q).pow(self.power) for w in start) if self.carry == "A" else None
 
     def chunk_end(self, weights, start, keep):
         return weights if self.carry == "A" else self._normalised(weights)

@@ -67,9 +67,12 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     check_weights(rule, state.weights, batch, heads, dk, dv)
     if any(w.dtype != q.dtype for w in state.weights):
         raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
-    # at a chunk boundary the state's memory (LqNormalize(carry="A") keeps a state that is not it); mid-chunk
-    # the linear state, as the chunk's own reads
+    # what the chunk's own reads use: at a chunk boundary the state's memory (LqNormalize(carry="A") keeps a
+    # state that is not it), mid-chunk the linear state (for carry="A" scaled by the chunk-start norm)
     weights = state.weights if state.position else rule.retention.read_point(state.weights)
+    scales = rule.retention.read_scales(state.chunk_start) if state.position else None
+    if scales is not None:
+        weights = tuple(w * c for w, c in zip(weights, scales))
     with rule.reading(q.device.type):
         y = rule.architecture.apply(q.transpose(1, 2),
                                     lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
@@ -110,14 +113,15 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     outputs = []
     for t in range(tokens):
         if (offset + t) % chunk_size == 0:
-            anchor = list(retention.gradient_point(tuple(weights)))
+            anchor = list(weights)
             start = _differentiable(anchor, outer_grad)
             retained = k.new_ones(batch, heads)
         if keep_all is not None and keep_all.dim() == 3:  # token-level; channel-wise rules never need it
             retained = retained * keep_all[:, t]
         # the write path in the inputs' precision, as chunked runs it: under autocast only the reads are bf16
         with torch.enable_grad(), torch.autocast(k.device.type, enabled=False):
-            at = [retained[..., None, None] * w for w in start] if retention.decay_first else start
+            point = retention.gradient_point(tuple(start))  # the state itself but for LqNormalize(carry="A")
+            at = [retained[..., None, None] * w for w in point] if retention.decay_first else point
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(at))
             extra = {name: getattr(gates, name)[:, t, :, None, None] for name in rule.bias.gates}
             loss = rule.bias.loss(pred, v[:, t].unsqueeze(2), **extra).sum()
@@ -131,7 +135,8 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 surprise[i] = etas[i] * surprise[i] + step
                 step = surprise[i]
             weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
-        read_weights = weights
+        scales = retention.read_scales(tuple(anchor))
+        read_weights = weights if scales is None else [w * c for w, c in zip(weights, scales)]
         if retention.projects and (offset + t + 1) % chunk_size == 0:
             with torch.autocast(k.device.type, enabled=False):
                 weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
