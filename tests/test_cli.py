@@ -124,6 +124,9 @@ def test_cache_lists_and_clears_the_token_cache(tmp_path, monkeypatch, capsys):
     assert [path.name for path in cache.iterdir()] == ["mine.txt"]
     assert main(["cache", "--dir", str(cache / "mine.txt")]) == 2
     assert capsys.readouterr().err == f"miras cache: error: --dir {cache / 'mine.txt'}: not a folder\n"
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache / "mine.txt"))
+    assert main(["cache", "--clear"]) == 2
+    assert capsys.readouterr().err == f"miras cache: error: MIRAS_CACHE_DIR={cache / 'mine.txt'}: not a folder\n"
 
 
 def test_presets_lists_every_preset(capsys):

@@ -176,7 +176,8 @@ PRESETS_EXAMPLES = """examples:
 
 
 def _cache_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--clear", action="store_true", help="delete the cache files (runs tokenise again)")
+    parser.add_argument("--clear", action="store_true", help="delete the cache files (runs tokenise again; a temp "
+                        "file written in the last hour is left: a run may be writing it)")
     parser.add_argument("--dir", default=None, help="the cache folder (default: $MIRAS_CACHE_DIR or "
                                                     "~/.cache/miras/tokens)")
 
@@ -185,8 +186,9 @@ def _run_cache(args: argparse.Namespace) -> int:
     from .data.text import cache_files, clear_cache, default_cache_dir
 
     folder = Path(args.dir).expanduser() if args.dir is not None else default_cache_dir()
-    if args.dir is not None and folder.exists() and not folder.is_dir():
-        print(f"miras cache: error: --dir {args.dir}: not a folder", file=sys.stderr)
+    if folder.exists() and not folder.is_dir():
+        given = f"--dir {args.dir}" if args.dir is not None else f"MIRAS_CACHE_DIR={os.environ['MIRAS_CACHE_DIR']}"
+        print(f"miras cache: error: {given}: not a folder", file=sys.stderr)
         return 2
     if args.clear:
         files, freed = clear_cache(folder)

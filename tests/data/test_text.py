@@ -1,6 +1,7 @@
 """Corpora, tokenizers, the token cache and text batches (miras.data.text, miras.data.tokenizers)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -482,16 +483,20 @@ def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_fa
         cached_tokens(from_path(folder), tokenizer, split, cache_dir=cache)
     leftover = cache / f".{'0' * 32}.uint16.k2j4.tmp"  # as files.atomic_write names its temp file
     leftover.write_bytes(b"12")
+    os.utime(leftover, (time.time() - 2 * 3600,) * 2)  # left by a run killed two hours ago
+    live = cache / f".{'1' * 32}.uint16.x9q1.tmp"  # a run tokenising now: listed, not deleted
+    live.write_bytes(b"345")
     others = [cache / "notes.txt", cache / "0123.uint16", cache / f"{'a' * 32}.uint8", cache / f"{'b' * 32}.uint16.bak"]
     for other in others:
         other.write_text("not the cache's")
     (cache / f"{'c' * 32}.uint32").mkdir()  # a folder, whatever its name
     found = cache_files(cache)
-    assert len(found) == 3 and leftover in found and not set(others) & set(found)
-    total = sum(path.stat().st_size for path in found)
+    assert len(found) == 4 and {leftover, live} <= set(found) and not set(others) & set(found)
+    total = sum(path.stat().st_size for path in found if path != live)
     assert clear_cache(cache) == (3, total) and total > 2
-    assert sorted(path.name for path in cache.iterdir()) == sorted([*(o.name for o in others), "c" * 32 + ".uint32"])
-    assert cache_files(cache) == [] and clear_cache(cache) == (0, 0)
+    assert sorted(path.name for path in cache.iterdir()) == sorted([*(o.name for o in others), "c" * 32 + ".uint32",
+                                                                    live.name])
+    assert cache_files(cache) == [live] and clear_cache(cache) == (0, 0)
     assert clear_cache(cache / "absent") == (0, 0) and cache_files(cache / "absent") == []
     calls = tokenizer.calls
     cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache)

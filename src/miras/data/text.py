@@ -44,6 +44,7 @@ import hashlib
 import os
 import re
 import sysconfig
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,15 +271,25 @@ def cache_files(cache_dir: str | Path | None = None) -> list[Path]:
     return sorted(found, key=lambda path: (path.stat().st_mtime, path.name))
 
 
+# a temp file modified this recently may be a run's tokenisation in progress (it writes as it goes)
+LIVE_TEMP_SECONDS = 3600
+
+
 def clear_cache(cache_dir: str | Path | None = None) -> tuple[int, int]:
     """Delete the token cache's files (``cache_files``): (files, bytes) freed. A later run tokenises again;
-    a process that has a cache file open keeps reading it (on POSIX the data lives until it is closed)."""
+    a process that has a cache file open keeps reading it (on POSIX the data lives until it is closed).
+    A temp file modified in the last ``LIVE_TEMP_SECONDS`` is left: deleting a running tokenisation's file
+    would fail that run when it finishes. A run that is just opening its cache can still lose it: clear
+    while no run is starting."""
     files, freed = 0, 0
+    now = time.time()
     for path in cache_files(cache_dir):
         with contextlib.suppress(FileNotFoundError):  # another process cleared it first
-            size = path.stat().st_size
+            stat = path.stat()
+            if _CACHE_TEMP.fullmatch(path.name) and now - stat.st_mtime < LIVE_TEMP_SECONDS:
+                continue
             path.unlink()
-            files, freed = files + 1, freed + size
+            files, freed = files + 1, freed + stat.st_size
     return files, freed
 
 
