@@ -243,8 +243,8 @@ def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chun
     """A single token, as DESIGN.md §2.2 writes it, with the closed-form gradient at the chunk start:
     g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
-    retention = rule.retention
     anchor = state.chunk_start if state.position else state.weights
+    retention = rule.retention
     with torch.autocast(q.device.type, enabled=False):
         log_retain = retention.log_retain(gates)
         # Π(1 − α) since the chunk start, [B, H]: token-level gates only (channel-wise rules do not use it)
@@ -295,9 +295,8 @@ _COMPILED: dict[str, object] = {}
 
 
 def compiles(compile: bool, row: int, size: int, anchor: tuple[Tensor, ...]) -> bool:
-    """Whether a chunk whose state is taken after token ``row``, from the weights ``anchor`` (the chunk-start
-    weights, and the state too where it differs from them), runs compiled (``compile``): only a full chunk
-    from weights of their own. The compiled code is
+    """Whether a chunk whose state is taken after token ``row``, from the chunk-start weights ``anchor``,
+    runs compiled (``compile``): only a full chunk from weights of their own. The compiled code is
     specialised on ``row`` and on the weights' strides: a call's last chunk may end at any row (a prompt of
     another length), and a stream's first chunk starts from the learned initial memory expanded over the
     batch (stride 0); each would compile a graph of its own, so those chunks run eagerly."""
