@@ -247,6 +247,43 @@ def test_importing_miras_does_not_import_matplotlib():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_depth_sweep_evaluates_each_needle_task_once_per_depth(tmp_path, monkeypatch, capsys):
+    """RULER's grid: --depths puts the needle at each depth in turn (task@depth), the same examples otherwise;
+    tasks without a needle (mqar) are evaluated once; none with one is an error."""
+    from miras.data.tasks import PassKey
+    from miras.evaluate import at_depths
+
+    tasks = {"passkey": PassKey(context_length=128), "mqar": MQAR(context_length=128, pairs=2, queries=1)}
+    swept = at_depths(tasks, [0.0, 0.5, 1.0])
+    assert list(swept) == ["passkey@0", "passkey@0.5", "passkey@1", "mqar"]
+    assert [swept[f"passkey@{d}"].depth for d in ("0", "0.5", "1")] == [0.0, 0.5, 1.0]
+    assert swept["mqar"] is tasks["mqar"]
+    with pytest.raises(ValueError, match=r"none of \['mqar'\] puts one; tasks that do: multikey_needle, "
+                                         r"number_needle, passkey, word_needle"):
+        at_depths({"mqar": tasks["mqar"]}, [0.5])
+
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["run", "--depths", "1,0,0.25"]).depths == [0.0, 0.25, 1.0]
+    for bad in ("0.5,0.5", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--depths", bad])
+    capsys.readouterr()
+    config = types.SimpleNamespace(data="task:passkey", seq_len=63, data_params={})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, None)
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "128", "--examples", "2", "--depths", "0,1",
+                              "--out", str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["tasks"]) == ["passkey@0", "passkey@1"]
+    assert [results["tasks"][n]["config"]["depth"] for n in results["tasks"]] == [0.0, 1.0]
+    args = parser.parse_args([str(tmp_path / "run"), "--depths", "0,1", "--task-params", '{"depth": 0.5}',
+                              "--out", str(tmp_path / "bad")])
+    assert run_eval(args) == 2
+    assert "--depths and a depth in --task-params" in capsys.readouterr().err
+
+
 def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, monkeypatch, capsys):
     """The tasks are written in bytes: a BPE run read them as other tokens altogether, and its accuracies,
     noise, were written with a warning. Now that is an error; its perplexity is what can be evaluated."""

@@ -384,6 +384,16 @@ def _integers(text: str) -> list[int]:
     return sorted(values)  # the table's columns and the plot's x axis run from short to long
 
 
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated depths like 0,0.5,1") from None
+    if not values or not all(0 <= value <= 1 for value in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct depths in [0, 1] (fractions of the haystack)")
+    return sorted(values)
+
+
 def _names(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -415,6 +425,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--task-params", type=_json_object, default=None, metavar="JSON",
                         help="task parameters for every evaluated task, over the run's own, e.g. "
                              "'{\"pairs\": 16}' (more facts than in training)")
+    parser.add_argument("--depths", type=_depths, default=None,
+                        help="comma-separated needle depths (fractions of the haystack, 0 = its start), each "
+                             "evaluated apart as <task>@<depth>, e.g. 0,0.25,0.5,0.75,1 (RULER's sweep; default: "
+                             "a uniform depth per example)")
     parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
     parser.add_argument("--segment", type=int, default=None,
                         help="tokens per forward call while streaming (default: the training length)")
@@ -450,6 +464,28 @@ def _training_length(train_config) -> int:
     """The run's ``seq_len``: the tokens a training row feeds the model (a task example of ``seq_len + 1``
     tokens gives ``seq_len`` inputs and their next tokens). The default lengths are its multiples."""
     return train_config.seq_len
+
+
+def at_depths(tasks: dict[str, Task], depths: Sequence[float]) -> dict[str, Task]:
+    """Each task that places its needle at a ``depth`` once per depth, named ``<name>@<depth>`` (RULER's sweep
+    of the needle's position); the others as they are. An error if none of them places a needle."""
+
+    def places(task) -> bool:
+        return any(field.name == "depth" for field in dataclasses.fields(task))
+
+    if not any(places(task) for task in tasks.values()):
+        from .data.tasks import TASKS
+
+        placed = sorted(name for name, kind in TASKS.items() if places(kind))
+        raise ValueError(f"depths are where a needle is put, and none of {sorted(tasks)} puts one; "
+                         f"tasks that do: {', '.join(placed)}")
+    swept = {}
+    for name, task in tasks.items():
+        if places(task):
+            swept.update({f"{name}@{depth:g}": dataclasses.replace(task, depth=depth) for depth in depths})
+        else:
+            swept[name] = task
+    return swept
 
 
 def _run_tasks(train_config, names: list[str] | None, length: int, overrides: dict | None = None) -> dict[str, Task]:
@@ -503,6 +539,10 @@ def run_eval(args: argparse.Namespace) -> int:
             tasks = {}
         else:
             tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
+            if getattr(args, "depths", None):
+                if "depth" in (args.task_params or {}):
+                    raise ValueError("--depths and a depth in --task-params: give one of them")
+                tasks = at_depths(tasks, args.depths)
         if args.perplexity:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer
