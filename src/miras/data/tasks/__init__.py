@@ -22,8 +22,10 @@ haystack can end mid-sentence):
 - ``FactQA`` (bAbI qa1/qa2, BABILong-style): ``facts`` sentences ("Mary went to the kitchen.",
   "John picked up the apple.", "John dropped the apple.") scattered in order through the filler;
   question "Where is Mary? Answer: " or "Where is the apple? Answer: " and the place. The story
-  is simulated, so the answer is right by construction: the asked person moves up to three times
-  (the last move is the answer); an asked object is picked up, carried, and sometimes dropped.
+  is simulated, so the answer is right by construction: every person acts alike (a random person
+  moves, picks up or drops at each fact), and the subject is drawn afterwards from those who have
+  moved (their last move is the answer) or the objects picked up (where the holder is now, or where
+  it was dropped), so that nothing but the question says whose facts matter.
 
 Symbol tasks (byte ranges kept disjoint so that the role of every token is unambiguous):
 
