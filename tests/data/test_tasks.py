@@ -186,6 +186,28 @@ def test_fact_qa_object_answers_cover_dropped_and_carried():
         assert solve_fact_qa(prompt, 12) == generate(task, gen(seed)).answer_text()
 
 
+def test_a_text_haystack_can_name_its_corpus(tmp_path):
+    """corpus="text:<corpus>" draws the filler from a corpus by name (the CLI can pass that in --task-params;
+    the text itself it could not); a bare corpus name would be taken as the filler text: an error."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_text(f"Document {i} says that the river runs north. " * 40)
+    task = PassKey(context_length=1500, haystack="text", corpus=f"text:{folder}")
+    example = generate(task, gen(4))
+    prompt, answer = split(example)
+    assert len(example.tokens) == 1500 and "the river runs north" in prompt and "The grass is green" not in prompt
+    assert answer == solve_passkey(prompt) and generate(task, gen(4)).tokens.equal(example.tokens)
+    inline = PassKey(context_length=1500, haystack="text", corpus="".join(d.read_text() for d in sorted(
+        folder.iterdir())))
+    assert "the river runs north" in split(generate(inline, gen(4)))[0]
+    for name in ("stdlib", str(folder), "hf:wikitext"):
+        with pytest.raises(ValueError, match=r"corpus='.*' would be the filler text itself; .* as 'text:"):
+            PassKey(context_length=1500, haystack="text", corpus=name)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        PassKey(context_length=1500, haystack="text", corpus=f"text:{tmp_path / 'missing'}")
+
+
 @pytest.mark.parametrize("question", ["person", "object"])
 def test_fact_qa_cannot_be_answered_without_reading_the_question(question):
     """Everyone in a story acts alike: guesses that ignore the question stay near chance. (The asked person

@@ -8,8 +8,9 @@ a model is scored on predicting ``tokens[answer]`` from everything before them.
 Text tasks (``prompt = haystack + question``, then the answer bytes; the haystack is filler with
 the needles or facts inserted at sentence starts; filler is either the repeated sentences
 "The grass is green. The sky is blue. ..." (``haystack="repeat"``) or the config's ``corpus`` read
-cyclically from a random offset (``haystack="text"``); the filler is cut to length, so the
-haystack can end mid-sentence):
+cyclically from a random offset (``haystack="text"``; ``corpus`` is the text itself, or
+``"text:<corpus>"`` names one as ``data=text:<corpus>`` does, e.g. ``"text:stdlib"``, loaded once per
+process); the filler is cut to length, so the haystack can end mid-sentence):
 
 - ``PassKey`` (S-NIAH pass-key): needle "The pass key is 71432. Remember it. 71432 is the pass
   key." at ``depth`` (fraction of the haystack; None = uniform); question "What is the pass key?

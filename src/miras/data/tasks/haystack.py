@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -37,6 +38,21 @@ def _longest(words: Sequence[str]) -> str:
 @functools.lru_cache(maxsize=4)
 def _encode(corpus: str) -> bytes:
     return corpus.encode("utf-8") + b" "
+
+
+CORPUS_PREFIX = "text:"  # corpus="text:<corpus>": a corpus by name, as data=text:<corpus> names one
+
+
+@functools.lru_cache(maxsize=4)
+def _named_corpus(spec: str) -> str:
+    """The documents of ``miras.data.text.load_corpus(spec)`` (both splits, in order), as one text."""
+    from ..text import load_corpus
+
+    return "\n\n".join(document.text for document in load_corpus(spec).documents)
+
+
+def _corpus_text(corpus: str) -> str:
+    return _named_corpus(corpus[len(CORPUS_PREFIX):]) if corpus.startswith(CORPUS_PREFIX) else corpus
 
 
 def _sentence_start(filler: bytes, position: int, *, starts_sentence: bool) -> int:
@@ -91,6 +107,12 @@ class _HaystackTask(Task):
         _check_option(task, "haystack", self.haystack, ("repeat", "text"))
         if self.haystack == "text" and not (isinstance(self.corpus, str) and self.corpus):
             raise ValueError(f"{task}: haystack='text' takes its filler from `corpus`, a non-empty str; none given")
+        if self.haystack == "text" and self.corpus.startswith(CORPUS_PREFIX):
+            _corpus_text(self.corpus)  # loaded (once per process) now: a missing corpus is an error here
+        elif self.haystack == "text" and "\n" not in self.corpus and len(self.corpus) < 256 and (
+                self.corpus == "stdlib" or self.corpus.startswith("hf:") or os.path.exists(self.corpus)):
+            raise ValueError(f"{task}: corpus={self.corpus!r} would be the filler text itself; to draw the filler "
+                             f"from a corpus give its name as {CORPUS_PREFIX + self.corpus!r}")
         if self.haystack == "repeat" and self.corpus is not None:
             raise ValueError(f"{task}: `corpus` is only read with haystack='text' (haystack is 'repeat')")
 
@@ -99,7 +121,7 @@ class _HaystackTask(Task):
         filler, nondecreasing) moved back to the sentence start before it."""
         encoded = [piece.encode() for _, piece in pieces]
         size = length - sum(map(len, encoded))
-        source = _FILLER if self.haystack == "repeat" else _encode(self.corpus)
+        source = _FILLER if self.haystack == "repeat" else _encode(_corpus_text(self.corpus))
         start = 0 if self.haystack == "repeat" else _randint(generator, 0, len(source))
         filler = _whole_characters((source * ((start + size) // len(source) + 1))[start:start + size])
         parts, last = [], 0
