@@ -194,12 +194,12 @@ def _run_cache(args: argparse.Namespace) -> int:
         files, freed = clear_cache(folder)
         print(f"deleted {files} cache file(s), {freed / 2**20:,.1f} MiB, from {folder}")
         return 0
-    found = cache_files(folder)
+    found, total = cache_files(folder), 0
     for path in found:
         stat = path.stat()
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
         print(f"{stat.st_size / 2**20:>10,.1f} MiB  {when}  {path.name}")
-    total = sum(path.stat().st_size for path in found)
+        total += stat.st_size
     print(f"{len(found)} cache file(s), {total / 2**20:,.1f} MiB, in {folder}"
           + (" (miras cache --clear deletes them)" if found else ""))
     return 0

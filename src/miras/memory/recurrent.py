@@ -105,8 +105,16 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     weights, surprise = list(state.weights), list(state.momentum) if momentum else None
     offset = state.position
     outer_grad = torch.is_grad_enabled()
+
+    def begin(anchor: list[Tensor]):
+        """A chunk's gradient point (differentiable: the inner gradients are taken w.r.t. it) and its reads'
+        scales, from its start ``anchor``: the state itself and None but for LqNormalize(carry="A")."""
+        start = _differentiable(anchor, outer_grad)
+        with torch.enable_grad(), torch.autocast(k.device.type, enabled=False):
+            return retention.gradient_point(tuple(start)), retention.read_scales(tuple(anchor))
+
     anchor = list(state.chunk_start) if offset else None
-    start = _differentiable(anchor, outer_grad) if offset else None
+    point, scales = begin(anchor) if offset else (None, None)
     # Π(1 − α) since the chunk start (decay-first gradients and the KL projection need it; those
     # rules take token-level gates only).
     retained = state.retained if state.retained is not None else k.new_ones(batch, heads)
@@ -114,13 +122,12 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     for t in range(tokens):
         if (offset + t) % chunk_size == 0:
             anchor = list(weights)
-            start = _differentiable(anchor, outer_grad)
+            point, scales = begin(anchor)
             retained = k.new_ones(batch, heads)
         if keep_all is not None and keep_all.dim() == 3:  # token-level; channel-wise rules never need it
             retained = retained * keep_all[:, t]
         # the write path in the inputs' precision, as chunked runs it: under autocast only the reads are bf16
         with torch.enable_grad(), torch.autocast(k.device.type, enabled=False):
-            point = retention.gradient_point(tuple(start))  # the state itself but for LqNormalize(carry="A")
             at = [retained[..., None, None] * w for w in point] if retention.decay_first else point
             pred = arch.apply(k[:, t].unsqueeze(2), matmul_linear(at))
             extra = {name: getattr(gates, name)[:, t, :, None, None] for name in rule.bias.gates}
@@ -135,7 +142,6 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 surprise[i] = etas[i] * surprise[i] + step
                 step = surprise[i]
             weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
-        scales = retention.read_scales(tuple(anchor))
         read_weights = weights if scales is None else [w * c for w, c in zip(weights, scales)]
         if retention.projects and (offset + t + 1) % chunk_size == 0:
             with torch.autocast(k.device.type, enabled=False):

@@ -336,7 +336,8 @@ class FactQA(_HaystackTask):
                 elif kind == "take":
                     thing = _choice(generator, free)
                     holder[thing] = person
-                    taken += [thing] * (thing not in taken)
+                    if thing not in taken:
+                        taken.append(thing)
                 else:
                     thing = _choice(generator, held)
                     del holder[thing]
