@@ -223,7 +223,7 @@ class LqNormalize(Decay):
     A_t = α_t A_{t−1} − η_t ∇ℓ(W_{t−1}), W_t = A_t / ‖A_t‖_q^{q−2}; here A_{t−1} is replaced by W_{t−1}.
     With power = 1 the two differ only in step size: Eq. 24 is this rule with each matrix's step
     θ_t g_t scaled by 1/‖A_{t−1}‖_q, a running norm this rule does not carry (the outputs part from
-    the first token on; a review measured 0.78 apart within 40 tokens for a linear memory, 3.0 for the
+    the first token on; a review measured by hand 0.78 apart within 40 tokens for a linear memory, 3.0 for the
     MONETA preset). ``carry="A"`` (below) is Eq. 24; the default stays W, which MONETA and the models use.
 
     ``power=1`` (default) leaves every matrix with unit q-norm at each chunk end. Eq. 24 prints
