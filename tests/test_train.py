@@ -351,6 +351,10 @@ def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch):
     train(dataclasses.replace(config, max_steps=3, resume=True))
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
     assert losses(tmp_path / "run")[-1][0] == 3
+    (tmp_path / "run" / "config.json").write_bytes(b"")  # a damaged config.json: the tokenizer is still found
+    train(dataclasses.replace(config, max_steps=4, resume=True))
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["tokenizer"] is True
 
 
 def test_bptt_streams_the_rows_and_still_learns(tmp_path):
@@ -444,6 +448,43 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_in_train_and_load_
     with pytest.raises(ConfigError, match=pattern):
         load_run(run_dir)
     assert snapshot(run_dir) == before
+
+
+def test_a_damaged_config_json_beside_checkpoints_is_passed_over_and_written_again(tmp_path, capsys):
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1)
+    run_dir = train(config, source())
+    whole = train(tiny(tmp_path / "whole", max_steps=4, save_every=1), source())
+    for damage in (b'{"train": {"seq_len": 16, "batch', bytes(64)):  # torn, zeroed
+        (run_dir / "config.json").write_bytes(damage)
+        before = snapshot(run_dir)
+        # the checkpoint holds the configs: they are what the run is checked against
+        for bad, message in [(dataclasses.replace(config, max_steps=4), "other settings (max_steps: 2 -> 4); pass "
+                                                                       "resume=true"),
+                             (dataclasses.replace(config, lr=0.5, max_steps=4, resume=True),
+                              "step_00000002.pt belongs to a different config (lr: 0.01 -> 0.5)")]:
+            with pytest.raises(ConfigError) as error:
+                train(bad, source())
+            assert message in str(error.value) and "\n" not in str(error.value)
+            assert snapshot(run_dir) == before
+        model, saved_config, _ = load_run(run_dir)
+        assert capsys.readouterr().err == (f"miras: {run_dir / 'config.json'} is not a miras run config; using the "
+                                           "configs saved in step_00000002.pt\n") and saved_config == config
+        expected = torch.load(checkpoints(run_dir)[-1], weights_only=True)["model"]
+        assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+    train(dataclasses.replace(config, max_steps=4, resume=True), source())
+    assert "written again from this run's config" in capsys.readouterr().err
+    assert (run_dir / "config.json.damaged").read_bytes() == damage
+    assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4
+    assert losses(run_dir) == losses(whole)
+
+    # Without a checkpoint nothing says the folder is a run's: its config.json may be another program's.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"theirs/config.json is not a miras run config; use another out_dir$"):
+        train(tiny(tmp_path / "theirs", max_steps=1), source())
+    assert snapshot(tmp_path / "theirs") == {"config.json": b"[1, 2]"}
+    with pytest.raises(ConfigError, match=r"theirs/config.json is not a miras run config$"):
+        load_run(tmp_path / "theirs")
 
 
 def test_a_checkpoint_damaged_inside_is_refused(tmp_path):

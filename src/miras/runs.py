@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -161,6 +162,17 @@ def _read_run_config(run_dir: Path, *, training: bool = True) -> dict | None:
     raise ConfigError(f"{path} is not a miras run config" + ("; use another out_dir" if training else ""))
 
 
+def _damage(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` exists and is not a run config at all: torn, zeroed, another program's.
+    (A run config whose values this version refuses is not damage: it may be a newer miras's, or edited; the
+    errors it gives name the field.)"""
+    try:
+        _read_run_config(run_dir)
+    except ConfigError:
+        return True
+    return False
+
+
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
     """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS).
     A field the saved config lacks (added to miras since) is compared at its default."""
@@ -196,25 +208,28 @@ def make_run_folder(run_dir: Path) -> None:
 
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
     """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
-    saved = _read_run_config(run_dir)
     paths = checkpoints(run_dir)
+    # A damaged config.json beside checkpoints is passed over: they hold the same configs (checked below), and
+    # write_run_dir writes it again. Without them the folder may be another program's: refused.
+    saved = None if paths and _damage(run_dir) else _read_run_config(run_dir)
     # A folder with no checkpoint holds nothing to continue (e.g. a run that failed before its first save):
     # its config.json does not bind the next run.
-    if saved is not None and paths:
+    if not paths:
+        return None
+    if saved is not None:
         defining, runtime = _differences(saved, config, model_config)
         if defining:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
                               "use another out_dir")
-        if runtime and not config.resume:
-            raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
-                              "pass resume=true to continue it with the new ones")
-    if not paths:
-        return None
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
-    defining, _ = _differences({"train": payload["train_config"], "model": payload["model_config"]},
-                               config, model_config)
+    defining, in_checkpoint = _differences({"train": payload["train_config"], "model": payload["model_config"]},
+                                           config, model_config)
     if defining:
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
+    runtime = runtime if saved is not None else in_checkpoint
+    if runtime and not config.resume:
+        raise ConfigError(f"{run_dir} holds this run with other settings ({'; '.join(runtime)}); "
+                          "pass resume=true to continue it with the new ones")
     if config.max_steps < payload["step"]:
         raise ConfigError(f"{run_dir} is already at step {payload['step']}, past max_steps={config.max_steps}: "
                           f"pass max_steps >= {payload['step']} to continue it, or another out_dir")
@@ -239,7 +254,12 @@ def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
     for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
         stale.unlink()
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
-    atomic_write_bytes(run_dir / "config.json", json.dumps(saved, indent=2).encode())
+    path = run_dir / "config.json"
+    if _damage(run_dir):  # resume_point let it through: the checkpoints vouch for the folder; keep the bytes
+        os.replace(path, path.with_name("config.json.damaged"))
+        print(f"miras: {path} was damaged; written again from this run's config (the old bytes are in "
+              "config.json.damaged)", file=sys.stderr)
+    atomic_write_bytes(path, json.dumps(saved, indent=2).encode())
     if tokenizer is not None:
         tokenizer.save(run_dir)
     _keep_metrics_until(run_dir / "metrics.jsonl", step)
@@ -275,17 +295,22 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
     the run's data had none, e.g. a generated task)."""
     run_dir = Path(run_dir)
-    saved = _read_run_config(run_dir, training=False)
-    if saved is None:
+    paths, damage = checkpoints(run_dir), _damage(run_dir)
+    saved = None if damage and paths else _read_run_config(run_dir, training=False)
+    if saved is None and not damage:
         raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{run_dir / 'config.json'} is damaged: {error}") from None
-    paths = checkpoints(run_dir)
     if not paths:
         raise ConfigError(f"{run_dir} has no checkpoint")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
+    if damage:  # the checkpoint holds the run's configs: read them from there
+        saved = {"train": payload["train_config"], "model": payload["model_config"], **_tokenizer_flag(run_dir)}
+        print(f"miras: {run_dir / 'config.json'} is not a miras run config; using the configs saved in "
+              f"{paths[-1].name}", file=sys.stderr)
+    try:
+        config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
+    except (TypeError, ValueError) as error:
+        source = f"checkpoint {paths[-1]}" if damage else run_dir / "config.json"
+        raise ConfigError(f"{source} is damaged: {error}") from None
     if payload["model_config"] != saved["model"]:
         defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
@@ -298,7 +323,14 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
 
 def run_tokenizer(run_dir: Path):
     """The tokenizer saved in ``run_dir`` (see ``saved_tokenizer``)."""
-    return saved_tokenizer(run_dir, _read_run_config(run_dir) or {})
+    return saved_tokenizer(run_dir, _tokenizer_flag(run_dir) if _damage(run_dir) else _read_run_config(run_dir) or {})
+
+
+def _tokenizer_flag(run_dir: Path) -> dict:
+    """config.json's "tokenizer" entry, for a damaged config.json: whether a tokenizer is saved beside it."""
+    from .data.tokenizers import METADATA
+
+    return {"tokenizer": (run_dir / METADATA).exists()}
 
 
 def saved_tokenizer(run_dir: Path, saved: dict):
