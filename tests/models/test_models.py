@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -309,13 +310,52 @@ def test_sampling_edge_cases():
     for bad, match in (({"top_k": True}, "top_k must be an integer >= 1, got True"),
                        ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 0, got True"),
                        ({"temperature": None}, "temperature must be a finite number >= 0 .*, got None"),
-                       ({"top_p": "0.9"}, "top_p must be in \\(0, 1\\], got 0.9"),
+                       ({"top_p": "0.9"}, "top_p must be in \\(0, 1\\], got '0.9'"),
                        ({"vocab_limit": True}, "vocab_limit must be an integer in \\[1, 256\\] or None, got True")):
         with pytest.raises(ValueError, match=match):
             model.generate(ids(3), **{"max_new_tokens": 2, **bad})
+    with pytest.raises(ValueError, match=r"top_k must be an integer >= 1, got 0"):  # sample checks as generate does
+        sample(halves, 1.0, 0, None, gen)
+    with pytest.raises(ValueError, match=r"temperature must be .*, got tensor\(0.5000\)"):
+        sample(halves, torch.tensor(0.5), None, None, gen)
+    numpy_args = {"max_new_tokens": np.int64(2), "top_k": np.int64(5), "temperature": np.float32(0.7)}
+    assert torch.equal(model.generate(ids(3), **numpy_args)[0], model.generate(ids(3), 2, 0.7, 5)[0])
+
+
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "titans-mag", "transformer", "gated-deltanet"])
+def test_generate_continues_from_the_state_it_returns(family):
+    """The state has read the prompt and every new token but the last: continuing from it with that token
+    equals one call, and it has the tokens a full pass would give."""
+    model, prompt = make(family), ids(9)
+    whole, _ = model.generate(prompt, 8, temperature=0)
+    first, state = model.generate(prompt, 4, temperature=0)
+    assert state.seen == 9 + 3
+    rest, _ = model.generate(first[:, -1:], 4, temperature=0, state=state)
+    assert torch.equal(torch.cat([first, rest], 1), whole)
+    more = ids(5, seed=2)
+    logits, _ = model(torch.cat([first[:, -1:], more], 1), state)
+    full, _ = model(torch.cat([prompt, first, more], 1))
+    torch.testing.assert_close(logits, full[:, 9 + 3:], rtol=1e-9, atol=1e-9)
+    none, state = model.generate(prompt.int(), 0)  # one dtype whatever the count
+    assert none.shape == (2, 0) and none.dtype == first.dtype == torch.long and state.seen == 9
 
 
 def test_bad_model_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="mlp_ratio must be a finite number > 0 .*, got 1e\\+308"):
+        create("titans-lmm-tiny", mlp_ratio=1e308)  # finite, but its width is not
+    with pytest.raises(ValueError, match="moneta-h alternates memory and sliding-window attention blocks: layers "
+                                         "must be >= 2, got 1"):
+        create("moneta-h-tiny", layers=1)
+    model = make("titans-lmm")
+    _, state = model(ids(3))
+    for layout in ("x", "[1, 2]", 7):
+        with pytest.raises(ValueError, match=r"state.model must be \"\" or the layout of the model that made the "
+                                             r"state \(a JSON object\), got .*: a damaged or hand-built state"):
+            model(ids(1), dataclasses.replace(state, model=layout))
+    dataclasses.replace(state, model="x").save(tmp_path / "state.pt")
+    with pytest.raises(ValueError, match=r"state.pt is a damaged miras state file \(ValueError: state.model must"):
+        ModelState.load(tmp_path / "state.pt")
+    assert model.state_bytes(ModelState(())) == 0
     with pytest.raises(ValueError, match="mlp_ratio must be a finite number > 0 .*, got -1"):
         create("titans-lmm-tiny", mlp_ratio=-1)
     with pytest.raises(ValueError, match="with mlp_ratio \\* dim >= 1 .*, got 0.001 for dim 64"):

@@ -91,7 +91,7 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
         if (not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool)
-                or not 0 < self.mlp_ratio < math.inf or int(self.mlp_ratio * self.dim) < 1):
+                or not 0 < self.mlp_ratio * self.dim < math.inf or int(self.mlp_ratio * self.dim) < 1):
             raise ValueError(f"mlp_ratio must be a finite number > 0 with mlp_ratio * dim >= 1 (the MLP's width), "
                              f"got {self.mlp_ratio!r} for dim {self.dim}")
         if not isinstance(self.tie_embeddings, bool):
@@ -104,6 +104,9 @@ class ModelConfig:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.gate_rank and FAMILIES[self.family] is None:
             raise ValueError(f"gate_rank sets the memory's gates, and {self.family} has no memory: leave it at 0")
+        if self.family in HYBRID_FAMILIES and self.layers < 2:
+            raise ValueError(f"{self.family} alternates memory and sliding-window attention blocks: layers must be "
+                             f">= 2, got {self.layers}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
 

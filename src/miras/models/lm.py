@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -183,7 +184,7 @@ class LanguageModel(nn.Module):
                              f"{self.config.family} model; from init_state or a previous call), got {got}")
         if state.model and state.model != self.state_layout:
             # (states saved before 802487f recorded every field, the unread window and segment too)
-            theirs, ours = json.loads(state.model), json.loads(self.state_layout)
+            theirs, ours = ModelState.layout(state.model), json.loads(self.state_layout)
             differ = ", ".join(f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
                                for k in sorted((set(theirs) | set(ours)) - self._left_out)
                                if theirs.get(k) != ours.get(k))
@@ -211,7 +212,7 @@ class LanguageModel(nn.Module):
         """Recurrent state size in bytes per sequence (0 for a state of no sequences)."""
         if not isinstance(state, ModelState):
             raise TypeError(f"state must be a ModelState (from init_state or a call), got {type(state).__name__}")
-        return state.nbytes() // max(1, state.layers[0].batch)
+        return state.nbytes() // max(1, state.layers[0].batch) if state.layers else 0
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -219,7 +220,11 @@ class LanguageModel(nn.Module):
                  vocab_limit: int | None = None) -> tuple[Tensor, ModelState]:
         """Prefill the prompt (fast path), then decode one token at a time with the carried state.
         ``temperature=0`` is greedy; ``vocab_limit``: draw only ids below it (a tokenizer with fewer ids than
-        the model's vocabulary). Returns the new tokens [B, max_new_tokens] and the state."""
+        the model's vocabulary). Returns the new tokens [B, max_new_tokens] (int64) and the state after the
+        prompt and every new token but the last, which nothing has read yet (as a KV cache holds the tokens
+        before the one to feed): ``generate(new[:, -1:], n, state=state)`` continues exactly, and so does
+        ``model(torch.cat([new[:, -1:], more], 1), state)``. With ``max_new_tokens=0`` it has read the prompt.
+        The rows draw from one generator seeded with ``seed``: a sampled row depends on the batch it is in."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63) (the sampling generator's seed), got {seed!r}")
@@ -233,30 +238,45 @@ class LanguageModel(nn.Module):
         generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
         logits, state = self(prompt_ids, state)
         tokens = []
-        for _ in range(max_new_tokens):
-            token = sample(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
-            tokens.append(token)
-            logits, state = self(token[:, None], state)
-        return torch.stack(tokens, 1) if tokens else prompt_ids.new_zeros(prompt_ids.shape[0], 0), state
+        for step in range(max_new_tokens):
+            tokens.append(_sample(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator))
+            if step + 1 < max_new_tokens:  # the last token is left for the next call to read
+                logits, state = self(tokens[-1][:, None], state)
+        if not tokens:
+            return torch.zeros(prompt_ids.shape[0], 0, dtype=torch.long, device=prompt_ids.device), state
+        return torch.stack(tokens, 1), state
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                    name=lambda argument: argument) -> None:
     """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not
     (called ``name(argument)``: the CLI names its flags)."""
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+    def integer(value) -> bool:  # a Python or NumPy integer, not a bool
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def real(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+    if not integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
-        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if not real(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not integer(top_k) or top_k < 1):
         raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
-        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p}")
+    if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator) -> Tensor:
-    """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling
+    (the arguments checked as ``generate`` checks them)."""
+    check_sampling(0, temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator) -> Tensor:
     if temperature < torch.finfo(torch.float32).tiny:  # 0, or a temperature float32 holds as 0: greedy
         return logits.argmax(-1)
     logits = logits.float()

@@ -7,6 +7,7 @@ tensors, loaded back with ``torch.load(weights_only=True)``: no pickled code is 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,18 @@ class ModelState:
 
         return ModelState(tuple(map_tensors(s, move) for s in self.layers), self.seen, self.model)
 
+    @staticmethod
+    def layout(model: str) -> dict:
+        """``model`` (a state's layout string, not "") as the dict it encodes; a ValueError if it is not one."""
+        try:
+            layout = json.loads(model)
+        except (TypeError, ValueError):
+            layout = None
+        if not isinstance(layout, dict):
+            raise ValueError(f"state.model must be \"\" or the layout of the model that made the state (a JSON "
+                             f"object), got {model!r:.80}: a damaged or hand-built state")
+        return layout
+
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers)
 
@@ -75,6 +88,8 @@ class ModelState:
             if (not isinstance(data["layers"], list) or not isinstance(data["seen"], int) or data["seen"] < 0
                     or not isinstance(model, str)):
                 raise TypeError("'layers' must be a list, 'seen' an integer >= 0 and 'model' a string")
+            if model:
+                cls.layout(model)
             return cls(tuple(_from_plain(s) for s in data["layers"]), data["seen"], model)
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(f"{path} is a damaged miras state file ({type(error).__name__}: {error})") from None
