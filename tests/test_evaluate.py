@@ -284,6 +284,53 @@ def test_a_depth_sweep_evaluates_each_needle_task_once_per_depth(tmp_path, monke
     assert "--depths and a depth in --task-params" in capsys.readouterr().err
 
 
+def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path, monkeypatch, capsys):
+    """--sweep pairs=1,4,16: recall against the number of facts in one evaluation (task@pairs=<n>); tasks
+    without the parameter run once; values a task refuses, and unknown parameters, are errors."""
+    from miras.data.tasks import PassKey
+    from miras.evaluate import swept
+
+    tasks = {"mqar": MQAR(context_length=128, pairs=2, queries=1), "passkey": PassKey(context_length=128)}
+    result = swept(tasks, "pairs", [1, 4])
+    assert list(result) == ["mqar@pairs=1", "mqar@pairs=4", "passkey"]
+    assert [result[name].pairs for name in ("mqar@pairs=1", "mqar@pairs=4")] == [1, 4]
+    assert result["passkey"] is tasks["passkey"]
+    with pytest.raises(ValueError, match=r"MQAR: queries must be an int in \[1, 1\], got 2"):
+        swept({"mqar": MQAR(context_length=128, pairs=2, queries=2)}, "pairs", [1])
+    with pytest.raises(ValueError, match=r"none of the tasks \['mqar'\] has a parameter 'needles'; tasks that do: "
+                                         r"multikey_needle"):
+        swept({"mqar": tasks["mqar"]}, "needles", [2])
+
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["run", "--sweep", "pairs=1, 4,16"]).sweep == ("pairs", [1, 4, 16])
+    assert parser.parse_args(["run", "--sweep", "haystack=text,noise"]).sweep == ("haystack", ["text", "noise"])
+    for bad in ("pairs", "=1,2", "pairs=", "pairs=1,1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--sweep", bad])
+    capsys.readouterr()
+    config = types.SimpleNamespace(data="task:mqar", seq_len=63, data_params={"pairs": 1, "queries": 1})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, None)
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "64,256", "--examples", "2", "--sweep",
+                              "pairs=1,8,64", "--out", str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["tasks"]) == ["mqar@pairs=1", "mqar@pairs=8", "mqar@pairs=64"]
+    assert [results["tasks"][n]["config"]["pairs"] for n in results["tasks"]] == [1, 8, 64]
+    # 64 pairs and a query need 130 tokens: evaluated at 256 only, and said so
+    assert results["tasks"]["mqar@pairs=64"]["skipped_lengths"] == [64]
+    assert [row["accuracy"] for row in results["tasks"]["mqar@pairs=64"]["results"]["run"]] == [1.0]
+    assert "mqar@pairs=64 skipped at 64 tokens: it needs at least 130" in capsys.readouterr().err
+    for extra, message in ((["--task-params", '{"pairs": 2}'], "--sweep pairs=... and a pairs in --task-params"),
+                           (["--sweep", "colour=1"], "none of the tasks ['mqar'] has a parameter 'colour'"),
+                           (["--sweep", "pairs=65"], "MQAR: pairs must be an int in [1, 64], got 65")):
+        args = parser.parse_args([str(tmp_path / "run"), "--sweep", "pairs=1", *extra, "--out", str(tmp_path / "bad")])
+        assert run_eval(args) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, monkeypatch, capsys):
     """The tasks are written in bytes: a BPE run read them as other tokens altogether, and its accuracies,
     noise, were written with a warning. Now that is an error; its perplexity is what can be evaluated."""

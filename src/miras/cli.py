@@ -218,6 +218,7 @@ EVAL_EXAMPLES = """examples:
   miras eval runs/passkey --tasks passkey,mqar --lengths 256,1024,4096,16384 --examples 50
   miras eval runs/mqar --task-params '{"pairs": 16}' --lengths 256     # more facts than in training
   miras eval runs/passkey --lengths 1024,4096 --depths 0,0.25,0.5,0.75,1   # needle depth x length (RULER)
+  miras eval runs/mqar --tasks mqar --task-params '{"queries": 1}' --sweep pairs=1,4,16,64 --lengths 256
   miras eval runs/text --perplexity stdlib
   miras eval runs/text --lm-eval lambada_openai --limit 100        # lm-evaluation-harness (miras-lm[eval])
   miras eval out/hf --lm-eval my_task --include-path tasks/ --limit 20"""

@@ -394,6 +394,27 @@ def _depths(text: str) -> list[float]:
     return sorted(values)
 
 
+def _sweep(text: str) -> tuple[str, list]:
+    """``--sweep FIELD=V1,V2,...``: a task parameter and its values (numbers where they parse as numbers)."""
+    field, _, listed = text.partition("=")
+    values = [part.strip() for part in listed.split(",") if part.strip()]
+    if not field.strip().isidentifier() or not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a task parameter and its values, like pairs=1,4,16")
+
+    def number(value: str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    parsed = [number(value) for value in values]
+    if len(set(parsed)) != len(parsed):
+        raise argparse.ArgumentTypeError(f"{text!r}: a value is given twice; give each once")
+    return field.strip(), parsed
+
+
 def _names(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -429,6 +450,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="comma-separated needle depths (fractions of the haystack, 0 = its start), each "
                              "evaluated apart as <task>@<depth>, e.g. 0,0.25,0.5,0.75,1 (RULER's sweep; default: "
                              "a uniform depth per example)")
+    parser.add_argument("--sweep", type=_sweep, default=None, metavar="FIELD=V1,V2,...",
+                        help="evaluate each task that has the parameter FIELD once per value, as "
+                             "<task>@FIELD=<value>, e.g. pairs=1,4,16,64 with --tasks mqar (recall against the "
+                             "number of facts)")
     parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
     parser.add_argument("--segment", type=int, default=None,
                         help="tokens per forward call while streaming (default: the training length)")
@@ -469,23 +494,38 @@ def _training_length(train_config) -> int:
 def at_depths(tasks: dict[str, Task], depths: Sequence[float]) -> dict[str, Task]:
     """Each task that places its needle at a ``depth`` once per depth, named ``<name>@<depth>`` (RULER's sweep
     of the needle's position); the others as they are. An error if none of them places a needle."""
+    return swept(tasks, "depth", depths)
 
-    def places(task) -> bool:
-        return any(field.name == "depth" for field in dataclasses.fields(task))
 
-    if not any(places(task) for task in tasks.values()):
+def swept(tasks: dict[str, Task], field: str, values: Sequence) -> dict[str, Task]:
+    """Each task that has ``field`` once per value, named ``<name>@<field>=<value>`` (``<name>@<depth>`` for
+    the needle's depth), e.g. MQAR over ``pairs`` (the number of facts); the others as they are. An error if
+    none of them has the field, or if a task refuses a value (it says which and why)."""
+
+    def has(task) -> bool:
+        return any(item.name == field for item in dataclasses.fields(task))
+
+    if field == "context_length":
+        raise ValueError("context lengths are swept by --lengths")
+    if not any(has(task) for task in tasks.values()):
         from .data.tasks import TASKS
 
-        placed = sorted(name for name, kind in TASKS.items() if places(kind))
-        raise ValueError(f"depths are where a needle is put, and none of {sorted(tasks)} puts one; "
-                         f"tasks that do: {', '.join(placed)}")
-    swept = {}
+        having = sorted(name for name, kind in TASKS.items() if has(kind))
+        if field == "depth":
+            raise ValueError(f"depths are where a needle is put, and none of {sorted(tasks)} puts one; "
+                             f"tasks that do: {', '.join(having)}")
+        raise ValueError(f"none of the tasks {sorted(tasks)} has a parameter {field!r}"
+                         + (f"; tasks that do: {', '.join(having)}" if having else ""))
+    result = {}
     for name, task in tasks.items():
-        if places(task):
-            swept.update({f"{name}@{depth:g}": dataclasses.replace(task, depth=depth) for depth in depths})
-        else:
-            swept[name] = task
-    return swept
+        if not has(task):
+            result[name] = task
+            continue
+        for value in values:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            label = shown if field == "depth" else f"{field}={shown}"
+            result[f"{name}@{label}"] = dataclasses.replace(task, **{field: value})
+    return result
 
 
 def _run_tasks(train_config, names: list[str] | None, length: int, overrides: dict | None = None) -> dict[str, Task]:
@@ -543,6 +583,13 @@ def run_eval(args: argparse.Namespace) -> int:
                 if "depth" in (args.task_params or {}):
                     raise ValueError("--depths and a depth in --task-params: give one of them")
                 tasks = at_depths(tasks, args.depths)
+            if getattr(args, "sweep", None):
+                field, values = args.sweep
+                if field in (args.task_params or {}):
+                    raise ValueError(f"--sweep {field}=... and a {field} in --task-params: give one of them")
+                if field == "depth" and getattr(args, "depths", None):
+                    raise ValueError("--sweep depth=... and --depths: give one of them")
+                tasks = swept(tasks, field, values)
         if args.perplexity:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer

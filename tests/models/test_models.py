@@ -70,8 +70,7 @@ def test_transformer_cache_grows():
     assert model.state_bytes(long) == 10 * model.state_bytes(short)
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "titans-mag", "titans-mal", "swa-transformer",
-                                    "transformer"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_generate_is_cached_greedy_decoding(family):
     """Greedy generate (prefill + one token at a time) == argmax of a full uncached forward."""
     model, prompt = make(family), ids(9)
