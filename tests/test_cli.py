@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -111,17 +112,24 @@ def test_cache_lists_and_clears_the_token_cache(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
     assert main(["cache"]) == 0
-    assert capsys.readouterr().out == f"0 cache file(s), 0.0 MiB, in {cache}\n"
+    assert capsys.readouterr().out == (f"nothing cached: {cache} does not exist (a text run makes it when it first "
+                                       "tokenises a corpus)\n")
     for split in ("train", "validation"):
         cached_tokens(from_path(corpus), ByteTokenizer(), split)
     (cache / "mine.txt").write_text("kept")
     assert main(["cache"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[-1].startswith(f"2 cache file(s), 0.0 MiB, in {cache}")
-    assert all(line.endswith(".uint16") and " MiB  20" in line for line in lines[:2])
+    assert all(".uint16  " in line and " MiB  20" in line for line in lines[:2])
+    described = sorted(line.split(".uint16  ")[1] for line in lines[:2])  # what each file holds
+    assert [about.split(", ")[:2] for about in described] == [[str(corpus), "train split"],
+                                                               [str(corpus), "validation split"]]
+    assert all(about.endswith(" documents, byte") for about in described)
     assert main(["cache", "--clear"]) == 0
     assert capsys.readouterr().out == f"deleted 2 cache file(s), 0.0 MiB, from {cache}\n"
     assert [path.name for path in cache.iterdir()] == ["mine.txt"]
+    assert main(["cache"]) == 0
+    assert capsys.readouterr().out == f"0 cache file(s), 0.0 MiB, in {cache}\n"
     assert main(["cache", "--dir", str(cache / "mine.txt")]) == 2
     assert capsys.readouterr().err == f"miras cache: error: --dir {cache / 'mine.txt'}: not a folder\n"
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache / "mine.txt"))
@@ -254,6 +262,25 @@ def test_a_corpus_that_cannot_be_reached_is_a_one_line_error(tmp_path, capsys, m
     assert not (tmp_path / "run").exists()
 
 
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import miras.train
+
+    def interrupted(config, data=None):
+        raise miras.train.Interrupted("interrupted at step 7: the latest checkpoint is step 5; run the same command "
+                                      "again to continue from it")
+
+    monkeypatch.setattr(miras.train, "train", interrupted)
+    assert main(["train", "transformer-tiny", "progress=false"]) == 130
+    assert capsys.readouterr().err == ("miras train: interrupted at step 7: the latest checkpoint is step 5; run the "
+                                       "same command again to continue from it\n")
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(COMMANDS, "presets", dataclasses.replace(COMMANDS["presets"], run=ctrl_c))
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == "miras presets: interrupted\n"
+
+
 def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
     run = _task_run(tmp_path)
     capsys.readouterr()
@@ -358,8 +385,22 @@ def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
 
 def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
-    assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'nowhere'} is not a run directory " \
+    assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'nowhere'} does not exist\n"
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", str(tmp_path / "empty"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'empty'} is not a run directory " \
                                       "(no config.json)\n"
+    # a folder of runs (the demo's runs/demo/<model>/seed-<n>) names them
+    for model in ("lmm", "mac"):
+        _task_run(tmp_path, f"demo/{model}/seed-0", max_steps=0)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "demo"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"miras generate: error: {tmp_path / 'demo'} is not a run directory " \
+                                      "(no config.json); the runs inside it: lmm/seed-0, mac/seed-0\n"
+    (tmp_path / "demo" / "lmm" / "seed-0" / "checkpoints" / "step_00000000.pt").unlink()
+    assert main(["generate", str(tmp_path / "demo" / "lmm" / "seed-0"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.endswith("has no checkpoint: its training stopped before the first save "
+                                            "(save_every); the same train command continues it\n")
 
 
 def test_bench_measures_with_overrides(tmp_path, capsys):
@@ -375,6 +416,9 @@ def test_bench_measures_with_overrides(tmp_path, capsys):
     assert results["meta"]["matmul_gflops"] > 0
     assert decode_row["kind"] == "decode" and decode_row["state_mb"] > 0
     assert "| titans-lmm | 32 |" in (out / "models.md").read_text()
+    printed = capsys.readouterr().out.splitlines()  # each table's header before its first row
+    assert printed[1].startswith("| family | T | train tokens/s |") and printed[3].startswith("| titans-lmm | 32 |")
+    assert printed[4].startswith("| family | context | decode tokens/s |") and printed[6].startswith("| titans-lmm |")
     assert main(["bench", "--overrides", "recompute=x", "--out", str(out)]) == 2
     assert main(["bench", "--overrides", "width=3", "--out", str(out)]) == 2
     assert "KEY a model config field" in capsys.readouterr().err

@@ -321,7 +321,10 @@ def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path,
     # 64 pairs and a query need 130 tokens: evaluated at 256 only, and said so
     assert results["tasks"]["mqar@pairs=64"]["skipped_lengths"] == [64]
     assert [row["accuracy"] for row in results["tasks"]["mqar@pairs=64"]["results"]["run"]] == [1.0]
-    assert "mqar@pairs=64 skipped at 64 tokens: it needs at least 130" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mqar@pairs=64 skipped at 64 tokens: it needs at least 130" in err
+    assert err.startswith("miras eval: 3 task(s) x 2 length(s) up to 256 tokens x 2 examples, one line per task "
+                          "and length as each is done\nmqar@pairs=1 run L=64: 1.000 (")
     for extra, message in ((["--task-params", '{"pairs": 2}'], "--sweep pairs=... and a pairs in --task-params"),
                            (["--sweep", "colour=1"], "none of the tasks ['mqar'] has a parameter 'colour'"),
                            (["--sweep", "pairs=65"], "MQAR: pairs must be an int in [1, 64], got 65")):

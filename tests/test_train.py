@@ -450,6 +450,32 @@ def test_a_checkpoint_that_does_not_fit_its_model_is_one_line_in_train_and_load_
     assert snapshot(run_dir) == before
 
 
+def test_progress_without_a_terminal_prints_lines_and_a_closing_line_and_ctrl_c_says_what_is_kept(tmp_path,
+                                                                                                 capsys):
+    class CtrlC(CopyBatches):
+        def batch(self, step, rank=0, world=1):
+            if step == 3:
+                raise KeyboardInterrupt
+            return super().batch(step, rank, world)
+
+    config = tiny(tmp_path / "run", max_steps=3, log_every=2, progress=True)
+    train(config, source())
+    out = capsys.readouterr().out  # captured: not a terminal, so lines rather than a bar
+    assert "note: warmup_steps=2" not in out and "\nstep 2/3: loss " in out and "\nstep 3/3: loss " in out
+    assert f"\ndone: step 3/3, loss {losses(tmp_path / 'run')[-1][1]:.4f}, " in out
+    assert out.endswith(f"checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_00000003.pt'}\n")
+    train(dataclasses.replace(config, progress=False), source())  # display only: no resume=true needed
+    assert "is already at max_steps=3: nothing to train" in capsys.readouterr().out
+
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted at step 3: the latest checkpoint is step 2; run the "
+                                                r"same command again to continue from it$"):
+        train(tiny(tmp_path / "ctrl-c", max_steps=5, save_every=2), DataSource(CtrlC()))
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted at step 3: nothing was saved \(the first checkpoint "
+                                                r"comes at step 5, save_every\)$"):
+        train(tiny(tmp_path / "ctrl-c-early", max_steps=5, warmup_steps=10), DataSource(CtrlC()))
+    assert "note: warmup_steps=10 > max_steps=5: the learning rate never reaches lr=0.01" in capsys.readouterr().out
+
+
 def test_a_damaged_config_json_beside_checkpoints_is_passed_over_and_written_again(tmp_path, capsys):
     config = tiny(tmp_path / "run", max_steps=2, save_every=1)
     run_dir = train(config, source())

@@ -235,7 +235,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "impl for the Transformer), and one that no listed family reads is an error")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto (CUDA if there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case, >= 1 (default 2)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for models.json / models.md")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"),
+                        help="folder for models.json / models.md (default: runs/bench)")
 
 
 def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
@@ -312,11 +313,15 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     rate = matmul_rate(torch.device(device_name), args.threads)
     print(f"float32 matmul (2048^3, {args.threads} threads): {rate:.0f} GFLOP/s", flush=True)
-    results = []
+    results, headed = [], set()
     for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, device_name, args.threads):
         results.append(spawn(case))
-        print(tables([results[-1]], rate).strip().splitlines()[2 if results[-1]["kind"] == "train" else -1],
-              flush=True)
+        train, decode = (part.splitlines() for part in tables([results[-1]], rate).strip().split("\n\n"))
+        kind = results[-1]["kind"]
+        lines = train if kind == "train" else decode
+        # each kind's header before its first row, then the rows as they are measured
+        print("\n".join(lines if kind not in headed else lines[2:]), flush=True)
+        headed.add(kind)
     args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = device_name.startswith("cuda")
     device = torch.cuda.get_device_name(device_name) if on_gpu else f"cpu, {args.threads} threads"

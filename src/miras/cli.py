@@ -94,12 +94,12 @@ def _run_train(args: argparse.Namespace) -> int:
 def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `miras train`")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto, as eval)")
 
 
 GENERATE_EXAMPLES = """examples:
@@ -183,22 +183,28 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from .data.text import cache_files, clear_cache, default_cache_dir
+    from .data.text import cache_description, cache_files, clear_cache, default_cache_dir
 
     folder = Path(args.dir).expanduser() if args.dir is not None else default_cache_dir()
     if folder.exists() and not folder.is_dir():
-        given = f"--dir {args.dir}" if args.dir is not None else f"MIRAS_CACHE_DIR={os.environ['MIRAS_CACHE_DIR']}"
+        given = (f"--dir {args.dir}" if args.dir is not None else
+                 f"MIRAS_CACHE_DIR={os.environ['MIRAS_CACHE_DIR']}" if "MIRAS_CACHE_DIR" in os.environ else folder)
         print(f"miras cache: error: {given}: not a folder", file=sys.stderr)
         return 2
+    if not folder.exists():
+        print(f"nothing cached: {folder} does not exist (a text run makes it when it first tokenises a corpus)")
+        return 0
     if args.clear:
         files, freed = clear_cache(folder)
         print(f"deleted {files} cache file(s), {freed / 2**20:,.1f} MiB, from {folder}")
         return 0
-    found, total = cache_files(folder), 0
+    found, total = [path for path in cache_files(folder) if path.suffix != ".json"], 0  # descriptions: below
     for path in found:
         stat = path.stat()
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
-        print(f"{stat.st_size / 2**20:>10,.1f} MiB  {when}  {path.name}")
+        about = cache_description(path) or ("being written, or left by a killed run" if path.name.startswith(".")
+                                            else "no description (cached by an older miras)")
+        print(f"{stat.st_size / 2**20:>10,.1f} MiB  {when}  {path.name}  {about}")
         total += stat.st_size
     print(f"{len(found)} cache file(s), {total / 2**20:,.1f} MiB, in {folder}"
           + (" (miras cache --clear deletes them)" if found else ""))
@@ -423,10 +429,14 @@ def _as_typed(value) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``miras ...``: returns the exit code (0 done, 2 a usage or config error reported on stderr)."""
+    """``miras ...``: returns the exit code (0 done, 2 a usage or config error reported on stderr, 130
+    interrupted)."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
+    except KeyboardInterrupt as error:  # Ctrl-C: one line (train's says which checkpoint a rerun continues from)
+        print(f"miras {args.command}: {str(error) or 'interrupted'}", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `miras presets | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -586,7 +586,7 @@ def run_demo(config: DemoConfig) -> Path:
     jobs = [_Job(model, seed, config) for model in config.models for seed in config.seeds]
     workers, threads = min(config.workers or _cores(), len(jobs)), config.threads
     lengths = ", ".join(f"{n:,}" for n in config.eval_lengths)
-    print(f"miras demo: {len(config.models)} models x {len(config.seeds)} seeds on task {config.task} "
+    print(f"miras demo: {len(config.models)} model(s) x {len(config.seeds)} seed(s) on task {config.task} "
           f"{config.task_params}, trained at {config.train_length} tokens for {config.steps} steps, evaluated at "
           f"{lengths} tokens; {workers} worker(s) x {threads} thread(s); output {out}", flush=True)
     for model in config.models:

@@ -226,11 +226,11 @@ def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequ
         entry = {"config": _task_record(task), "skipped_lengths": [n for n in lengths if n not in usable],
                  "results": {}}
         for model_name, model in models.items():
-            entry["results"][model_name] = rows = task_accuracy(model, task, usable, examples, seed, segment,
-                                                                batch_size)
-            for row in rows:
-                log(f"{task_name} {model_name} L={row['context_length']}: {row['accuracy']:.3f} "
-                    f"({row['seconds']:.1f} s)")
+            entry["results"][model_name] = rows = []
+            for length in usable:  # one length at a time, each logged when it is done
+                rows += task_accuracy(model, task, [length], examples, seed, segment, batch_size)
+                log(f"{task_name} {model_name} L={length}: {rows[-1]['accuracy']:.3f} "
+                    f"({rows[-1]['seconds']:.1f} s)")
         results["tasks"][task_name] = entry
     if text is not None:
         if seq_len is None:
@@ -599,6 +599,9 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"miras eval: error: {error}", file=sys.stderr)
         return 2
     name = Path(args.run_dir).resolve().name
+    if tasks:
+        print(f"miras eval: {len(tasks)} task(s) x {len(lengths)} length(s) up to {max(lengths):,} tokens x "
+              f"{args.examples} examples, one line per task and length as each is done", file=sys.stderr)
     results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
                        segment=args.segment or train_length, batch_size=args.batch_size or 8, train_length=train_length,
                        text=text, seq_len=train_config.seq_len, max_tokens=args.perplexity_tokens,

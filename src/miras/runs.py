@@ -298,9 +298,14 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     paths, damage = checkpoints(run_dir), _damage(run_dir)
     saved = None if damage and paths else _read_run_config(run_dir, training=False)
     if saved is None and not damage:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+        if not run_dir.exists():
+            raise ConfigError(f"{run_dir} does not exist")
+        inside = sorted(str(path.parent.relative_to(run_dir)) for path in run_dir.glob("**/config.json"))
+        hint = f"; the runs inside it: {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''}" if inside else ""
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json){hint}")
     if not paths:
-        raise ConfigError(f"{run_dir} has no checkpoint")
+        raise ConfigError(f"{run_dir} has no checkpoint: its training stopped before the first save (save_every); "
+                          "the same train command continues it")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
     if damage:  # the checkpoint holds the run's configs: read them from there
         saved = {"train": payload["train_config"], "model": payload["model_config"], **_tokenizer_flag(run_dir)}

@@ -60,6 +60,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import typing
 from collections.abc import Callable
@@ -102,8 +103,8 @@ from .train_config import (
 
 # The public names, including those defined in miras.train_config and miras.runs (re-exported here).
 __all__ = ["CHECKPOINT_FORMAT", "RUNTIME_FIELDS", "UNCOMPARED_FIELDS", "VALIDATION_SEED_OFFSET", "ConfigError",
-           "DataSource", "TrainConfig", "checkpoints", "config_from_args", "evaluate", "load_run", "lr_at",
-           "make_batches", "param_groups", "parse_value", "resolve_device", "resolve_precision", "train"]
+           "DataSource", "Interrupted", "TrainConfig", "checkpoints", "config_from_args", "evaluate", "load_run",
+           "lr_at", "make_batches", "param_groups", "parse_value", "resolve_device", "resolve_precision", "train"]
 
 # ---------------------------------------------------------------------------------------------------- data
 
@@ -338,12 +339,22 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         writer = SummaryWriter(str(run_dir / "tensorboard")) if config.tensorboard else None
         print(f"{config.model}: {raw_model.num_parameters():,} parameters, {world} process(es) on {device}, "
               f"{precision}, {config.batch_size * config.seq_len:,} tokens/step, run dir {run_dir}"
-              + (f", resuming at step {step}" if step else ""))
+              + (f", resuming at step {step}" if step else ""), flush=True)
+        if step >= config.max_steps and checkpoint is not None:
+            print(f"{run_dir} is already at max_steps={config.max_steps}: nothing to train (continue it with a "
+                  "larger max_steps and resume=true)", flush=True)
+        elif config.warmup_steps > config.max_steps:
+            print(f"note: warmup_steps={config.warmup_steps} > max_steps={config.max_steps}: the learning rate "
+                  f"never reaches lr={config.lr:g}", flush=True)
         from tqdm import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not config.progress)
+        # progress without a terminal (a pipe, a log file): a plain line per log step instead of a bar's redraws
+        lines = config.progress and not sys.stderr.isatty()
+        bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=not config.progress or lines)
 
     last_saved, tokens_per_step = step if checkpoint is not None else None, config.batch_size * config.seq_len
+    first_step, last = step, {}  # last: the latest logged loss and validation loss, for the closing line
     clock, last_log = time.perf_counter(), (time.perf_counter(), step)
     try:
         while step < config.max_steps:
@@ -396,15 +407,23 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens_seen": step * tokens_per_step, "tokens_per_s": tokens_per_s,
                           "elapsed": elapsed + now - clock}
+                last["loss"] = loss_value
                 if main:
                     _log(metrics, writer, record)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", grad_norm=f"{record['grad_norm']:.3g}",
+                                    tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                    if lines:
+                        print(f"step {step}/{config.max_steps}: loss {loss_value:.4f}, lr {lr:.3g}, grad norm "
+                              f"{record['grad_norm']:.3g}, {tokens_per_s:,.0f} tokens/s", flush=True)
             if data.validation is not None and config.eval_every and (step % config.eval_every == 0
                                                                      or step == config.max_steps):
-                val_loss = evaluate(raw_model, data.validation, config, rank, world, autocast)
+                val_loss = last["validation loss"] = evaluate(raw_model, data.validation, config, rank, world,
+                                                              autocast)
                 if main:
                     _log(metrics, writer, {"step": step, "val_loss": val_loss, "elapsed": elapsed + time.perf_counter()
                                            - clock})
+                    if lines:
+                        print(f"step {step}/{config.max_steps}: validation loss {val_loss:.4f}", flush=True)
             if step % config.save_every == 0 or step == config.max_steps:
                 save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step,
                                 elapsed + time.perf_counter() - clock, main)
@@ -413,13 +432,27 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 bar.update(1)
         if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
             save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
+            last_saved = step
+    except KeyboardInterrupt:
+        kept = ("nothing was saved (the first checkpoint comes at step "
+                f"{min(config.save_every, config.max_steps)}, save_every)" if last_saved is None else
+                f"the latest checkpoint is step {last_saved}; run the same command again to continue from it")
+        raise Interrupted(f"interrupted at step {step}: {kept}") from None
     finally:
         if main:
             bar.close()
             metrics.close()
             if writer is not None:
                 writer.close()
+    if main and config.progress and step > first_step:
+        print(f"done: step {step}/{config.max_steps}, "
+              + "".join(f"{name} {value:.4f}, " for name, value in last.items())
+              + f"{time.perf_counter() - clock:.0f} s; checkpoint {checkpoints(run_dir)[-1]}", flush=True)
     return run_dir
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT); the message says which checkpoint a rerun continues from."""
 
 
 def _kept(last_saved: int | None) -> str:

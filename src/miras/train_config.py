@@ -21,9 +21,9 @@ from .models.config import check_overrides, unknown_preset, used_overrides
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
 # step (grad_accum included: see the module docstring), or they extend the run (max_steps).
 RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
-                            "eval_batches", "save_every", "keep_checkpoints", "tensorboard", "progress"})
-# Not compared at all: where the run lives, and the flag that allows RUNTIME_FIELDS to change.
-UNCOMPARED_FIELDS = frozenset({"out_dir", "resume"})
+                            "eval_batches", "save_every", "keep_checkpoints", "tensorboard"})
+# Not compared at all: where the run lives, the flag that allows RUNTIME_FIELDS to change, and the display.
+UNCOMPARED_FIELDS = frozenset({"out_dir", "resume", "progress"})
 VALIDATION_SEED_OFFSET = 1_000_003  # task validation batches: the same task under seed + this offset
 
 
@@ -75,7 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
     precision: str = "auto"  # "auto" (bf16 where it is faster: CUDA, AMX CPUs) | "fp32" | "bf16" (autocast)
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (a memory's chunk loop excepted: that is model.impl=compiled)
     parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
     seed: int = 0
     out_dir: str = ""  # "" means runs/<model>

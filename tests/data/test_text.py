@@ -15,6 +15,7 @@ from miras.data.text import (
     Corpus,
     Document,
     TextBatches,
+    cache_description,
     cache_files,
     cached_tokens,
     clear_cache,
@@ -314,7 +315,7 @@ def test_hf_tokenizers_differing_only_in_their_end_marker_do_not_share_a_token_c
         cached = cached_tokens(corpus, tokenizer, cache_dir=tmp_path / "cache")
         np.testing.assert_array_equal(cached, tokenizer.encode_documents([d.text for d in corpus.split("train")]))
         caches.append(np.array(cached))
-    assert not np.array_equal(caches[0], caches[1]) and len(list((tmp_path / "cache").iterdir())) == 2
+    assert not np.array_equal(caches[0], caches[1]) and len(list((tmp_path / "cache").glob("*.uint16"))) == 2
 
 
 def test_bpe_reads_its_end_marker_written_in_a_document_as_text():
@@ -448,8 +449,10 @@ def test_cache_is_written_once_reused_and_holds_the_concatenated_tokens(folder, 
     tokens = cached_tokens(corpus, tokenizer, "train", cache_dir=cache, chunk_chars=100)
     calls = tokenizer.calls
     assert calls > 1  # chunked: several small encode calls, one file
-    (path,) = cache.iterdir()
-    assert path.suffix == ".uint16" and not list(cache.glob("*.tmp"))
+    (path,) = cache.glob("*.uint16")
+    assert not list(cache.glob("*.tmp")) and sorted(p.name for p in cache.iterdir()) == sorted(
+        [path.name, path.with_suffix(".json").name])
+    assert cache_description(path) == f"{corpus.source}, train split, {len(corpus.split('train')):,} documents, byte"
     expected = b"".join(d.text.encode("utf-8") + b"\n\n" for d in corpus.split("train"))
     assert bytes(np.asarray(tokens, dtype=np.uint8)) == expected
     modified = path.stat().st_mtime_ns
@@ -462,7 +465,7 @@ def test_cache_is_written_once_reused_and_holds_the_concatenated_tokens(folder, 
     changed = cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache)
     bpe = BPETokenizer.train(_bpe_texts(), 300)
     bpe_tokens = cached_tokens(corpus, bpe, "train", cache_dir=cache)
-    assert len(list(cache.iterdir())) == 4
+    assert len(list(cache.glob("*.uint16"))) == 4 and len(list(cache.glob("*.json"))) == 4
     assert len(changed) != len(tokens) or not np.array_equal(changed, tokens)
     np.testing.assert_array_equal(bpe_tokens, bpe.encode_documents([d.text for d in corpus.split("train")]))
 
@@ -471,7 +474,7 @@ def test_cache_defaults_to_the_environment_folder(folder, tmp_path_factory, monk
     cache = tmp_path_factory.mktemp("env_cache")
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
     cached_tokens(from_path(folder), ByteTokenizer(), "validation")
-    assert len(list(cache.iterdir())) == 1
+    assert len(list(cache.glob("*.uint16"))) == 1
 
 
 def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_factory):
@@ -490,8 +493,8 @@ def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_fa
     for other in others:
         other.write_text("not the cache's")
     (cache / f"{'c' * 32}.uint32").mkdir()  # a folder, whatever its name
-    found = cache_files(cache)
-    assert len(found) == 4 and {leftover, live} <= set(found) and not set(others) & set(found)
+    found = cache_files(cache)  # two token files, their descriptions, two temp files
+    assert len(found) == 6 and {leftover, live} <= set(found) and not set(others) & set(found)
     total = sum(path.stat().st_size for path in found if path != live)
     assert clear_cache(cache) == (3, total) and total > 2
     assert sorted(path.name for path in cache.iterdir()) == sorted([*(o.name for o in others), "c" * 32 + ".uint32",

@@ -420,3 +420,25 @@ def test_engine_errors_name_the_problem():
         initial_state(TITANS, 2, 3, 4, 8, dtype=torch.float32)
     with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
         initial_state(TITANS, 2, 3, 4, 4, dtype=torch.long)
+
+
+def test_a_whole_model_compile_leaves_the_engine_out_of_its_graph(monkeypatch):
+    """torch.compile over a model (compile=true) runs the engine outside the trace: traced, its loop was
+    unrolled over every chunk (no training step within 10 minutes of compiling titans-lmm-tiny). The compiled
+    layer equals the eager one."""
+    import miras.layers.memory_layer as module
+
+    traced = []
+
+    def spy(*args, **kwargs):
+        traced.append(torch.compiler.is_compiling())
+        return engine(*args, **kwargs)
+
+    engine = module.chunked
+    monkeypatch.setattr(module, "chunked", spy)
+    torch.manual_seed(0)
+    layer, x = MemoryLayer(16, 2, chunk_size=4), torch.randn(2, 12, 16)
+    expected, _ = layer(x)
+    compiled, _ = torch.compile(layer)(x)
+    assert traced == [False, False]
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)

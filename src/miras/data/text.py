@@ -41,6 +41,7 @@ import contextlib
 import functools
 import glob
 import hashlib
+import json
 import os
 import re
 import sysconfig
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_bytes
 from .base import IGNORE
 from .tokenizers import Tokenizer
 
@@ -256,8 +257,9 @@ def default_cache_dir() -> Path:
 
 
 # a cache file: the key's 32 hex digits and the dtype; an interrupted write's temp file (files.atomic_write)
-_CACHE_FILE = re.compile(r"[0-9a-f]{32}\.(uint16|uint32)")
-_CACHE_TEMP = re.compile(r"\.[0-9a-f]{32}\.(uint16|uint32)\..+\.tmp")
+# a token file <key>.uint16 / .uint32 and its description <key>.json (what it holds, for `miras cache`)
+_CACHE_FILE = re.compile(r"[0-9a-f]{32}\.(uint16|uint32|json)")
+_CACHE_TEMP = re.compile(r"\.[0-9a-f]{32}\.(uint16|uint32|json)\..+\.tmp")
 
 
 def cache_files(cache_dir: str | Path | None = None) -> list[Path]:
@@ -271,12 +273,23 @@ def cache_files(cache_dir: str | Path | None = None) -> list[Path]:
     return sorted(found, key=lambda path: (path.stat().st_mtime, path.name))
 
 
+def cache_description(path: Path) -> str:
+    """What the token file ``path`` holds (corpus, split, tokenizer), from the description written beside it;
+    "" when there is none (a temp file)."""
+    try:
+        about = json.loads(path.with_suffix(".json").read_text())
+        return f"{about['corpus']}, {about['split']} split, {about['documents']:,} documents, {about['tokenizer']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 # a temp file modified this recently may be a run's tokenisation in progress (it writes as it goes)
 LIVE_TEMP_SECONDS = 3600
 
 
 def clear_cache(cache_dir: str | Path | None = None) -> tuple[int, int]:
-    """Delete the token cache's files (``cache_files``): (files, bytes) freed. A later run tokenises again;
+    """Delete the token cache's files (``cache_files``): (token files, bytes) freed, the token files counted
+    without their descriptions and the bytes with them. A later run tokenises again;
     a process that has a cache file open keeps reading it (on POSIX the data lives until it is closed).
     A temp file modified in the last ``LIVE_TEMP_SECONDS`` is left: deleting a running tokenisation's file
     would fail that run when it finishes. A run that is just opening its cache can still lose it: clear
@@ -289,7 +302,7 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[int, int]:
             if _CACHE_TEMP.fullmatch(path.name) and now - stat.st_mtime < LIVE_TEMP_SECONDS:
                 continue
             path.unlink()
-            files, freed = files + 1, freed + stat.st_size
+            files, freed = files + (path.suffix != ".json"), freed + stat.st_size
     return files, freed
 
 
@@ -325,6 +338,12 @@ def cached_tokens(
                 tokenizer.encode_documents([document.text for document in chunk]).astype(dtype).tofile(file)
 
         atomic_write(path, write)
+    description = path.with_suffix(".json")
+    if not description.exists():  # (also for a token file cached before descriptions were written)
+        with contextlib.suppress(OSError):  # only `miras cache` reads it: a read-only cache does without
+            atomic_write_bytes(description, json.dumps({"corpus": corpus.source, "split": split,
+                                                        "tokenizer": tokenizer.identity,
+                                                        "documents": len(documents)}).encode())
     if path.stat().st_size == 0:
         raise ValueError(f"corpus {corpus.source!r}: the {split} split has no tokens")
     return np.memmap(path, dtype=dtype, mode="r")

@@ -267,6 +267,10 @@ class MemoryLayer(nn.Module):
         # cloned: a view would keep the whole call's padded projections alive in the state (and in its file)
         return out.transpose(1, 2), padded[:, padded.shape[1] - (kernel - 1):].clone()
 
+    # A whole-model torch.compile (``compile=true`` in training) leaves the engine out: tracing it would unroll
+    # its loop over every chunk of the call (titans-lmm-tiny, 256-token rows: no step within 10 minutes of
+    # compiling on CPU). Its own compilation is ``impl="compiled"``, one chunk step, which still applies here.
+    @torch.compiler.disable
     def _engine(self, q, k, v, gates: Gates, memory: MemoryState, *, fused: bool | None):
         if self.impl == "delta":
             return delta(self.rule, q, k, v, gates, memory, self.block_size)
