@@ -273,6 +273,10 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["train", "transformer-tiny", "progress=false"]) == 130
     assert capsys.readouterr().err == ("miras train: interrupted at step 7: the latest checkpoint is step 5; run the "
                                        "same command again to continue from it\n")
+    monkeypatch.setattr(miras.train, "train", lambda config, data=None: (_ for _ in ()).throw(
+        miras.train.Interrupted("")))  # what ranks other than 0 raise under torchrun: rank 0 alone says it
+    assert main(["train", "transformer-tiny", "progress=false"]) == 130 and capsys.readouterr().err == ""
+
     def ctrl_c(args):
         raise KeyboardInterrupt
 

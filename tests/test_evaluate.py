@@ -288,7 +288,7 @@ def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path,
     """--sweep pairs=1,4,16: recall against the number of facts in one evaluation (task@pairs=<n>); tasks
     without the parameter run once; values a task refuses, and unknown parameters, are errors."""
     from miras.data.tasks import PassKey
-    from miras.evaluate import swept
+    from miras.evaluate import at_depths, swept
 
     tasks = {"mqar": MQAR(context_length=128, pairs=2, queries=1), "passkey": PassKey(context_length=128)}
     result = swept(tasks, "pairs", [1, 4])
@@ -325,6 +325,17 @@ def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path,
     assert "mqar@pairs=64 skipped at 64 tokens: it needs at least 130" in err
     assert err.startswith("miras eval: 3 task(s) x 2 length(s) up to 256 tokens x 2 examples, one line per task "
                           "and length as each is done\nmqar@pairs=1 run L=64: 1.000 (")
+    # the run's own task (64 pairs) does not fit in 64 tokens, the swept ones do
+    config.data_params = {"pairs": 64, "queries": 1}
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "64", "--examples", "2", "--sweep", "pairs=1,4",
+                              "--out", str(tmp_path / "small")])
+    assert run_eval(args) == 0
+    assert list(json.loads((tmp_path / "small" / "results.json").read_text())["tasks"]) == ["mqar@pairs=1",
+                                                                                           "mqar@pairs=4"]
+    assert parser.parse_args(["run", "--sweep", "kind=nan,inf,1e1"]).sweep == ("kind", ["nan", "inf", 10.0])
+    with pytest.raises(ValueError, match=r"give two tasks the same name 'passkey@0.123456789012'"):
+        at_depths({"passkey": PassKey(context_length=128)}, [0.1234567890123, 0.1234567890124])
+    config.data_params = {"pairs": 1, "queries": 1}
     for extra, message in ((["--task-params", '{"pairs": 2}'], "--sweep pairs=... and a pairs in --task-params"),
                            (["--sweep", "colour=1"], "none of the tasks ['mqar'] has a parameter 'colour'"),
                            (["--sweep", "pairs=65"], "MQAR: pairs must be an int in [1, 64], got 65")):

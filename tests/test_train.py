@@ -355,6 +355,11 @@ def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch):
     train(dataclasses.replace(config, max_steps=4, resume=True))
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
     assert json.loads((tmp_path / "run" / "config.json").read_text())["tokenizer"] is True
+    (tmp_path / "run" / "config.json").unlink()  # and a missing one
+    train(dataclasses.replace(config, max_steps=5, resume=True))
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
+    _, _, tokenizer = load_run(tmp_path / "run")
+    assert tokenizer is not None and tokenizer.kind == "bpe"
 
 
 def test_bptt_streams_the_rows_and_still_learns(tmp_path):
@@ -502,6 +507,11 @@ def test_a_damaged_config_json_beside_checkpoints_is_passed_over_and_written_aga
     assert (run_dir / "config.json.damaged").read_bytes() == damage
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 4
     assert losses(run_dir) == losses(whole)
+
+    (run_dir / "config.json").unlink()  # a missing config.json beside checkpoints is read from them too
+    model, saved_config, _ = load_run(run_dir)
+    assert capsys.readouterr().err == (f"miras: {run_dir / 'config.json'} is missing; using the configs saved in "
+                                       "step_00000004.pt\n") and saved_config.max_steps == 4
 
     # Without a checkpoint nothing says the folder is a run's: its config.json may be another program's.
     (tmp_path / "theirs").mkdir()

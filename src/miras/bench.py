@@ -202,21 +202,27 @@ def spawn(case) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+TRAIN_HEADER = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MiB | params |",
+                "|---|---|---|---|---|---|---|"]
+DECODE_HEADER = ["| family | context | decode tokens/s | ms/token | state MiB | peak RSS MiB |",
+                 "|---|---|---|---|---|---|"]
+
+
+def table_row(r: dict, matmul_gflops: float | None = None) -> str:
+    """One case's row of its table (TRAIN_HEADER's or DECODE_HEADER's, as ``r["kind"]`` says)."""
+    if "error" in r:
+        return f"| {r['family']} | error: {r['error']} |"
+    if r["kind"] == "train":
+        share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""
+        return (f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['gflop_per_s']:.1f} | {share} "
+                f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |")
+    return (f"| {r['family']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.1f} "
+            f"| {r['state_mb']:.2f} | {r['peak_rss_mb']:,.0f} |")
+
+
 def tables(results, matmul_gflops: float | None = None) -> str:
-    train = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MiB | params |",
-             "|---|---|---|---|---|---|---|"]
-    decode = ["| family | context | decode tokens/s | ms/token | state MiB | peak RSS MiB |",
-              "|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            (train if r["kind"] == "train" else decode).append(f"| {r['family']} | error: {r['error']} |")
-        elif r["kind"] == "train":
-            share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""
-            train.append(f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['gflop_per_s']:.1f} | {share} "
-                         f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |")
-        else:
-            decode.append(f"| {r['family']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.1f} "
-                          f"| {r['state_mb']:.2f} | {r['peak_rss_mb']:,.0f} |")
+    train = TRAIN_HEADER + [table_row(r, matmul_gflops) for r in results if r["kind"] == "train"]
+    decode = DECODE_HEADER + [table_row(r, matmul_gflops) for r in results if r["kind"] != "train"]
     return "\n".join(train) + "\n\n" + "\n".join(decode) + "\n"
 
 
@@ -316,12 +322,11 @@ def run_bench(args: argparse.Namespace) -> int:
     results, headed = [], set()
     for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, device_name, args.threads):
         results.append(spawn(case))
-        train, decode = (part.splitlines() for part in tables([results[-1]], rate).strip().split("\n\n"))
         kind = results[-1]["kind"]
-        lines = train if kind == "train" else decode
-        # each kind's header before its first row, then the rows as they are measured
-        print("\n".join(lines if kind not in headed else lines[2:]), flush=True)
-        headed.add(kind)
+        if kind not in headed:  # each table's header before its first row, then the rows as they are measured
+            print("\n".join(TRAIN_HEADER if kind == "train" else DECODE_HEADER))
+            headed.add(kind)
+        print(table_row(results[-1], rate), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = device_name.startswith("cuda")
     device = torch.cuda.get_device_name(device_name) if on_gpu else f"cpu, {args.threads} threads"

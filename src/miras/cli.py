@@ -99,7 +99,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto, as eval)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1 or auto (default: auto, as eval; sampled text depends on the device)")
 
 
 GENERATE_EXAMPLES = """examples:
@@ -183,7 +184,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from .data.text import cache_description, cache_files, clear_cache, default_cache_dir
+    from .data.text import cache_description, cache_files, clear_cache, default_cache_dir, is_token_file
 
     folder = Path(args.dir).expanduser() if args.dir is not None else default_cache_dir()
     if folder.exists() and not folder.is_dir():
@@ -198,7 +199,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         files, freed = clear_cache(folder)
         print(f"deleted {files} cache file(s), {freed / 2**20:,.1f} MiB, from {folder}")
         return 0
-    found, total = [path for path in cache_files(folder) if path.suffix != ".json"], 0  # descriptions: below
+    found, total = [path for path in cache_files(folder) if is_token_file(path)], 0  # descriptions: beside them
     for path in found:
         stat = path.stat()
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
@@ -279,7 +280,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
             raise ConfigError(str(error)) from None
     run_dir = Path(args.run_dir)
     config = run_dir / "config.json"
-    if not config.is_file():
+    if not config.is_file() and not (run_dir / "checkpoints").is_dir():
         raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
     export_run, run_lm_eval, check_tasks = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks")
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
@@ -289,10 +290,10 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lm-eval: {error}") from None
     try:
         saved = json.loads(config.read_text())
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"{config} is not a readable JSON file ({error})") from None
+    except (OSError, ValueError):  # missing or damaged: a native run's checkpoints hold its configs (export_run)
+        saved = None
     hf_dir = run_dir
-    if saved.get("model_type") != "miras":  # a native run: export it first
+    if not isinstance(saved, dict) or saved.get("model_type") != "miras":  # a native run: export it first
         hf_dir = run_dir / "hf"
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -333,7 +334,7 @@ def _hf(*names: str):
 def _run_export(args: argparse.Namespace) -> int:
     from .train import ConfigError
 
-    if not (Path(args.run_dir) / "config.json").is_file():
+    if not (Path(args.run_dir) / "config.json").is_file() and not (Path(args.run_dir) / "checkpoints").is_dir():
         raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
     (export_run,) = _hf("export_run")
     if Path(args.hf_dir).exists() and not Path(args.hf_dir).is_dir():
@@ -435,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except KeyboardInterrupt as error:  # Ctrl-C: one line (train's says which checkpoint a rerun continues from)
-        print(f"miras {args.command}: {str(error) or 'interrupted'}", file=sys.stderr)
+        if str(error) or type(error) is KeyboardInterrupt:  # (an empty train.Interrupted: a rank other than 0)
+            print(f"miras {args.command}: {str(error) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `miras presets | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -401,12 +401,14 @@ def _sweep(text: str) -> tuple[str, list]:
     if not field.strip().isidentifier() or not values:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a task parameter and its values, like pairs=1,4,16")
 
-    def number(value: str):
+    def number(value: str):  # an int, a finite float, else the text itself (nan, inf: text)
         for kind in (int, float):
             try:
-                return kind(value)
+                parsed = kind(value)
             except ValueError:
-                pass
+                continue
+            if math.isfinite(parsed):
+                return parsed
         return value
 
     parsed = [number(value) for value in values]
@@ -522,34 +524,44 @@ def swept(tasks: dict[str, Task], field: str, values: Sequence) -> dict[str, Tas
             result[name] = task
             continue
         for value in values:
-            shown = f"{value:g}" if isinstance(value, float) else str(value)
-            label = shown if field == "depth" else f"{field}={shown}"
-            result[f"{name}@{label}"] = dataclasses.replace(task, **{field: value})
+            shown = f"{value:.12g}" if isinstance(value, float) else str(value)
+            label = f"{name}@{shown if field == 'depth' else f'{field}={shown}'}"
+            if label in result:
+                raise ValueError(f"{field} values {values} give two tasks the same name {label!r}: give distinct "
+                                 "values")
+            result[label] = dataclasses.replace(task, **{field: value})
     return result
 
 
-def _run_tasks(train_config, names: list[str] | None, length: int, overrides: dict | None = None) -> dict[str, Task]:
+def _run_tasks(train_config, names: list[str] | None, overrides: dict | None = None) -> dict[str, Task]:
     """The task configs to evaluate: the run's own task with its parameters, the others with their defaults;
-    ``overrides`` (``--task-params``) over both."""
+    ``overrides`` (``--task-params``) over both. Their context length is left unbounded (frozen configs:
+    nothing is built) until ``_fitting``, after any sweep has changed their sizes."""
     from .data.tasks import make_task
 
     if overrides and "context_length" in overrides:
         raise ValueError("--task-params sets no context_length: the lengths come from --lengths")
     kind, _, spec = train_config.data.partition(":")
     own = spec if kind == "task" else None
-    tasks, short = {}, []
-    for name in names or ([own] if own else ["passkey", "mqar"]):
-        params = {**(train_config.data_params if name == own else {}), **(overrides or {})}
-        need = make_task(name, context_length=2**40, **params).minimum_length()  # a frozen config: nothing built
-        if need > length:
-            short.append(f"{name} needs at least {need}")
-            continue
-        tasks[name] = make_task(name, context_length=length, **params)
-    if short and not tasks:
+    return {name: make_task(name, context_length=2**40, **{**(train_config.data_params if name == own else {}),
+                                                            **(overrides or {})})
+            for name in names or ([own] if own else ["passkey", "mqar"])}
+
+
+def _fitting(tasks: dict[str, Task], length: int) -> dict[str, Task]:
+    """The tasks that fit in ``length`` tokens, at that length; the others are reported and left out (an error
+    if none fits)."""
+    kept, short = {}, []
+    for name, task in tasks.items():
+        if task.minimum_length() > length:
+            short.append(f"{name} needs at least {task.minimum_length()}")
+        else:
+            kept[name] = dataclasses.replace(task, context_length=length)
+    if short and not kept:
         raise ValueError(f"every task is longer than the longest of --lengths ({length} tokens): {'; '.join(short)}")
     for reason in short:
         print(f"miras eval: skipping {reason} tokens (the longest of --lengths is {length})", file=sys.stderr)
-    return tasks
+    return kept
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -578,7 +590,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                  "on a run trained with tokenizer=byte")
             tasks = {}
         else:
-            tasks = _run_tasks(train_config, args.tasks, max(lengths), args.task_params)
+            tasks = _run_tasks(train_config, args.tasks, args.task_params)
             if getattr(args, "depths", None):
                 if "depth" in (args.task_params or {}):
                     raise ValueError("--depths and a depth in --task-params: give one of them")
@@ -590,6 +602,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 if field == "depth" and getattr(args, "depths", None):
                     raise ValueError("--sweep depth=... and --depths: give one of them")
                 tasks = swept(tasks, field, values)
+            tasks = _fitting(tasks, max(lengths))
         if args.perplexity:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer

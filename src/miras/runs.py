@@ -149,28 +149,37 @@ def _load_failure(error: Exception, path: Path) -> str:
     return first if len(first) <= 120 else first[:117] + "..."
 
 
-def _read_run_config(run_dir: Path, *, training: bool = True) -> dict | None:
+def _run_config(run_dir: Path) -> tuple[dict | None, bool]:
+    """``run_dir/config.json`` and whether it is damaged: (its dict, False); (None, False) when there is none;
+    (None, True) when it is not a run config at all (torn, zeroed, another program's). A run config whose
+    values this version refuses is not damage (a newer miras's, or edited: the errors it gives name the
+    field); a file that cannot be read (permissions, I/O) is a ConfigError, never taken for damage."""
     path = run_dir / "config.json"
-    if not path.exists():
-        return None
     try:
-        saved = json.loads(path.read_text())
-        if isinstance(saved, dict) and isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict):
-            return saved
-    except (OSError, ValueError):
-        pass
-    raise ConfigError(f"{path} is not a miras run config" + ("; use another out_dir" if training else ""))
+        text = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):  # (no folder there, or a file where the folder would be)
+        return None, False
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror or error})") from None
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        return None, True
+    good = isinstance(saved, dict) and isinstance(saved.get("train"), dict) and isinstance(saved.get("model"), dict)
+    return (saved, False) if good else (None, True)
+
+
+def _read_run_config(run_dir: Path) -> dict | None:
+    """config.json's dict (None when there is none); a ConfigError when it is not a run config."""
+    saved, damaged = _run_config(run_dir)
+    if damaged:
+        raise ConfigError(f"{run_dir / 'config.json'} is not a miras run config; use another out_dir")
+    return saved
 
 
 def _damage(run_dir: Path) -> bool:
-    """Whether ``run_dir/config.json`` exists and is not a run config at all: torn, zeroed, another program's.
-    (A run config whose values this version refuses is not damage: it may be a newer miras's, or edited; the
-    errors it gives name the field.)"""
-    try:
-        _read_run_config(run_dir)
-    except ConfigError:
-        return True
-    return False
+    """Whether ``run_dir/config.json`` exists and is not a run config at all (see ``_run_config``)."""
+    return _run_config(run_dir)[1]
 
 
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
@@ -295,26 +304,26 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     """The trained model of a run (latest checkpoint, eval mode), its TrainConfig and its tokenizer (None when
     the run's data had none, e.g. a generated task)."""
     run_dir = Path(run_dir)
-    paths, damage = checkpoints(run_dir), _damage(run_dir)
-    saved = None if damage and paths else _read_run_config(run_dir, training=False)
-    if saved is None and not damage:
+    paths, (saved, damaged) = checkpoints(run_dir), _run_config(run_dir)
+    if saved is None and not paths:
+        if damaged:
+            raise ConfigError(f"{run_dir / 'config.json'} is not a miras run config")
         if not run_dir.exists():
             raise ConfigError(f"{run_dir} does not exist")
-        inside = sorted(str(path.parent.relative_to(run_dir)) for path in run_dir.glob("**/config.json"))
-        hint = f"; the runs inside it: {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''}" if inside else ""
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json){hint}")
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json){_runs_inside(run_dir)}")
     if not paths:
         raise ConfigError(f"{run_dir} has no checkpoint: its training stopped before the first save (save_every); "
                           "the same train command continues it")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
-    if damage:  # the checkpoint holds the run's configs: read them from there
+    source = run_dir / "config.json"
+    if saved is None:  # config.json missing or damaged: the checkpoint holds the run's configs
+        source = f"checkpoint {paths[-1]}"
         saved = {"train": payload["train_config"], "model": payload["model_config"], **_tokenizer_flag(run_dir)}
-        print(f"miras: {run_dir / 'config.json'} is not a miras run config; using the configs saved in "
-              f"{paths[-1].name}", file=sys.stderr)
+        print(f"miras: {run_dir / 'config.json'} is {'not a miras run config' if damaged else 'missing'}; using "
+              f"the configs saved in {paths[-1].name}", file=sys.stderr)
     try:
         config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
     except (TypeError, ValueError) as error:
-        source = f"checkpoint {paths[-1]}" if damage else run_dir / "config.json"
         raise ConfigError(f"{source} is damaged: {error}") from None
     if payload["model_config"] != saved["model"]:
         defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
@@ -328,11 +337,20 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
 
 def run_tokenizer(run_dir: Path):
     """The tokenizer saved in ``run_dir`` (see ``saved_tokenizer``)."""
-    return saved_tokenizer(run_dir, _tokenizer_flag(run_dir) if _damage(run_dir) else _read_run_config(run_dir) or {})
+    saved, _ = _run_config(run_dir)
+    # config.json missing or damaged beside the checkpoints: whether a tokenizer is saved is read off the folder
+    return saved_tokenizer(run_dir, saved if saved is not None else _tokenizer_flag(run_dir))
+
+
+def _runs_inside(run_dir: Path) -> str:
+    """The end of a "not a run directory" error: the runs a level or two below (the demo's <model>/seed-<n>)."""
+    inside = sorted(str(path.parent.relative_to(run_dir)) for pattern in ("*/checkpoints", "*/*/checkpoints")
+                    for path in run_dir.glob(pattern) if path.is_dir())
+    return f"; the runs inside it: {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''}" if inside else ""
 
 
 def _tokenizer_flag(run_dir: Path) -> dict:
-    """config.json's "tokenizer" entry, for a damaged config.json: whether a tokenizer is saved beside it."""
+    """config.json's "tokenizer" entry, for a missing or damaged config.json: whether one is saved beside it."""
     from .data.tokenizers import METADATA
 
     return {"tokenizer": (run_dir / METADATA).exists()}

@@ -80,6 +80,7 @@ from .models import LanguageModel, preset_config
 from .runs import (
     CHECKPOINT_FORMAT,
     check_model_state,
+    checkpoint_step,
     checkpoints,
     load_run,
     make_run_folder,
@@ -348,8 +349,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                   f"never reaches lr={config.lr:g}", flush=True)
         from tqdm import tqdm
 
-        # progress without a terminal (a pipe, a log file): a plain line per log step instead of a bar's redraws
-        lines = config.progress and not sys.stderr.isatty()
+        # progress without a terminal (stdout or stderr a pipe or a log file): a plain line per log step on stdout
+        # instead of the bar's redraws on stderr
+        lines = config.progress and not (sys.stdout.isatty() and sys.stderr.isatty())
         bar = tqdm(total=config.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=not config.progress or lines)
 
@@ -432,12 +434,12 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 bar.update(1)
         if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
             save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
-            last_saved = step
-    except KeyboardInterrupt:
-        kept = ("nothing was saved (the first checkpoint comes at step "
-                f"{min(config.save_every, config.max_steps)}, save_every)" if last_saved is None else
-                f"the latest checkpoint is step {last_saved}; run the same command again to continue from it")
-        raise Interrupted(f"interrupted at step {step}: {kept}") from None
+    except KeyboardInterrupt:  # every rank gets the signal; rank 0 says what is on disk (a save may have ended)
+        saved = checkpoints(run_dir) if main else []
+        kept = (f"the latest checkpoint is step {checkpoint_step(saved[-1])}; run the same command again to continue "
+                "from it" if saved else "nothing was saved (the first checkpoint comes at step "
+                f"{min(config.save_every, config.max_steps)}, save_every)")
+        raise Interrupted(f"interrupted at step {step}: {kept}" if main else "") from None
     finally:
         if main:
             bar.close()
@@ -452,7 +454,8 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
 
 
 class Interrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C (SIGINT); the message says which checkpoint a rerun continues from."""
+    """Training stopped by Ctrl-C (SIGINT); the message says which checkpoint a rerun continues from (rank 0's;
+    the other ranks' is empty, and the CLI prints nothing for them)."""
 
 
 def _kept(last_saved: int | None) -> str:

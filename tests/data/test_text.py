@@ -489,7 +489,8 @@ def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_fa
     os.utime(leftover, (time.time() - 2 * 3600,) * 2)  # left by a run killed two hours ago
     live = cache / f".{'1' * 32}.uint16.x9q1.tmp"  # a run tokenising now: listed, not deleted
     live.write_bytes(b"345")
-    others = [cache / "notes.txt", cache / "0123.uint16", cache / f"{'a' * 32}.uint8", cache / f"{'b' * 32}.uint16.bak"]
+    others = [cache / "notes.txt", cache / "0123.uint16", cache / f"{'a' * 32}.uint8", cache / f"{'b' * 32}.uint16.bak",
+              cache / f"{'d' * 32}.json"]  # named like a description, but no token file beside it, not one
     for other in others:
         other.write_text("not the cache's")
     (cache / f"{'c' * 32}.uint32").mkdir()  # a folder, whatever its name

@@ -269,8 +269,25 @@ def cache_files(cache_dir: str | Path | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [path for path in folder.iterdir() if path.is_file() and not path.is_symlink()
-             and (_CACHE_FILE.fullmatch(path.name) or _CACHE_TEMP.fullmatch(path.name))]
+             and (_CACHE_FILE.fullmatch(path.name) or _CACHE_TEMP.fullmatch(path.name))
+             and (path.suffix != ".json" or _is_description(path))]
     return sorted(found, key=lambda path: (path.stat().st_mtime, path.name))
+
+
+def is_token_file(path: Path) -> bool:
+    """Whether a file of ``cache_files`` holds tokens (or is a token file being written), not a description."""
+    return ".json" not in path.name
+
+
+def _is_description(path: Path) -> bool:
+    """A ``<key>.json`` the cache wrote: beside its token file, or reading as a description (a foreign file
+    named like it is left alone)."""
+    if any(path.with_suffix(suffix).exists() for suffix in (".uint16", ".uint32")):
+        return True
+    try:
+        return {"corpus", "split", "tokenizer", "documents"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def cache_description(path: Path) -> str:
@@ -302,7 +319,7 @@ def clear_cache(cache_dir: str | Path | None = None) -> tuple[int, int]:
             if _CACHE_TEMP.fullmatch(path.name) and now - stat.st_mtime < LIVE_TEMP_SECONDS:
                 continue
             path.unlink()
-            files, freed = files + (path.suffix != ".json"), freed + stat.st_size
+            files, freed = files + is_token_file(path), freed + stat.st_size
     return files, freed
 
 
