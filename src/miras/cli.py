@@ -60,12 +60,16 @@ def _train_examples() -> str:
 
     from .models import ModelConfig
     from .train import TrainConfig
+    from .train_config import FIELD_HELP
 
     keys = []
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            keys.append(f"  {f.name:<18} default {'runs/<preset>' if f.name == 'out_dir' else _as_typed(default)}")
+            shown = "runs/<preset>" if f.name == "out_dir" else _as_typed(default)
+            keys.append(f"  {f.name:<18} {shown:<14} {FIELD_HELP[f.name]}")
+    from .data.tasks import TASKS
+
     model_fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "family")
     return f"""examples:
   miras train titans-lmm-tiny data=task:passkey max_steps=200 out_dir=runs/passkey
@@ -76,9 +80,10 @@ def _train_examples() -> str:
 Running again with the same out_dir continues from its latest checkpoint; resume=true also lets
 max_steps, logging, device and the other run-time settings change.
 
-keys (bools true/false, dicts and lists as JSON, optional values none):
+keys, their defaults and what they do (bools true/false, dicts and lists as JSON, optional values none):
 {chr(10).join(keys)}
-  model.<field>      overrides a field of the preset: {model_fields}"""
+  model.<field>      overrides a field of the preset: {model_fields}
+  tasks (data=task:<name>): {", ".join(sorted(TASKS))}"""
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -169,14 +169,6 @@ def _run_config(run_dir: Path) -> tuple[dict | None, bool]:
     return (saved, False) if good else (None, True)
 
 
-def _read_run_config(run_dir: Path) -> dict | None:
-    """config.json's dict (None when there is none); a ConfigError when it is not a run config."""
-    saved, damaged = _run_config(run_dir)
-    if damaged:
-        raise ConfigError(f"{run_dir / 'config.json'} is not a miras run config; use another out_dir")
-    return saved
-
-
 def _damage(run_dir: Path) -> bool:
     """Whether ``run_dir/config.json`` exists and is not a run config at all (see ``_run_config``)."""
     return _run_config(run_dir)[1]
@@ -217,14 +209,15 @@ def make_run_folder(run_dir: Path) -> None:
 
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
     """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
-    paths = checkpoints(run_dir)
-    # A damaged config.json beside checkpoints is passed over: they hold the same configs (checked below), and
-    # write_run_dir writes it again. Without them the folder may be another program's: refused.
-    saved = None if paths and _damage(run_dir) else _read_run_config(run_dir)
+    paths, (saved, damaged) = checkpoints(run_dir), _run_config(run_dir)
+    if damaged and not paths:  # nothing says the folder is a run's: the file may be another program's
+        raise ConfigError(f"{run_dir / 'config.json'} is not a miras run config; use another out_dir")
     # A folder with no checkpoint holds nothing to continue (e.g. a run that failed before its first save):
     # its config.json does not bind the next run.
     if not paths:
         return None
+    # A missing or damaged config.json is passed over: the checkpoint holds the same configs (checked below),
+    # and write_run_dir writes it again.
     if saved is not None:
         defining, runtime = _differences(saved, config, model_config)
         if defining:

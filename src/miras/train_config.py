@@ -53,6 +53,39 @@ def resolve_device(name: str):
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
+# What each key does, for `miras train --help` (a test holds it to TrainConfig's fields).
+FIELD_HELP = {
+    "model_overrides": "model config fields; on the command line model.<field>=VALUE",
+    "data": "text:<corpus> (stdlib, a file, folder, glob, hf:<name>) or task:<name> (miras.data.tasks)",
+    "data_params": "the task's parameters as JSON, e.g. {\"pairs\": 4}",
+    "tokenizer": "text data: byte, bpe:<vocab> (trained here, saved with the run) or a local HF tokenizer",
+    "seq_len": "tokens per training row",
+    "batch_size": "rows per optimizer step, over all ranks and accumulation steps",
+    "grad_accum": "micro-batches per step",
+    "max_steps": "optimizer steps in all (a rerun continues up to it)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine decay ends at lr x this",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay (linear maps only)",
+    "betas": "AdamW betas",
+    "grad_clip": "max global gradient norm (0: no clipping)",
+    "bptt": "truncated-BPTT segment length, the state carried between segments (none: whole rows)",
+    "precision": "auto (bf16 where it is faster), fp32 or bf16 (autocast)",
+    "compile": "torch.compile the model (the memory's chunk loop: model.impl=compiled)",
+    "parallel": "ddp or fsdp, under torchrun",
+    "seed": "initialisation and data order",
+    "out_dir": "the run folder",
+    "log_every": "steps between metrics.jsonl lines",
+    "eval_every": "steps between validation losses (0: never)",
+    "eval_batches": "batches per validation",
+    "save_every": "steps between checkpoints",
+    "keep_checkpoints": "checkpoints kept (the latest ones)",
+    "tensorboard": "also write TensorBoard logs (needs tensorboard)",
+    "progress": "show progress (a bar, or lines without a terminal) and a closing line",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "resume": "let max_steps, logging, device and the other run-time keys change on a rerun",
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
