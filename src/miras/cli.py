@@ -285,7 +285,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
             raise ConfigError(str(error)) from None
     run_dir = Path(args.run_dir)
     config = run_dir / "config.json"
-    if not config.is_file() and not (run_dir / "checkpoints").is_dir():
+    if not _holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
     export_run, run_lm_eval, check_tasks = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks")
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
@@ -336,10 +336,15 @@ def _hf(*names: str):
     return [getattr(hf, name) for name in names]
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """A config.json, or checkpoints whose configs stand in for a missing one (``runs.load_run``)."""
+    return (folder / "config.json").is_file() or (folder / "checkpoints").is_dir()
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from .train import ConfigError
 
-    if not (Path(args.run_dir) / "config.json").is_file() and not (Path(args.run_dir) / "checkpoints").is_dir():
+    if not _holds_a_run(Path(args.run_dir)):
         raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
     (export_run,) = _hf("export_run")
     if Path(args.hf_dir).exists() and not Path(args.hf_dir).is_dir():

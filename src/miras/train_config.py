@@ -53,6 +53,7 @@ def resolve_device(name: str):
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
+
 # What each key does, for `miras train --help` (a test holds it to TrainConfig's fields).
 FIELD_HELP = {
     "model_overrides": "model config fields; on the command line model.<field>=VALUE",

@@ -256,9 +256,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MIRAS_CACHE_DIR", "~/.cache/miras/tokens")).expanduser()
 
 
-# a cache file: the key's 32 hex digits and the dtype; an interrupted write's temp file (files.atomic_write)
-# a token file <key>.uint16 / .uint32 and its description <key>.json (what it holds, for `miras cache`)
+# a cache file: a token file <key>.uint16 / .uint32 (the key's 32 hex digits, the dtype) and its description
+# <key>.json (what it holds, for `miras cache`); an interrupted write's temp file (files.atomic_write)
 _CACHE_FILE = re.compile(r"[0-9a-f]{32}\.(uint16|uint32|json)")
+# what a description holds (cached_tokens writes it)
+_DESCRIBED = ("corpus", "split", "documents", "tokenizer")
 _CACHE_TEMP = re.compile(r"\.[0-9a-f]{32}\.(uint16|uint32|json)\..+\.tmp")
 
 
@@ -282,22 +284,25 @@ def is_token_file(path: Path) -> bool:
 def _is_description(path: Path) -> bool:
     """A ``<key>.json`` the cache wrote: beside its token file, or reading as a description (a foreign file
     named like it is left alone)."""
-    if any(path.with_suffix(suffix).exists() for suffix in (".uint16", ".uint32")):
-        return True
+    return any(path.with_suffix(suffix).exists() for suffix in (".uint16", ".uint32")) or bool(_described(path))
+
+
+def _described(path: Path) -> dict:
+    """The description in the ``<key>.json`` at ``path`` ({} when it is missing or is not one)."""
     try:
-        return {"corpus", "split", "tokenizer", "documents"} <= set(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return False
+        about = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return about if isinstance(about, dict) and set(_DESCRIBED) <= set(about) else {}
 
 
 def cache_description(path: Path) -> str:
     """What the token file ``path`` holds (corpus, split, tokenizer), from the description written beside it;
     "" when there is none (a temp file)."""
-    try:
-        about = json.loads(path.with_suffix(".json").read_text())
-        return f"{about['corpus']}, {about['split']} split, {about['documents']:,} documents, {about['tokenizer']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    about = _described(path.with_suffix(".json"))
+    if not about:
         return ""
+    return f"{about['corpus']}, {about['split']} split, {about['documents']:,} documents, {about['tokenizer']}"
 
 
 # a temp file modified this recently may be a run's tokenisation in progress (it writes as it goes)
@@ -358,9 +363,8 @@ def cached_tokens(
     description = path.with_suffix(".json")
     if not description.exists():  # (also for a token file cached before descriptions were written)
         with contextlib.suppress(OSError):  # only `miras cache` reads it: a read-only cache does without
-            atomic_write_bytes(description, json.dumps({"corpus": corpus.source, "split": split,
-                                                        "tokenizer": tokenizer.identity,
-                                                        "documents": len(documents)}).encode())
+            about = (corpus.source, split, len(documents), tokenizer.identity)
+            atomic_write_bytes(description, json.dumps(dict(zip(_DESCRIBED, about))).encode())
     if path.stat().st_size == 0:
         raise ValueError(f"corpus {corpus.source!r}: the {split} split has no tokens")
     return np.memmap(path, dtype=dtype, mode="r")

@@ -69,10 +69,10 @@ def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
         raise TypeError(f"the state's weights must have q's dtype {q.dtype}, got {state.weights[0].dtype}")
     # what the chunk's own reads use: at a chunk boundary the state's memory (LqNormalize(carry="A") keeps a
     # state that is not it), mid-chunk the linear state (for carry="A" scaled by the chunk-start norm)
-    weights = state.weights if state.position else rule.retention.read_point(state.weights)
-    scales = rule.retention.read_scales(state.chunk_start) if state.position else None
-    if scales is not None:
-        weights = tuple(w * c for w, c in zip(weights, scales))
+    if state.position:
+        weights = _scaled_weights(state.weights, rule.retention.read_scales(state.chunk_start))
+    else:
+        weights = rule.retention.read_point(state.weights)
     with rule.reading(q.device.type):
         y = rule.architecture.apply(q.transpose(1, 2),
                                     lambda layer, u: shared_matmul(u, weights[layer], transpose=True))
@@ -142,7 +142,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                 surprise[i] = etas[i] * surprise[i] + step
                 step = surprise[i]
             weights[i] = (weights[i] if keeps is None else keeps[i] * weights[i]) + step
-        read_weights = weights if scales is None else [w * c for w, c in zip(weights, scales)]
+        read_weights = _scaled_weights(weights, scales)
         if retention.projects and (offset + t + 1) % chunk_size == 0:
             with torch.autocast(k.device.type, enabled=False):
                 weights = list(retention.chunk_end(tuple(weights), tuple(anchor), retained))
@@ -160,3 +160,8 @@ def _differentiable(weights: list[Tensor], outer_grad: bool) -> list[Tensor]:
     """The chunk-start weights as tensors autograd can differentiate the inner loss against. Under
     no_grad a view of a parameter still says requires_grad but belongs to no graph: detach it."""
     return [w if outer_grad and w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+
+
+def _scaled_weights(weights, scales: tuple[Tensor, ...] | None):
+    """Each weight matrix times its factor of the retention's ``read_scales`` (None: the weights as they are)."""
+    return weights if scales is None else [w * c for w, c in zip(weights, scales)]
