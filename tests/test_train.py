@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -479,6 +480,37 @@ def test_progress_without_a_terminal_prints_lines_and_a_closing_line_and_ctrl_c_
                                                 r"comes at step 5, save_every\)$"):
         train(tiny(tmp_path / "ctrl-c-early", max_steps=5, warmup_steps=10), DataSource(CtrlC()))
     assert "note: warmup_steps=10 > max_steps=5: the learning rate never reaches lr=0.01" in capsys.readouterr().out
+
+
+def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_second_stops_at_once(tmp_path,
+                                                                                                    capsys):
+    class Signal(CopyBatches):  # a real SIGINT, as Ctrl-C sends it, while steps `at` load their batch
+        def __init__(self, at=(), **values):
+            super().__init__(**values)
+            self.at = list(at)
+
+        def batch(self, step, rank=0, world=1):
+            while self.at and step == self.at[0]:
+                self.at.pop(0)
+                signal.raise_signal(signal.SIGINT)
+            return super().batch(step, rank, world)
+
+    whole = tiny(tmp_path / "whole", max_steps=6)
+    train(whole, source())
+    config = tiny(tmp_path / "run", max_steps=6, save_every=4)
+    with pytest.raises(train_module.Interrupted, match=r"^interrupted at step 3: the latest checkpoint is step 3; run "
+                                                      r"the same command again to continue from it$"):
+        train(config, DataSource(Signal(at=[2])))  # during step 3 (batches count from 0): step 3 ends and is saved
+    assert "Ctrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)" in capsys.readouterr().err
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step_00000003.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    train(config, source())
+    assert losses(tmp_path / "run") == losses(tmp_path / "whole")
+
+    with pytest.raises(train_module.Interrupted, match=r"^interrupted at step 1: nothing was saved"):
+        train(tiny(tmp_path / "twice", max_steps=6), DataSource(Signal(at=[1, 1])))  # twice in step 2: at once
+    assert checkpoints(tmp_path / "twice") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_damaged_config_json_beside_checkpoints_is_passed_over_and_written_again(tmp_path, capsys):

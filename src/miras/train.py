@@ -52,6 +52,10 @@ Choices DESIGN.md §5 leaves open, written down here:
   under another seed; ``data="text:<spec>"`` reads a corpus (``stdlib``, a file, folder or glob,
   ``hf:<name>``), tokenises it with ``tokenizer`` and validates on its held-out documents. The
   tokenizer is saved in the run directory, where ``load_run`` finds it.
+- Ctrl-C (SIGINT, in the main thread): the first one lets the current step end, saves a checkpoint
+  of it and stops (``Interrupted``: a rerun of the same command continues from that step, exactly);
+  a second one stops at once, keeping the checkpoints already on disk. Under ``torchrun`` the ranks
+  agree on the step to stop after (one flag all-reduced per step).
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -358,7 +364,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     last_saved, tokens_per_step = step if checkpoint is not None else None, config.batch_size * config.seq_len
     first_step, last = step, {}  # last: the latest logged loss and validation loss, for the closing line
     clock, last_log = time.perf_counter(), (time.perf_counter(), step)
+    stop = _StopRequest()
     try:
+        stop.install()
         while step < config.max_steps:
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
@@ -432,6 +440,12 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 last_saved = step
             if main:
                 bar.update(1)
+            if stop.agreed(device, world):  # the first Ctrl-C: end with this step saved
+                if last_saved != step:
+                    save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step,
+                                    elapsed + time.perf_counter() - clock, main)
+                    last_saved = step
+                raise KeyboardInterrupt
         if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
             save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
     except KeyboardInterrupt:  # every rank gets the signal; rank 0 says what is on disk (a save may have ended)
@@ -441,6 +455,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 f"{min(config.save_every, config.max_steps)}, save_every)")
         raise Interrupted(f"interrupted at step {step}: {kept}" if main else "") from None
     finally:
+        stop.uninstall()
         if main:
             bar.close()
             metrics.close()
@@ -451,6 +466,39 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
               + "".join(f"{name} {value:.4f}, " for name, value in last.items())
               + f"{time.perf_counter() - clock:.0f} s; checkpoint {checkpoints(run_dir)[-1]}", flush=True)
     return run_dir
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first SIGINT asks the loop to stop after the current step (saving it), the
+    second raises KeyboardInterrupt at once. Installed only over Python's default handler in the main thread
+    (an ignored SIGINT or another program's handler is left alone, and then Ctrl-C acts at once as before)."""
+
+    def __init__(self):
+        self.asked, self._installed = False, False
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nCtrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def agreed(self, device: torch.device, world: int) -> bool:
+        """Whether any rank was asked to stop (the same answer on every rank)."""
+        if world == 1:
+            return self.asked
+        return bool(_all_reduce(torch.tensor(float(self.asked), device=device), world).item())
 
 
 class Interrupted(KeyboardInterrupt):
