@@ -60,14 +60,13 @@ def _train_examples() -> str:
 
     from .models import ModelConfig
     from .train import TrainConfig
-    from .train_config import FIELD_HELP
 
     keys = []
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model":
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = "runs/<preset>" if f.name == "out_dir" else _as_typed(default)
-            keys.append(f"  {f.name:<18} {shown:<14} {FIELD_HELP[f.name]}")
+            keys.append(f"  {f.name:<18} {shown:<14} {f.metadata['help']}")
     from .data.tasks import TASKS
 
     model_fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "family")

@@ -54,74 +54,52 @@ def resolve_device(name: str):
     return device
 
 
-# What each key does, for `miras train --help` (a test holds it to TrainConfig's fields).
-FIELD_HELP = {
-    "model_overrides": "model config fields; on the command line model.<field>=VALUE",
-    "data": "text:<corpus> (stdlib, a file, folder, glob, hf:<name>) or task:<name> (miras.data.tasks)",
-    "data_params": "the task's parameters as JSON, e.g. {\"pairs\": 4}",
-    "tokenizer": "text data: byte, bpe:<vocab> (trained here, saved with the run) or a local HF tokenizer",
-    "seq_len": "tokens per training row",
-    "batch_size": "rows per optimizer step, over all ranks and accumulation steps",
-    "grad_accum": "micro-batches per step",
-    "max_steps": "optimizer steps in all (a rerun continues up to it)",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "the cosine decay ends at lr x this",
-    "warmup_steps": "linear warmup steps",
-    "weight_decay": "AdamW weight decay (linear maps only)",
-    "betas": "AdamW betas",
-    "grad_clip": "max global gradient norm (0: no clipping)",
-    "bptt": "truncated-BPTT segment length, the state carried between segments (none: whole rows)",
-    "precision": "auto (bf16 where it is faster), fp32 or bf16 (autocast)",
-    "compile": "torch.compile the model (the memory's chunk loop: model.impl=compiled)",
-    "parallel": "ddp or fsdp, under torchrun",
-    "seed": "initialisation and data order",
-    "out_dir": "the run folder",
-    "log_every": "steps between metrics.jsonl lines",
-    "eval_every": "steps between validation losses (0: never)",
-    "eval_batches": "batches per validation",
-    "save_every": "steps between checkpoints",
-    "keep_checkpoints": "checkpoints kept (the latest ones)",
-    "tensorboard": "also write TensorBoard logs (needs tensorboard)",
-    "progress": "show progress (a bar, or lines without a terminal) and a closing line",
-    "device": "auto, cpu, cuda, cuda:1, ...",
-    "resume": "let max_steps, logging, device and the other run-time keys change on a rerun",
-}
+def _key(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
+    """A TrainConfig field with what it does (``miras train --help`` lists each field with its help)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Everything that defines a training run; saved as ``config.json`` in the run directory."""
+    """Everything that defines a training run; saved as ``config.json`` in the run directory. Each field's
+    ``metadata["help"]`` says what it does."""
 
-    model: str  # a preset of miras.models.PRESETS
-    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, e.g. {"dim": 128}
-    data: str = "text:stdlib"  # "task:<name>" or "text:<corpus spec>"
-    data_params: dict = field(default_factory=dict)  # parameters of the task (miras.data.tasks.make_task)
-    tokenizer: str = "byte"  # text data only
-    seq_len: int = 256
-    batch_size: int = 16  # global: sequences per optimizer step, over all ranks and accumulation steps
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    bptt: int | None = None  # truncated-BPTT segment length; None = whole rows
-    precision: str = "auto"  # "auto" (bf16 where it is faster: CUDA, AMX CPUs) | "fp32" | "bf16" (autocast)
-    compile: bool = False  # torch.compile the model (a memory's chunk loop excepted: that is model.impl=compiled)
-    parallel: str = "ddp"  # "ddp" | "fsdp", used under torchrun
-    seed: int = 0
-    out_dir: str = ""  # "" means runs/<model>
-    log_every: int = 10
-    eval_every: int = 200  # 0: never; needs data with a validation split
-    eval_batches: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 3
-    tensorboard: bool = False
-    progress: bool = True
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    resume: bool = False  # allow RUNTIME_FIELDS to differ from the saved run's
+    model: str = _key(help="a preset of miras.models.PRESETS")
+    model_overrides: dict = _key(help="model config fields, e.g. {\"dim\": 128}; on the command line "
+                                      "model.<field>=VALUE", factory=dict)
+    data: str = _key("text:stdlib", "text:<corpus> (stdlib, a file, folder, glob, hf:<name>) or task:<name> "
+                                    "(miras.data.tasks)")
+    data_params: dict = _key(help="the task's parameters as JSON, e.g. {\"pairs\": 4} "
+                                  "(miras.data.tasks.make_task)", factory=dict)
+    tokenizer: str = _key("byte", "text data: byte, bpe:<vocab> (trained here, saved with the run) or a local HF "
+                                  "tokenizer")
+    seq_len: int = _key(256, "tokens per training row")
+    batch_size: int = _key(16, "rows per optimizer step, over all ranks and accumulation steps")
+    grad_accum: int = _key(1, "micro-batches per step")
+    max_steps: int = _key(1000, "optimizer steps in all (a rerun continues up to it)")
+    lr: float = _key(1e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _key(0.1, "the cosine decay ends at lr x this")
+    warmup_steps: int = _key(100, "linear warmup steps")
+    weight_decay: float = _key(0.1, "AdamW weight decay (linear maps only)")
+    betas: tuple[float, float] = _key((0.9, 0.95), "AdamW betas")
+    grad_clip: float = _key(1.0, "max global gradient norm (0: no clipping)")
+    bptt: int | None = _key(None, "truncated-BPTT segment length, the state carried between segments (none: "
+                                  "whole rows)")
+    precision: str = _key("auto", "auto (bf16 where it is faster: CUDA, AMX CPUs), fp32 or bf16 (autocast)")
+    compile: bool = _key(False, "torch.compile the model (the memory's chunk loop: model.impl=compiled)")
+    parallel: str = _key("ddp", "ddp or fsdp, under torchrun")
+    seed: int = _key(0, "initialisation and data order")
+    out_dir: str = _key("", "the run folder (empty: runs/<preset>)")
+    log_every: int = _key(10, "steps between metrics.jsonl lines")
+    eval_every: int = _key(200, "steps between validation losses (0: never; needs data with a validation split)")
+    eval_batches: int = _key(8, "batches per validation")
+    save_every: int = _key(500, "steps between checkpoints")
+    keep_checkpoints: int = _key(3, "checkpoints kept (the latest ones)")
+    tensorboard: bool = _key(False, "also write TensorBoard logs (needs tensorboard)")
+    progress: bool = _key(True, "show progress (a bar, or lines without a terminal) and a closing line")
+    device: str = _key("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    resume: bool = _key(False, "let max_steps, logging, device and the other run-time keys "
+                               "change on a rerun")
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
