@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from miras.layers import MemoryLayer
+from miras.memory import TITANS, TITANS_LINEAR, LinearMemory, get_rule
 from miras.models import FAMILIES, LanguageModel, ModelState, create, preset_config
 from miras.models.config import MIRAS_FAMILIES, unused_fields, used_overrides
 
@@ -597,6 +599,55 @@ def test_channel_wise_gates_option(family):
             out, state = model(x[:, a:b], state)
             pieces.append(out)
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("family, depth, expansion", [("titans-lmm", 1, 0), ("titans-lmm", 3, 0),
+                                                      ("titans-mac", 4, 2), ("moneta", 3, 1), ("ttt-mlp", 1, 0)])
+def test_memory_depth_and_expansion_options(family, depth, expansion):
+    """memory_depth / memory_expansion replace the family's MLP memory (Titans §5.5's L_M); depth 1 is the
+    matrix memory. The model stays causal, streams exactly and keeps a state of the new memory's size."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny", memory_depth=depth, memory_expansion=expansion).double()
+    layer = next(m for m in model.modules() if isinstance(m, MemoryLayer))
+    d = model.config.dim // model.config.heads
+    widths = [d] + [d * (expansion or 4)] * (depth - 1) + [d]
+    assert [tuple(w.shape[-2:]) for w in layer.init_state(1).memory.weights] == list(zip(widths[1:], widths[:-1]))
+    if depth == 1:
+        base = get_rule(preset_config(f"{family}-tiny").rule)
+        assert model.config.memory_rule() == dataclasses.replace(base, architecture=LinearMemory())
+    x = ids()
+    full, _ = model(x)
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 1) % 256
+    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
+    for cuts in ([3, 12], list(range(1, 21))):  # segments, token by token (the decoding path)
+        pieces, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, 21]):
+            out, state = model(x[:, a:b], state)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match=r"state comes from a different model: memory_depth="):
+        create(f"{family}-tiny").double()(x, state)
+
+
+def test_memory_depth_defaults_errors_and_older_states():
+    assert create("titans-lmm-tiny").config.memory_rule() is TITANS
+    assert create("titans-lmm-tiny", memory_depth=1).config.memory_rule() == TITANS_LINEAR
+    with pytest.raises(ValueError, match=r"memory_depth must be >= 0 \(0: the family's own\), got -1"):
+        create("titans-lmm-tiny", memory_depth=-1)
+    with pytest.raises(ValueError, match="gated-deltanet does not use memory_depth"):
+        create("gated-deltanet-tiny", memory_depth=2)  # a matrix memory already
+    with pytest.raises(ValueError, match="titans-lmm does not use memory_expansion"):
+        create("titans-lmm-tiny", memory_depth=1, memory_expansion=2)
+    with pytest.raises(ValueError, match="transformer does not use memory_depth"):
+        create("transformer-tiny", memory_depth=2)
+    # a state recorded before these fields existed had the family's own memory: it continues
+    model = create("titans-lmm-tiny")
+    _, state = model(ids(9))
+    old = json.dumps({k: v for k, v in json.loads(state.model).items() if not k.startswith("memory_")},
+                     sort_keys=True, separators=(",", ":"))
+    assert old != state.model
+    model(ids(3), dataclasses.replace(state, model=old))
 
 
 def test_decay_init_and_lr_init_options():

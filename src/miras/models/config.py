@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, fields
 
 from ..layers.memory_layer import IMPLS
-from ..memory import get_rule
+from ..memory import LinearMemory, MemoryRule, get_rule
 
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
@@ -73,12 +73,16 @@ class ModelConfig:
     # the memory's inner learning rate θ at initialisation (titans-mac presets 0.01, MAC_GATES; Moneta, Yaad,
     # Memora presets 0.003, MIRAS_GATES)
     lr_init: float = 0.1
+    # the deep memory's MLP: depth L_M (Titans §5.5 ablates 1 to 4; 1 is a matrix memory) and hidden width
+    # factor; 0 keeps the family's own (depth 2, expansion 4). Only the families with an MLP memory read them.
+    memory_depth: int = 0
+    memory_expansion: int = 0
 
     def __post_init__(self):
         if not isinstance(self.family, str) or self.family not in FAMILIES:
             raise ValueError(f"unknown family {self.family!r}; valid: {sorted(FAMILIES)}")
         positive = ("vocab_size", "dim", "layers", "heads", "chunk_size", "window", "segment", "block_size")
-        for name in (*positive, "persistent", "gate_rank", "recompute"):
+        for name in (*positive, "persistent", "gate_rank", "recompute", "memory_depth", "memory_expansion"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in positive:
@@ -100,6 +104,9 @@ class ModelConfig:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
         if self.recompute < 0:
             raise ValueError(f"recompute must be >= 0 (0: off), got {self.recompute}")
+        for name in ("memory_depth", "memory_expansion"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the family's own), got {getattr(self, name)}")
         if self.gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.gate_rank and FAMILIES[self.family] is None:
@@ -113,6 +120,20 @@ class ModelConfig:
     @property
     def rule(self) -> str | None:
         return FAMILIES[self.family]
+
+    def memory_rule(self) -> MemoryRule | None:
+        """The memory's rule: the family's preset (``rule``) with ``memory_depth`` and ``memory_expansion``
+        applied to its MLP memory (depth 1: ``LinearMemory``, e.g. titans-lmm becomes ``TITANS_LINEAR``)."""
+        if self.rule is None:
+            return None
+        rule = get_rule(self.rule)
+        mlp = rule.architecture
+        if mlp.kind != "mlp" or not (self.memory_depth or self.memory_expansion):
+            return rule
+        depth = self.memory_depth or mlp.depth
+        memory = LinearMemory() if depth == 1 else dataclasses.replace(
+            mlp, depth=depth, expansion=self.memory_expansion or mlp.expansion)
+        return dataclasses.replace(rule, architecture=memory)
 
     @property
     def mlp_hidden(self) -> int:
@@ -190,6 +211,10 @@ def unused_fields(config: ModelConfig) -> set[str]:
         unused.add("window")
     if config.family != "titans-mac":
         unused.add("segment")
+    if config.rule is None or get_rule(config.rule).architecture.kind != "mlp":
+        unused |= {"memory_depth", "memory_expansion"}
+    elif config.memory_depth == 1:  # a matrix memory has no hidden width
+        unused.add("memory_expansion")
     if config.rule is None:
         unused |= {"impl", "block_size", "decay_init", "lr_init"}
         if not config.recompute:  # with recompute the MLPs run in groups of recompute * chunk_size tokens

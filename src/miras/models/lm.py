@@ -7,6 +7,7 @@ feeding a document in segments with the state carried equals one pass over it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -18,11 +19,13 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, MemoryLayer
-from ..memory import get_rule
 from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config, unused_fields
 from .hybrids import MemoryAsGate, MemoryAsLayer
 from .mac import MemoryAsContext
 from .state import ModelState
+
+# every config field's default: a state layout saved before a field was added held it at its default
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 class SwiGLU(nn.Module):
@@ -83,7 +86,7 @@ def build_mixer(config: ModelConfig, index: int = 0) -> nn.Module:
         return Attention(config.dim, config.heads)
     if config.family == "swa-transformer" or (config.family in HYBRID_FAMILIES and index % 2 == 1):
         return Attention(config.dim, config.heads, window=config.window)
-    memory = MemoryLayer(config.dim, config.heads, rule=get_rule(config.rule), chunk_size=config.chunk_size,
+    memory = MemoryLayer(config.dim, config.heads, rule=config.memory_rule(), chunk_size=config.chunk_size,
                          impl=config.impl, block_size=config.block_size,
                          gating=_gating(config), gate_rank=config.gate_rank or 32,
                          # MAC calls its memory once per segment, so it groups whole segments itself
@@ -184,7 +187,9 @@ class LanguageModel(nn.Module):
                              f"{self.config.family} model; from init_state or a previous call), got {got}")
         if state.model and state.model != self.state_layout:
             # (states saved before 802487f recorded every field, the unread window and segment too)
+            # (and a field added since is absent from older layouts: it had its default)
             theirs, ours = ModelState.layout(state.model), json.loads(self.state_layout)
+            theirs = {**{k: v for k, v in _DEFAULTS.items() if k in ours}, **theirs}
             differ = ", ".join(f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
                                for k in sorted((set(theirs) | set(ours)) - self._left_out)
                                if theirs.get(k) != ours.get(k))
