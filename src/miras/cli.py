@@ -346,8 +346,12 @@ def _run_export(args: argparse.Namespace) -> int:
     if not _holds_a_run(Path(args.run_dir)):
         raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
     (export_run,) = _hf("export_run")
-    if Path(args.hf_dir).exists() and not Path(args.hf_dir).is_dir():
-        raise ConfigError(f"{args.hf_dir} is a file: give a folder to write the HF model into")
+    from .hf.export import check_export_folder
+
+    try:  # before loading the run: a run folder or another program's config.json is never written over
+        check_export_folder(Path(args.hf_dir))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     export_run(args.run_dir, args.hf_dir)
     print(f"wrote {args.hf_dir}")
     return 0

@@ -444,6 +444,16 @@ def test_export_run_converts_a_native_run(tmp_path):
     assert not (tmp_path / "hf2").exists()
     (tmp_path / "file").write_text("x")
     assert main(["export", str(run_dir), str(tmp_path / "file")]) == 2  # a file where the folder should go
+    # a run folder (this one or another) or another program's config.json is never written over; an earlier
+    # export is replaced
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["export", str(run_dir), str(run_dir)]) == 2
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["export", str(run_dir), str(tmp_path / "theirs")]) == 2
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "theirs" / "config.json").read_text() == '{"model_type": "gpt2"}'
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 0
     if importlib.util.find_spec("lm_eval") is not None:  # `miras eval RUN --lm-eval`: exports to RUN/hf, then runs
         # an unknown task (or none) is refused before anything is exported
         for tasks in ("miras_tiny_loglikelihood,no_such_task_xyz", ","):

@@ -34,6 +34,7 @@ def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_
     or None for a model of a generated task's tokens) as an HF folder; returns the wrapper (sharing
     ``model``'s weights)."""
     hf_dir = Path(hf_dir)
+    check_export_folder(hf_dir)
     special = {}
     if tokenizer is not None:
         tokenizer = hf_tokenizer(tokenizer)
@@ -58,6 +59,24 @@ def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_
     for name in stale:
         (hf_dir / name).unlink(missing_ok=True)
     return wrapped
+
+
+def check_export_folder(hf_dir: Path) -> None:
+    """``hf_dir`` may be new, or hold an earlier export (replaced), but not a training run or another program's
+    ``config.json``: the export would write over them."""
+    config = hf_dir / "config.json"
+    if hf_dir.exists() and not hf_dir.is_dir():
+        raise ValueError(f"{hf_dir} is a file: give a folder to write the HF model into")
+    if (hf_dir / "checkpoints").is_dir():
+        raise ValueError(f"{hf_dir} holds a training run (checkpoints/): export into another folder")
+    if config.is_file():
+        try:
+            ours = json.loads(config.read_text()).get("model_type") == "miras"
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{config} is not an exported miras model's (a run's, or another program's): export "
+                             "into another folder")
 
 
 def export_run(run_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> MirasForCausalLM:
