@@ -214,6 +214,8 @@ def test_generate_escapes_control_characters_on_a_terminal_only(tmp_path, capsys
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 0, got -5"),
     (["--device", "nowhere"], "unknown device 'nowhere'; e.g. auto, cpu, cuda, cuda:1"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63) (the sampling generator's seed), got -1"),
+    (["--seed", str(2**63)], f"--seed must be an integer in [0, 2**63) (the sampling generator's seed), got {2**63}"),
 ])
 def test_bad_generate_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     """Checked before the run is read: the run folder need not exist."""
@@ -343,6 +345,40 @@ def test_eval_skips_tasks_longer_than_every_length(tmp_path, capsys):
     assert main(["eval", str(run), "--tasks", "passkey", "--lengths", "32", "--examples", "1"]) == 2
     assert "every task is longer than the longest of --lengths (32 tokens): passkey needs at least" in \
         capsys.readouterr().err
+
+
+def test_eval_says_what_is_wrong_with_its_run_folder_and_its_lm_eval_options(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["eval", str(tmp_path / "afile"), "--lengths", "32"]) == 2  # the run folder's fault, not --out's
+    message = f"miras eval: error: {tmp_path / 'afile'} is not a run directory (no config.json)\n"
+    assert capsys.readouterr().err == message
+    run = _task_run(tmp_path)
+    capsys.readouterr()
+    for flags, named in ((["--limit", "2"], "--limit"), (["--include-path", str(tmp_path)], "--include-path")):
+        assert main(["eval", str(run), "--lengths", "32", *flags]) == 2  # lm-eval's options, never ignored
+        assert capsys.readouterr().err == (f"miras eval: error: {named}: options of --lm-eval, not of the native "
+                                           "evaluation\n")
+    assert main(["eval", str(run), "--lm-eval", ""]) == 2  # no task: not the native evaluation instead
+    assert "miras eval: error: --lm-eval" in capsys.readouterr().err
+    assert not (run / "results.json").exists()
+
+
+def test_eval_out_of_memory_is_one_line_and_other_errors_stay_loud(tmp_path, capsys, monkeypatch):
+    import miras.evaluate
+
+    run = _task_run(tmp_path)
+    capsys.readouterr()
+    for error in (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB\n..."),
+                  MemoryError()):
+        monkeypatch.setattr(miras.evaluate, "evaluate", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        assert main(["eval", str(run), "--lengths", "32,64", "--examples", "1"]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith("miras eval: error: out of memory (lengths up to 64 tokens, --batch-size 8, --segment ")
+        assert err.endswith("; fewer or shorter --lengths, or a smaller --batch-size")
+    monkeypatch.setattr(miras.evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["eval", str(run), "--lengths", "32", "--examples", "1"])
+    assert not (run / "results.json").exists()
 
 
 def test_eval_names_skipped_lengths_and_survives_a_torn_metrics_line(tmp_path, capsys):

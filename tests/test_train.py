@@ -303,9 +303,26 @@ def test_unusable_checkpoints_and_run_dirs_are_one_line_errors_that_write_nothin
 
     (run_dir / "file").write_text("")
     for out_dir in (run_dir / "file", run_dir / "file" / "run"):  # a file, a folder under a file
-        with pytest.raises(ConfigError, match=r"cannot make the run folder there \((File exists|Not a directory)\)"):
+        with pytest.raises(ConfigError, match=r"cannot make or write the run folder there "
+                                              r"\((File exists|Not a directory)\)"):
             train(tiny(out_dir, max_steps=1), source())
     assert (run_dir / "file").read_text() == ""
+
+    # an existing run folder that cannot be written (root ignores permissions: the refusal is simulated)
+    train(tiny(run_dir / "kept", max_steps=1), source())
+    before = snapshot(run_dir / "kept")
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if Path(path).name == ".miras-write-test" and Path(path).parent.name == "kept":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch, pytest.raises(ConfigError, match=r"cannot make or write the run folder "
+                                                                         r"there \(Permission denied\)"):
+        patch.setattr(os, "open", read_only)
+        train(tiny(run_dir / "kept", max_steps=2, resume=True), source())
+    assert snapshot(run_dir / "kept") == before
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
     with pytest.raises(ConfigError, match="tensorboard=true needs the tensorboard package"):
@@ -482,6 +499,17 @@ def test_progress_without_a_terminal_prints_lines_and_a_closing_line_and_ctrl_c_
     assert "note: warmup_steps=10 > max_steps=5: the learning rate never reaches lr=0.01" in capsys.readouterr().out
 
 
+def test_a_model_too_large_for_the_machine_is_one_line_and_makes_no_folder(tmp_path, monkeypatch):
+    def too_large(config):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory\nmore")
+
+    monkeypatch.setattr(train_module, "LanguageModel", too_large)
+    with pytest.raises(ConfigError, match=r"^cannot build transformer-tiny with model_overrides \{'dim': 96\} on cpu: "
+                                          r"\[enforce fail .*can't allocate memory$"):
+        train(tiny(tmp_path / "run", model_overrides={"dim": 96}), source())
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_second_stops_at_once(tmp_path,
                                                                                                     capsys):
     class Signal(CopyBatches):  # a real SIGINT, as Ctrl-C sends it, while steps `at` load their batch
@@ -656,8 +684,8 @@ def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [(tmp_path / f"error_rank{rank}.txt").read_text() for rank in range(2)]
-    assert lines == [f"rank 0: out_dir {out_dir}: cannot make the run folder there (Not a directory); pass a folder "
-                     "path that can be created",
+    assert lines == [f"rank 0: out_dir {out_dir}: cannot make or write the run folder there (Not a directory); pass a "
+                     "folder path that can be written",
                      f"rank 1: out_dir {out_dir}: rank 0 could not make the run folder (its error says why)"]
 
 

@@ -125,7 +125,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .train import ConfigError, load_run, resolve_device
 
     try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                        name=lambda argument: "--" + argument.replace("_", "-"))
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -247,8 +247,14 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    if args.lm_eval:
+    from .train import ConfigError
+
+    if args.lm_eval is not None:  # (an empty task list too: refused there, never taken for the native evaluation)
         return _run_lm_eval(args)
+    given = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path))
+             if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: options of --lm-eval, not of the native evaluation")
     from .evaluate import run_eval
 
     return run_eval(args)

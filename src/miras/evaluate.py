@@ -61,6 +61,7 @@ from .data.base import IGNORE
 from .data.tasks import Example, Task, exact_match, generate
 from .data.text import windows
 from .files import atomic_write_bytes
+from .train_config import first_line
 
 RESULTS_FORMAT = "miras.eval/1"
 WILSON_Z = 1.959963984540054  # the 97.5% quantile of the standard normal: a two-sided 95% interval
@@ -577,8 +578,11 @@ def run_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.perplexity and args.perplexity_tokens < 2:
             raise ValueError(f"--perplexity-tokens must be >= 2, got {args.perplexity_tokens}")
-        check_out_folder(out)
+        if args.out is not None:
+            check_out_folder(out)
         model, train_config, tokenizer = load_run(args.run_dir, device=str(resolve_device(args.device)))
+        if args.out is None:  # the run folder itself (checked once it is known to be a run)
+            check_out_folder(out)
         train_length = _training_length(train_config)
         lengths = args.lengths or [train_length * 2**k for k in range(7)]
         if tokenizer is not None and tokenizer.kind != "byte":
@@ -615,10 +619,18 @@ def run_eval(args: argparse.Namespace) -> int:
     if tasks:
         print(f"miras eval: {len(tasks)} task(s) x {len(lengths)} length(s) up to {max(lengths):,} tokens x "
               f"{args.examples} examples, one line per task and length as each is done", file=sys.stderr)
-    results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
-                       segment=args.segment or train_length, batch_size=args.batch_size or 8, train_length=train_length,
-                       text=text, seq_len=train_config.seq_len, max_tokens=args.perplexity_tokens,
-                       log=lambda message: print(message, file=sys.stderr))
+    try:
+        results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
+                           segment=args.segment or train_length, batch_size=args.batch_size or 8,
+                           train_length=train_length, text=text, seq_len=train_config.seq_len,
+                           max_tokens=args.perplexity_tokens, log=lambda message: print(message, file=sys.stderr))
+    except (RuntimeError, MemoryError) as error:  # the allocator's refusal: one line (other errors stay loud)
+        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)):
+            raise
+        print(f"miras eval: error: out of memory (lengths up to {max(lengths):,} tokens, --batch-size "
+              f"{args.batch_size or 8}, --segment {args.segment or train_length}): {first_line(error)}; fewer "
+              "or shorter --lengths, or a smaller --batch-size", file=sys.stderr)
+        return 2
     table = markdown_table(results)
     print(table)
     for task_name, entry in results["tasks"].items():

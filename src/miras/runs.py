@@ -202,9 +202,12 @@ def make_run_folder(run_dir: Path) -> None:
     """``run_dir/checkpoints`` (rank 0, after every check): a ConfigError when it cannot be made."""
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, run_dir / "checkpoints"):  # both written below (an existing folder may be read-only)
+            os.close(os.open(folder / ".miras-write-test", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+            os.unlink(folder / ".miras-write-test")
     except OSError as error:
-        raise ConfigError(f"out_dir {run_dir}: cannot make the run folder there ({error.strerror}); "
-                          "pass a folder path that can be created") from None
+        raise ConfigError(f"out_dir {run_dir}: cannot make or write the run folder there ({error.strerror}); "
+                          "pass a folder path that can be written") from None
 
 
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:

@@ -308,6 +308,12 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if data.vocab_size is not None and data.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the data has {data.vocab_size} token ids but the model's vocab_size is "
                           f"{model_config.vocab_size}; set model.vocab_size={data.vocab_size}")
+    torch.manual_seed(config.seed)
+    try:  # before the run folder is made: a model too large for this machine leaves nothing behind
+        raw_model = LanguageModel(model_config).to(device)
+    except (RuntimeError, MemoryError) as error:  # (torch.OutOfMemoryError is a RuntimeError)
+        raise ConfigError(f"cannot build {config.model} with model_overrides {config.model_overrides} on {device}: "
+                          f"{first_line(error)}") from None
     # Every rank has validated the run; rank 0 makes its folder, and every rank stops if it could not.
     failure = None
     if main:
@@ -318,8 +324,6 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if _all_reduce(torch.tensor(float(failure is not None), device=device), world).item():
         raise failure or ConfigError(f"out_dir {run_dir}: rank 0 could not make the run folder (its error says why)")
 
-    torch.manual_seed(config.seed)
-    raw_model = LanguageModel(model_config).to(device)
     if world > 1 and config.parallel == "fsdp":
         _shard(raw_model)
     optimizer = torch.optim.AdamW(param_groups(raw_model, config.weight_decay), lr=config.lr, betas=config.betas)

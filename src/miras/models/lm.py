@@ -230,9 +230,7 @@ class LanguageModel(nn.Module):
         before the one to feed): ``generate(new[:, -1:], n, state=state)`` continues exactly, and so does
         ``model(torch.cat([new[:, -1:], more], 1), state)``. With ``max_new_tokens=0`` it has read the prompt.
         The rows draw from one generator seeded with ``seed``: a sampled row depends on the batch it is in."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63) (the sampling generator's seed), got {seed!r}")
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         vocab = self.config.vocab_size
         if vocab_limit is not None and not (isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool)
                                             and 1 <= vocab_limit <= vocab):
@@ -252,7 +250,7 @@ class LanguageModel(nn.Module):
         return torch.stack(tokens, 1), state
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int = 0,
                    name=lambda argument: argument) -> None:
     """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not
     (called ``name(argument)``: the CLI names its flags)."""
@@ -270,6 +268,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if not integer(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"{name('seed')} must be an integer in [0, 2**63) (the sampling generator's seed), got "
+                         f"{seed!r}")
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
