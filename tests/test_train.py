@@ -189,6 +189,26 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
     assert lr_at(10, config) == 1.0 and lr_at(60, config) == pytest.approx(0.55) and lr_at(110, config) == 0.1
     after = [lr_at(s, config) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(after, after[1:]))
+    # decay_steps: the same cosine, whatever max_steps is; at the floor after it
+    fixed = dataclasses.replace(config, decay_steps=111, max_steps=300)
+    assert [lr_at(s, fixed) for s in range(111)] == [lr_at(s, config) for s in range(111)]
+    assert lr_at(200, fixed) == lr_at(299, fixed) == 0.1
+
+
+def test_extending_a_finished_run_says_how_the_learning_rate_moves_and_decay_steps_keeps_it(tmp_path, capsys):
+    config = tiny(tmp_path / "run", max_steps=4)
+    train(config, source())
+    capsys.readouterr()
+    train(dataclasses.replace(config, max_steps=8, resume=True, progress=True), source())
+    assert ("note: max_steps 4 -> 8 stretches the cosine schedule (it ends at max_steps; decay_steps fixes it): "
+            f"the learning rate at step 5 is {lr_at(4, dataclasses.replace(config, max_steps=8)):.3g} where the "
+            "saved run would have had 0.001\n") in capsys.readouterr().out
+    fixed = tiny(tmp_path / "fixed", max_steps=4, decay_steps=4)
+    train(fixed, source())
+    train(dataclasses.replace(fixed, max_steps=8, resume=True, progress=True), source())
+    assert "note: max_steps" not in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if "lr" in line][4:] == pytest.approx([1e-3] * 4)  # the floor, lr x 0.1
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -238,6 +258,24 @@ def test_run_files_get_the_permissions_of_a_plain_open(tmp_path):
         os.umask(mask)
     for path in (tmp_path / "run" / "config.json", checkpoints(tmp_path / "run")[-1]):
         assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+
+
+def test_an_interrupt_right_after_the_rename_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C between atomic_write's rename and its return: the file is whole, and the KeyboardInterrupt (not a
+    FileNotFoundError from removing a temp file that is gone) reaches the caller."""
+    import miras.files
+
+    real_replace = os.replace
+
+    def replace_then_interrupt(source, target):
+        real_replace(source, target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(miras.files.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        miras.files.atomic_write_bytes(tmp_path / "file", b"whole")
+    monkeypatch.undo()
+    assert (tmp_path / "file").read_bytes() == b"whole" and os.listdir(tmp_path) == ["file"]
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -355,8 +393,9 @@ def test_make_batches_builds_the_task_or_corpus_of_the_config(tmp_path, monkeypa
         TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"context_length": 4})
 
 
-def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch):
-    """Retrained on a corpus that changed meanwhile, a BPE would renumber the checkpoint's tokens."""
+def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch, capsys):
+    """Retrained on a corpus that changed meanwhile, a BPE would renumber the checkpoint's tokens. The changed
+    corpus itself is refused unless resume=true, since the same command would not continue the same run."""
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
@@ -366,7 +405,15 @@ def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch):
     train(config)
     saved = (tmp_path / "run" / "tokenizer.json").read_bytes()
     corpus.write_text(corpus.read_text() + "zebra quokka xylophone jumps over the lazy fox\n" * 40)
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'run'}: the training data \(text:{corpus}\) is not what the "
+                                          r"checkpoint of step 2 trained on: its contents have changed; pass "
+                                          r"resume=true to continue on the new contents, or use another out_dir$"):
+        train(config)
+    assert snapshot(tmp_path / "run") == before
+    capsys.readouterr()
     train(dataclasses.replace(config, max_steps=3, resume=True))
+    assert "its contents have changed; continuing on the new contents (resume=true)" in capsys.readouterr().out
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
     assert losses(tmp_path / "run")[-1][0] == 3
     (tmp_path / "run" / "config.json").write_bytes(b"")  # a damaged config.json: the tokenizer is still found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import typing
@@ -23,8 +24,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[typing.BinaryIO], Non
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
-        os.unlink(temp)
+        with contextlib.suppress(FileNotFoundError):  # (an interrupt just after the rename: nothing to remove)
+            os.unlink(temp)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder so that a rename in it outlives a power cut (where the system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse to fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -271,8 +271,9 @@ def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-          model_config: ModelConfig, step: int, elapsed: float, main: bool) -> None:
-    """Every rank gathers the full state dicts (FSDP needs all of them); rank 0 writes and prunes."""
+          model_config: ModelConfig, step: int, elapsed: float, main: bool, data: str | None = None) -> None:
+    """Every rank gathers the full state dicts (FSDP needs all of them); rank 0 writes and prunes. ``data``: the
+    training data's identity (``DataSource.identity``), checked when the run resumes."""
     model_state, optimizer_state = get_state_dict(model, optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not main:
@@ -281,7 +282,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     payload = {"format": CHECKPOINT_FORMAT, "step": step, "elapsed": elapsed, "model": model_state,
                "optimizer": optimizer_state, "rng": rng, "train_config": config.to_dict(),
-               "model_config": model_config.to_dict()}
+               "model_config": model_config.to_dict(), "data": data}
     payload["digest"] = tensor_digest(payload)
     path = run_dir / "checkpoints" / f"step_{step:08d}.pt"
     atomic_write(path, lambda handle: torch.save(payload, handle))

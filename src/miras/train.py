@@ -31,7 +31,10 @@ Choices DESIGN.md §5 leaves open, written down here:
   projection's weights start at zero, and decaying them pulls every gate towards a data-independent
   value). The output gates (``out_gate``, σ(W x) ⊙ y) are ordinary feature maps and are decayed.
 - The learning rate is a pure function of the step (linear warmup, cosine to ``lr * min_lr_ratio``
-  at ``max_steps``), so the step stored in a checkpoint is the scheduler's whole state.
+  at ``decay_steps`` or else ``max_steps``), so the step stored in a checkpoint is the scheduler's whole
+  state. Extending a finished run (``resume=true max_steps=<more>``) stretches a ``max_steps`` cosine, so
+  the learning rate rises again (train prints a note with both values); a run that will be extended sets
+  ``decay_steps`` and keeps its schedule (after it, the learning rate stays at its floor).
 - Checkpoints: ``out_dir/checkpoints/step_XXXXXXXX.pt``, one file holding full (unsharded) model and
   optimizer state dicts, RNG states, the step and both configs, written to a temp file in the same
   folder and renamed (a crash never leaves a half-written checkpoint); the last
@@ -125,6 +128,9 @@ class DataSource:
     validation: Batches | None = None
     tokenizer: object | None = None
     vocab_size: int | None = None
+    # what the training rows are read from, saved in checkpoints: a rerun whose data differs is refused (a
+    # text corpus: its token cache's key, which changes with the corpus's contents; None: not checked)
+    identity: str | None = None
 
 
 def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
@@ -156,7 +162,7 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
                                          config.seq_len, config.seed)
             except ValueError as error:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
-        return DataSource(train, validation, tokenizer, tokenizer.vocab_size)
+        return DataSource(train, validation, tokenizer, tokenizer.vocab_size, Path(train.tokens.filename).stem)
     except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
         raise ConfigError(f"data {config.data!r}: {first_line(error)}") from None
 
@@ -198,11 +204,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of optimizer step ``step`` (from 0): linear warmup to ``lr`` over ``warmup_steps``,
-    then a cosine that reaches ``lr * min_lr_ratio`` at the last step. With ``max_steps <= warmup_steps
-    + 1`` there is no cosine: the run ends at (or before) the peak."""
+    then a cosine that reaches ``lr * min_lr_ratio`` at the last step (of ``decay_steps``, else of
+    ``max_steps``) and stays there. With ``decay_steps <= warmup_steps + 1`` there is no cosine: the run
+    ends at (or before) the peak."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps - 1))
+    end = config.decay_steps or config.max_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, end - config.warmup_steps - 1))
     low = config.lr * config.min_lr_ratio
     return low + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - low)
 
@@ -308,6 +316,15 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if data.vocab_size is not None and data.vocab_size > model_config.vocab_size:
         raise ConfigError(f"the data has {data.vocab_size} token ids but the model's vocab_size is "
                           f"{model_config.vocab_size}; set model.vocab_size={data.vocab_size}")
+    if checkpoint is not None and None not in (checkpoint.get("data"), data.identity) \
+            and checkpoint["data"] != data.identity:
+        changed = (f"the training data ({config.data}) is not what the checkpoint of step {checkpoint['step']} "
+                   "trained on: its contents have changed")
+        if not config.resume:
+            raise ConfigError(f"{run_dir}: {changed}; pass resume=true to continue on the new contents, or use "
+                              "another out_dir")
+        if main:
+            print(f"note: {changed}; continuing on the new contents (resume=true)", flush=True)
     torch.manual_seed(config.seed)
     try:  # before the run folder is made: a model too large for this machine leaves nothing behind
         raw_model = LanguageModel(model_config).to(device)
@@ -354,6 +371,8 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         if step >= config.max_steps and checkpoint is not None:
             print(f"{run_dir} is already at max_steps={config.max_steps}: nothing to train (continue it with a "
                   "larger max_steps and resume=true)", flush=True)
+        elif checkpoint is not None and (note := _schedule_note(checkpoint, config, step)):
+            print(note, flush=True)
         elif config.warmup_steps > config.max_steps:
             print(f"note: warmup_steps={config.warmup_steps} > max_steps={config.max_steps}: the learning rate "
                   f"never reaches lr={config.lr:g}", flush=True)
@@ -368,6 +387,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     last_saved, tokens_per_step = step if checkpoint is not None else None, config.batch_size * config.seq_len
     first_step, last = step, {}  # last: the latest logged loss and validation loss, for the closing line
     clock, last_log = time.perf_counter(), (time.perf_counter(), step)
+    def save(at: int, seconds: float) -> None:
+        save_checkpoint(run_dir, raw_model, optimizer, config, model_config, at, seconds, main, data=data.identity)
+
     stop = _StopRequest()
     try:
         stop.install()
@@ -439,19 +461,17 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                     if lines:
                         print(f"step {step}/{config.max_steps}: validation loss {val_loss:.4f}", flush=True)
             if step % config.save_every == 0 or step == config.max_steps:
-                save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step,
-                                elapsed + time.perf_counter() - clock, main)
+                save(step, elapsed + time.perf_counter() - clock)
                 last_saved = step
             if main:
                 bar.update(1)
             if stop.agreed(device, world):  # the first Ctrl-C: end with this step saved
                 if last_saved != step:
-                    save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step,
-                                    elapsed + time.perf_counter() - clock, main)
+                    save(step, elapsed + time.perf_counter() - clock)
                     last_saved = step
                 raise KeyboardInterrupt
         if last_saved != step:  # max_steps=0: still leave a loadable run (the initial weights)
-            save_checkpoint(run_dir, raw_model, optimizer, config, model_config, step, elapsed, main)
+            save(step, elapsed)
     except KeyboardInterrupt:  # every rank gets the signal; rank 0 says what is on disk (a save may have ended)
         saved = checkpoints(run_dir) if main else []
         kept = (f"the latest checkpoint is step {checkpoint_step(saved[-1])}; run the same command again to continue "
@@ -470,6 +490,19 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
               + "".join(f"{name} {value:.4f}, " for name, value in last.items())
               + f"{time.perf_counter() - clock:.0f} s; checkpoint {checkpoints(run_dir)[-1]}", flush=True)
     return run_dir
+
+
+def _schedule_note(checkpoint: dict, config: TrainConfig, step: int) -> str | None:
+    """What a resume with another max_steps does to the learning rate (None: nothing)."""
+    try:
+        saved = TrainConfig.from_dict({**checkpoint["train_config"], "out_dir": config.out_dir})
+    except (TypeError, ValueError):  # a config this version reads otherwise: resume_point has compared it
+        return None
+    if lr_at(step, saved) == lr_at(step, config):
+        return None
+    return (f"note: max_steps {saved.max_steps} -> {config.max_steps} stretches the cosine schedule (it ends at "
+            f"max_steps; decay_steps fixes it): the learning rate at step {step + 1} is {lr_at(step, config):.3g} "
+            f"where the saved run would have had {lr_at(step, saved):.3g}")
 
 
 class _StopRequest:

@@ -19,7 +19,10 @@ from .models import PRESETS, ModelConfig, check_buildable, preset_config
 from .models.config import check_overrides, unknown_preset, used_overrides
 
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
-# step (grad_accum included: see the module docstring), or they extend the run (max_steps).
+# step (grad_accum included: see the module docstring), or they extend the run (max_steps; without
+# decay_steps the cosine then stretches to the new end, and train says how the learning rate moves).
+# The losses after such a change match an uninterrupted run's to float rounding, not bit for bit (another
+# summation order with grad_accum; bf16 where precision=auto meets another device).
 RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
                             "eval_batches", "save_every", "keep_checkpoints", "tensorboard"})
 # Not compared at all: where the run lives, the flag that allows RUNTIME_FIELDS to change, and the display.
@@ -80,6 +83,8 @@ class TrainConfig:
     lr: float = _key(1e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = _key(0.1, "the cosine decay ends at lr x this")
     warmup_steps: int = _key(100, "linear warmup steps")
+    decay_steps: int | None = _key(None, "the step where the cosine reaches lr x min_lr_ratio, held after it (none: "
+                                         "max_steps; set it to extend a run later without moving its schedule)")
     weight_decay: float = _key(0.1, "AdamW weight decay (linear maps only)")
     betas: tuple[float, float] = _key((0.9, 0.95), "AdamW betas")
     grad_clip: float = _key(1.0, "max global gradient norm (0: no clipping)")
@@ -129,6 +134,8 @@ class TrainConfig:
         if kind == "text" and self.data_params:
             raise ConfigError(f"data_params are a task's parameters (data=task:<name>); text data takes none, "
                               f"got {self.data_params}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"decay_steps must be >= 1 or none (none: max_steps), got {self.decay_steps}")
         if self.bptt is not None and self.bptt < 1:
             raise ConfigError(f"bptt must be >= 1 or none, got {self.bptt}")
         if not 0 < self.lr < math.inf or not 0 <= self.min_lr_ratio <= 1 or not all(0 <= b < 1 for b in self.betas):
