@@ -139,6 +139,15 @@ def test_bench_accepts_good_options(tmp_path, monkeypatch):
     assert seen == {"device": torch.device("cuda" if torch.cuda.is_available() else "cpu"), "threads": 1}
 
 
+def test_a_failed_case_is_a_row_and_a_non_zero_exit(tmp_path, monkeypatch, capsys):
+    """Every case is measured and written (a failure is its row's error); the exit code then says 1."""
+    monkeypatch.setattr(miras.bench, "matmul_rate", lambda device, threads: 100.0)
+    monkeypatch.setattr(miras.bench, "spawn", lambda case: {**case, "error": "RuntimeError: can't allocate memory"})
+    assert main([*TINY, "--out", str(tmp_path / "bench")]) == 1
+    assert capsys.readouterr().err == "miras bench: 2 of 2 case(s) failed (their rows say why)\n"
+    assert "can't allocate memory" in (tmp_path / "bench" / "models.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------ what it measures
 
 

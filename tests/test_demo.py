@@ -201,6 +201,23 @@ def test_a_rerun_says_which_runs_it_reused(quick_demo):
     assert f"**Reused**: {len(first['jobs'])} of {len(first['jobs'])} runs" in (again / "report.md").read_text()
 
 
+def test_an_out_folder_of_other_runs_is_refused_with_the_demos_own_advice(quick_demo, tmp_path):
+    """A training run's folder is never the demo's output; a folder of demo runs with other settings is named,
+    with what to do (the demo has no resume=true)."""
+    from miras.train import ConfigError
+
+    out, _ = quick_demo
+    run = out / "titans-lmm" / "seed-0"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=rf"^--out {run} holds a training run: give the demo a folder of its own$"):
+        run_demo(DemoConfig.quick(out_dir=str(run)))
+    with pytest.raises(ConfigError, match=rf"^{run} holds this run with other settings \(.*max_steps: 3 -> 4.*\); the "
+                                          rf"demo continues only its own runs of the same settings: give it another "
+                                          rf"--out, or remove {run}$"):
+        run_demo(DemoConfig.quick(out_dir=str(out), steps=4, workers=1))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_a_model_evaluated_to_a_shorter_length(tmp_path):
     """max_multiple: the model is evaluated up to that multiple; its missing cells say "not run"."""
     models = (DemoModel(name="short", preset="swa-transformer-tiny", overrides={"dim": 16, "heads": 1, "layers": 1},

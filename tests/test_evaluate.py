@@ -295,7 +295,7 @@ def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path,
     assert list(result) == ["mqar@pairs=1", "mqar@pairs=4", "passkey"]
     assert [result[name].pairs for name in ("mqar@pairs=1", "mqar@pairs=4")] == [1, 4]
     assert result["passkey"] is tasks["passkey"]
-    with pytest.raises(ValueError, match=r"MQAR: queries must be an int in \[1, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"^mqar@pairs=1: MQAR: queries must be an int in \[1, 1\], got 2"):
         swept({"mqar": MQAR(context_length=128, pairs=2, queries=2)}, "pairs", [1])
     with pytest.raises(ValueError, match=r"none of the tasks \['mqar'\] has a parameter 'needles'; tasks that do: "
                                          r"multikey_needle"):

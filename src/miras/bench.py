@@ -340,6 +340,10 @@ def run_bench(args: argparse.Namespace) -> int:
              f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n" + tables(results, rate))
     atomic_write_bytes(args.out / "models.md", table.encode())
     print(f"wrote {args.out / 'models.md'}")
+    failed = [r for r in results if "error" in r]
+    if failed:  # recorded in the tables (a row per case), and the exit code says that some are not numbers
+        print(f"miras bench: {len(failed)} of {len(results)} case(s) failed (their rows say why)", file=sys.stderr)
+        return 1
     return 0
 
 

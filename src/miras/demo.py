@@ -272,7 +272,7 @@ def _run_job(job: _Job) -> dict:
     from .data.tasks import make_task
     from .evaluate import evaluate, read_metrics
     from .runs import checkpoint_step, checkpoints
-    from .train import load_run, train
+    from .train import ConfigError, load_run, train
 
     c, name, threads = job.config, f"{job.model.name} seed {job.seed}", torch.get_num_threads()
     # A run directory already holding a checkpoint (an interrupted or earlier demo with the same config) is
@@ -282,7 +282,14 @@ def _run_job(job: _Job) -> dict:
     torch.set_num_threads(c.threads)
     try:
         began = time.perf_counter()
-        train(job.train_config())
+        try:
+            train(job.train_config())
+        except ConfigError as error:  # a run of other settings in the folder: train's advice is not the demo's
+            text = str(error)
+            for advice in ("; pass resume=true to continue it with the new ones", "; use another out_dir"):
+                text = text.removesuffix(advice)
+            raise ConfigError(f"{text}; the demo continues only its own runs of the same settings: give it another "
+                              f"--out, or remove {job.run_dir}") from None
         trained = time.perf_counter()
         model, _, _ = load_run(job.run_dir, device=c.device)
         lengths = [c.train_length * multiple for multiple in job.model.multiples(c)]
@@ -581,8 +588,11 @@ def run_demo(config: DemoConfig) -> Path:
     from .evaluate import plot_accuracy, plot_losses, write_json
     from .files import atomic_write_bytes
     from .models import create
+    from .train import ConfigError
 
     started, out = time.perf_counter(), Path(config.out_dir)
+    if (out / "config.json").is_file() or (out / "checkpoints").is_dir():  # its report would be written into it
+        raise ConfigError(f"--out {out} holds a training run: give the demo a folder of its own")
     jobs = [_Job(model, seed, config) for model in config.models for seed in config.seeds]
     workers, threads = min(config.workers or _cores(), len(jobs)), config.threads
     lengths = ", ".join(f"{n:,}" for n in config.eval_lengths)

@@ -530,7 +530,10 @@ def swept(tasks: dict[str, Task], field: str, values: Sequence) -> dict[str, Tas
             if label in result:
                 raise ValueError(f"{field} values {values} give two tasks the same name {label!r}: give distinct "
                                  "values")
-            result[label] = dataclasses.replace(task, **{field: value})
+            try:
+                result[label] = dataclasses.replace(task, **{field: value})
+            except (TypeError, ValueError) as error:  # the value, or what it does to the task's other parameters
+                raise ValueError(f"{label}: {error}") from None
     return result
 
 

@@ -475,6 +475,11 @@ def test_cache_defaults_to_the_environment_folder(folder, tmp_path_factory, monk
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache))
     cached_tokens(from_path(folder), ByteTokenizer(), "validation")
     assert len(list(cache.glob("*.uint16"))) == 1
+    (cache / "a-file").write_text("")
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(cache / "a-file"))  # a file where the folder should be: say which
+    with pytest.raises(OSError, match=rf"^cannot make the token cache folder {cache / 'a-file'} \(File exists; it "
+                                      r"is \$MIRAS_CACHE_DIR, or ~/.cache/miras/tokens without it\)$"):
+        cached_tokens(from_path(folder), ByteTokenizer(), "validation")
 
 
 def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_factory):

@@ -353,7 +353,11 @@ def cached_tokens(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / f"{_cache_key(documents, tokenizer, split)}.{dtype.name}"
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(f"cannot make the token cache folder {folder} ({error.strerror or error}; it is "
+                          "$MIRAS_CACHE_DIR, or ~/.cache/miras/tokens without it)") from None
 
         def write(file) -> None:
             for chunk in _chunks(documents, chunk_chars):
