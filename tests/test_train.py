@@ -278,6 +278,19 @@ def test_an_interrupt_right_after_the_rename_stays_an_interrupt(tmp_path, monkey
     assert (tmp_path / "file").read_bytes() == b"whole" and os.listdir(tmp_path) == ["file"]
 
 
+def test_a_resume_removes_the_temp_files_of_interrupted_saves_and_no_others(tmp_path):
+    config = tiny(tmp_path / "run", max_steps=1)
+    train(config, source())
+    run = tmp_path / "run"
+    ours = [run / "checkpoints" / ".step_00000002.pt.k2j4ab_x.tmp", run / ".config.json.a1b2.tmp",
+            run / ".metrics.jsonl.zz9_q.tmp", run / ".tokenizer.json.q1w2.tmp"]
+    theirs = [run / ".notes.txt.ab12.tmp", run / ".cache.tmp"]
+    for path in ours + theirs:
+        path.write_bytes(b"partial")
+    train(dataclasses.replace(config, max_steps=2, resume=True), source())
+    assert [path.exists() for path in ours + theirs] == [False] * len(ours) + [True] * len(theirs)
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     config = tiny(tmp_path / "run", max_steps=2, save_every=1, keep_checkpoints=5)
     train(config, source())

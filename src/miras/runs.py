@@ -256,8 +256,12 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
     """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
     make_run_folder(run_dir)
-    for stale in (run_dir / "checkpoints").glob(".step_*.tmp"):  # left by a crash during a save
-        stale.unlink()
+    # left by a crash during a save: a checkpoint's, or one of the run's own files' (files.atomic_write's temp
+    # names, ".<name>.<random>.tmp"; the tokenizer's files, whatever their names, are written by the run alone)
+    for stale in [*(run_dir / "checkpoints").glob(".step_*.tmp"), *run_dir.glob(".*.tmp")]:
+        owner = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp", stale.name)
+        if stale.parent.name == "checkpoints" or (owner and _run_file(owner[1])):
+            stale.unlink(missing_ok=True)
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
     path = run_dir / "config.json"
     if _damage(run_dir):  # resume_point let it through: the checkpoints vouch for the folder; keep the bytes
@@ -268,6 +272,12 @@ def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
     if tokenizer is not None:
         tokenizer.save(run_dir)
     _keep_metrics_until(run_dir / "metrics.jsonl", step)
+
+
+def _run_file(name: str) -> bool:
+    """A file name that the run itself writes into its folder (its config, metrics, tokenizer)."""
+    return name in ("config.json", "metrics.jsonl") or name.startswith(("tokenizer", "miras_tokenizer", "vocab",
+                                                                         "merges", "special_tokens", "added_tokens"))
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
