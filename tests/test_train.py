@@ -601,6 +601,22 @@ def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_s
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_speaks(capsys):
+    """torchrun's agent sends each worker the terminal's Ctrl-C again: a rank that stopped at once would leave the
+    others waiting in a collective (seen by hand: the agent then killed them after its 30 s grace)."""
+    for main in (True, False):
+        stop = train_module._StopRequest(world=2, main=main)
+        stop.install()
+        try:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # no KeyboardInterrupt
+        finally:
+            stop.uninstall()
+        assert stop.asked
+        assert capsys.readouterr().err == ("\nCtrl-C: stopping after this step, which is saved\n" if main else "")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_damaged_config_json_beside_checkpoints_is_passed_over_and_written_again(tmp_path, capsys):
     config = tiny(tmp_path / "run", max_steps=2, save_every=1)
     run_dir = train(config, source())

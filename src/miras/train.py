@@ -58,7 +58,8 @@ Choices DESIGN.md §5 leaves open, written down here:
 - Ctrl-C (SIGINT, in the main thread): the first one lets the current step end, saves a checkpoint
   of it and stops (``Interrupted``: a rerun of the same command continues from that step, exactly);
   a second one stops at once, keeping the checkpoints already on disk. Under ``torchrun`` the ranks
-  agree on the step to stop after (one flag all-reduced per step).
+  agree on the step to stop after (one flag all-reduced per step), and a second Ctrl-C is left to
+  torchrun (``_StopRequest``).
 """
 
 from __future__ import annotations
@@ -390,7 +391,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     def save(at: int, seconds: float) -> None:
         save_checkpoint(run_dir, raw_model, optimizer, config, model_config, at, seconds, main, data=data.identity)
 
-    stop = _StopRequest()
+    stop = _StopRequest(world, main)
     try:
         stop.install()
         while step < config.max_steps:
@@ -465,7 +466,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 last_saved = step
             if main:
                 bar.update(1)
-            if stop.agreed(device, world):  # the first Ctrl-C: end with this step saved
+            if stop.agreed(device):  # the first Ctrl-C: end with this step saved
                 if last_saved != step:
                     save(step, elapsed + time.perf_counter() - clock)
                     last_saved = step
@@ -508,10 +509,14 @@ def _schedule_note(checkpoint: dict, config: TrainConfig, step: int) -> str | No
 class _StopRequest:
     """Ctrl-C during training: the first SIGINT asks the loop to stop after the current step (saving it), the
     second raises KeyboardInterrupt at once. Installed only over Python's default handler in the main thread
-    (an ignored SIGINT or another program's handler is left alone, and then Ctrl-C acts at once as before)."""
+    (an ignored SIGINT or another program's handler is left alone, and then Ctrl-C acts at once as before).
+    Under torchrun (``world`` > 1) later SIGINTs are ignored: its agent sends every worker the terminal's
+    Ctrl-C a second time, and a rank stopping at once would leave the others waiting in a collective; the
+    agent kills workers that have not stopped after its grace period (a checkpoint being written is then
+    not there at all: the rename is atomic)."""
 
-    def __init__(self):
-        self.asked, self._installed = False, False
+    def __init__(self, world: int = 1, main: bool = True):
+        self.asked, self.world, self.main, self._installed = False, world, main, False
 
     def install(self) -> None:
         if (threading.current_thread() is threading.main_thread()
@@ -526,16 +531,19 @@ class _StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.asked:
-            raise KeyboardInterrupt
+            if self.world == 1:
+                raise KeyboardInterrupt
+            return
         self.asked = True
-        print("\nCtrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        if self.main:  # (under torchrun, rank 0 speaks for all)
+            again = " (Ctrl-C again to stop at once)" if self.world == 1 else ""
+            print(f"\nCtrl-C: stopping after this step, which is saved{again}", file=sys.stderr, flush=True)
 
-    def agreed(self, device: torch.device, world: int) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """Whether any rank was asked to stop (the same answer on every rank)."""
-        if world == 1:
+        if self.world == 1:
             return self.asked
-        return bool(_all_reduce(torch.tensor(float(self.asked), device=device), world).item())
+        return bool(_all_reduce(torch.tensor(float(self.asked), device=device), self.world).item())
 
 
 class Interrupted(KeyboardInterrupt):
