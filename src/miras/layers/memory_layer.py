@@ -42,7 +42,9 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   ``block_size`` tokens (``miras.memory.delta``): DeltaNet, Gated DeltaNet, Longhorn.
 - The engine runs in the dtype of the initial weights (float32 by default), also under bf16
   autocast: the projections and the memory reads then run in bf16, while the write path (inner
-  gradients, gate algebra, state update) stays float32 (see ``memory/chunked.py``).
+  gradients, gate algebra, state update) stays float32 (see ``memory/chunked.py``). A layer cast to
+  half precision (float16, bfloat16) runs its engine and keeps its memory state in float32 too
+  (``engine_dtype``); only the projections run in half precision.
 """
 
 from __future__ import annotations
@@ -195,9 +197,17 @@ class MemoryLayer(nn.Module):
         with torch.no_grad():
             self.gate_proj.bias.copy_(torch.cat(bias))
 
+    @property
+    def engine_dtype(self) -> torch.dtype:
+        """The dtype the memory's state and write path run in: the layer's own (float32 by default, float64),
+        but float32 for a half-precision layer (``model.half()``, ``.to(torch.bfloat16)``), as under autocast:
+        in half precision the inner updates lose the state (Moneta's Lp bias with its q-norm retention was
+        off by the size of its output)."""
+        return torch.promote_types(self.initial_weights[0].dtype, torch.float32)
+
     def init_state(self, batch: int) -> MemoryLayerState:
         """The learned initial memory for ``batch`` sequences, zero momentum, an empty conv tail."""
-        weights = tuple(w.unsqueeze(0).expand(batch, *w.shape) for w in self.initial_weights)
+        weights = tuple(w.to(self.engine_dtype).unsqueeze(0).expand(batch, *w.shape) for w in self.initial_weights)
         if hasattr(self.rule.retention, "initial"):  # a constrained memory (KLSoftmax: the simplex)
             weights = self.rule.retention.initial(weights)
         momentum = tuple(torch.zeros_like(w) for w in weights) if self.rule.algorithm.uses_momentum else None
@@ -225,7 +235,10 @@ class MemoryLayer(nn.Module):
 
     def _call(self, x: Tensor, state: MemoryLayerState, *, fused: bool | None):
         q, k, v, gates, conv_tail = self._engine_inputs(x, state.conv)
-        y, memory = self._engine(q, k, v, gates, state.memory, fused=fused)
+        memory = state.memory
+        if memory.weights[0].dtype in (torch.float16, torch.bfloat16) and self.engine_dtype == torch.float32:
+            memory = memory.to(torch.float32)  # a half state (``state.to(model dtype)``): the engine keeps float32
+        y, memory = self._engine(q, k, v, gates, memory, fused=fused)
         return self._output(y, x), MemoryLayerState(memory, conv_tail)
 
     def _in_groups(self, x: Tensor, state: MemoryLayerState) -> tuple[Tensor, MemoryLayerState]:
@@ -248,7 +261,7 @@ class MemoryLayer(nn.Module):
         """q, k, v (unit-norm q and k) and the gates for the engine, and the conv tail to carry."""
         batch, tokens, _ = x.shape
         qkv, conv_tail = self._conv(self.qkv(x), conv_tail)
-        engine_dtype = self.initial_weights[0].dtype
+        engine_dtype = self.engine_dtype
         q, k, v = F.silu(qkv).to(engine_dtype).view(batch, tokens, 3, self.heads, self.head_dim).unbind(2)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return q, k, v, self._gates(x, engine_dtype), conv_tail
