@@ -244,6 +244,10 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "(written to RUN_DIR/hf) or on an HF folder; needs miras-lm[eval]")
     parser.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (a fraction if < 1)")
     parser.add_argument("--include-path", default=None, help="lm-eval: a folder of task YAMLs of your own")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="lm-eval: context tokens kept (longer contexts lose their start; default 2**20)")
+    parser.add_argument("--metadata", type=json.loads, default=None,
+                        help="lm-eval: task metadata as JSON, e.g. '{\"max_seq_lengths\": [4096, 16384]}' (RULER)")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -251,7 +255,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if args.lm_eval is not None:  # (an empty task list too: refused there, never taken for the native evaluation)
         return _run_lm_eval(args)
-    given = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path))
+    given = [flag for flag, value in (("--limit", args.limit), ("--include-path", args.include_path),
+                                      ("--max-length", args.max_length), ("--metadata", args.metadata))
              if value is not None]
     if given:
         raise ConfigError(f"{', '.join(given)}: options of --lm-eval, not of the native evaluation")
@@ -275,7 +280,11 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
              if getattr(args, name) != defaults.get_default(name)]
     if given:
         raise ConfigError(f"{', '.join(given)}: options of the native evaluation, not of --lm-eval (which takes "
-                          "--limit, --include-path, --batch-size, --device and --out)")
+                          "--limit, --include-path, --max-length, --metadata, --batch-size, --device and --out)")
+    if args.max_length is not None and args.max_length < 1:
+        raise ConfigError(f"--max-length must be >= 1 (context tokens lm-eval keeps), got {args.max_length}")
+    if args.metadata is not None and not isinstance(args.metadata, dict):
+        raise ConfigError(f"--metadata must be a JSON object, got {args.metadata!r}")
     if args.limit is not None and not args.limit > 0:
         raise ConfigError(f"--limit must be > 0 (examples per task, a fraction if < 1), got {args.limit:g}")
     batch_size = 1 if args.batch_size is None else args.batch_size
@@ -307,8 +316,9 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
         hf_dir = run_dir / "hf"
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    extra = {"max_length": args.max_length} if args.max_length is not None else {}
     results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False,
-                          batch_size=batch_size, device=device)
+                          batch_size=batch_size, device=device, metadata=args.metadata, **extra)
     print(json.dumps(results["results"], indent=1, default=str))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from miras.hf import MirasCache, MirasConfig, MirasForCausalLM, select_state  # 
 from miras.hf.export import export  # noqa: E402
 from miras.hf.modeling import CACHE_NAME  # noqa: E402
 from miras.hf.state import BATCHED_FIELDS, SHARED_FIELDS  # noqa: E402
-from miras.hf.tokenization import bpe_tokenizer, byte_tokenizer  # noqa: E402
+from miras.hf.tokenization import bpe_tokenizer, byte_tokenizer, hf_tokenizer  # noqa: E402
 from miras.models import FAMILIES, create  # noqa: E402
 from miras.models.state import STATE_TYPES, ModelState  # noqa: E402
 
@@ -263,6 +263,21 @@ def test_bpe_tokenizer_round_trips(tmp_path):
     assert len(tokenizer.encode("the cat")) < len("the cat")  # merges are used
 
 
+def test_a_runs_bpe_reads_the_end_marker_s_text_as_text_as_in_training(tmp_path):
+    """The native BPE encodes "<|endoftext|>" in a document as text; the HF tokenizer of an export must too (only
+    the document boundary miras adds is the eos id)."""
+    from miras.data.text import from_path
+    from miras.data.tokenizers import get_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. the dog ate the cat food.\n" * 40)
+    native = get_tokenizer("bpe:300", from_path(tmp_path / "corpus.txt"))
+    hf_tokenizer(native).save_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "<|endoftext|>the cat"
+    assert loaded.encode(text) == native.encode(text) and len(native.encode(text)) > 3
+    assert loaded.eos_token_id == native.eos_id == 0 and loaded.decode(native.encode(text)) == text
+
+
 # --- save, load, export ----------------------------------------------------------------------------
 
 FRESH_PROCESS = textwrap.dedent("""
@@ -471,6 +486,35 @@ def test_export_run_converts_a_native_run(tmp_path):
 
 
 # --- lm-evaluation-harness -------------------------------------------------------------------------
+
+def test_lm_eval_keeps_long_contexts_whole_unless_told(tmp_path, monkeypatch):
+    """lm-eval's HF model cuts a context to its last 2048 tokens unless given max_length: these models have no
+    positional limit, so run_lm_eval gives 2**20; `miras eval --lm-eval` passes --max-length and --metadata on."""
+    lm_eval = pytest.importorskip("lm_eval", reason="run_lm_eval needs lm-evaluation-harness")
+    import miras.hf
+    from miras.cli import main
+    from miras.hf.harness import CONTEXT_LIMIT, run_lm_eval
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    run_lm_eval(tmp_path, ["some_task"])
+    assert seen["model_args"]["max_length"] == CONTEXT_LIMIT == 2**20
+    calls = []
+    monkeypatch.setattr(miras.hf, "run_lm_eval", lambda *args, **kwargs: calls.append(kwargs) or {"results": {}})
+    monkeypatch.setattr(miras.hf, "check_lm_eval_tasks", lambda tasks, include_path: None)
+    export(make("titans-lmm", dtype=torch.float32), SimpleNamespace(kind="byte"), tmp_path / "hf")
+    assert main(["eval", str(tmp_path / "hf"), "--lm-eval", "niah_single_1", "--max-length", "70000", "--metadata",
+                 '{"max_seq_lengths": [65536]}']) == 0
+    assert calls[-1]["max_length"] == 70000 and calls[-1]["metadata"] == {"max_seq_lengths": [65536]}
+    assert main(["eval", str(tmp_path / "hf"), "--lm-eval", "niah_single_1"]) == 0
+    assert "max_length" not in calls[-1] and calls[-1]["metadata"] is None  # run_lm_eval's default
+    assert main(["eval", str(tmp_path / "hf"), "--lengths", "32", "--max-length", "9"]) == 2  # lm-eval's option
+
 
 def test_lm_eval_on_a_local_task(tmp_path):
     pytest.importorskip("lm_eval", reason="run_lm_eval needs lm-evaluation-harness (pip install lm-eval)")

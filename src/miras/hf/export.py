@@ -5,7 +5,7 @@
 ``generation_config.json``, ``modeling_miras.py`` and the tokenizer's files, so that
 
     AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True)
-    AutoTokenizer.from_pretrained(hf_dir)
+    AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)   # (the config's auto_map is code)
 
 work in any process where ``miras-lm[hf]`` is installed. ``export_run(run_dir, hf_dir)`` does the
 same for a training run, read with ``miras.train.load_run``.

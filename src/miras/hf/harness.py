@@ -38,12 +38,19 @@ def check_lm_eval_tasks(tasks: Sequence[str], include_path: str | os.PathLike | 
         raise ValueError(f"unknown lm-eval task(s) {unknown}{where}; `lm-eval ls tasks` lists those installed")
 
 
+# lm-eval's HF model keeps the last `max_length` tokens of a context, 2048 unless the config names a length. The
+# recurrent models here have no positional limit: keep 2**20 tokens (as the native evaluation streams).
+CONTEXT_LIMIT = 2**20
+
+
 def run_lm_eval(model_dir: str | os.PathLike, tasks: Sequence[str], limit: int | float | None = None, *,
                 include_path: str | os.PathLike | None = None, batch_size: int = 1, device: str = "cpu",
-                dtype: str | None = None, num_fewshot: int | None = None, max_length: int | None = None,
+                dtype: str | None = None, num_fewshot: int | None = None, max_length: int | None = CONTEXT_LIMIT,
                 metadata: dict | None = None, **evaluate_kwargs) -> dict:
     """``lm_eval.simple_evaluate`` on the HF folder ``model_dir`` (loaded with ``trust_remote_code``).
-    ``limit``: examples per task (a fraction if < 1). Other keywords go to ``simple_evaluate``.
+    ``limit``: examples per task (a fraction if < 1). ``max_length``: the tokens of context lm-eval keeps
+    (it cuts longer contexts from the start; None: its own default, 2048). ``metadata`` goes to the tasks
+    (e.g. RULER's ``{"max_seq_lengths": [4096, 16384]}``). Other keywords go to ``simple_evaluate``.
     Returns its result dict (``results[task][metric]``, plus configs and, by default, samples)."""
     try:
         from lm_eval import simple_evaluate

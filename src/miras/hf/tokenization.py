@@ -3,12 +3,15 @@
 - **Bytes** become a ``PreTrainedTokenizerFast`` over a ``tokenizers`` BPE model with no merges
   whose 256 tokens are the GPT-2 byte-level characters, token id = byte value, so it encodes exactly
   as :class:`miras.data.tokenizers.ByteTokenizer` (``ids == list(text.encode("utf-8"))``) and is
-  saved as a standard ``tokenizer.json`` that ``AutoTokenizer`` loads with no custom code. The
+  saved as a standard ``tokenizer.json`` (no custom code of its own; ``AutoTokenizer`` on an exported
+  folder still reads its ``config.json``, whose ``auto_map`` names the model's code: pass
+  ``trust_remote_code=True``, or transformers asks whether to run it, waiting 15 s in a terminal). The
   native one has no end-of-text token, but HF generation and lm-eval need one (as a stop sequence,
   and as the context of an empty prompt): byte 0 (NUL, which text does not contain) is named eos.
   ``split_special_tokens`` keeps the text form of that token, "Ā", encoding as its UTF-8 bytes.
 - **BPE** (a ``tokenizers.Tokenizer``, e.g. a run's ``tokenizer.json``) is wrapped as is, with
-  ``<|endoftext|>`` as its end-of-text token when it has one.
+  ``<|endoftext|>`` as its end-of-text token when it has one; special tokens written in a text encode as
+  the backend does (a miras BPE: as text).
 - An HF tokenizer is used as it is.
 Decoding never cleans up spaces: ``decode(encode(text)) == text``.
 """
@@ -47,11 +50,14 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def bpe_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
-    """A trained ``tokenizers`` BPE as an HF tokenizer; ``<|endoftext|>`` is its eos when present."""
+    """A trained ``tokenizers`` BPE as an HF tokenizer; ``<|endoftext|>`` is its eos when present. Special tokens
+    written in a text encode as the backend does (``split_special_tokens``): a miras BPE reads them as text, as in
+    training, where only the document boundary miras adds is the eos id."""
     special = {}
     if backend.token_to_id(END_OF_TEXT) is not None:
         special = {"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                   split_special_tokens=backend.encode_special_tokens, **special)
 
 
 def hf_tokenizer(tokenizer) -> PreTrainedTokenizerBase:
