@@ -103,6 +103,16 @@ def test_bad_arguments():
         Attention(15, heads=2)
     with pytest.raises(ValueError, match="sinks only matter with a sliding window"):
         Attention(16, heads=2, sinks=4)
+    for kwargs, message in [({"heads": 0}, "heads must be an integer >= 1, got 0"),
+                            ({"heads": 2.0}, "heads must be an integer >= 1, got 2.0"),
+                            ({"window": True}, "window must be an integer >= 1, got True"),
+                            ({"window": 2.5}, "window must be an integer >= 1, got 2.5"),
+                            ({"window": 4, "sinks": -1}, "sinks must be an integer >= 0"),
+                            ({"window": 4, "sinks": 1.5}, "sinks must be an integer >= 0"),
+                            ({"rope_base": 0.0}, r"rope_base must be a finite number > 1 \(RoPE's frequency base\)"),
+                            ({"rope_base": float("nan")}, "rope_base must be a finite number > 1")]:
+        with pytest.raises(ValueError, match=message):
+            Attention(16, **{"heads": 2, **kwargs})
     with pytest.raises(ValueError, match=r"x must be \[B, T, dim=16\]"):
         make()(torch.randn(2, 3, 8, dtype=torch.float64))
     layer = make("window")

@@ -16,6 +16,7 @@ from miras.memory import (
     TITANS,
     Gates,
     chunked,
+    delta,
     get_rule,
     initial_state,
     read,
@@ -344,6 +345,8 @@ def test_bad_inputs():
         layer(inputs(tokens=3).float())
     with pytest.raises(ValueError, match="at least one sequence"):
         layer(inputs(tokens=3, batch=0))
+    with pytest.raises(TypeError, match=r"x must be a tensor \[B, T, dim=16\], got list"):
+        layer([[[0.0] * 16]])
     _, other = make_layer(conv_size=2)(inputs(tokens=3, batch=2))
     with pytest.raises(ValueError, match=r"state comes from another layer: its conv tail is \[1, 48\]"):
         layer(inputs(tokens=3, batch=2), other)
@@ -354,7 +357,10 @@ def test_bad_inputs():
                                    ({"head_dim": -2}, ValueError, "head_dim must be an integer >= 1"),
                                    ({"max_lr": math.inf}, ValueError, "max_lr must be a finite number > 0"),
                                    ({"gate_init": {"decay": "0.1"}}, TypeError, r"gate_init\['decay'\] must be"),
-                                   ({"rule": "titans"}, TypeError, "rule must be a miras.memory.MemoryRule")]:
+                                   ({"rule": "titans"}, TypeError, "rule must be a miras.memory.MemoryRule"),
+                                   ({"chunk_size": 0}, ValueError, "chunk_size must be an integer >= 1, got 0"),
+                                   ({"chunk_size": 2.5}, ValueError, "chunk_size must be an integer >= 1, got 2.5"),
+                                   ({"max_lr": True}, ValueError, "max_lr must be a finite number > 0, got True")]:
         with pytest.raises(error, match=message):
             MemoryLayer(16, **{"heads": 2, **kwargs})
 
@@ -398,6 +404,19 @@ def test_engine_errors_name_the_problem():
         chunked(DELTANET, q, q, q, Gates(lr=gates.lr.double()))
     with pytest.raises(TypeError, match="gates.lr must be a tensor .*, got float"):
         chunked(DELTANET, q, q, q, Gates(lr=0.1))
+    # another device (meta stands in for a GPU) for an input, a gate or the state; a string rule on the delta path;
+    # a state whose weights are not tensors
+    with pytest.raises(ValueError, match=r"q, k, v and the gates must be on one device, got q on meta, k on cpu"):
+        chunked(DELTANET, q.to("meta"), q, q, gates)
+    with pytest.raises(ValueError, match=r"must be on one device, got .*gates.lr on meta"):
+        chunked(DELTANET, q, q, q, Gates(lr=gates.lr.to("meta")))
+    with pytest.raises(ValueError, match=r"the state must be on q, k and v's device cpu, got \['meta'\] "
+                                         r"\(state.to\('cpu'\) moves it\)"):
+        chunked(DELTANET, q, q, q, gates, state.to("meta"), 4)
+    with pytest.raises(TypeError, match="rule must be a miras.memory.MemoryRule"):
+        delta("deltanet", q, q, q, gates)
+    with pytest.raises(TypeError, match=r"state.weights must be tensors, got \['str'\]"):
+        chunked(DELTANET, q, q, q, gates, dataclasses.replace(state, weights=("a",), chunk_start=None, position=0))
     titans_gates = {"lr": gates.lr, "momentum": gates.lr, "decay": gates.lr}
     for name, value, message in [("momentum", -0.5, r"in \[0.0, 1.0\], got values in \[-0.5, -0.5\]"),
                                  ("decay", 1.5, r"in \[0.0, 1.0\]"), ("lr", math.nan, ">= 0.0"),

@@ -497,6 +497,20 @@ def test_state_load_rejects_other_files(tmp_path):
     torch.save({"hello": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a miras state file"):
         ModelState.load(tmp_path / "other.pt")
+    model = create("titans-lmm-tiny")
+    _, state = model(ids(5))
+    state.save(tmp_path / "state.pt")
+    data = torch.load(tmp_path / "state.pt", weights_only=True)
+    torch.save({**data, "seen": True}, tmp_path / "bool.pt")  # a bool is not a count of tokens
+    with pytest.raises(ValueError, match="'seen' an integer >= 0"):
+        ModelState.load(tmp_path / "bool.pt")
+    # save: the path the caller gave is what the error names (not the temp file beside it)
+    for path, message in ((tmp_path, "state.save needs a file path, got .* \\(a folder\\)"), ("", "got ''"),
+                          (tmp_path / "nowhere" / "s.pt", f"the folder {tmp_path / 'nowhere'} does not exist")):
+        with pytest.raises(ValueError, match=message):
+            state.save(path)
+    with pytest.raises(TypeError, match=r"ids must be an int64 or int32 tensor \[B, T\], got list"):
+        model([[1, 2, 3]])
 
 
 def test_presets_and_overrides():
@@ -641,6 +655,9 @@ def test_memory_depth_defaults_errors_and_older_states():
         create("titans-lmm-tiny", memory_depth=1, memory_expansion=2)
     with pytest.raises(ValueError, match="transformer does not use memory_depth"):
         create("transformer-tiny", memory_depth=2)
+    # the family's own depth and width, named, are the same model: its states are interchangeable
+    _, state = create("titans-lmm-tiny")(ids(5))
+    create("titans-lmm-tiny", memory_depth=2, memory_expansion=4)(ids(3), state)
     # a state recorded before these fields existed had the family's own memory: it continues
     model = create("titans-lmm-tiny")
     _, state = model(ids(9))

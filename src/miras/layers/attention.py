@@ -17,6 +17,7 @@ token by token) gives the same outputs as one call. RoPE uses absolute stream po
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..memory.state import check_count
 from .base import check_input
 
 
@@ -65,10 +67,14 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, *, window: int | None = None, sinks: int = 0,
                  rope_base: float = 10000.0):
         super().__init__()
+        for name, value in (("dim", dim), ("heads", heads)) + (() if window is None else (("window", window),)):
+            check_count(name, value)
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be a positive number of positions or None, got {window}")
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks must be an integer >= 0 (positions every window also sees), got {sinks!r}")
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not 1 < rope_base < math.inf:
+            raise ValueError(f"rope_base must be a finite number > 1 (RoPE's frequency base), got {rope_base!r}")
         if sinks and window is None:
             raise ValueError("sinks only matter with a sliding window (full attention sees everything)")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads

@@ -24,6 +24,8 @@ class TokenMixer(Protocol):
 def check_input(x: Tensor, dim: int, dtype: torch.dtype, state_batch: int | None) -> None:
     """A mixer's input: ``x [B >= 1, T, dim]``, floating point, in the layer's parameter ``dtype`` (or
     under autocast); ``state_batch``: the batch of the state it continues (None: no state given)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor [B, T, dim={dim}], got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(f"x must be [B, T, dim={dim}], got {tuple(x.shape)}")
     if not x.is_floating_point():

@@ -110,10 +110,10 @@ class MemoryLayer(nn.Module):
                  gate_init: dict[str, float] | None = None, fused: bool | None = None):
         super().__init__()
         check_rule(rule)
-        for name, value in (("dim", dim), ("heads", heads), ("conv_size", conv_size), ("block_size", block_size)) + \
-                (() if head_dim is None else (("head_dim", head_dim),)):
+        for name, value in (("dim", dim), ("heads", heads), ("chunk_size", chunk_size), ("conv_size", conv_size),
+                            ("block_size", block_size)) + (() if head_dim is None else (("head_dim", head_dim),)):
             check_count(name, value)
-        if not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
+        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not 0 < max_lr < math.inf:
             raise ValueError(f"max_lr must be a finite number > 0, got {max_lr!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")

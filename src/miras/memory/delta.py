@@ -32,7 +32,7 @@ from .architectures import LinearMemory
 from .objectives import GD, L2, Decay, ImplicitGD, NoRetention, PreDecay
 from .recurrent import initial_state
 from .rules import MemoryRule
-from .state import Gates, MemoryState, check_inputs
+from .state import Gates, MemoryState, check_inputs, check_rule
 
 
 def supports_delta(rule: MemoryRule) -> bool:
@@ -45,6 +45,7 @@ def delta(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state
           block_size: int = 64) -> tuple[Tensor, MemoryState]:
     """The online rule (``recurrent(..., chunk_size=1)``) computed blockwise. Returns y ``[B, T, H, Dv]``
     and the state after the last token."""
+    check_rule(rule)
     if not supports_delta(rule):
         raise ValueError("delta computes LinearMemory + L2 + (NoRetention | Decay | PreDecay) + (GD | ImplicitGD) "
                          f"rules (DeltaNet, Gated DeltaNet, Longhorn); got {rule.name()}")

@@ -166,6 +166,12 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if q.dtype != k.dtype or k.dtype != v.dtype:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    tensors = {"q": q, "k": k, "v": v, **{f"gates.{n}": g for n, g in getattr(gates, "present", dict)().items()
+                                          if isinstance(g, Tensor)}}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"q, k, v and the gates must be on one device, got {listed} (.to(q.device) moves one)")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, T, H, Dk], got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != k.shape[:3]:
@@ -180,7 +186,7 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
     rule.architecture.check_dims(k.shape[-1], v.shape[-1])
     _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])), k.dtype)
     if state is not None:
-        check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1], k.dtype)
+        check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1], k.dtype, k.device)
         if state.position and state.chunk_size and state.chunk_size != chunk_size:
             raise ValueError(f"the state was left {state.position} tokens into a chunk of {state.chunk_size}; "
                              f"continue it with chunk_size={state.chunk_size}, got {chunk_size}")
@@ -262,6 +268,8 @@ def _check_gate_values(name: str, gate: Tensor) -> None:
 def check_weights(rule, weights, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
     """The memory weights have the rule's shapes for [B, H] and (dk, dv); returns those shapes."""
     expected = [(batch, heads, *s) for s in rule.architecture.weight_shapes(dk, dv)]
+    if not all(isinstance(w, Tensor) for w in weights):
+        raise TypeError(f"state.weights must be tensors, got {[type(w).__name__ for w in weights]}")
     got = [tuple(w.shape) for w in weights]
     if got != expected:
         raise ValueError(f"state.weights must have shapes {expected} for {rule.architecture}, got {got}")
@@ -269,7 +277,7 @@ def check_weights(rule, weights, batch: int, heads: int, dk: int, dv: int) -> li
 
 
 def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: int,
-                dtype: torch.dtype | None = None) -> None:
+                dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
     if not isinstance(state, MemoryState):
         raise TypeError(f"state must be a miras.memory.MemoryState or None, got {type(state).__name__}")
     for name in ("position", "chunk_size"):
@@ -282,6 +290,9 @@ def check_state(rule, state: MemoryState, batch: int, heads: int, dk: int, dv: i
                         f"tensors, got {type(state.weights).__name__}, {type(state.momentum).__name__}, "
                         f"{type(state.chunk_start).__name__}")
     expected = check_weights(rule, state.weights, batch, heads, dk, dv)
+    if device is not None and any(t.device != device for t in state.tensors()):
+        raise ValueError(f"the state must be on q, k and v's device {device}, got "
+                         f"{sorted({str(t.device) for t in state.tensors()})} (state.to({str(device)!r}) moves it)")
     if dtype is not None and any(t.dtype != dtype for t in state.tensors()):
         raise TypeError(f"the state's tensors must have q, k and v's dtype {dtype}, got "
                         f"{sorted({str(t.dtype) for t in state.tensors()})} (state.to({dtype}) converts it)")

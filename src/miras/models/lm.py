@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, MemoryLayer
+from ..memory import get_rule
 from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config, unused_fields
 from .hybrids import MemoryAsGate, MemoryAsLayer
 from .mac import MemoryAsContext
@@ -134,7 +135,10 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embed.weight
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
         self._left_out = self._layout_left_out()
-        self._state_layout = json.dumps({k: v for k, v in config.to_dict().items() if k not in self._left_out},
+        layout = config.to_dict()
+        if config.rule is not None and config.memory_rule() == get_rule(config.rule):  # e.g. memory_depth=2: the
+            layout.update(memory_depth=0, memory_expansion=0)  # family's own memory, recorded as the default
+        self._state_layout = json.dumps({k: v for k, v in layout.items() if k not in self._left_out},
                                         sort_keys=True, separators=(",", ":"))
 
     @property
@@ -159,6 +163,9 @@ class LanguageModel(nn.Module):
         return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0, self.state_layout)
 
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"ids must be an int64 or int32 tensor [B, T], got {type(ids).__name__} "
+                            "(torch.tensor(ids) makes one)")
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"ids must be an int64 or int32 tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[0] < 1:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +70,11 @@ class ModelState:
         return sum(s.nbytes() for s in self.layers)
 
     def save(self, path: str | os.PathLike) -> None:
+        target = Path(path)
+        if str(path) == "" or target.is_dir():
+            raise ValueError(f"state.save needs a file path, got {str(path)!r}" + (" (a folder)" if str(path) else ""))
+        if not target.parent.is_dir():
+            raise ValueError(f"state.save: the folder {target.parent} does not exist")
         data = {"format": "miras.ModelState/1", "seen": self.seen, "model": self.model,
                 "layers": [_to_plain(s) for s in self.layers]}
         atomic_write(path, lambda handle: torch.save(data, handle))
@@ -85,7 +91,8 @@ class ModelState:
             raise ValueError(f"{path} is not a miras state file (format 'miras.ModelState/1')")
         try:
             model = data.get("model", "")  # absent in files written before the layout was recorded
-            if (not isinstance(data["layers"], list) or not isinstance(data["seen"], int) or data["seen"] < 0
+            if (not isinstance(data["layers"], list) or not isinstance(data["seen"], int)
+                    or isinstance(data["seen"], bool) or data["seen"] < 0
                     or not isinstance(model, str)):
                 raise TypeError("'layers' must be a list, 'seen' an integer >= 0 and 'model' a string")
             if model:
