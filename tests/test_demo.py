@@ -218,6 +218,19 @@ def test_an_out_folder_of_other_runs_is_refused_with_the_demos_own_advice(quick_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_training_error_other_than_a_run_of_other_settings_is_passed_on_as_it_is(tmp_path, monkeypatch):
+    import miras.train
+    from miras.train import ConfigError
+
+    def diverge(config):
+        raise ConfigError("training diverged at step 40 (lr 0.03): the loss is nan; nothing was saved; lower lr")
+
+    monkeypatch.setattr(miras.train, "train", diverge)
+    with pytest.raises(ConfigError, match=r"^training diverged at step 40 \(lr 0.03\): the loss is nan; nothing was "
+                                          r"saved; lower lr$"):
+        run_demo(DemoConfig.quick(out_dir=str(tmp_path / "demo"), workers=1))
+
+
 def test_a_model_evaluated_to_a_shorter_length(tmp_path):
     """max_multiple: the model is evaluated up to that multiple; its missing cells say "not run"."""
     models = (DemoModel(name="short", preset="swa-transformer-tiny", overrides={"dim": 16, "heads": 1, "layers": 1},

@@ -200,9 +200,15 @@ def test_extending_a_finished_run_says_how_the_learning_rate_moves_and_decay_ste
     train(config, source())
     capsys.readouterr()
     train(dataclasses.replace(config, max_steps=8, resume=True, progress=True), source())
-    assert ("note: max_steps 4 -> 8 stretches the cosine schedule (it ends at max_steps; decay_steps fixes it): "
-            f"the learning rate at step 5 is {lr_at(4, dataclasses.replace(config, max_steps=8)):.3g} where the "
-            "saved run would have had 0.001\n") in capsys.readouterr().out
+    assert ("note: max_steps 4 -> 8 changes the cosine schedule, which ends at max_steps (a run meant to be extended "
+            "sets decay_steps from its first step): the learning rate at step 5 is "
+            f"{lr_at(4, dataclasses.replace(config, max_steps=8)):.3g} where the saved run would have had 0.001\n"
+            ) in capsys.readouterr().out
+    # resumed inside the warmup (the same lr there), the steps after it move: the first that does is named
+    warm = tiny(tmp_path / "warm", max_steps=8, warmup_steps=2)
+    train(dataclasses.replace(warm, max_steps=1), source())
+    train(dataclasses.replace(warm, resume=True, progress=True), source())
+    assert "note: max_steps 1 -> 8 changes the cosine schedule" in capsys.readouterr().out
     fixed = tiny(tmp_path / "fixed", max_steps=4, decay_steps=4)
     train(fixed, source())
     train(dataclasses.replace(fixed, max_steps=8, resume=True, progress=True), source())
@@ -284,11 +290,16 @@ def test_a_resume_removes_the_temp_files_of_interrupted_saves_and_no_others(tmp_
     run = tmp_path / "run"
     ours = [run / "checkpoints" / ".step_00000002.pt.k2j4ab_x.tmp", run / ".config.json.a1b2.tmp",
             run / ".metrics.jsonl.zz9_q.tmp", run / ".tokenizer.json.q1w2.tmp"]
-    theirs = [run / ".notes.txt.ab12.tmp", run / ".cache.tmp"]
+    theirs = [run / ".notes.txt.ab12.tmp", run / ".cache.tmp", run / ".step_00000002.pt.k2j4ab_x.tmp"]
     for path in ours + theirs:
         path.write_bytes(b"partial")
     train(dataclasses.replace(config, max_steps=2, resume=True), source())
     assert [path.exists() for path in ours + theirs] == [False] * len(ours) + [True] * len(theirs)
+    named = tmp_path / "checkpoints"  # a run folder named like its checkpoint folder: still only its own files
+    train(tiny(named, max_steps=1), source())
+    (named / ".notes.txt.ab12.tmp").write_bytes(b"theirs")
+    train(tiny(named, max_steps=2, resume=True), source())
+    assert (named / ".notes.txt.ab12.tmp").exists()
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -420,13 +431,14 @@ def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch, 
     corpus.write_text(corpus.read_text() + "zebra quokka xylophone jumps over the lazy fox\n" * 40)
     before = snapshot(tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"^{tmp_path / 'run'}: the training data \(text:{corpus}\) is not what the "
-                                          r"checkpoint of step 2 trained on: its contents have changed; pass "
+                                          r"checkpoint of step 2 trained on: the corpus or its tokenisation has "
+                                          r"changed; pass "
                                           r"resume=true to continue on the new contents, or use another out_dir$"):
         train(config)
     assert snapshot(tmp_path / "run") == before
     capsys.readouterr()
     train(dataclasses.replace(config, max_steps=3, resume=True))
-    assert "its contents have changed; continuing on the new contents (resume=true)" in capsys.readouterr().out
+    assert "its tokenisation has changed; continuing on the new contents (resume=true)" in capsys.readouterr().out
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
     assert losses(tmp_path / "run")[-1][0] == 3
     (tmp_path / "run" / "config.json").write_bytes(b"")  # a damaged config.json: the tokenizer is still found
@@ -571,7 +583,7 @@ def test_a_model_too_large_for_the_machine_is_one_line_and_makes_no_folder(tmp_p
 
 
 def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_second_stops_at_once(tmp_path,
-                                                                                                    capsys):
+                                                                                                    capfd):
     class Signal(CopyBatches):  # a real SIGINT, as Ctrl-C sends it, while steps `at` load their batch
         def __init__(self, at=(), **values):
             super().__init__(**values)
@@ -589,7 +601,7 @@ def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_s
     with pytest.raises(train_module.Interrupted, match=r"^interrupted at step 3: the latest checkpoint is step 3; run "
                                                       r"the same command again to continue from it$"):
         train(config, DataSource(Signal(at=[2])))  # during step 3 (batches count from 0): step 3 ends and is saved
-    assert "Ctrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)" in capsys.readouterr().err
+    assert "Ctrl-C: stopping after this step, which is saved (Ctrl-C again to stop at once)" in capfd.readouterr().err
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["step_00000003.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     train(config, source())
@@ -599,13 +611,18 @@ def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_s
         train(tiny(tmp_path / "twice", max_steps=6), DataSource(Signal(at=[1, 1])))  # twice in step 2: at once
     assert checkpoints(tmp_path / "twice") == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # during the last step: the run is complete, not interrupted
+    assert train(tiny(tmp_path / "last", max_steps=3), DataSource(Signal(at=[2]))) == tmp_path / "last"
+    assert [p.name for p in checkpoints(tmp_path / "last")] == ["step_00000003.pt"]
 
 
-def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_speaks(capsys):
+def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_speaks(capfd, monkeypatch):
     """torchrun's agent sends each worker the terminal's Ctrl-C again: a rank that stopped at once would leave the
     others waiting in a collective (seen by hand: the agent then killed them after its 30 s grace)."""
-    for main in (True, False):
-        stop = train_module._StopRequest(world=2, main=main)
+    for main, world in ((True, 2), (False, 2), (True, 1)):  # (one worker under torchrun: forwarded all the same)
+        if world == 1:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        stop = train_module._StopRequest(world=world, main=main)
         stop.install()
         try:
             signal.raise_signal(signal.SIGINT)
@@ -613,7 +630,7 @@ def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_spea
         finally:
             stop.uninstall()
         assert stop.asked
-        assert capsys.readouterr().err == ("\nCtrl-C: stopping after this step, which is saved\n" if main else "")
+        assert capfd.readouterr().err == ("\nCtrl-C: stopping after this step, which is saved\n" if main else "")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -236,7 +236,7 @@ EVAL_EXAMPLES = """examples:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .evaluate import add_eval_arguments
+    from .evaluate import add_eval_arguments, json_object
 
     add_eval_arguments(parser)
     parser.add_argument("--lm-eval", metavar="TASKS", default=None,
@@ -246,7 +246,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-path", default=None, help="lm-eval: a folder of task YAMLs of your own")
     parser.add_argument("--max-length", type=int, default=None,
                         help="lm-eval: context tokens kept (longer contexts lose their start; default 2**20)")
-    parser.add_argument("--metadata", type=json.loads, default=None,
+    parser.add_argument("--metadata", type=json_object("--metadata", '{"max_seq_lengths": [4096]}'), default=None,
                         help="lm-eval: task metadata as JSON, e.g. '{\"max_seq_lengths\": [4096, 16384]}' (RULER)")
 
 
@@ -283,8 +283,6 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
                           "--limit, --include-path, --max-length, --metadata, --batch-size, --device and --out)")
     if args.max_length is not None and args.max_length < 1:
         raise ConfigError(f"--max-length must be >= 1 (context tokens lm-eval keeps), got {args.max_length}")
-    if args.metadata is not None and not isinstance(args.metadata, dict):
-        raise ConfigError(f"--metadata must be a JSON object, got {args.metadata!r}")
     if args.limit is not None and not args.limit > 0:
         raise ConfigError(f"--limit must be > 0 (examples per task, a fraction if < 1), got {args.limit:g}")
     batch_size = 1 if args.batch_size is None else args.batch_size

@@ -285,11 +285,12 @@ def _run_job(job: _Job) -> dict:
         try:
             train(job.train_config())
         except ConfigError as error:  # a run of other settings in the folder: train's advice is not the demo's
-            text = str(error)
+            text = str(error)  # only a run of other settings gets the demo's advice; other errors stay as they are
             for advice in ("; pass resume=true to continue it with the new ones", "; use another out_dir"):
-                text = text.removesuffix(advice)
-            raise ConfigError(f"{text}; the demo continues only its own runs of the same settings: give it another "
-                              f"--out, or remove {job.run_dir}") from None
+                if text.endswith(advice):
+                    raise ConfigError(f"{text.removesuffix(advice)}; the demo continues only its own runs of the "
+                                      f"same settings: give it another --out, or remove {job.run_dir}") from None
+            raise
         trained = time.perf_counter()
         model, _, _ = load_run(job.run_dir, device=c.device)
         lengths = [c.train_length * multiple for multiple in job.model.multiples(c)]

@@ -425,17 +425,20 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def _json_object(text: str) -> dict:
-    """``--task-params``: a JSON object, parsed as ``miras train`` parses its dict fields."""
-    from .train_config import ConfigError, parse_value
+def json_object(option: str, example: str) -> Callable[[str], dict]:
+    """An argparse type: ``option``'s JSON object, parsed as ``miras train`` parses its dict fields."""
+    def parse(text: str) -> dict:
+        from .train_config import ConfigError, parse_value
 
-    try:
-        value = parse_value("--task-params", text, dict)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"--task-params must be a JSON object like {{\"pairs\": 16}}, got {text!r}")
-    return value
+        try:
+            value = parse_value(option, text, dict)
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{option} must be a JSON object like {example}, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -446,7 +449,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--lengths", type=_integers, default=None,
                         help="comma-separated context lengths, each once (sorted; default: the training length x 1, "
                              "2, 4, ..., 64)")
-    parser.add_argument("--task-params", type=_json_object, default=None, metavar="JSON",
+    parser.add_argument("--task-params", type=json_object("--task-params", '{"pairs": 16}'), default=None,
+                        metavar="JSON",
                         help="task parameters for every evaluated task, over the run's own, e.g. "
                              "'{\"pairs\": 16}' (more facts than in training)")
     parser.add_argument("--depths", type=_depths, default=None,

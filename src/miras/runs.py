@@ -257,10 +257,10 @@ def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig,
     """config.json, the tokenizer, checkpoints/ and metrics.jsonl cut back to ``step`` (rank 0, after checks)."""
     make_run_folder(run_dir)
     # left by a crash during a save: a checkpoint's, or one of the run's own files' (files.atomic_write's temp
-    # names, ".<name>.<random>.tmp"; the tokenizer's files, whatever their names, are written by the run alone)
+    # names, ".<name>.<random>.tmp"; the config, the metrics and the usual tokenizer files, _run_file)
     for stale in [*(run_dir / "checkpoints").glob(".step_*.tmp"), *run_dir.glob(".*.tmp")]:
         owner = re.fullmatch(r"\.(.+)\.[a-z0-9_]+\.tmp", stale.name)
-        if stale.parent.name == "checkpoints" or (owner and _run_file(owner[1])):
+        if stale.parent == run_dir / "checkpoints" or (owner and _run_file(owner[1])):
             stale.unlink(missing_ok=True)
     saved = {"train": config.to_dict(), "model": model_config.to_dict(), "tokenizer": tokenizer is not None}
     path = run_dir / "config.json"

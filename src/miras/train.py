@@ -320,7 +320,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if checkpoint is not None and None not in (checkpoint.get("data"), data.identity) \
             and checkpoint["data"] != data.identity:
         changed = (f"the training data ({config.data}) is not what the checkpoint of step {checkpoint['step']} "
-                   "trained on: its contents have changed")
+                   "trained on: the corpus or its tokenisation has changed")
         if not config.resume:
             raise ConfigError(f"{run_dir}: {changed}; pass resume=true to continue on the new contents, or use "
                               "another out_dir")
@@ -374,7 +374,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                   "larger max_steps and resume=true)", flush=True)
         elif checkpoint is not None and (note := _schedule_note(checkpoint, config, step)):
             print(note, flush=True)
-        elif config.warmup_steps > config.max_steps:
+        if config.warmup_steps > config.max_steps and step < config.max_steps:
             print(f"note: warmup_steps={config.warmup_steps} > max_steps={config.max_steps}: the learning rate "
                   f"never reaches lr={config.lr:g}", flush=True)
         from tqdm import tqdm
@@ -466,7 +466,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                 last_saved = step
             if main:
                 bar.update(1)
-            if stop.agreed(device):  # the first Ctrl-C: end with this step saved
+            if step < config.max_steps and stop.agreed(device):  # the first Ctrl-C: end with this step saved
                 if last_saved != step:
                     save(step, elapsed + time.perf_counter() - clock)
                     last_saved = step
@@ -499,45 +499,47 @@ def _schedule_note(checkpoint: dict, config: TrainConfig, step: int) -> str | No
         saved = TrainConfig.from_dict({**checkpoint["train_config"], "out_dir": config.out_dir})
     except (TypeError, ValueError):  # a config this version reads otherwise: resume_point has compared it
         return None
-    if lr_at(step, saved) == lr_at(step, config):
+    moved = next((s for s in range(step, config.max_steps) if lr_at(s, saved) != lr_at(s, config)), None)
+    if moved is None:
         return None
-    return (f"note: max_steps {saved.max_steps} -> {config.max_steps} stretches the cosine schedule (it ends at "
-            f"max_steps; decay_steps fixes it): the learning rate at step {step + 1} is {lr_at(step, config):.3g} "
-            f"where the saved run would have had {lr_at(step, saved):.3g}")
+    return (f"note: max_steps {saved.max_steps} -> {config.max_steps} changes the cosine schedule, which ends at "
+            f"max_steps (a run meant to be extended sets decay_steps from its first step): the learning rate at step "
+            f"{moved + 1} is {lr_at(moved, config):.3g} where the saved run would have had {lr_at(moved, saved):.3g}")
 
 
 class _StopRequest:
     """Ctrl-C during training: the first SIGINT asks the loop to stop after the current step (saving it), the
     second raises KeyboardInterrupt at once. Installed only over Python's default handler in the main thread
     (an ignored SIGINT or another program's handler is left alone, and then Ctrl-C acts at once as before).
-    Under torchrun (``world`` > 1) later SIGINTs are ignored: its agent sends every worker the terminal's
+    Under torchrun later SIGINTs are ignored: its agent sends every worker the terminal's
     Ctrl-C a second time, and a rank stopping at once would leave the others waiting in a collective; the
     agent kills workers that have not stopped after its grace period (a checkpoint being written is then
     not there at all: the rename is atomic)."""
 
     def __init__(self, world: int = 1, main: bool = True):
-        self.asked, self.world, self.main, self._installed = False, world, main, False
+        # torchrun's agent forwards Ctrl-C to its workers, with one worker too
+        self.forwarded = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+        self.asked, self.world, self.main, self._previous = False, world, main, None
 
     def install(self) -> None:
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._installed = False
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
 
     def _handle(self, signum, frame) -> None:
         if self.asked:
-            if self.world == 1:
+            if not self.forwarded:
                 raise KeyboardInterrupt
             return
         self.asked = True
-        if self.main:  # (under torchrun, rank 0 speaks for all)
-            again = " (Ctrl-C again to stop at once)" if self.world == 1 else ""
-            print(f"\nCtrl-C: stopping after this step, which is saved{again}", file=sys.stderr, flush=True)
+        if self.main:  # (under torchrun, rank 0 speaks for all); os.write: a print here could re-enter a stderr write
+            again = "" if self.forwarded else " (Ctrl-C again to stop at once)"
+            os.write(2, f"\nCtrl-C: stopping after this step, which is saved{again}\n".encode())
 
     def agreed(self, device: torch.device) -> bool:
         """Whether any rank was asked to stop (the same answer on every rank)."""

@@ -514,6 +514,10 @@ def test_lm_eval_keeps_long_contexts_whole_unless_told(tmp_path, monkeypatch):
     assert main(["eval", str(tmp_path / "hf"), "--lm-eval", "niah_single_1"]) == 0
     assert "max_length" not in calls[-1] and calls[-1]["metadata"] is None  # run_lm_eval's default
     assert main(["eval", str(tmp_path / "hf"), "--lengths", "32", "--max-length", "9"]) == 2  # lm-eval's option
+    for bad in ("{bad", "[1]"):  # argparse's usage error (exit 2) with what is wrong, for bad JSON and a non-object
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(tmp_path / "hf"), "--lm-eval", "niah_single_1", "--metadata", bad])
+        assert exit_.value.code == 2
 
 
 def test_lm_eval_on_a_local_task(tmp_path):

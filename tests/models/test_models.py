@@ -658,6 +658,8 @@ def test_memory_depth_defaults_errors_and_older_states():
     # the family's own depth and width, named, are the same model: its states are interchangeable
     _, state = create("titans-lmm-tiny")(ids(5))
     create("titans-lmm-tiny", memory_depth=2, memory_expansion=4)(ids(3), state)
+    _, deeper = create("titans-lmm-tiny", memory_depth=3)(ids(5))
+    create("titans-lmm-tiny", memory_depth=3, memory_expansion=4)(ids(3), deeper)
     # a state recorded before these fields existed had the family's own memory: it continues
     model = create("titans-lmm-tiny")
     _, state = model(ids(9))

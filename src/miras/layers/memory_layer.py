@@ -44,7 +44,8 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   autocast: the projections and the memory reads then run in bf16, while the write path (inner
   gradients, gate algebra, state update) stays float32 (see ``memory/chunked.py``). A layer cast to
   half precision (float16, bfloat16) runs its engine and keeps its memory state in float32 too
-  (``engine_dtype``); only the projections run in half precision.
+  (``engine_dtype``); the projections run in half precision (and MAC's retrieval reads the memory
+  in the model's dtype, as under autocast).
 """
 
 from __future__ import annotations

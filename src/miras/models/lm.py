@@ -136,8 +136,14 @@ class LanguageModel(nn.Module):
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
         self._left_out = self._layout_left_out()
         layout = config.to_dict()
-        if config.rule is not None and config.memory_rule() == get_rule(config.rule):  # e.g. memory_depth=2: the
-            layout.update(memory_depth=0, memory_expansion=0)  # family's own memory, recorded as the default
+        if config.rule is not None and get_rule(config.rule).architecture.kind == "mlp":
+            # the memory in effect: a field naming the family's own value (memory_depth=2) is recorded as 0
+            own, used = get_rule(config.rule).architecture, config.memory_rule().architecture
+            if used.kind == "linear":
+                layout.update(memory_depth=1, memory_expansion=0)
+            else:
+                layout.update(memory_depth=0 if used.depth == own.depth else used.depth,
+                              memory_expansion=0 if used.expansion == own.expansion else used.expansion)
         self._state_layout = json.dumps({k: v for k, v in layout.items() if k not in self._left_out},
                                         sort_keys=True, separators=(",", ":"))
 
