@@ -388,6 +388,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     last_saved, tokens_per_step = step if checkpoint is not None else None, config.batch_size * config.seq_len
     first_step, last = step, {}  # last: the latest logged loss and validation loss, for the closing line
     clock, last_log = time.perf_counter(), (time.perf_counter(), step)
+
     def save(at: int, seconds: float) -> None:
         save_checkpoint(run_dir, raw_model, optimizer, config, model_config, at, seconds, main, data=data.identity)
 
@@ -511,10 +512,10 @@ class _StopRequest:
     """Ctrl-C during training: the first SIGINT asks the loop to stop after the current step (saving it), the
     second raises KeyboardInterrupt at once. Installed only over Python's default handler in the main thread
     (an ignored SIGINT or another program's handler is left alone, and then Ctrl-C acts at once as before).
-    Under torchrun later SIGINTs are ignored: its agent sends every worker the terminal's
-    Ctrl-C a second time, and a rank stopping at once would leave the others waiting in a collective; the
-    agent kills workers that have not stopped after its grace period (a checkpoint being written is then
-    not there at all: the rename is atomic)."""
+    Under torchrun later SIGINTs are ignored: its agent sends every worker the terminal's Ctrl-C a second
+    time, and a rank stopping at once would leave the others waiting in a collective; the agent kills
+    workers that have not stopped after its grace period (a checkpoint being written is then not there at
+    all: the rename is atomic)."""
 
     def __init__(self, world: int = 1, main: bool = True):
         # torchrun's agent forwards Ctrl-C to its workers, with one worker too
