@@ -582,8 +582,17 @@ def test_a_model_too_large_for_the_machine_is_one_line_and_makes_no_folder(tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_second_stops_at_once(tmp_path,
-                                                                                                    capfd):
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler for the test: a suite started in the background inherits SIGINT ignored, and
+    training then (rightly) leaves it alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_second_stops_at_once(
+        tmp_path, capfd, default_sigint):
     class Signal(CopyBatches):  # a real SIGINT, as Ctrl-C sends it, while steps `at` load their batch
         def __init__(self, at=(), **values):
             super().__init__(**values)
@@ -614,9 +623,12 @@ def test_a_first_ctrl_c_saves_the_step_it_ends_and_a_rerun_continues_exactly_a_s
     # during the last step: the run is complete, not interrupted
     assert train(tiny(tmp_path / "last", max_steps=3), DataSource(Signal(at=[2]))) == tmp_path / "last"
     assert [p.name for p in checkpoints(tmp_path / "last")] == ["step_00000003.pt"]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # SIGINT ignored (a background job): left as it is
+    train(tiny(tmp_path / "ignored", max_steps=2), source())
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_speaks(capfd, monkeypatch):
+def test_under_torchrun_a_second_ctrl_c_is_left_to_torchrun_and_only_rank_0_speaks(capfd, monkeypatch, default_sigint):
     """torchrun's agent sends each worker the terminal's Ctrl-C again: a rank that stopped at once would leave the
     others waiting in a collective (seen by hand: the agent then killed them after its 30 s grace)."""
     for main, world in ((True, 2), (False, 2), (True, 1)):  # (one worker under torchrun: forwarded all the same)
