@@ -200,15 +200,25 @@ def test_extending_a_finished_run_says_how_the_learning_rate_moves_and_decay_ste
     train(config, source())
     capsys.readouterr()
     train(dataclasses.replace(config, max_steps=8, resume=True, progress=True), source())
-    assert ("note: max_steps 4 -> 8 changes the cosine schedule, which ends at max_steps (a run meant to be extended "
-            "sets decay_steps from its first step): the learning rate at step 5 is "
-            f"{lr_at(4, dataclasses.replace(config, max_steps=8)):.3g} where the saved run would have had 0.001\n"
-            ) in capsys.readouterr().out
+    assert ("note: max_steps 4 -> 8 changes the cosine schedule, which ends at max_steps; decay_steps=4 keeps it: the "
+            f"learning rate at step 5 is {lr_at(4, dataclasses.replace(config, max_steps=8)):.3g} where the saved run "
+            "would have had 0.001\n") in capsys.readouterr().out
     # resumed inside the warmup (the same lr there), the steps after it move: the first that does is named
     warm = tiny(tmp_path / "warm", max_steps=8, warmup_steps=2)
     train(dataclasses.replace(warm, max_steps=1), source())
     train(dataclasses.replace(warm, resume=True, progress=True), source())
     assert "note: max_steps 1 -> 8 changes the cosine schedule" in capsys.readouterr().out
+    # decay_steps added when extending: accepted when every step trained so far keeps its lr (here: the old
+    # max_steps), and then the run trains on at the floor; a decay_steps that rewrites the past is refused
+    later = tiny(tmp_path / "later", max_steps=4)
+    train(later, source())
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(decay_steps: None -> 6\)"):
+        train(dataclasses.replace(later, max_steps=8, decay_steps=6, resume=True), source())
+    train(dataclasses.replace(later, max_steps=8, decay_steps=4, resume=True, progress=True), source())
+    assert "note: max_steps" not in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "later" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if "lr" in line][4:] == pytest.approx([1e-3] * 4)
+    assert json.loads((tmp_path / "later" / "config.json").read_text())["train"]["decay_steps"] == 4
     fixed = tiny(tmp_path / "fixed", max_steps=4, decay_steps=4)
     train(fixed, source())
     train(dataclasses.replace(fixed, max_steps=8, resume=True, progress=True), source())

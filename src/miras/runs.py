@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .files import atomic_write, atomic_write_bytes
 from .models import LanguageModel, ModelConfig
-from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig, first_line
+from .train_config import RUNTIME_FIELDS, UNCOMPARED_FIELDS, ConfigError, TrainConfig, first_line, lr_at
 
 CHECKPOINT_FORMAT = "miras.checkpoint/1"
 CHECKPOINT_KEYS = ("step", "elapsed", "model", "optimizer", "rng", "train_config", "model_config")
@@ -221,14 +221,15 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
         return None
     # A missing or damaged config.json is passed over: the checkpoint holds the same configs (checked below),
     # and write_run_dir writes it again.
+    step = checkpoint_step(paths[-1])
     if saved is not None:
-        defining, runtime = _differences(saved, config, model_config)
+        defining, runtime = _differences(saved, _keeping_schedule(config, saved["train"], step), model_config)
         if defining:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
                               "use another out_dir")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
     defining, in_checkpoint = _differences({"train": payload["train_config"], "model": payload["model_config"]},
-                                           config, model_config)
+                                           _keeping_schedule(config, payload["train_config"], step), model_config)
     if defining:
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different config ({'; '.join(defining)})")
     runtime = runtime if saved is not None else in_checkpoint
@@ -239,6 +240,22 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
         raise ConfigError(f"{run_dir} is already at step {payload['step']}, past max_steps={config.max_steps}: "
                           f"pass max_steps >= {payload['step']} to continue it, or another out_dir")
     return payload
+
+
+def _keeping_schedule(config: TrainConfig, saved: dict, step: int) -> TrainConfig:
+    """``config`` as compared with a saved run's train config: with ``resume=true``, a ``decay_steps`` that
+    leaves the learning rate of every step already trained as it was (e.g. ``decay_steps=<the old max_steps>``
+    while extending a finished run, which then trains on at the floor) counts as the saved one."""
+    old = saved.get("decay_steps") if isinstance(saved, dict) else None
+    if not config.resume or old == config.decay_steps:
+        return config
+    try:
+        before = TrainConfig.from_dict({**saved, "out_dir": config.out_dir})
+    except (TypeError, ValueError):  # compared as saved: _differences names the field
+        return config
+    if all(lr_at(s, before) == lr_at(s, config) for s in range(step)):
+        return dataclasses.replace(config, decay_steps=old)
+    return config
 
 
 def _keep_metrics_until(path: Path, step: int) -> None:

@@ -33,8 +33,9 @@ Choices DESIGN.md §5 leaves open, written down here:
 - The learning rate is a pure function of the step (linear warmup, cosine to ``lr * min_lr_ratio``
   at ``decay_steps`` or else ``max_steps``), so the step stored in a checkpoint is the scheduler's whole
   state. Extending a finished run (``resume=true max_steps=<more>``) stretches a ``max_steps`` cosine, so
-  the learning rate rises again (train prints a note with both values); a run that will be extended sets
-  ``decay_steps`` and keeps its schedule (after it, the learning rate stays at its floor).
+  the learning rate rises again (train prints a note with both values); ``decay_steps`` fixes the
+  cosine's length (after it, the learning rate stays at its floor), and a resumed run may add it when
+  every step already trained keeps its learning rate (``decay_steps=<the old max_steps>``).
 - Checkpoints: ``out_dir/checkpoints/step_XXXXXXXX.pt``, one file holding full (unsharded) model and
   optimizer state dicts, RNG states, the step and both configs, written to a temp file in the same
   folder and renamed (a crash never leaves a half-written checkpoint); the last
@@ -108,6 +109,7 @@ from .train_config import (
     TrainConfig,
     config_from_args,
     first_line,
+    lr_at,
     parse_value,
     resolve_device,
 )
@@ -201,19 +203,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     parameters = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in parameters if id(p) in linear], "weight_decay": weight_decay},
             {"params": [p for p in parameters if id(p) not in linear], "weight_decay": 0.0}]
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """The learning rate of optimizer step ``step`` (from 0): linear warmup to ``lr`` over ``warmup_steps``,
-    then a cosine that reaches ``lr * min_lr_ratio`` at the last step (of ``decay_steps``, else of
-    ``max_steps``) and stays there. With ``decay_steps <= warmup_steps + 1`` there is no cosine: the run
-    ends at (or before) the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    end = config.decay_steps or config.max_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, end - config.warmup_steps - 1))
-    low = config.lr * config.min_lr_ratio
-    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - low)
 
 
 # ------------------------------------------------------------------------------------------- distributed
@@ -503,9 +492,10 @@ def _schedule_note(checkpoint: dict, config: TrainConfig, step: int) -> str | No
     moved = next((s for s in range(step, config.max_steps) if lr_at(s, saved) != lr_at(s, config)), None)
     if moved is None:
         return None
+    keep = f"; decay_steps={saved.decay_steps or saved.max_steps} keeps it" if not config.decay_steps else ""
     return (f"note: max_steps {saved.max_steps} -> {config.max_steps} changes the cosine schedule, which ends at "
-            f"max_steps (a run meant to be extended sets decay_steps from its first step): the learning rate at step "
-            f"{moved + 1} is {lr_at(moved, config):.3g} where the saved run would have had {lr_at(moved, saved):.3g}")
+            f"max_steps{keep}: the learning rate at step {moved + 1} is {lr_at(moved, config):.3g} where the saved "
+            f"run would have had {lr_at(moved, saved):.3g}")
 
 
 class _StopRequest:

@@ -21,6 +21,7 @@ from .models.config import check_overrides, unknown_preset, used_overrides
 # Fields that may change when a run is resumed with resume=true: they do not change the maths of a
 # step (grad_accum included: see the module docstring), or they extend the run (max_steps; without
 # decay_steps the cosine then stretches to the new end, and train says how the learning rate moves).
+# decay_steps may change too when every step already trained keeps its learning rate (runs._keeping_schedule).
 # The losses after such a change match an uninterrupted run's to float rounding, not bit for bit (another
 # summation order with grad_accum; bf16 where precision=auto meets another device).
 RUNTIME_FIELDS = frozenset({"max_steps", "grad_accum", "compile", "parallel", "device", "log_every", "eval_every",
@@ -84,7 +85,8 @@ class TrainConfig:
     min_lr_ratio: float = _key(0.1, "the cosine decay ends at lr x this")
     warmup_steps: int = _key(100, "linear warmup steps")
     decay_steps: int | None = _key(None, "the step where the cosine reaches lr x min_lr_ratio, held after it (none: "
-                                         "max_steps; set it to extend a run later without moving its schedule)")
+                                         "max_steps; extending a finished run, decay_steps=<its max_steps> keeps its "
+                                         "schedule)")
     weight_decay: float = _key(0.1, "AdamW weight decay (linear maps only)")
     betas: tuple[float, float] = _key((0.9, 0.95), "AdamW betas")
     grad_clip: float = _key(1.0, "max global gradient norm (0: no clipping)")
@@ -170,6 +172,19 @@ class TrainConfig:
             except (TypeError, ValueError):
                 pass  # a bad value: __post_init__ says what is wrong with it
         return cls(**values)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (from 0): linear warmup to ``lr`` over ``warmup_steps``,
+    then a cosine that reaches ``lr * min_lr_ratio`` at the last step (of ``decay_steps``, else of
+    ``max_steps``) and stays there. With ``decay_steps <= warmup_steps + 1`` there is no cosine: the run
+    ends at (or before) the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    end = config.decay_steps or config.max_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, end - config.warmup_steps - 1))
+    low = config.lr * config.min_lr_ratio
+    return low + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - low)
 
 
 def config_from_args(model: str, pairs: Sequence[str]) -> TrainConfig:
