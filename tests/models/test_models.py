@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from miras.layers import MemoryLayer
-from miras.memory import TITANS, TITANS_LINEAR, LinearMemory, MemoryState, get_rule
+from miras.memory import GD, MONETA, TITANS, TITANS_LINEAR, Huber, LinearMemory, LqNormalize, MemoryState, get_rule
 from miras.models import FAMILIES, LanguageModel, ModelState, create, preset_config
 from miras.models.config import MIRAS_FAMILIES, unused_fields, used_overrides
 
@@ -642,6 +642,46 @@ def test_memory_depth_and_expansion_options(family, depth, expansion):
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match=r"state comes from a different model: memory_depth="):
         create(f"{family}-tiny").double()(x, state)
+
+
+@pytest.mark.parametrize("family, axes, expected", [
+    ("moneta", {"retention": {"kind": "lq", "q": 4, "power": 2, "carry": "A"}},
+     lambda: dataclasses.replace(MONETA, retention=LqNormalize(q=4, power=2, carry="A"))),  # Eq. 24 as printed
+    ("titans-lmm", {"bias": {"kind": "huber"}}, lambda: dataclasses.replace(TITANS, bias=Huber())),
+    ("titans-mac", {"architecture": {"kind": "linear"}, "algorithm": {"kind": "gd"}},
+     lambda: dataclasses.replace(TITANS, architecture=LinearMemory(), algorithm=GD())),
+])
+def test_memory_axes_put_any_miras_rule_in_a_model(family, axes, expected):
+    """memory_axes replaces axes of the family's rule (MIRAS's four choices, at model level): the layers get that
+    rule, and the model stays causal and streams exactly; a state of other axes is refused."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny", memory_axes=axes).double()
+    assert {m.rule for m in model.modules() if isinstance(m, MemoryLayer)} == {expected()}
+    x = ids()
+    full, state = model(x)
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 1) % 256
+    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
+    pieces, s = [], None
+    for a, b in zip([0, 3, 12], [3, 12, 21]):
+        out, s = model(x[:, a:b], s)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="state comes from a different model: memory_axes="):
+        create(f"{family}-tiny").double()(x, state)
+
+
+def test_memory_axes_errors():
+    with pytest.raises(ValueError, match=r"memory_axes maps axes \['architecture', 'bias', 'retention', 'algorithm'\]"):
+        create("titans-lmm-tiny", memory_axes={"bias": "huber"})
+    with pytest.raises(ValueError, match=r"memory_axes \{'bias': \{'kind': 'x'\}\}: unknown bias kind 'x'; valid: "):
+        create("titans-lmm-tiny", memory_axes={"bias": {"kind": "x"}})
+    with pytest.raises(ValueError, match="PreDecay needs LinearMemory"):
+        create("titans-lmm-tiny", memory_axes={"retention": {"kind": "predecay"}})
+    with pytest.raises(ValueError, match="transformer does not use memory_axes"):
+        create("transformer-tiny", memory_axes={"bias": {"kind": "huber"}})
+    with pytest.raises(ValueError, match="titans-lmm does not use decay_init"):  # no forgetting gate left to start
+        create("titans-lmm-tiny", memory_axes={"retention": {"kind": "none"}}, decay_init=0.01)
 
 
 def test_memory_depth_defaults_errors_and_older_states():

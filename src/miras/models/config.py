@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from ..layers.memory_layer import IMPLS
 from ..memory import LinearMemory, MemoryRule, get_rule
@@ -77,6 +77,10 @@ class ModelConfig:
     # factor; 0 keeps the family's own (depth 2, expansion 4). Only the families with an MLP memory read them.
     memory_depth: int = 0
     memory_expansion: int = 0
+    # MIRAS axes that replace the family's, each as MemoryRule.to_dict writes it: {"bias": {"kind": "huber"}}
+    # gives Titans Yaad's Huber bias, {"retention": {"kind": "lq", "q": 4, "power": 2, "carry": "A"}} gives
+    # Moneta its Eq. 24 as printed; {}: the family's own rule. memory_depth and memory_expansion apply after.
+    memory_axes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.family, str) or self.family not in FAMILIES:
@@ -107,6 +111,17 @@ class ModelConfig:
         for name in ("memory_depth", "memory_expansion"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the family's own), got {getattr(self, name)}")
+        if self.memory_axes and FAMILIES[self.family] is not None:
+            from ..memory.rules import AXES
+
+            unknown = set(self.memory_axes) - set(AXES)
+            if unknown or not all(isinstance(spec, dict) for spec in self.memory_axes.values()):
+                raise ValueError(f"memory_axes maps axes {list(AXES)} to their specs (dicts with a 'kind', as "
+                                 f"MemoryRule.to_dict writes them), got {self.memory_axes!r}")
+            try:
+                self._axes_rule()
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"memory_axes {self.memory_axes}: {error}") from None
         if self.gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.gate_rank and FAMILIES[self.family] is None:
@@ -126,7 +141,7 @@ class ModelConfig:
         applied to its MLP memory (depth 1: ``LinearMemory``, e.g. titans-lmm becomes ``TITANS_LINEAR``)."""
         if self.rule is None:
             return None
-        rule = get_rule(self.rule)
+        rule = self._axes_rule()
         mlp = rule.architecture
         if mlp.kind != "mlp" or not (self.memory_depth or self.memory_expansion):
             return rule
@@ -134,6 +149,13 @@ class ModelConfig:
         memory = LinearMemory() if depth == 1 else dataclasses.replace(
             mlp, depth=depth, expansion=self.memory_expansion or mlp.expansion)
         return dataclasses.replace(rule, architecture=memory)
+
+    def _axes_rule(self) -> MemoryRule:
+        """The family's preset with ``memory_axes`` in place of its axes (before memory_depth/expansion)."""
+        rule = get_rule(self.rule)
+        if not self.memory_axes:
+            return rule
+        return MemoryRule.from_dict({**rule.to_dict(), **self.memory_axes})
 
     @property
     def mlp_hidden(self) -> int:
@@ -211,7 +233,9 @@ def unused_fields(config: ModelConfig) -> set[str]:
         unused.add("window")
     if config.family != "titans-mac":
         unused.add("segment")
-    if config.rule is None or get_rule(config.rule).architecture.kind != "mlp":
+    if config.rule is None:
+        unused.add("memory_axes")
+    if config.rule is None or config._axes_rule().architecture.kind != "mlp":
         unused |= {"memory_depth", "memory_expansion"}
     elif config.memory_depth == 1:  # a matrix memory has no hidden width
         unused.add("memory_expansion")
@@ -224,7 +248,7 @@ def unused_fields(config: ModelConfig) -> set[str]:
         unused.add("block_size")
     if config.family in FIXED_GATE_FAMILIES:
         unused |= {"decay_init", "lr_init"}
-    elif "decay" not in get_rule(config.rule).needed_gates():
+    elif "decay" not in config.memory_rule().needed_gates():
         unused.add("decay_init")
     return unused
 

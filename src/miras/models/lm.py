@@ -19,14 +19,14 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Attention, MemoryLayer
-from ..memory import get_rule
 from .config import FIXED_GATE_FAMILIES, HYBRID_FAMILIES, ModelConfig, preset_config, unused_fields
 from .hybrids import MemoryAsGate, MemoryAsLayer
 from .mac import MemoryAsContext
 from .state import ModelState
 
 # every config field's default: a state layout saved before a field was added held it at its default
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+             for f in dataclasses.fields(ModelConfig)}
 
 
 class SwiGLU(nn.Module):
@@ -136,9 +136,9 @@ class LanguageModel(nn.Module):
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
         self._left_out = self._layout_left_out()
         layout = config.to_dict()
-        if config.rule is not None and get_rule(config.rule).architecture.kind == "mlp":
+        if config.rule is not None and config._axes_rule().architecture.kind == "mlp":
             # the memory in effect: a field naming the family's own value (memory_depth=2) is recorded as 0
-            own, used = get_rule(config.rule).architecture, config.memory_rule().architecture
+            own, used = config._axes_rule().architecture, config.memory_rule().architecture
             if used.kind == "linear":
                 layout.update(memory_depth=1, memory_expansion=0)
             else:
