@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 from ..layers.memory_layer import IMPLS
 from ..memory import LinearMemory, MemoryRule, get_rule
+from ..memory.rules import AXES
 
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
@@ -112,14 +113,12 @@ class ModelConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the family's own), got {getattr(self, name)}")
         if self.memory_axes and FAMILIES[self.family] is not None:
-            from ..memory.rules import AXES
-
             unknown = set(self.memory_axes) - set(AXES)
             if unknown or not all(isinstance(spec, dict) for spec in self.memory_axes.values()):
                 raise ValueError(f"memory_axes maps axes {list(AXES)} to their specs (dicts with a 'kind', as "
                                  f"MemoryRule.to_dict writes them), got {self.memory_axes!r}")
             try:
-                self._axes_rule()
+                self.axes_rule()
             except (TypeError, ValueError) as error:
                 raise ValueError(f"memory_axes {self.memory_axes}: {error}") from None
         if self.gate_rank < 0:
@@ -141,7 +140,7 @@ class ModelConfig:
         applied to its MLP memory (depth 1: ``LinearMemory``, e.g. titans-lmm becomes ``TITANS_LINEAR``)."""
         if self.rule is None:
             return None
-        rule = self._axes_rule()
+        rule = self.axes_rule()
         mlp = rule.architecture
         if mlp.kind != "mlp" or not (self.memory_depth or self.memory_expansion):
             return rule
@@ -150,7 +149,7 @@ class ModelConfig:
             mlp, depth=depth, expansion=self.memory_expansion or mlp.expansion)
         return dataclasses.replace(rule, architecture=memory)
 
-    def _axes_rule(self) -> MemoryRule:
+    def axes_rule(self) -> MemoryRule:
         """The family's preset with ``memory_axes`` in place of its axes (before memory_depth/expansion)."""
         rule = get_rule(self.rule)
         if not self.memory_axes:
@@ -235,7 +234,7 @@ def unused_fields(config: ModelConfig) -> set[str]:
         unused.add("segment")
     if config.rule is None:
         unused.add("memory_axes")
-    if config.rule is None or config._axes_rule().architecture.kind != "mlp":
+    if config.rule is None or config.axes_rule().architecture.kind != "mlp":
         unused |= {"memory_depth", "memory_expansion"}
     elif config.memory_depth == 1:  # a matrix memory has no hidden width
         unused.add("memory_expansion")

@@ -136,9 +136,9 @@ class LanguageModel(nn.Module):
         self._state_types: tuple[type, ...] | None = None  # each block's state type, for checking states
         self._left_out = self._layout_left_out()
         layout = config.to_dict()
-        if config.rule is not None and config._axes_rule().architecture.kind == "mlp":
+        if config.rule is not None and config.axes_rule().architecture.kind == "mlp":
             # the memory in effect: a field naming the family's own value (memory_depth=2) is recorded as 0
-            own, used = config._axes_rule().architecture, config.memory_rule().architecture
+            own, used = config.axes_rule().architecture, config.memory_rule().architecture
             if used.kind == "linear":
                 layout.update(memory_depth=1, memory_expansion=0)
             else:
