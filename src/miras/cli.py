@@ -295,22 +295,23 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
             check_out_folder(out)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    from .runs import holds_a_run
+
     run_dir = Path(args.run_dir)
-    config = run_dir / "config.json"
-    if not _holds_a_run(run_dir):
+    if not holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
     export_run, run_lm_eval, check_tasks = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks")
+    from .hf.export import is_export
+
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     try:  # before anything is exported
         check_tasks(tasks, args.include_path)
     except (ImportError, ValueError) as error:
         raise ConfigError(f"--lm-eval: {error}") from None
-    try:
-        saved = json.loads(config.read_text())
-    except (OSError, ValueError):  # missing or damaged: a native run's checkpoints hold its configs (export_run)
-        saved = None
+    # a native run is exported first (also one whose config.json is missing or damaged: export_run reads the
+    # configs from its checkpoints)
     hf_dir = run_dir
-    if not isinstance(saved, dict) or saved.get("model_type") != "miras":  # a native run: export it first
+    if not is_export(run_dir):
         hf_dir = run_dir / "hf"
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
@@ -349,15 +350,11 @@ def _hf(*names: str):
     return [getattr(hf, name) for name in names]
 
 
-def _holds_a_run(folder: Path) -> bool:
-    """A config.json, or checkpoints whose configs stand in for a missing one (``runs.load_run``)."""
-    return (folder / "config.json").is_file() or (folder / "checkpoints").is_dir()
-
-
 def _run_export(args: argparse.Namespace) -> int:
+    from .runs import holds_a_run
     from .train import ConfigError
 
-    if not _holds_a_run(Path(args.run_dir)):
+    if not holds_a_run(Path(args.run_dir)):
         raise ConfigError(f"{args.run_dir} is not a miras run (no config.json)")
     (export_run,) = _hf("export_run")
     from .hf.export import check_export_folder

@@ -589,10 +589,11 @@ def run_demo(config: DemoConfig) -> Path:
     from .evaluate import plot_accuracy, plot_losses, write_json
     from .files import atomic_write_bytes
     from .models import create
+    from .runs import holds_a_run
     from .train import ConfigError
 
     started, out = time.perf_counter(), Path(config.out_dir)
-    if (out / "config.json").is_file() or (out / "checkpoints").is_dir():  # its report would be written into it
+    if holds_a_run(out):  # its report would be written into it
         raise ConfigError(f"--out {out} holds a training run: give the demo a folder of its own")
     jobs = [_Job(model, seed, config) for model in config.models for seed in config.seeds]
     workers, threads = min(config.workers or _cores(), len(jobs)), config.threads

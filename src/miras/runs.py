@@ -366,6 +366,12 @@ def run_tokenizer(run_dir: Path):
     return saved_tokenizer(run_dir, saved if saved is not None else _tokenizer_flag(run_dir))
 
 
+def holds_a_run(folder: Path) -> bool:
+    """A config.json, or checkpoints whose configs stand in for a missing one (``load_run``): a folder that
+    ``eval``, ``generate`` and ``export`` read, and that the demo must not write its report into."""
+    return (folder / "config.json").is_file() or (folder / "checkpoints").is_dir()
+
+
 def _runs_inside(run_dir: Path) -> str:
     """The end of a "not a run directory" error: the runs a level or two below (the demo's <model>/seed-<n>)."""
     inside = sorted(str(path.parent.relative_to(run_dir)) for pattern in ("*/checkpoints", "*/*/checkpoints")

@@ -594,6 +594,23 @@ def test_mac_uses_retrieved_memory_tokens_and_writes_attention_output(monkeypatc
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def assert_causal_and_streams(model, x=None):
+    """Perturbing token 11 leaves the logits before it unchanged, and feeding ``x`` in segments or token by token
+    (the decoding path) gives one call's logits (float64 model). Returns that call's (logits, state)."""
+    x = ids() if x is None else x
+    full, state = model(x)
+    x2 = x.clone()
+    x2[:, 11] = (x2[:, 11] + 1) % 256
+    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
+    for cuts in ([3, 12], list(range(1, x.shape[1]))):
+        pieces, streamed = [], None
+        for a, b in zip([0, *cuts], [*cuts, x.shape[1]]):
+            out, streamed = model(x[:, a:b], streamed)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    return full, state
+
+
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "moneta-h"])
 def test_channel_wise_gates_option(family):
     """gate_rank > 0 makes the memory gates channel-wise; the model stays causal and streams exactly."""
@@ -602,17 +619,7 @@ def test_channel_wise_gates_option(family):
     layer = next(m for m in model.modules() if getattr(m, "gating", None) == "channel")
     with torch.no_grad():  # per-channel terms that are not zero (they start at zero)
         layer.gate_up.weight.normal_(0, 0.3)
-    x = ids()
-    full, _ = model(x)
-    x2 = x.clone()
-    x2[:, 11] = (x2[:, 11] + 1) % 256
-    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
-    for cuts in ([3, 12], list(range(1, 21))):  # segments, token by token (the decoding path)
-        pieces, state = [], None
-        for a, b in zip([0, *cuts], [*cuts, 21]):
-            out, state = model(x[:, a:b], state)
-            pieces.append(out)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    assert_causal_and_streams(model)
 
 
 @pytest.mark.parametrize("family, depth, expansion", [("titans-lmm", 1, 0), ("titans-lmm", 3, 0),
@@ -630,16 +637,7 @@ def test_memory_depth_and_expansion_options(family, depth, expansion):
         base = get_rule(preset_config(f"{family}-tiny").rule)
         assert model.config.memory_rule() == dataclasses.replace(base, architecture=LinearMemory())
     x = ids()
-    full, _ = model(x)
-    x2 = x.clone()
-    x2[:, 11] = (x2[:, 11] + 1) % 256
-    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
-    for cuts in ([3, 12], list(range(1, 21))):  # segments, token by token (the decoding path)
-        pieces, state = [], None
-        for a, b in zip([0, *cuts], [*cuts, 21]):
-            out, state = model(x[:, a:b], state)
-            pieces.append(out)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    _, state = assert_causal_and_streams(model, x)
     with pytest.raises(ValueError, match=r"state comes from a different model: memory_depth="):
         create(f"{family}-tiny").double()(x, state)
 
@@ -658,15 +656,7 @@ def test_memory_axes_put_any_miras_rule_in_a_model(family, axes, expected):
     model = create(f"{family}-tiny", memory_axes=axes).double()
     assert {m.rule for m in model.modules() if isinstance(m, MemoryLayer)} == {expected()}
     x = ids()
-    full, state = model(x)
-    x2 = x.clone()
-    x2[:, 11] = (x2[:, 11] + 1) % 256
-    torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
-    pieces, s = [], None
-    for a, b in zip([0, 3, 12], [3, 12, 21]):
-        out, s = model(x[:, a:b], s)
-        pieces.append(out)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    _, state = assert_causal_and_streams(model, x)
     with pytest.raises(ValueError, match="state comes from a different model: memory_axes="):
         create(f"{family}-tiny").double()(x, state)
 

@@ -64,19 +64,23 @@ def export(model: LanguageModel, tokenizer, hf_dir: str | os.PathLike, *, train_
 def check_export_folder(hf_dir: Path) -> None:
     """``hf_dir`` may be new, or hold an earlier export (replaced), but not a training run or another program's
     ``config.json``: the export would write over them."""
-    config = hf_dir / "config.json"
     if hf_dir.exists() and not hf_dir.is_dir():
         raise ValueError(f"{hf_dir} is a file: give a folder to write the HF model into")
     if (hf_dir / "checkpoints").is_dir():
         raise ValueError(f"{hf_dir} holds a training run (checkpoints/): export into another folder")
-    if config.is_file():
-        try:
-            ours = json.loads(config.read_text()).get("model_type") == "miras"
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            ours = False
-        if not ours:
-            raise ValueError(f"{config} is not an exported miras model's (a run's, or another program's): export "
-                             "into another folder")
+    if (hf_dir / "config.json").is_file() and not is_export(hf_dir):
+        raise ValueError(f"{hf_dir / 'config.json'} is not an exported miras model's (a run's, or another "
+                         "program's): export into another folder")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder/config.json`` is an exported miras model's (``model_type`` "miras"); False when it is
+    missing or unreadable."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):  # (UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "miras"
 
 
 def export_run(run_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> MirasForCausalLM:
