@@ -1,7 +1,8 @@
 """Does miras compute the same on a GPU? Checks, on one device, what the CPU test suite checks on the CPU.
 
     python benchmarks/cuda_check.py                 # on cuda; writes benchmarks/results/cuda_check.json
-    python benchmarks/cuda_check.py --device cpu    # the same checks on the CPU (a dry run of this script)
+    python benchmarks/cuda_check.py --device cpu    # the same checks on the CPU (a dry run: writes nothing
+                                                    # unless --out is given)
 
 - the engine: chunked == recurrent (float64, values and final state) for Titans, Moneta, Yaad,
   channel-wise gates; the exact delta path == the online reference (Gated DeltaNet);
@@ -128,7 +129,9 @@ def training_check(device: torch.device) -> list[tuple[str, float, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "cuda_check.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON record (default: benchmarks/results/cuda_check.json on a GPU; nowhere for "
+                             "a CPU dry run)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -149,11 +152,15 @@ def main() -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {label}: {error:.2e} (<= {tolerance:.0e})", flush=True)
     summary = {"device": name, "torch": torch.__version__, "checks": len(results), "failed": failed,
                "seconds": round(time.perf_counter() - started, 1), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from miras.files import atomic_write_bytes
+    out = args.out or (ROOT / "results" / "cuda_check.json" if device.type == "cuda" else None)
+    where = "nothing written (a dry run; give --out to keep it)"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from miras.files import atomic_write_bytes
 
-    atomic_write_bytes(args.out, json.dumps(summary, indent=1).encode())
-    print(f"cuda_check: {len(results) - failed}/{len(results)} passed in {summary['seconds']} s; wrote {args.out}")
+        atomic_write_bytes(out, json.dumps(summary, indent=1).encode())
+        where = f"wrote {out}"
+    print(f"cuda_check: {len(results) - failed}/{len(results)} passed in {summary['seconds']} s; {where}")
     return 1 if failed else 0
 
 

@@ -2,12 +2,13 @@
 rule, dim 256, 4 heads, chunk 16: the layer of titans-*-small), forward + backward of [1, T].
 
     .venv/bin/python benchmarks/fused_backward.py                 # T = 4K and 16K, ~10 min on 2 cores
-    .venv/bin/python benchmarks/fused_backward.py --lengths 4096
+    .venv/bin/python benchmarks/fused_backward.py --lengths 4096  # prints only (give --out to keep it)
 
 For each path (eager / compiled, with and without recompute=16) the layer runs once with autograd
 through the chunk loop (fused=False) and once with the fused backward (fused=True), each case in its
 own process (peak RSS is per process). Before timing, the two are checked equal on the same input
-(outputs and every parameter gradient, float32). Results: benchmarks/results/fused_backward.{json,md}.
+(outputs and every parameter gradient, float32). Results: benchmarks/results/fused_backward.{json,md},
+written only by the committed run (the default lengths) or where ``--out`` says. Exits 1 if a case failed.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_layer import DIM, HEADS, ROOT, make_step, spawn, time_case  # noqa: E402
+from memory_layer import DIM, HEADS, ROOT, _failed, make_step, spawn, time_case  # noqa: E402
 
+COMMITTED = [4096, 16384]  # the lengths of the committed results
 PATHS = [("chunked", 0), ("chunked", 16), ("compiled", 0), ("compiled", 16)]
 
 
@@ -67,13 +69,18 @@ def table(results) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=COMMITTED)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for fused_backward.json / .md (default: benchmarks/results for the committed "
+                             "run, the default lengths; nowhere for any other)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
-        return
+        return 0
+    for option, values in (("--lengths", args.lengths), ("--threads", [args.threads])):
+        if min(values) < 1:
+            parser.error(f"{option} must be >= 1, got {' '.join(map(str, values))}")
     difference = check_equal()
     print(f"fused == autograd: largest relative difference {difference:.1e}", flush=True)
     if difference > 1e-4:
@@ -86,20 +93,26 @@ def main():
                         "mode": "fwdbwd", "dtype": "float32", "batch": 1, "repeats": 3, "budget_s": 60}
                 results.append(spawn(case, [sys.executable, __file__, "--case", json.dumps(case)]))
                 print(table(results[-1:]).splitlines()[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or (ROOT / "results" if args.lengths == COMMITTED else None)
+    if out is None:
+        print("nothing written: only the committed run (the default lengths) replaces benchmarks/results/"
+              "fused_backward; give --out to keep this one")
+        return _failed(results)
+    out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "relative_difference": difference}
     from miras.files import atomic_write_bytes
 
-    atomic_write_bytes(args.out / "fused_backward.json",
+    atomic_write_bytes(out / "fused_backward.json",
                        json.dumps({"meta": meta, "results": results}, indent=1).encode())
     command = " ".join(["python benchmarks/fused_backward.py", *sys.argv[1:]])
-    atomic_write_bytes(args.out / "fused_backward.md", (
+    atomic_write_bytes(out / "fused_backward.md", (
         f"Command: `{command}`. torch {torch.__version__}, {args.threads} threads, float32; MemoryLayer(256, "
         f"4 heads, TITANS, chunk 16), forward + backward of [1, T]; fused == autograd to {difference:.0e} "
         f"(relative, float32).\n\n" + table(results) + "\n").encode())
-    print(f"wrote {args.out / 'fused_backward.md'}")
+    print(f"wrote {out / 'fused_backward.md'}")
+    return _failed(results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,9 @@ the same width, and against titans-pytorch's NeuralMemory where a throwaway venv
 Every case runs in its own process (peak RSS is per process), after a correctness check in float64
 (chunked == recurrent) and a bf16-autocast accuracy check against float64. Achieved GFLOP/s counts
 the matmul FLOPs of forward (+ backward) with torch's FlopCounterMode and is compared to the float32
-(and bf16) matmul rate measured in the same run. Results: benchmarks/results/memory_layer.{json,md}.
+(and bf16) matmul rate measured in the same run; it is counted after the timing, so that the
+counting pass (an eager twin of a compiled layer) stays out of the case's peak RSS. Results:
+benchmarks/results/memory_layer.{json,md}. Exits 1 if a case failed (its row says why).
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ def make_step(layer, x, case):
     return step
 
 
-def time_case(case, step, flops=None) -> dict:
-    """Warm up once, then time up to ``repeats`` runs within ``budget_s``; median, peak RSS."""
+def time_case(case, step) -> dict:
+    """Warm up once, then time up to ``repeats`` runs within ``budget_s``; median, peak RSS (read here, before
+    anything else runs in the process)."""
     from miras.bench import peak_rss_mb
 
     rss_before = peak_rss_mb()
@@ -88,34 +91,33 @@ def time_case(case, step, flops=None) -> dict:
         step()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds,
-            "gflops": None if flops is None else flops / seconds / 1e9, "runs": len(times), "finite": finite,
-            "peak_rss_mb": peak_rss_mb(),
-            "rss_before_mb": rss_before}
+    return {**case, "seconds": seconds, "tokens_per_s": case["batch"] * case["T"] / seconds, "gflops": None,
+            "runs": len(times), "finite": finite, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before}
 
 
 def run_case(case) -> dict:
-    """Runs in a child process: build, count FLOPs, then time."""
+    """Runs in a child process: build, time, then count FLOPs (after timing: the count runs an eager twin
+    whose memory must not enter the case's peak RSS)."""
     torch.set_num_threads(case["threads"])
     layer = build(case)
     x = torch.randn(case["batch"], case["T"], DIM, generator=torch.Generator().manual_seed(1))
     step = make_step(layer, x, case)
-    flops = None
+    result = time_case(case, step)
     if case["layer"] != "recurrent":
         from torch.utils.flop_counter import FlopCounterMode
 
-        # Count on the eager twin (same math, same FLOPs): the counter cannot see into compiled code.
-        twin = make_step(build({**case, "layer": "chunked"}), x, case) if case["layer"] == "compiled" else step
         from miras.bench import attention_flop_formulas
 
+        # Count on the eager twin (same math, same FLOPs): the counter cannot see into compiled code.
+        twin = make_step(build({**case, "layer": "chunked"}), x, case) if case["layer"] == "compiled" else step
         # The memory layer's FLOPs are linear in T: counted on 1024 tokens and scaled. Attention's are not (and
         # torch counts none for its CPU kernel without these formulas): counted at the full T.
         count_t = case["T"] if case["layer"] == "attention" else min(case["T"], 1024)
         counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
         with counter:
             twin(x[:, :count_t])
-        flops = counter.get_total_flops() * case["T"] / count_t
-    return time_case(case, step, flops)
+        result["gflops"] = counter.get_total_flops() * case["T"] / count_t / result["seconds"] / 1e9
+    return result
 
 
 def check_correctness() -> dict:
@@ -244,7 +246,9 @@ def main():
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
-        return
+        return 0
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     checks = check_correctness()
     print("correctness:", json.dumps(checks), flush=True)
     from miras.bench import matmul_rate
@@ -265,7 +269,7 @@ def main():
     out = args.out if args.out is not None else None if args.quick else ROOT / "results"
     if out is None:
         print("--quick: nothing written (give --out to keep the results)")
-        return
+        return _failed(results)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": args.threads, "quick": args.quick}
@@ -275,7 +279,16 @@ def main():
           f"bf16 {rates['bfloat16']:.0f} GFLOP/s. torch {torch.__version__}.\n\n" + table(results, rates) + "\n")
     atomic_write_bytes(out / "memory_layer.md", md.encode())
     print(f"wrote {out / 'memory_layer.md'}")
+    return _failed(results)
+
+
+def _failed(results: list[dict]) -> int:
+    """The exit status: 1 (and a line naming them) when cases failed, so that a script or CI sees it."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(results)} cases failed (their rows say why)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

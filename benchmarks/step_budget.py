@@ -1,7 +1,10 @@
 """Where a Titans training step's time goes: the memory's chunk loop against everything around it.
 
-    .venv/bin/python benchmarks/step_budget.py                         # T = 4096, about 1 min
+    .venv/bin/python benchmarks/step_budget.py                         # T = 4096, about 1 min, prints only
     .venv/bin/python benchmarks/step_budget.py --lengths 4096 16384    # the committed run, about 6 min
+
+Only the committed run (``--lengths 4096 16384``) writes benchmarks/results/step_budget.{md,json}; any
+other run prints its table and writes only where ``--out`` says.
 
 One forward + backward on [1, T] per case, float32, `small` presets, the Titans models with
 ``impl=compiled`` and no ``recompute`` (their fastest setting on this CPU, not their leanest). Cases:
@@ -38,6 +41,7 @@ from miras.files import atomic_write_bytes
 from miras.models import create
 
 ROOT = Path(__file__).resolve().parent
+COMMITTED = [4096, 16384]  # the lengths of the committed results
 
 
 def null_engine(rule, q, k, v, gates, memory, chunk_size, **_):
@@ -120,8 +124,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--aims", type=float, nargs="+", default=[1.5, 1.0],
                         help="aims for MAC's step, as multiples of the Transformer's (issue: 1.5 at 4K, 1 at 16K)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "step_budget",
-                        help="file stem: STEM.md and STEM.json (default: benchmarks/results/step_budget)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="file stem: STEM.md and STEM.json (default: benchmarks/results/step_budget for the "
+                             "committed run, --lengths 4096 16384; nowhere for any other)")
     args = parser.parse_args()
     for option, values in (("--lengths", args.lengths), ("--rounds", [args.rounds]), ("--threads", [args.threads])):
         if min(values) < 1:
@@ -130,9 +135,14 @@ def main() -> None:
     rows = [row for length in args.lengths for row in measure(length, args.rounds)]
     text = table(rows, args.aims)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out.parent / f"{args.out.name}.md", text.encode())
-    atomic_write_bytes(args.out.parent / f"{args.out.name}.json", (json.dumps(rows, indent=1) + "\n").encode())
+    out = args.out or (ROOT / "results" / "step_budget" if args.lengths == COMMITTED else None)
+    if out is None:
+        print("nothing written: only the committed run (--lengths 4096 16384) replaces benchmarks/results/"
+              "step_budget; give --out to keep this one")
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.parent / f"{out.name}.md", text.encode())
+    atomic_write_bytes(out.parent / f"{out.name}.json", (json.dumps(rows, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

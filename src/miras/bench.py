@@ -7,12 +7,17 @@
     .venv/bin/python benchmarks/models.py                # the same, results into benchmarks/results/
 
 Each case runs in its own process (peak RSS is per process), 2 threads (``--threads``), float32:
-- train: one forward + backward of a next-token loss on [1, T] random tokens, median of timed runs;
-  model GFLOP/s = 3x the FLOPs of one forward pass (the usual fwd + 2x bwd convention; recompute
-  not counted) over the measured step time, compared with a dense float32 matmul's rate measured in
-  the same run. The forward's FLOPs are counted with torch's FlopCounterMode on an eager twin:
-  every matmul, and attention as the kernel is called (every query-key pair of a masked call,
-  half of them under ``is_causal``);
+- train: one forward + backward of a next-token loss on [1, T] random tokens, median of the timed
+  runs (3, or fewer when they pass 30 s: ``runs`` in the JSON); model GFLOP/s = 3x the FLOPs of one
+  forward pass (the usual fwd + 2x bwd convention, as model-FLOPs utilisation counts them;
+  ``model_gflops`` in the JSON is that 3x) over the measured step time, compared with a dense
+  float32 matmul's rate measured in the same run. The forward's FLOPs are counted with torch's
+  FlopCounterMode on an eager twin: every matmul, and attention as the kernel is called (every
+  query-key pair of a masked call, half of them under ``is_causal``). These are the FLOPs the model
+  needs, not those a step executes: recompute is not counted, and the memories' backward passes
+  run more than 2x their forward (FlopCounterMode over forward + backward, `small`, 512 tokens:
+  1.47x the 3x-forward count for titans-lmm, 1.57x for ttt-mlp, 1.81x for gated-deltanet's exact
+  delta path, 1.00x for the Transformer), so their GFLOP/s understate how busy the matmul units are;
 - decode: stream a context of C tokens through the model in 4K-token segments (bounded memory),
   then time 64 single-token decoding steps; report tokens/s, peak RSS and the state size.
 """
@@ -83,8 +88,8 @@ def run_case(case) -> dict:
         seconds = statistics.median(times)
         peak = _peak_mb(device)  # before counting: the twin's forward is not part of the measured step
         flops = model_flops(case, ids[:, :-1])
-        return {**case, "tokens_per_s": case["T"] / seconds, "params": model.num_parameters(), "peak_rss_mb": peak,
-                "model_gflops": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
+        return {**case, "tokens_per_s": case["T"] / seconds, "runs": len(times), "params": model.num_parameters(),
+                "peak_rss_mb": peak, "model_gflops": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
     state = None
     with torch.no_grad():
         for start in range(0, case["context"], 4096):
