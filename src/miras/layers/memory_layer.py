@@ -11,7 +11,14 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   (θ = 0.1, η = 0.9, α = 0.001) whatever ``max_lr`` (the upper bound of θ) is. With unit-norm
   keys the inner problem's curvature is O(1),
   so these values keep momentum GD stable (θ < 2(1 + η)); the default config runs 16K tokens
-  without NaN (tested).
+  without NaN (tested). That bound is per token. Inside a chunk every gradient is taken at the
+  chunk-start weights, so tokens with the same key add up to one step: a chunk of b equal unit keys
+  is one GD step of b·θ, stable only for b·θ < 2. A matrix memory trained by plain GD (``ttt-linear``:
+  no retention, nothing bounding its prediction) then diverges on a run of one repeated byte once θ
+  passes 2/b: ttt-linear-tiny (chunk 8) with every θ set to 0.2 stays bounded over 768 such
+  tokens, with θ = 0.3 its state reaches 1.8e13 (by hand). Its θ starts at 0.1 but may train up to
+  ``max_lr`` (1); ``max_lr`` < 2/``chunk_size`` rules this out for it. The MLP memories' output
+  LayerNorm bounds their error, and the exact online path (``impl="delta"``, chunk 1) has b = 1.
 - α starts at 0.001 (a retention half-life of ~700 tokens). It was 0.01 until the demo's design
   runs: with 0.01 a tiny titans-lmm trained at 32 tokens forgot within ~2K tokens, and one seed's
   memory blew up between 1K and 2K (``OMP_NUM_THREADS=1 miras train titans-lmm-tiny`` with the
@@ -22,8 +29,13 @@ Choices where the papers are silent (PAPERS.md §4), and why:
 - θ starts at 0.01 in the titans-mac presets (``lr_init``, models/config.py ``MAC_GATES``). MAC writes
   this memory with an attention output that reads the memory; from θ = 0.1 (with η = 0.9, an
   effective step of 1) that loop amplified rounding until an untrained titans-mac-tiny's float32
-  logits were 0.15 off its float64 ones after 384 tokens. From 0.01 they stay within 1e-5, as
+  logits were 0.15 off its float64 ones after 384 tokens. From 0.01 they stay within 1e-5 there, as
   every other Titans model's do from 0.1 (``test_untrained_titans_models_are_not_chaotic_in_float32``).
+  The loop still amplifies rounding, only more slowly: on 8K random bytes the untrained float32
+  titans-mac-tiny drifts from float64 by 1.2e-3 at 4K tokens and 0.25 at 8K (titans-lmm-tiny: under
+  1e-5 throughout), and float64 itself drifts between one call and segments of 1000 tokens by
+  5e-10 at 8K (by hand in a review). Streaming is exact; the untrained MAC is sensitive to rounding,
+  so its float32 results over long streams depend on the summation order (thread count, batch).
 - Huber's threshold δ_t (Yaad) is a fourth token-level gate, δ = softplus(·), initialised to 1
   (RMS units, see ``miras.memory.Huber``).
 - ``gating="channel"`` (MIRAS §5.4, Titans-NeurIPS's channel-wise α): θ, η, α per token, head and
@@ -62,7 +74,14 @@ from torch.utils.checkpoint import checkpoint
 from ..memory import TITANS, Gates, MemoryRule, MemoryState, chunked, recurrent
 from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
-from ..memory.state import CHANNEL_GATES, channel_widths, check_count, check_rule, supports_channel_gates
+from ..memory.state import (
+    CHANNEL_GATES,
+    GateRangeError,
+    channel_widths,
+    check_count,
+    check_rule,
+    supports_channel_gates,
+)
 from .base import check_input, piece_sizes
 
 IMPLS = ("chunked", "compiled", "recurrent", "delta")
@@ -239,7 +258,13 @@ class MemoryLayer(nn.Module):
         memory = state.memory
         if memory.weights[0].dtype in (torch.float16, torch.bfloat16) and self.engine_dtype == torch.float32:
             memory = memory.to(torch.float32)  # a half state (``state.to(model dtype)``): the engine keeps float32
-        y, memory = self._engine(q, k, v, gates, memory, fused=fused)
+        try:
+            y, memory = self._engine(q, k, v, gates, memory, fused=fused)
+        except GateRangeError as error:  # NaN gates: say where they come from (checked only on this error path)
+            if not bool(torch.isfinite(x).all()):
+                raise GateRangeError(f"{error}: this memory layer's input holds NaN or inf, so an earlier layer, or "
+                                     "the state carried into the model, has diverged") from None
+            raise
         return self._output(y, x), MemoryLayerState(memory, conv_tail)
 
     def _in_groups(self, x: Tensor, state: MemoryLayerState) -> tuple[Tensor, MemoryLayerState]:
