@@ -1,4 +1,4 @@
-"""The trainer: typed overrides, loss going down, exact resume, atomic checkpoints, BPTT, DDP under torchrun.
+"""The trainer: typed overrides, loss going down, exact resume, atomic checkpoints, BPTT, DDP and FSDP2 under torchrun.
 
 Run as a script by torchrun, this file is one DDP rank of ``test_ddp_matches_single_process``.
 """
@@ -789,6 +789,33 @@ def test_ddp_matches_single_process(tmp_path):
     assert whole[0][1] == pytest.approx(ddp[0][1], rel=1e-6)
 
 
+def fsdp_config(out_dir: Path, **values) -> TrainConfig:
+    """ddp_config with a memory model: its learned initial memory is read when the state is built."""
+    return dataclasses.replace(ddp_config(out_dir), model="titans-lmm-tiny", **values)
+
+
+def test_fsdp_matches_single_process_and_one_process_continues_its_checkpoint(tmp_path):
+    """parallel=fsdp (FSDP2, 2 ranks): the losses of one process with the same global batch, and a checkpoint
+    gathered into the full format, which one process (DDP's default) continues as it continues its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               str(tmp_path / "fsdp"), "--fsdp"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(tmp_path / "fsdp" / f"parameters_rank{rank}.txt").read_text() for rank in range(2)] == ["DTensor"] * 2
+    sharded = losses(tmp_path / "fsdp")
+    accumulated = losses(train(fsdp_config(tmp_path / "accumulated", grad_accum=2)))
+    assert [step for step, _ in sharded] == list(range(1, 7))
+    assert [loss for _, loss in sharded] == pytest.approx([loss for _, loss in accumulated], rel=1e-5)
+    assert validation(tmp_path / "fsdp") == pytest.approx(validation(tmp_path / "accumulated"), rel=1e-5)
+    # Both runs continue two steps in one process, from their last checkpoints.
+    for name in ("fsdp", "accumulated"):
+        train(fsdp_config(tmp_path / name, grad_accum=2, max_steps=8, resume=True))
+    continued = [losses(tmp_path / name)[6:] for name in ("fsdp", "accumulated")]
+    assert [step for step, _ in continued[0]] == [7, 8]
+    assert [loss for _, loss in continued[0]] == pytest.approx([loss for _, loss in continued[1]], rel=1e-5)
+
+
 def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
     """Rank 0 makes the folder before any rank trains; the others stop with it (not in a collective it left)."""
     (tmp_path / "file").write_text("")
@@ -823,6 +850,24 @@ def _ddp_rank(out_dir: str) -> None:
     (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(digest)
 
 
+def _fsdp_rank(out_dir: str) -> None:
+    """One rank of test_fsdp_matches_single_process_...: train, then write what this rank's parameters are (FSDP2
+    makes them DTensors, each rank holding a shard)."""
+    from miras.models import LanguageModel
+
+    built = []
+
+    class Recorded(LanguageModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    train_module.LanguageModel = Recorded
+    train(fsdp_config(Path(out_dir), parallel="fsdp"))
+    kinds = {type(p).__name__ for p in built[0].parameters()}
+    (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.txt").write_text(" ".join(sorted(kinds)))
+
+
 def _ddp_rank_expecting_an_error(out_dir: str, report_dir: str) -> None:
     """One rank of test_ddp_ranks_stop_together_...: write this rank's ConfigError (exit 1 if there was none)."""
     rank = os.environ["RANK"]
@@ -838,5 +883,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[2:3] == ["--expect-config-error"]:
         _ddp_rank_expecting_an_error(sys.argv[1], sys.argv[3])
+    elif sys.argv[2:3] == ["--fsdp"]:
+        _fsdp_rank(sys.argv[1])
     else:
         _ddp_rank(sys.argv[1])

@@ -49,8 +49,9 @@ Choices DESIGN.md §5 leaves open, written down here:
   (``max_steps``, logging, device, ...) may change.
 - ``parallel="fsdp"`` shards parameters, gradients and optimizer state with FSDP2 (``fully_shard``,
   see ``_shard``) instead of replicating them with DDP; checkpoints are gathered into the same full
-  format, so a run may switch between them. DDP is the tested path; FSDP2 runs the same loop and
-  state-dict code (checked by hand on CPU/gloo: same losses as one process, resume included).
+  format, so a run may switch between them. Both are tested on CPU/gloo with 2 ranks: the losses of
+  one process with the same global batch, and (FSDP2) one process continuing the sharded run's
+  checkpoint as it continues its own.
 - Data (``make_batches``): ``data="task:<name>"`` generates ``miras.data.tasks`` examples of
   ``seq_len + 1`` bytes (``data_params`` are the task's parameters) and validates on the same task
   under another seed; ``data="text:<spec>"`` reads a corpus (``stdlib``, a file, folder or glob,
