@@ -331,6 +331,21 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_a_run_is_its_model_not_the_overrides_that_asked_for_it(tmp_path):
+    """Overrides that build the same model continue the run; when only model fields differ (e.g. a default that
+    changed since the run began), the error also names the overrides that rebuild the saved model."""
+    config = tiny(tmp_path / "run", max_steps=2, save_every=1)
+    train(config, source())
+    train(dataclasses.replace(config, max_steps=3, resume=True, model_overrides={"heads": 2}), source())  # the preset's
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3]
+    changed = dataclasses.replace(config, max_steps=4, resume=True, model_overrides={"heads": 4})
+    with pytest.raises(ConfigError, match=r"holds a run with a different config \(model.heads: 2 -> 4\); use another "
+                                          r"out_dir, or pass model.heads=2 to continue it$"):
+        train(changed, source())
+    with pytest.raises(ConfigError, match=r"\(lr: 0.01 -> 0.5; model.heads: 2 -> 4\); use another out_dir$"):
+        train(dataclasses.replace(changed, lr=0.5), source())
+
+
 def test_unusable_checkpoints_and_run_dirs_are_one_line_errors_that_write_nothing(tmp_path, monkeypatch):
     config = tiny(tmp_path / "run", max_steps=2, save_every=1)
     train(config, source())

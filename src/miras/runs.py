@@ -176,15 +176,34 @@ def _damage(run_dir: Path) -> bool:
 
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
     """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS).
-    A field the saved config lacks (added to miras since) is compared at its default."""
+    A field the saved config lacks (added to miras since) is compared at its default. The model is compared
+    as built, not as asked for: overrides that give the same model config (an override equal to the default
+    it replaces, or one a default now gives) are the same run."""
     defining, runtime = [], []
     for prefix, old, new in (("", _with_defaults(TrainConfig, saved["train"]), config.to_dict()),
                              ("model.", _with_defaults(ModelConfig, saved["model"]), model_config.to_dict())):
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS):
+            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS | {"model_overrides"}):
                 change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
     return defining, runtime
+
+
+def _model_hint(saved: dict, config: TrainConfig, model_config: ModelConfig) -> str:
+    """When only model fields differ (e.g. a default changed since the run began): the overrides that rebuild
+    the saved model, as an alternative to another out_dir."""
+    train = _with_defaults(TrainConfig, saved["train"])
+    now = config.to_dict()
+    if any(train.get(key) != now.get(key) for key in set(train) | set(now)
+           if key not in UNCOMPARED_FIELDS | RUNTIME_FIELDS | {"model_overrides"}):
+        return ""
+    old, new = _with_defaults(ModelConfig, saved["model"]), model_config.to_dict()
+    differing = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
+    if not differing or not differing <= set(old) & set(new):
+        return ""
+    back = [f"model.{key}={old[key] if isinstance(old[key], str) else json.dumps(old[key])}"
+            for key in sorted(differing)]
+    return f", or pass {' '.join(back)} to continue it"
 
 
 def _with_defaults(kind, values: dict) -> dict:
@@ -226,7 +245,7 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
         defining, runtime = _differences(saved, _keeping_schedule(config, saved["train"], step), model_config)
         if defining:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
-                              "use another out_dir")
+                              f"use another out_dir{_model_hint(saved, config, model_config)}")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
     defining, in_checkpoint = _differences({"train": payload["train_config"], "model": payload["model_config"]},
                                            _keeping_schedule(config, payload["train_config"], step), model_config)

@@ -741,6 +741,24 @@ def test_untrained_models_of_every_family_are_not_chaotic_in_float32(family):
     assert _float32_drift(f"{family}-tiny") < 1e-4
 
 
+@pytest.mark.parametrize("preset", ["titans-lmm-tiny", "titans-mag-tiny", "titans-mal-tiny", "titans-lmm-small"])
+def test_a_matrix_memory_with_momentum_starts_at_a_stable_step(preset):
+    """Titans with a matrix memory (memory_depth=1, or memory_axes naming one) starts at θ = 0.01 unless lr_init is
+    given: inside a chunk, tokens with one key add up to one step of ~87θ (chunk 16, η = 0.9), and from θ = 0.1 a
+    run of one repeated byte made the state blow up (NaN within 2K such bytes). From 0.01 it stays bounded."""
+    assert create(preset, memory_depth=1).config.lr_init == 0.01
+    assert create(preset, memory_axes={"architecture": {"kind": "linear"}}).config.lr_init == 0.01
+    assert create(preset, memory_depth=1, lr_init=0.1).config.lr_init == 0.1  # asked for: kept
+    assert create(preset).config.lr_init == 0.1  # the MLP memory's LayerNorm bounds its error
+    torch.manual_seed(0)
+    model = create(preset, memory_depth=1).eval()
+    ids = torch.cat([torch.randint(0, 256, (1, 200)), torch.full((1, 2048), ord("="))], dim=1)
+    with torch.no_grad():
+        logits, state = model(ids)
+    assert torch.isfinite(logits).all()
+    assert max(t.abs().max().item() for t in _tensors(state) if t.is_floating_point()) < 100
+
+
 def test_channel_wise_gates_need_a_rule_that_takes_them():
     with pytest.raises(ValueError, match="gate_rank must be 0 for retnet"):
         create("retnet-tiny", gate_rank=32)

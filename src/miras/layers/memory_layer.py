@@ -17,8 +17,11 @@ Choices where the papers are silent (PAPERS.md §4), and why:
   no retention, nothing bounding its prediction) then diverges on a run of one repeated byte once θ
   passes 2/b: ttt-linear-tiny (chunk 8) with every θ set to 0.2 stays bounded over 768 such
   tokens, with θ = 0.3 its state reaches 1.8e13 (by hand). Its θ starts at 0.1 but may train up to
-  ``max_lr`` (1); ``max_lr`` < 2/``chunk_size`` rules this out for it. The MLP memories' output
-  LayerNorm bounds their error, and the exact online path (``impl="delta"``, chunk 1) has b = 1.
+  ``max_lr`` (1); ``max_lr`` < 2/``chunk_size`` rules this out for it. With momentum the chunk's
+  step is θ·Σ_{t≤b} (1 − η^t)/(1 − η), ~87θ at b = 16 and η = 0.9: a Titans matrix memory
+  (``memory_depth=1``) blew up from θ = 0.1, so it starts at 0.01 (models/config.py
+  ``LINEAR_MOMENTUM_GATES``). The MLP memories' output LayerNorm bounds their error, and the exact
+  online path (``impl="delta"``, chunk 1) has b = 1.
 - α starts at 0.001 (a retention half-life of ~700 tokens). It was 0.01 until the demo's design
   runs: with 0.01 a tiny titans-lmm trained at 32 tokens forgot within ~2K tokens, and one seed's
   memory blew up between 1K and 2K (``OMP_NUM_THREADS=1 miras train titans-lmm-tiny`` with the

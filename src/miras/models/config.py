@@ -195,6 +195,13 @@ MAC_GATES = {"lr_init": 0.01}
 # by 1K tokens (0.95); from θ = 0.003 all six presets stay within 2e-4 over 1K tokens (tiny, seed 0, by hand;
 # the test in tests/models/test_models.py holds every untrained tiny preset within 1e-4 over 384 tokens).
 MIRAS_GATES = {"lr_init": 0.003}
+# A matrix memory trained with momentum (Titans with memory_depth=1, or memory_axes naming a linear memory) has no
+# LayerNorm bounding its error, and inside a chunk every gradient is taken at the chunk-start weights: b tokens with
+# one key are one step of θ·Σ_{t≤b} (1 − η^t)/(1 − η), 87θ at chunk 16 and η = 0.9. From θ = 0.1 a run of one
+# repeated byte then makes the state blow up (titans-lmm-small, memory_depth=1: 1.2e3 after 80 such bytes, NaN by
+# 2K; by hand); from 0.01 it stays under 1 over 2K of them (tiny and small, LMM and MAC; tested). Such a config
+# starts from this θ unless lr_init is given.
+LINEAR_MOMENTUM_GATES = {"lr_init": 0.01}
 MIRAS_FAMILIES = ("moneta", "yaad", "memora", *HYBRID_FAMILIES)
 
 PRESETS: dict[str, dict] = {
@@ -280,6 +287,10 @@ def preset_config(name: str, **overrides) -> ModelConfig:
                          f"{PRESETS[name]['family']!r}): name the family in the preset, e.g. "
                          f"'{overrides['family']}-{name.rsplit('-', 1)[1]}'")
     config = ModelConfig(**{**PRESETS[name], **overrides})
+    rule = config.memory_rule()
+    if ("lr_init" not in overrides and rule is not None and isinstance(rule.architecture, LinearMemory)
+            and rule.algorithm.uses_momentum and config.lr_init > LINEAR_MOMENTUM_GATES["lr_init"]):
+        config = dataclasses.replace(config, **LINEAR_MOMENTUM_GATES)
     preset = ModelConfig(**PRESETS[name])
     ignored = sorted(key for key in overrides if key in unused_fields(config)
                      and overrides[key] != getattr(preset, key))
