@@ -1,4 +1,4 @@
-"""Evaluation: task accuracy over a sweep of context lengths, perplexity, and a report (DESIGN.md §5).
+"""Evaluation: task accuracy over a sweep of context lengths, perplexity, and a report.
 
 From the shell (the ``eval`` subcommand of ``miras``)::
 

@@ -11,7 +11,7 @@ From Python::
     run_dir = train(TrainConfig(model="titans-lmm-tiny", data="task:passkey", max_steps=200))
     model, config, tokenizer = load_run(run_dir)
 
-Choices DESIGN.md §5 leaves open, written down here:
+Choices the papers and the issue leave open, written down here:
 
 - ``batch_size`` is the global batch of one optimizer step. It is cut into ``world * grad_accum``
   row slices; micro-batch ``i`` of rank ``r`` is slice ``r * grad_accum + i``

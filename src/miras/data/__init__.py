@@ -1,4 +1,4 @@
-"""Data: synthetic long-context tasks, text corpora and tokenizers (DESIGN.md §5)."""
+"""Data: synthetic long-context tasks, text corpora and tokenizers."""
 
 from .base import IGNORE, Batches
 from .tasks import MQAR, TASKS, Example, FactQA, PassKey, TaskBatches, exact_match, generate, make_task, score

@@ -1,4 +1,4 @@
-"""Text corpora, a token cache and language-modelling batches (DESIGN.md §5).
+"""Text corpora, a token cache and language-modelling batches.
 
 Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func:`load_corpus`:
 

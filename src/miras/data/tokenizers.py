@@ -4,7 +4,7 @@ All three share one small interface (:class:`Tokenizer`): ``encode``, ``decode``
 ``eos_id``, ``identity``, ``encode_documents`` and ``save``; :func:`load_tokenizer` restores whichever
 kind was saved from the ``miras_tokenizer.json`` written next to the tokenizer's own files.
 
-Why these three (DESIGN.md §5):
+Why these three:
 
 - **Bytes** (256 ids) need no training and no files, so every machine can train on any text at once;
   the cost is ~4x longer sequences than BPE for English, which long-context memory models can afford.

@@ -1,4 +1,4 @@
-"""The Titans neural long-term memory as a token mixer (Titans §3.1, §4.4; MIRAS §5.4; DESIGN.md §3).
+"""The Titans neural long-term memory as a token mixer (Titans §3.1, §4.4; MIRAS §5.4).
 
     x ─ Linear ─ causal depthwise conv (kernel 4) ─ SiLU ─┬─ q, k (L2-normalised per head), v
     x ─ Linear ─ sigmoid ─ θ_t = max_lr·σ, η_t = σ, α_t = σ   (per token and head)

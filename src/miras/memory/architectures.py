@@ -5,7 +5,7 @@ through three methods, so a new architecture slots in without touching them:
 
 - ``apply(x, linear)``: run M on ``x`` where ``linear(l, u)`` computes layer l's pre-activation
   ``W_l u``. The reference passes the plain matmul; the chunked path passes the dual-form read
-  (DESIGN.md §2.4), whose layer-l weights differ per token. Layer 0 must read ``x`` itself
+  (``chunked``'s module docstring), whose layer-l weights differ per token. Layer 0 must read ``x`` itself
   (the chunked path precomputes its scores from the raw queries and keys).
 - ``signals(weights, x, output_grad, linear=None, linear_t=None)``: forward at fixed weights, then
   the closed-form backward. Returns, per layer, the back-propagated signal δ_l ``[..., N, out]`` and

@@ -1,4 +1,4 @@
-"""The fast path: the chunkwise dual form of DESIGN.md §2.4, equal to ``recurrent``.
+"""The fast path: the chunkwise dual form (below), equal to ``recurrent``.
 
 Within a chunk every gradient is taken at the chunk-start weights W⁰, so each per-token gradient
 is a sum over layers of outer products g_t = δ_t ⊗ a_t, and the momentum and decay recurrences are
@@ -240,8 +240,8 @@ def _chunk_step(rule: MemoryRule, weights, surprise, anchor, q, k, v, first_scor
 
 
 def _one_token(rule: MemoryRule, q, k, v, gates: Gates, state: MemoryState, chunk_size: int):
-    """A single token, as DESIGN.md §2.2 writes it, with the closed-form gradient at the chunk start:
-    g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
+    """A single token, as memory/README.md ("The pinned update") writes it, with the closed-form gradient at the
+    chunk start: g = δ ⊗ a per layer; S = η S − θ g; W = (1 − α) W + S; y = M(W; q) (projected first at a chunk end)."""
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 1, D]
     anchor = state.chunk_start if state.position else state.weights
     retention = rule.retention

@@ -1,4 +1,4 @@
-"""The reference: the memory update written token by token, exactly as DESIGN.md §2.2 pins it.
+"""The reference: the memory update written token by token, exactly as memory/README.md ("The pinned update") pins it.
 
 For a chunk that starts with weights W⁰ (and momentum S⁰), each token t of the chunk, in order:
 

@@ -1,6 +1,6 @@
 """Gates and recurrent state of the memory engine, and the input checks both paths share.
 
-Conventions (DESIGN.md §2.2): per token and head, θ_t = ``lr``, η_t = ``momentum``,
+Conventions (memory/README.md, "The pinned update"): per token and head, θ_t = ``lr``, η_t = ``momentum``,
 α_t = ``decay``, δ_t = ``threshold`` (Huber), each ``[B, T, H]``. The state is the memory's weights, a tuple of
 ``[B, H, out, in]`` tensors in application order, plus the momentum S (same shapes) or None.
 

@@ -1,4 +1,4 @@
-"""Tier 3 of miras: language models built from the token mixers (DESIGN.md §4)."""
+"""Tier 3 of miras: language models built from the token mixers."""
 
 from .config import FAMILIES, PRESETS, SIZES, ModelConfig, preset_config
 from .lm import Block, LanguageModel, SwiGLU, check_buildable, create, sample

@@ -1,4 +1,4 @@
-"""The language model shared by every family (Llama macro, DESIGN.md §4).
+"""The language model shared by every family (Llama macro).
 
 embedding → blocks (pre-RMSNorm residual: x + mixer(norm(x)), x + SwiGLU(norm(x))) → RMSNorm → head.
 One forward signature for all: ``model(ids [B, T], state=None) -> (logits [B, T, V], state)``;

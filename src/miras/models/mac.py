@@ -1,4 +1,4 @@
-"""Titans MAC, memory as context (Titans §4.1, Eq. 21–25; DESIGN.md §4).
+"""Titans MAC, memory as context (Titans §4.1, Eq. 21–25).
 
 Per segment S of ``segment`` tokens (counted from the stream start):
 1. h = M*_{before}(q(S)): every token of the segment retrieves from the memory as it was before the

@@ -1,4 +1,4 @@
-"""Synthetic long-context tasks, generated procedurally in the byte vocabulary (DESIGN.md §5).
+"""Synthetic long-context tasks, generated procedurally in the byte vocabulary.
 
 A task is a frozen, keyword-only config (``PassKey(context_length=4096)``); ``generate(task,
 generator)`` draws one ``Example`` from an explicit ``torch.Generator`` (never the global RNG).
