@@ -174,6 +174,10 @@ def _damage(run_dir: Path) -> bool:
     return _run_config(run_dir)[1]
 
 
+# Train fields not compared on resume: the uncompared ones, and the model overrides (the model they build is).
+AS_BUILT = UNCOMPARED_FIELDS | {"model_overrides"}
+
+
 def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) -> tuple[list[str], list[str]]:
     """Fields of ``saved`` ({"train": ..., "model": ...}) that differ: (defining the run, in RUNTIME_FIELDS).
     A field the saved config lacks (added to miras since) is compared at its default. The model is compared
@@ -183,27 +187,21 @@ def _differences(saved: dict, config: TrainConfig, model_config: ModelConfig) ->
     for prefix, old, new in (("", _with_defaults(TrainConfig, saved["train"]), config.to_dict()),
                              ("model.", _with_defaults(ModelConfig, saved["model"]), model_config.to_dict())):
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key) and not (not prefix and key in UNCOMPARED_FIELDS | {"model_overrides"}):
+            if old.get(key) != new.get(key) and not (not prefix and key in AS_BUILT):
                 change = f"{prefix}{key}: {old.get(key)!r} -> {new.get(key)!r}"
                 (runtime if not prefix and key in RUNTIME_FIELDS else defining).append(change)
     return defining, runtime
 
 
-def _model_hint(saved: dict, config: TrainConfig, model_config: ModelConfig) -> str:
-    """When only model fields differ (e.g. a default changed since the run began): the overrides that rebuild
-    the saved model, as an alternative to another out_dir."""
-    train = _with_defaults(TrainConfig, saved["train"])
-    now = config.to_dict()
-    if any(train.get(key) != now.get(key) for key in set(train) | set(now)
-           if key not in UNCOMPARED_FIELDS | RUNTIME_FIELDS | {"model_overrides"}):
+def _model_hint(defining: list[str], saved_model: dict, model_config: ModelConfig) -> str:
+    """When only model fields differ (``defining``, from ``_differences``; e.g. a default changed since the run
+    began): the overrides that rebuild the saved model, as an alternative to another out_dir."""
+    old, new = _with_defaults(ModelConfig, saved_model), model_config.to_dict()
+    differing = sorted(key for key in old if key in new and old[key] != new[key])
+    if not differing or len(differing) != len(defining) or not all(c.startswith("model.") for c in defining):
         return ""
-    old, new = _with_defaults(ModelConfig, saved["model"]), model_config.to_dict()
-    differing = {key for key in set(old) | set(new) if old.get(key) != new.get(key)}
-    if not differing or not differing <= set(old) & set(new):
-        return ""
-    back = [f"model.{key}={old[key] if isinstance(old[key], str) else json.dumps(old[key])}"
-            for key in sorted(differing)]
-    return f", or pass {' '.join(back)} to continue it"
+    values = [old[key] if isinstance(old[key], str) else json.dumps(old[key]) for key in differing]
+    return f", or pass {' '.join(f'model.{key}={value}' for key, value in zip(differing, values))} to continue it"
 
 
 def _with_defaults(kind, values: dict) -> dict:
@@ -245,7 +243,7 @@ def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) 
         defining, runtime = _differences(saved, _keeping_schedule(config, saved["train"], step), model_config)
         if defining:
             raise ConfigError(f"{run_dir} holds a run with a different config ({'; '.join(defining)}); "
-                              f"use another out_dir{_model_hint(saved, config, model_config)}")
+                              f"use another out_dir{_model_hint(defining, saved['model'], model_config)}")
     payload = _load_checkpoint(paths[-1], paths[-2] if len(paths) > 1 else None)
     defining, in_checkpoint = _differences({"train": payload["train_config"], "model": payload["model_config"]},
                                            _keeping_schedule(config, payload["train_config"], step), model_config)
