@@ -846,10 +846,8 @@ def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
                      f"rank 1: out_dir {out_dir}: rank 0 could not make the run folder (its error says why)"]
 
 
-def _ddp_rank(out_dir: str) -> None:
-    """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
-    import hashlib
-
+def _trained_model(config: TrainConfig):
+    """Train ``config`` in this rank and return the model the trainer built (before any wrapping)."""
     from miras.models import LanguageModel
 
     built = []
@@ -860,26 +858,23 @@ def _ddp_rank(out_dir: str) -> None:
             built.append(self)
 
     train_module.LanguageModel = Recorded
-    train(ddp_config(Path(out_dir)))
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in built[0].parameters())).hexdigest()
+    train(config)
+    return built[0]
+
+
+def _ddp_rank(out_dir: str) -> None:
+    """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
+    import hashlib
+
+    model = _trained_model(ddp_config(Path(out_dir)))
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(digest)
 
 
 def _fsdp_rank(out_dir: str) -> None:
     """One rank of test_fsdp_matches_single_process_...: train, then write what this rank's parameters are (FSDP2
     makes them DTensors, each rank holding a shard)."""
-    from miras.models import LanguageModel
-
-    built = []
-
-    class Recorded(LanguageModel):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    train_module.LanguageModel = Recorded
-    train(fsdp_config(Path(out_dir), parallel="fsdp"))
-    kinds = {type(p).__name__ for p in built[0].parameters()}
+    kinds = {type(p).__name__ for p in _trained_model(fsdp_config(Path(out_dir), parallel="fsdp")).parameters()}
     (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.txt").write_text(" ".join(sorted(kinds)))
 
 
