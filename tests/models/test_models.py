@@ -511,6 +511,8 @@ def test_state_load_rejects_other_files(tmp_path):
             state.save(path)
     with pytest.raises(TypeError, match=r"ids must be an int64 or int32 tensor \[B, T\], got list"):
         model([[1, 2, 3]])
+    with pytest.raises(TypeError, match=r"prompt_ids must be an int64 or int32 tensor \[B, T\], got list"):
+        model.generate([[1, 2, 3]], 2)
 
 
 def test_presets_and_overrides():
@@ -786,6 +788,30 @@ def test_recompute_option_gives_the_same_gradients(family):
         assert other.keys() == grads[0].keys()
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad, rtol=0, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES)
+                                    if "impl" in used_overrides(f"{f}-tiny", {"impl": "recurrent"})])
+def test_the_recurrent_reference_trains_as_the_chunked_path_does(family):
+    """impl=recurrent (the token-by-token reference) with gradients on: the same logits as without them and
+    as chunked, and the same parameter gradients. Its inner gradient must follow the prediction alone: MAC
+    also reads the chunk-start weights for retrieval, and that read reaches the written k and v."""
+    x = ids(tokens=20)
+    logits, grads = [], []
+    for impl in ("recurrent", "chunked"):
+        torch.manual_seed(0)
+        model = create(f"{family}-tiny", impl=impl).double()
+        with torch.no_grad():
+            plain, _ = model(x)
+        out, _ = model(x)
+        torch.testing.assert_close(out, plain, rtol=0, atol=1e-12)
+        out.square().mean().backward()
+        logits.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-10)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-8, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("family", ["titans-mac", "transformer"])

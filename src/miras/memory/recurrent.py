@@ -158,8 +158,12 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
 
 def _differentiable(weights: list[Tensor], outer_grad: bool) -> list[Tensor]:
     """The chunk-start weights as tensors autograd can differentiate the inner loss against. Under
-    no_grad a view of a parameter still says requires_grad but belongs to no graph: detach it."""
-    return [w if outer_grad and w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+    no_grad a view of a parameter still says requires_grad but belongs to no graph: detach it.
+
+    With outer gradients each is a view, a node of its own: the inner gradient is ∂ℓ/∂W along the
+    prediction alone. Taken against W itself it would also follow every other use of W that reaches
+    k and v (MAC's retrieval reads the same weights, then attention makes the written k, v from it)."""
+    return [w.view_as(w) if outer_grad and w.requires_grad else w.detach().requires_grad_(True) for w in weights]
 
 
 def _scaled_weights(weights, scales: tuple[Tensor, ...] | None):

@@ -169,9 +169,7 @@ class LanguageModel(nn.Module):
         return ModelState(tuple(block.init_state(batch) for block in self.blocks), 0, self.state_layout)
 
     def forward(self, ids: Tensor, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
-        if not isinstance(ids, Tensor):
-            raise TypeError(f"ids must be an int64 or int32 tensor [B, T], got {type(ids).__name__} "
-                            "(torch.tensor(ids) makes one)")
+        _check_tensor("ids", ids)
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"ids must be an int64 or int32 tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[0] < 1:
@@ -244,6 +242,7 @@ class LanguageModel(nn.Module):
         ``model(torch.cat([new[:, -1:], more], 1), state)``. With ``max_new_tokens=0`` it has read the prompt.
         The rows draw from one generator seeded with ``seed``: a sampled row depends on the batch it is in."""
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        _check_tensor("prompt_ids", prompt_ids)
         vocab = self.config.vocab_size
         if vocab_limit is not None and not (isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool)
                                             and 1 <= vocab_limit <= vocab):
@@ -261,6 +260,12 @@ class LanguageModel(nn.Module):
         if not tokens:
             return torch.zeros(prompt_ids.shape[0], 0, dtype=torch.long, device=prompt_ids.device), state
         return torch.stack(tokens, 1), state
+
+
+def _check_tensor(name: str, ids) -> None:
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"{name} must be an int64 or int32 tensor [B, T], got {type(ids).__name__} "
+                        f"(torch.tensor({name}) makes one)")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int = 0,
