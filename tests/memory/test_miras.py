@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from miras.layers import MemoryLayer
 from miras.memory import (
     DELTANET,
     GATED_DELTANET,
@@ -277,6 +278,23 @@ def test_moneta_carrying_a_in_chunks_by_hand(architecture):
         inside = [a / norm(s) for a, s in zip(A, start)]
         torch.testing.assert_close(read(rule, final, q[:, :3]), torch.stack(
             [_apply(rule, inside, q[:, t]) for t in range(3)], 1), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("power", [1.0, 1.2, 2.0])
+def test_a_matrix_memory_carrying_a_starts_where_its_norm_is_defined(power):
+    """A / ‖A‖^power has no value at A = 0, so a linear memory carrying A starts random (the default state,
+    and a MemoryLayer's learned start; a zero start made NaN from the first token), and a zero A given
+    by hand reads as a zero memory, not 0/0."""
+    rule = MemoryRule(LinearMemory(), MONETA.bias, LqNormalize(q=4.0, power=power, carry="A"), GD())
+    q, k, v, gates, _ = make_inputs(rule, batch=2, tokens=10, heads=2, dim=4, seed=3)
+    ys = [impl(rule, q, k, v, gates, None, 4)[0] for impl in (recurrent, chunked)]
+    assert torch.isfinite(ys[0]).all() and ys[0].abs().max() > 1e-3
+    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=1e-11)
+    layer = MemoryLayer(8, heads=2, rule=rule, chunk_size=4).double()
+    assert all(w.abs().min() > 0 for w in layer.initial_weights)
+    assert not LqNormalize(carry="W").nonzero_start and LqNormalize(carry="A").nonzero_start
+    zero = MemoryState((torch.zeros(2, 2, 4, 4, dtype=torch.float64),))
+    torch.testing.assert_close(read(rule, zero, q[:, :1]), torch.zeros_like(q[:, :1]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cuts", [[3, 10, 11], list(range(1, 23))], ids=["segments", "token-by-token"])

@@ -199,7 +199,7 @@ class MemoryLayer(nn.Module):
             # the rows are near uniform, every output averages the same inputs, and Memora did not
             # learn the recall task in 200 steps (loss 2.46 vs 0.98 with this init; chance 2.77).
             return torch.randn(self.heads, out, inp)
-        if self.rule.architecture.kind == "linear":
+        if self.rule.architecture.kind == "linear" and not self.rule.retention.nonzero_start:
             return torch.zeros(self.heads, out, inp)
         return torch.randn(self.heads, out, inp) / math.sqrt(inp)
 

@@ -131,6 +131,13 @@ ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tenso
 }
 
 
+def random_weights(shapes: list[tuple[int, int]], *, dtype: torch.dtype, device=None) -> list[Tensor]:
+    """N(0, 1/fan_in) matrices of ``(out, in)`` shapes, from a fixed seed (the same on every call)."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(out, inp, generator=gen, dtype=torch.float64) / math.sqrt(inp)).to(dtype=dtype, device=device)
+            for out, inp in shapes]
+
+
 @dataclass(frozen=True, kw_only=True)
 class LinearMemory:
     """A matrix memory: M(W; x) = W x, W ``[dv, dk]``. Default (state=None) init: zeros."""
@@ -192,10 +199,7 @@ class MLPMemory:
         return [(widths[i + 1], widths[i]) for i in range(self.depth)]
 
     def default_weights(self, dk: int, dv: int, *, dtype: torch.dtype, device=None) -> list[Tensor]:
-        gen = torch.Generator().manual_seed(0)
-        return [(torch.randn(out, inp, generator=gen, dtype=torch.float64) / math.sqrt(inp)).to(dtype=dtype,
-                                                                                                 device=device)
-                for out, inp in self.weight_shapes(dk, dv)]
+        return random_weights(self.weight_shapes(dk, dv), dtype=dtype, device=device)
 
     def apply(self, x: Tensor, linear: Linear) -> Tensor:
         act = ACTIVATIONS[self.activation][0]

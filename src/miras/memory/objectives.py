@@ -163,6 +163,12 @@ class _Retention:
         """The weights a chunk's last token reads, from the state after ``chunk_end``."""
         return weights
 
+    @property
+    def nonzero_start(self) -> bool:
+        """Whether a zero state is singular for this retention, so that a matrix memory starts random (N(0,
+        1/fan_in), as the MLP's layers do) instead of at zero."""
+        return False
+
 
 @dataclass(frozen=True, kw_only=True)
 class NoRetention(_Retention):
@@ -259,13 +265,19 @@ class LqNormalize(Decay):
                              f"unnormalised sum), got {self.carry!r}")
 
     def _normalised(self, weights):
-        return tuple(w / _entry_norm(w, self.q).pow(self.power) for w in weights)
+        return tuple(w / _norm_power(w, self.q, self.power) for w in weights)
 
     def gradient_point(self, start):
         return self._normalised(start) if self.carry == "A" else start
 
     def read_scales(self, start):
-        return tuple(1 / _entry_norm(w, self.q).pow(self.power) for w in start) if self.carry == "A" else None
+        return tuple(1 / _norm_power(w, self.q, self.power) for w in start) if self.carry == "A" else None
+
+    @property
+    def nonzero_start(self) -> bool:
+        # A / ‖A‖^power has no limit at A = 0 (a unit direction at power 1, unbounded above it), and a zero
+        # learned start would take its gradient there.
+        return self.carry == "A"
 
     def chunk_end(self, weights, start, keep):
         return weights if self.carry == "A" else self._normalised(weights)
@@ -324,9 +336,12 @@ class ElasticNet(Decay):
         return tuple(w * torch.atan(w.abs() / self.gamma) * (2 / math.pi) for w in weights)
 
 
-def _entry_norm(w: Tensor, q: float) -> Tensor:
-    """The entrywise q-norm of each matrix of ``w [..., out, in]``, kept as ``[..., 1, 1]`` (>= tiny)."""
-    return w.abs().pow(q).sum((-2, -1), keepdim=True).pow(1 / q).clamp_min(torch.finfo(w.dtype).tiny)
+def _norm_power(w: Tensor, q: float, power: float) -> Tensor:
+    """‖w‖_q^power, the entrywise q-norm of each matrix of ``w [..., out, in]``, as ``[..., 1, 1]``. Kept
+    >= tiny, and so is the sum under the root: a zero matrix normalises to zero, with finite gradients
+    (the root's and the power's derivatives are infinite at 0), however large ``power`` is."""
+    tiny = torch.finfo(w.dtype).tiny
+    return w.abs().pow(q).sum((-2, -1), keepdim=True).clamp_min(tiny).pow(power / q).clamp_min(tiny)
 
 
 @dataclass(frozen=True, kw_only=True)

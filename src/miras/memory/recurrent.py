@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .architectures import matmul_linear, shared_matmul
+from .architectures import matmul_linear, random_weights, shared_matmul
 from .rules import MemoryRule
 from .state import (
     Gates,
@@ -38,16 +38,20 @@ from .state import (
 
 def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *, dtype: torch.dtype,
                   device=None) -> MemoryState:
-    """The rule's default state (zero linear memory / the architecture's default MLP init;
-    zero momentum), broadcast to ``[B, H, out, in]``."""
+    """The rule's default state (zero linear memory / the architecture's default MLP init, which a linear
+    memory also takes where its retention's ``nonzero_start`` says; zero momentum), broadcast to
+    ``[B, H, out, in]``."""
     check_rule(rule)
     for name, value in (("batch", batch), ("heads", heads), ("dk", dk), ("dv", dv)):
         check_count(name, value)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     rule.architecture.check_dims(dk, dv)
-    weights = tuple(w.expand(batch, heads, *w.shape).clone()
-                    for w in rule.architecture.default_weights(dk, dv, dtype=dtype, device=device))
+    if rule.architecture.kind == "linear" and rule.retention.nonzero_start:  # zero is singular for it
+        start = random_weights(rule.architecture.weight_shapes(dk, dv), dtype=dtype, device=device)
+    else:
+        start = rule.architecture.default_weights(dk, dv, dtype=dtype, device=device)
+    weights = tuple(w.expand(batch, heads, *w.shape).clone() for w in start)
     if hasattr(rule.retention, "initial"):  # a constrained memory (KLSoftmax: on the simplex)
         weights = rule.retention.initial(weights)
     momentum = tuple(torch.zeros_like(w) for w in weights) if rule.algorithm.uses_momentum else None
