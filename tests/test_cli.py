@@ -223,6 +223,23 @@ def test_bad_generate_flags_are_one_line_errors(flags, message, tmp_path, capsys
     assert capsys.readouterr().err == f"miras generate: error: {message}\n"
 
 
+def test_train_and_eval_name_the_files_of_a_folder_corpus_they_skip(tmp_path, capsys, monkeypatch):
+    """A folder's files that are not text were dropped without a word: a folder of latin-1 files trained on
+    whatever UTF-8 file was among them."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(TEXT * 400)
+    (corpus / "b.txt").write_bytes("caf\xe9\n".encode("latin-1") * 400)
+    note = (f"note: corpus {str(corpus)!r}: 1 file skipped (b.txt: it is not UTF-8 text (byte 3)); reading the 1 "
+            "other file")
+    assert main(["train", "transformer-tiny", f"data=text:{corpus}", f"out_dir={tmp_path / 'run'}", "seq_len=24",
+                 "batch_size=8", "max_steps=1", "eval_every=0", "progress=false"]) == 0
+    assert note in capsys.readouterr().out.splitlines()
+    assert main(["eval", str(tmp_path / "run"), "--perplexity", str(corpus)]) == 0
+    assert f"miras eval: {note}" in capsys.readouterr().err.splitlines()
+
+
 def test_generate_draws_only_ids_the_tokenizer_has(tmp_path, capsys, monkeypatch):
     """A model with more ids than its tokenizer (model.vocab_size above the data's) never emits the others."""
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))

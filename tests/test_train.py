@@ -442,6 +442,25 @@ def test_make_batches_builds_the_task_or_corpus_of_the_config(tmp_path, monkeypa
         TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"context_length": 4})
 
 
+def test_a_run_whose_tokenizer_files_were_swapped_for_a_larger_one_is_refused(tmp_path, monkeypatch):
+    """A tokenizer with more ids than the model (another run's files copied in) ended eval and generate in a
+    traceback from the model's id check."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    for name, vocab in (("small", 270), ("large", 300)):
+        train(TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer=f"bpe:{vocab}",
+                          model_overrides={"vocab_size": vocab}, seq_len=16, batch_size=2, max_steps=1, eval_every=0,
+                          out_dir=str(tmp_path / name), progress=False))
+    assert load_run(tmp_path / "small")[2].vocab_size == 270
+    larger = load_run(tmp_path / "large")[2].vocab_size
+    assert larger > 270  # (the corpus has fewer merges than 300 asks for)
+    (tmp_path / "small" / "tokenizer.json").write_bytes((tmp_path / "large" / "tokenizer.json").read_bytes())
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'small'}: the run's saved tokenizer has {larger} ids but its "
+                                          r"model only 270: the tokenizer files are not the ones it was trained with"):
+        load_run(tmp_path / "small")
+
+
 def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch, capsys):
     """Retrained on a corpus that changed meanwhile, a BPE would renumber the checkpoint's tokens. The changed
     corpus itself is refused unless resume=true, since the same command would not continue the same run."""

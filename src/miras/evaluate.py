@@ -618,7 +618,10 @@ def run_eval(args: argparse.Namespace) -> int:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer
 
-            text = cached_tokens(load_corpus(args.perplexity), tokenizer or ByteTokenizer(), "validation")
+            corpus = load_corpus(args.perplexity)
+            if note := corpus.skipped_note():
+                print(f"miras eval: {note}", file=sys.stderr)
+            text = cached_tokens(corpus, tokenizer or ByteTokenizer(), "validation")
     except (TypeError, ValueError, OSError) as error:
         print(f"miras eval: error: {error}", file=sys.stderr)
         return 2

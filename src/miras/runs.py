@@ -373,6 +373,10 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
     check_model_state(paths[-1], payload["model"], model.state_dict())
     model.load_state_dict(payload["model"])
     tokenizer = saved_tokenizer(run_dir, saved)
+    if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"{run_dir}: the run's saved tokenizer has {tokenizer.vocab_size} ids but its model only "
+                          f"{model_config.vocab_size}: the tokenizer files are not the ones it was trained with; "
+                          "restore them (miras_tokenizer.json and what it names)")
     return model.to(device).eval(), config, tokenizer
 
 

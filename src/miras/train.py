@@ -135,6 +135,7 @@ class DataSource:
     # what the training rows are read from, saved in checkpoints: a rerun whose data differs is refused (a
     # text corpus: its token cache's key, which changes with the corpus's contents; None: not checked)
     identity: str | None = None
+    note: str | None = None  # printed before training: e.g. the files of a folder corpus that are not text
 
 
 def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
@@ -166,7 +167,8 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
                                          config.seq_len, config.seed)
             except ValueError as error:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
-        return DataSource(train, validation, tokenizer, tokenizer.vocab_size, Path(train.tokens.filename).stem)
+        return DataSource(train, validation, tokenizer, tokenizer.vocab_size, Path(train.tokens.filename).stem,
+                          corpus.skipped_note())
     except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
         raise ConfigError(f"data {config.data!r}: {first_line(error)}") from None
 
@@ -316,6 +318,8 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                               "another out_dir")
         if main:
             print(f"note: {changed}; continuing on the new contents (resume=true)", flush=True)
+    if main and data.note:
+        print(data.note, flush=True)
     torch.manual_seed(config.seed)
     try:  # before the run folder is made: a model too large for this machine leaves nothing behind
         raw_model = LanguageModel(model_config).to(device)

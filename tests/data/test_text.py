@@ -60,6 +60,12 @@ def test_folder_corpus_splits_by_file_deterministically_and_skips_binary(folder)
     assert len(names) == 20 and names == sorted(names)
     assert names[0] == "part0/doc00.txt" and all(name.endswith(".txt") for name in names)
     assert "latin1.txt" not in names and "image.bin" not in names
+    assert corpus.skipped == (("image.bin", "it holds a NUL byte (a binary file)"),
+                              ("latin1.txt", "it is not UTF-8 text (byte 3)"))
+    assert corpus.skipped_note() == (f"note: corpus {str(folder)!r}: 2 files skipped (image.bin: it holds a NUL byte "
+                                     "(a binary file); latin1.txt: it is not UTF-8 text (byte 3)); reading the 20 "
+                                     "other files")
+    assert Corpus("copy", corpus.documents).skipped_note() is None
     train, validation = corpus.split("train"), corpus.split("validation")
     assert len(train) >= 1 and len(validation) >= 1 and len(train) + len(validation) == 20
     # whole files, each in exactly one split, texts untouched
@@ -139,6 +145,10 @@ def test_a_single_file_that_is_not_text_says_why(tmp_path):
         from_path(tmp_path / "latin.txt")
     with pytest.raises(ValueError, match=r"the file is skipped: it holds a NUL byte"):
         from_path(tmp_path / "blob.txt")
+    # a folder of them names them (it read as an empty folder)
+    with pytest.raises(ValueError, match=r"no text found \(2 files skipped \(blob.txt: it holds a NUL byte \(a binary "
+                                         r"file\); latin.txt: it is not UTF-8 text \(byte 3\)\)\); expected"):
+        from_path(tmp_path)
 
 
 def test_glob(folder):
@@ -156,6 +166,10 @@ def test_errors_say_what_was_given_and_what_is_allowed(tmp_path):
         load_corpus(str(tmp_path / "*.nothing"))
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blob.dat").write_bytes(b"\0\1\2")
+    with pytest.raises(ValueError, match=r"no text found \(1 file skipped \(blob.dat: it holds a NUL byte \(a binary "
+                                         r"file\)\)\); expected 'stdlib'"):
+        load_corpus(str(tmp_path))
+    (tmp_path / "blob.dat").unlink()
     with pytest.raises(ValueError, match=r"no text found; expected 'stdlib'"):
         load_corpus(str(tmp_path))
     with pytest.raises(ValueError, match=r"split 'test'"):

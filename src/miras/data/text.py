@@ -89,12 +89,27 @@ class Corpus:
     source: str                       # what was loaded: "stdlib", the path or glob, "hf:<name>"
     documents: tuple[Document, ...]
     validation_fraction: float = 0.05
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, why) for each file of a folder or glob that is not text
 
     def __post_init__(self):
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction={self.validation_fraction}: must be in (0, 1)")
         if not any(document.text for document in self.documents):
-            raise ValueError(f"corpus {self.source!r}: no text found; {ALLOWED}")
+            skipped = f" ({self._skipped_files()})" if self.skipped else ""
+            raise ValueError(f"corpus {self.source!r}: no text found{skipped}; {ALLOWED}")
+
+    def skipped_note(self) -> str | None:
+        """One line naming the files of a folder or glob that were left out, and why (None: none were)."""
+        if not self.skipped:
+            return None
+        read = len(self.documents)
+        return (f"note: corpus {self.source!r}: {self._skipped_files()}; reading the {read} other "
+                f"file{'s' * (read != 1)}")
+
+    def _skipped_files(self) -> str:
+        shown = "; ".join(f"{name}: {why}" for name, why in self.skipped[:3])
+        more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+        return f"{len(self.skipped)} file{'s' * (len(self.skipped) != 1)} skipped ({shown}{more})"
 
     def split(self, name: str) -> tuple[Document, ...]:
         """The documents of split ``name`` ("train" or "validation"), in corpus order."""
@@ -136,11 +151,6 @@ def _cut_document(document: Document, validation_fraction: float) -> dict[str, t
 # ------------------------------------------------------------------------------------------ sources
 
 
-def _read_text(path: Path) -> str | None:
-    """The file's text, or None when it cannot be read, looks binary (a NUL byte) or is not UTF-8."""
-    return _why_not_text(path)[0]
-
-
 def _why_not_text(path: Path) -> tuple[str | None, str]:
     """(the file's text, "") or (None, why it is skipped)."""
     try:
@@ -170,13 +180,18 @@ def _walk(root: Path, skipped: frozenset[str] = frozenset(), skip_test_folders: 
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
-def _documents(paths: Sequence[Path], root: Path) -> tuple[Document, ...]:
-    documents = []
+def _corpus(source: str, paths: Sequence[Path], root: Path, validation_fraction: float) -> Corpus:
+    """The files that are text (``_why_not_text``) as documents named by their path under ``root``; the
+    others are listed as skipped."""
+    documents, skipped = [], []
     for path in paths:
-        text = _read_text(path)
-        if text is not None:
-            documents.append(Document(path.relative_to(root).as_posix(), text))
-    return tuple(documents)
+        text, why = _why_not_text(path)
+        name = path.relative_to(root).as_posix()
+        if text is None:
+            skipped.append((name, why))
+        else:
+            documents.append(Document(name, text))
+    return Corpus(source, tuple(documents), validation_fraction, tuple(skipped))
 
 
 def _glob_root(pattern: str) -> Path:
@@ -197,25 +212,22 @@ def from_path(path_or_glob: str | Path, validation_fraction: float = 0.05) -> Co
         text, why = _why_not_text(path)
         if text is None:
             raise ValueError(f"corpus {spec!r}: the file is skipped: {why}; {ALLOWED}")
-        documents = (Document(path.name, text),)
-    elif path.is_dir():
-        documents = _documents(_walk(path), path)
-    elif glob.has_magic(spec):
-        root = _glob_root(str(path))
+        return Corpus(spec, (Document(path.name, text),), validation_fraction)
+    if path.is_dir():
+        return _corpus(spec, _walk(path), path, validation_fraction)
+    if glob.has_magic(spec):
         paths = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not paths:
             raise ValueError(f"corpus {spec!r}: the glob matches no file; {ALLOWED}")
-        documents = _documents(paths, root)
-    else:
-        raise ValueError(f"corpus {spec!r}: no such file or folder; {ALLOWED}")
-    return Corpus(spec, documents, validation_fraction)
+        return _corpus(spec, paths, _glob_root(str(path)), validation_fraction)
+    raise ValueError(f"corpus {spec!r}: no such file or folder; {ALLOWED}")
 
 
 def stdlib(validation_fraction: float = 0.05) -> Corpus:
     """The running interpreter's standard-library ``*.py`` sources, without tests and site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = [path for path in _walk(root, STDLIB_SKIPPED, skip_test_folders=True) if path.suffix == ".py"]
-    return Corpus("stdlib", _documents(paths, root), validation_fraction)
+    return _corpus("stdlib", paths, root, validation_fraction)
 
 
 def from_hf(
