@@ -44,12 +44,12 @@ def test_bench_rejects_bad_options_before_timing_anything(tmp_path, capsys, noth
 
 
 def test_bench_checks_every_family_with_the_overrides(tmp_path, capsys, nothing_runs):
-    """impl=delta is the online rule: fine for deltanet, an error for titans-lmm's MLP memory (a layer's check)."""
+    """impl=delta is the online rule: fine for deltanet, an error for titans-lmm's MLP memory."""
     out = tmp_path / "bench"
     assert main([*TINY[:2], "deltanet", "titans-lmm", *TINY[3:], "--overrides", "impl=delta", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("miras bench: error: --overrides impl=delta: titans-lmm-tiny: impl='delta' computes the "
-                          "online rule") and err.count("\n") == 1
+    assert err.startswith("miras bench: error: --overrides impl=delta: titans-lmm-tiny: impl=delta (the exact online "
+                          "rule, chunk_size 1) takes a matrix memory") and err.count("\n") == 1
     assert main([*TINY, "--overrides", "family=transformer", "--out", str(out)]) == 2
     assert "titans-lmm-tiny: family='transformer' contradicts preset 'titans-lmm-tiny'" in capsys.readouterr().err
     assert not out.exists()

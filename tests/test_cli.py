@@ -73,9 +73,9 @@ def test_the_console_script_is_installed():
     (["train", "transformer-tiny", "seed=99999999999999999999999"], "miras train: error: seed must be an integer "
                                                                      "in [0, 2**63)"),
     (["train", "transformer-tiny", "data_params={\"pairs\": 2}"], "miras train: error: data_params are a task's"),
-    # the layers' own checks, before anything is written: the delta path is for online linear rules
-    (["train", "titans-lmm-tiny", "model.impl=delta"], "miras train: error: model_overrides: impl='delta' computes "
-                                                        "the online rule"),
+    # the model's checks of what its layers take, before anything is written: the delta path is for online linear rules
+    (["train", "titans-lmm-tiny", "model.impl=delta"], "miras train: error: model_overrides: impl=delta (the exact "
+                                                        "online rule, chunk_size 1) takes a matrix memory"),
     (["train", "transformer-tiny", "model.gate_rank=4"], "miras train: error: model_overrides: gate_rank sets the "
                                                           "memory's gates, and transformer has no memory"),
     (["train", "titans-lmm-tiny", "model.family=transformer"], "miras train: error: model_overrides: "

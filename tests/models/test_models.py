@@ -762,10 +762,23 @@ def test_a_matrix_memory_with_momentum_starts_at_a_stable_step(preset):
 
 
 def test_channel_wise_gates_need_a_rule_that_takes_them():
+    """Each refusal names the model's fields and what to change (it named the layer's gating= and impl=)."""
     with pytest.raises(ValueError, match="gate_rank must be 0 for retnet"):
         create("retnet-tiny", gate_rank=32)
-    with pytest.raises(ValueError, match="gating='channel' needs"):
+    with pytest.raises(ValueError, match=r"^gate_rank=32 gives gated-deltanet channel-wise memory gates, but its rule "
+                                         r".*PreDecay.* takes token-level gates only .*: leave gate_rank at 0$"):
         create("gated-deltanet-tiny", gate_rank=32)
+    with pytest.raises(ValueError, match=r"^gate_rank=8 gives deltanet channel-wise memory gates, but impl=delta takes "
+                                         r"token-level gates: pass impl=chunked too$"):
+        create("deltanet-tiny", gate_rank=8)
+    create("deltanet-tiny", gate_rank=8, impl="chunked")
+    with pytest.raises(ValueError, match=r"^impl=delta \(the exact online rule, chunk_size 1\) .*; got chunk_size=4 "
+                                         r"and .*: pass impl=chunked for other chunk sizes or rules$"):
+        create("deltanet-tiny", chunk_size=4)
+    with pytest.raises(ValueError, match=r"^retnet's gates are fixed constants \(lr and decay\), and memory_axes "
+                                         r"giving .*Momentum.* needs the gates \['decay', 'momentum'\]: put these "
+                                         r"axes in a family with learned gates"):
+        create("retnet-tiny", memory_axes={"algorithm": {"kind": "momentum"}})
     with pytest.raises(ValueError, match="gate_rank must be >= 0"):
         create("titans-lmm-tiny", gate_rank=-1)
 

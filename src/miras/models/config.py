@@ -13,8 +13,9 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from ..layers.memory_layer import IMPLS
-from ..memory import LinearMemory, MemoryRule, get_rule
+from ..memory import LinearMemory, MemoryRule, get_rule, supports_delta
 from ..memory.rules import AXES
+from ..memory.state import supports_channel_gates
 
 # family -> memory rule preset (miras.memory.PRESETS) for the memory families, None for attention.
 FAMILIES: dict[str, str | None] = {
@@ -125,11 +126,32 @@ class ModelConfig:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.gate_rank and FAMILIES[self.family] is None:
             raise ValueError(f"gate_rank sets the memory's gates, and {self.family} has no memory: leave it at 0")
+        if FAMILIES[self.family] is not None:
+            self._check_memory_options()
         if self.family in HYBRID_FAMILIES and self.layers < 2:
             raise ValueError(f"{self.family} alternates memory and sliding-window attention blocks: layers must be "
                              f">= 2, got {self.layers}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} must be divisible by heads {self.heads}")
+
+    def _check_memory_options(self) -> None:
+        """What the memory layer would refuse, said in the model's own fields (not the layer's arguments)."""
+        rule = self.memory_rule()
+        if self.gate_rank and self.family in FIXED_GATE_FAMILIES:
+            raise ValueError(f"gate_rank must be 0 for {self.family}: its gates are fixed constants")
+        if self.impl == "delta" and (self.chunk_size != 1 or not supports_delta(rule)):
+            raise ValueError(f"impl=delta (the exact online rule, chunk_size 1) takes a matrix memory with the L2 "
+                             f"bias, linear retention and (implicit) GD; got chunk_size={self.chunk_size} and "
+                             f"{rule.name()}: pass impl=chunked for other chunk sizes or rules")
+        if self.gate_rank and (self.impl == "delta" or not supports_channel_gates(rule)):
+            why = ("impl=delta takes token-level gates: pass impl=chunked too" if supports_channel_gates(rule) else
+                   f"its rule {rule.name()} takes token-level gates only (as PreDecay, KLSoftmax and implicit GD do): "
+                   "leave gate_rank at 0")
+            raise ValueError(f"gate_rank={self.gate_rank} gives {self.family} channel-wise memory gates, but {why}")
+        if self.family in FIXED_GATE_FAMILIES and not rule.needed_gates() <= {"decay"}:
+            raise ValueError(f"{self.family}'s gates are fixed constants (lr and decay), and memory_axes giving "
+                             f"{rule.name()} needs the gates {sorted(rule.needed_gates())}: put these axes in a "
+                             "family with learned gates (e.g. gated-deltanet)")
 
     @property
     def rule(self) -> str | None:
