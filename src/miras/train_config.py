@@ -71,7 +71,8 @@ class TrainConfig:
     model: str = _key(help="a preset of miras.models.PRESETS")
     model_overrides: dict = _key(help="model config fields, e.g. {\"dim\": 128}; on the command line "
                                       "model.<field>=VALUE", factory=dict)
-    data: str = _key("text:stdlib", "text:<corpus> (stdlib, a file, folder, glob, hf:<name>) or task:<name> "
+    data: str = _key("text:stdlib", "text:<corpus> (stdlib, a file, folder, glob, hf:<name>[:<split>], "
+                                    "hf:<name>:<config>:<split>[:<field>]) or task:<name> "
                                     "(miras.data.tasks)")
     data_params: dict = _key(help="the task's parameters as JSON, e.g. {\"pairs\": 4} "
                                   "(miras.data.tasks.make_task)", factory=dict)

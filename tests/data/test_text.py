@@ -184,6 +184,32 @@ def test_hf_without_datasets_names_the_install(monkeypatch):
         load_corpus("hf:wikitext:validation")
 
 
+def test_hf_corpus_names_a_config_split_and_text_field(tmp_path, monkeypatch):
+    """hf:<name>:<config>:<split>[:<field>]: wikitext, c4 and most corpora need a config, and not every dataset
+    calls its text column "text". A local dataset folder with two configs stands in for the hub."""
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    root = tmp_path / "dataset"
+    for config, rows in (("small", 4), ("big", 6)):
+        (root / config).mkdir(parents=True)
+        (root / config / "train.jsonl").write_text("".join(
+            json.dumps({"body": f"{config} document {i}\n" * 3, "id": i}) + "\n" for i in range(rows)))
+    (root / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n" for c in ("small", "big"))
+        + "---\n")
+    corpus = load_corpus(f"hf:{root}:big:train:body")
+    assert corpus.source == f"hf:{root}:big:train" and len(corpus.documents) == 6
+    assert corpus.documents[1] == Document(f"{root}/big/train/1", "big document 1\n" * 3)
+    assert [d.text for d in load_corpus(f"hf:{root}:small:train:body").documents][3] == "small document 3\n" * 3
+    with pytest.raises(ValueError, match=r"corpus 'hf:.*:small:train': no field 'text'; the fields are "
+                                         r"\['body', 'id'\] \(hf:<name>:<config>:<split>:<field> names another\)"):
+        load_corpus(f"hf:{root}:small:train")
+    for spec, why in (("hf:", "no dataset name"), ("hf:a:b:c:d:e", "too many parts")):
+        with pytest.raises(ValueError, match=rf"corpus '{spec}': {why}; expected 'stdlib', 'hf:<name>\[:<split>\]', "
+                                             r"'hf:<name>:<config>:<split>\[:<field>\]'"):
+            load_corpus(spec)
+
+
 def test_importing_miras_data_imports_no_optional_package():
     code = (
         "import sys, miras.data.text, miras.data.tokenizers; "

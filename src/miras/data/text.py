@@ -8,7 +8,9 @@ Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func
   On CPython 3.11 that is ~730 files, ~12 MB of real, varied, long-range-structured text.
 - a text file, a folder (recursive; hidden entries, files with NUL bytes and files that are not
   UTF-8 are skipped) or a glob.
-- ``"hf:<name>[:<split>]"`` — a Hugging Face dataset, when ``datasets`` is installed.
+- ``"hf:<name>[:<split>]"`` or ``"hf:<name>:<config>:<split>[:<field>]"`` — a Hugging Face dataset, when
+  ``datasets`` is installed (e.g. ``hf:wikitext:wikitext-103-raw-v1:train``; the text column is ``text``
+  unless ``<field>`` names another). Its rows are held in memory.
 
 **Train/validation split by document.** A document goes to validation when a stable hash
 (SHA-256) of its name — the file path relative to the folder given, so the split does not depend
@@ -59,7 +61,8 @@ from .base import IGNORE
 from .tokenizers import Tokenizer
 
 SPLITS = ("train", "validation")
-ALLOWED = "expected 'stdlib', 'hf:<name>[:<split>]', a text file, a folder of text files or a glob"
+ALLOWED = ("expected 'stdlib', 'hf:<name>[:<split>]', 'hf:<name>:<config>:<split>[:<field>]', a text file, a folder "
+           "of text files or a glob")
 STDLIB_SKIPPED = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 CACHE_FORMAT = 3  # bump when the cache layout or its ids change, to orphan old files (2: BPE reads a literal
 # "<|endoftext|>" in a document as text, not as the end marker; 3: so does an HF tokenizer)
@@ -232,32 +235,40 @@ def stdlib(validation_fraction: float = 0.05) -> Corpus:
 
 def from_hf(
     name: str, split: str = "train", text_field: str = "text", validation_fraction: float = 0.05,
-    limit: int | None = None,
+    limit: int | None = None, config: str | None = None,
 ) -> Corpus:
-    """Rows of a Hugging Face dataset (held in memory; ``limit`` keeps the first rows)."""
+    """Rows of a Hugging Face dataset (held in memory; ``limit`` keeps the first rows); ``config``: the
+    dataset's configuration (``"wikitext-103-raw-v1"`` of ``wikitext``), None for its default."""
+    source = f"hf:{name}" + (f":{config}" if config else "") + f":{split}"
     try:
         import datasets
     except ImportError:
         raise ImportError(
-            f"corpus 'hf:{name}' needs the Hugging Face `datasets` package: pip install datasets"
+            f"corpus {source!r} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
-    dataset = datasets.load_dataset(name, split=split)
+    dataset = datasets.load_dataset(name, config or None, split=split)
     if text_field not in dataset.column_names:
-        raise ValueError(f"corpus 'hf:{name}': no field {text_field!r}; the fields are {dataset.column_names}")
+        raise ValueError(f"corpus {source!r}: no field {text_field!r}; the fields are {dataset.column_names} "
+                         f"(hf:<name>:<config>:<split>:<field> names another)")
     rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-    documents = tuple(Document(f"{name}/{split}/{i}", row[text_field]) for i, row in enumerate(rows))
-    return Corpus(f"hf:{name}:{split}", documents, validation_fraction)
+    prefix = f"{name}/{config}" if config else name
+    documents = tuple(Document(f"{prefix}/{split}/{i}", row[text_field]) for i, row in enumerate(rows))
+    return Corpus(source, documents, validation_fraction)
 
 
 def load_corpus(spec: str, validation_fraction: float = 0.05) -> Corpus:
-    """``"stdlib"`` | ``"hf:<name>[:<split>]"`` | a text file, folder or glob."""
+    """``"stdlib"`` | ``"hf:<name>[:<split>]"`` | ``"hf:<name>:<config>:<split>[:<field>]"`` (an empty config:
+    the dataset's default; field: the text column, default "text") | a text file, folder or glob."""
     if spec == "stdlib":
         return stdlib(validation_fraction)
     if spec.startswith("hf:"):
-        name, _, split = spec.removeprefix("hf:").partition(":")
-        if not name:
-            raise ValueError(f"corpus {spec!r}: no dataset name; {ALLOWED}")
-        return from_hf(name, split or "train", validation_fraction=validation_fraction)
+        parts = spec.removeprefix("hf:").split(":")
+        if not parts[0] or len(parts) > 4:
+            raise ValueError(f"corpus {spec!r}: {'no dataset name' if not parts[0] else 'too many parts'}; {ALLOWED}")
+        if len(parts) <= 2:
+            parts = [parts[0], "", *parts[1:]]
+        name, config, split, field = (parts + ["", ""])[:4]
+        return from_hf(name, split or "train", field or "text", validation_fraction, config=config or None)
     return from_path(spec, validation_fraction)
 
 
