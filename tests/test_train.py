@@ -442,6 +442,26 @@ def test_make_batches_builds_the_task_or_corpus_of_the_config(tmp_path, monkeypa
         TrainConfig(model="transformer-tiny", data="task:mqar", data_params={"context_length": 4})
 
 
+def test_a_bpe_wider_than_the_model_is_refused_before_it_is_trained_and_a_short_one_is_noted(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """bpe:<N> above the model's vocab_size was refused only after the BPE was trained and the corpus tokenised
+    (10 s on stdlib); a BPE that ran out of merges before N ids said nothing."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    config = TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer="bpe:900", seq_len=16,
+                         batch_size=2, max_steps=1, eval_every=0, out_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match=r"^tokenizer=bpe:900 gives up to 900 token ids but the model's vocab_size "
+                                          r"is 256; set model.vocab_size=900$"):
+        train(config)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    train(dataclasses.replace(config, model_overrides={"vocab_size": 900}))
+    learned = load_run(tmp_path / "run")[2].vocab_size
+    assert learned < 900
+    assert (f"note: the BPE learned {learned} token ids of the 900 asked for (the corpus ran out of pairs to merge)"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_a_run_whose_tokenizer_files_were_swapped_for_a_larger_one_is_refused(tmp_path, monkeypatch):
     """A tokenizer with more ids than the model (another run's files copied in) ended eval and generate in a
     traceback from the model's id check."""

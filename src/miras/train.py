@@ -167,10 +167,21 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
                                          config.seq_len, config.seed)
             except ValueError as error:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
+        notes = [corpus.skipped_note()]
+        asked = _bpe_size(config)
+        if asked and tokenizer.vocab_size < asked:
+            notes.append(f"note: the BPE learned {tokenizer.vocab_size} token ids of the {asked} asked for (the "
+                         "corpus ran out of pairs to merge)")
         return DataSource(train, validation, tokenizer, tokenizer.vocab_size, Path(train.tokens.filename).stem,
-                          corpus.skipped_note())
+                          "\n".join(note for note in notes if note) or None)
     except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
         raise ConfigError(f"data {config.data!r}: {first_line(error)}") from None
+
+
+def _bpe_size(config: TrainConfig) -> int | None:
+    """The vocabulary size that ``tokenizer=bpe:<N>`` asks for (None: another tokenizer)."""
+    size = config.tokenizer.removeprefix("bpe:")
+    return int(size) if config.tokenizer.startswith("bpe:") and size.isdigit() else None
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule
@@ -302,6 +313,10 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         # since would renumber the tokens under the checkpoint's embeddings.
         text = config.data.startswith("text:")  # task data is bytes: no tokenizer to keep
         saved = run_tokenizer(run_dir) if checkpoint is not None and text else None
+        asked = _bpe_size(config)
+        if saved is None and text and asked and asked > model_config.vocab_size:  # before the BPE is trained
+            raise ConfigError(f"tokenizer={config.tokenizer} gives up to {asked} token ids but the model's vocab_size "
+                              f"is {model_config.vocab_size}; set model.vocab_size={asked}")
         data = make_batches(config, saved)
     if (data.train.batch_size, data.train.seq_len) != (config.batch_size, config.seq_len):
         raise ConfigError(f"data gives batches of {data.train.batch_size} x {data.train.seq_len}, config says "
