@@ -676,6 +676,18 @@ def test_memory_axes_errors():
         create("titans-lmm-tiny", memory_axes={"retention": {"kind": "none"}}, decay_init=0.01)
 
 
+def test_memory_axes_that_spell_the_family_s_own_are_the_same_model():
+    """An axis given as the family's own builds the same model: the config drops it, so the plain preset's states
+    (and runs) continue under it; a state of the spelled-out model was refused by the plain one, and back."""
+    spelled = preset_config("retnet-tiny", memory_axes={"retention": {"kind": "decay"}})
+    assert spelled == preset_config("retnet-tiny") and spelled.memory_axes == {}
+    mixed = preset_config("moneta-tiny", memory_axes={"bias": {"kind": "lp", "p": 3}, "retention": {"kind": "lq",
+                                                                                                   "carry": "A"}})
+    assert mixed.memory_axes == {"retention": {"kind": "lq", "carry": "A"}}
+    _, state = create("retnet-tiny")(ids(5))
+    create("retnet-tiny", memory_axes={"retention": {"kind": "decay"}})(ids(3), state)
+
+
 def test_memory_depth_defaults_errors_and_older_states():
     assert create("titans-lmm-tiny").config.memory_rule() is TITANS
     assert create("titans-lmm-tiny", memory_depth=1).config.memory_rule() == TITANS_LINEAR

@@ -119,9 +119,14 @@ class ModelConfig:
                 raise ValueError(f"memory_axes maps axes {list(AXES)} to their specs (dicts with a 'kind', as "
                                  f"MemoryRule.to_dict writes them), got {self.memory_axes!r}")
             try:
-                self.axes_rule()
+                given = self.axes_rule().to_dict()
             except (TypeError, ValueError) as error:
                 raise ValueError(f"memory_axes {self.memory_axes}: {error}") from None
+            # an axis spelled as the family's own builds the same model: dropped, so that the config (which
+            # resuming and loading a state compare) is the plain preset's
+            own = get_rule(self.rule).to_dict()
+            object.__setattr__(self, "memory_axes", {axis: spec for axis, spec in self.memory_axes.items()
+                                                     if given[axis] != own[axis]})
         if self.gate_rank < 0:
             raise ValueError(f"gate_rank must be >= 0 (0: token-level gates), got {self.gate_rank}")
         if self.gate_rank and FAMILIES[self.family] is None:
