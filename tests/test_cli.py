@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from miras.cli import COMMANDS, main
-from miras.models import FAMILIES, PRESETS, SIZES
+from miras.models import FAMILIES, PRESETS, SIZES, LanguageModel
 from miras.train import DataSource, TrainConfig, load_run, train
 
 TEXT = b"hello world!\n"
@@ -126,7 +126,7 @@ def test_cache_lists_and_clears_the_token_cache(tmp_path, monkeypatch, capsys):
     described = sorted(line.split(".uint16  ")[1] for line in lines[:2])  # what each file holds
     assert [about.split(", ")[:2] for about in described] == [[str(corpus), "train split"],
                                                                [str(corpus), "validation split"]]
-    assert all(about.endswith(" documents, byte") for about in described)
+    assert all(about.endswith((" documents, byte", " 1 document, byte")) for about in described)
     assert main(["cache", "--clear"]) == 0
     assert capsys.readouterr().out == f"deleted 2 cache file(s), 0.0 MiB, from {cache}\n"
     assert [path.name for path in cache.iterdir()] == ["mine.txt"]
@@ -238,6 +238,27 @@ def test_train_and_eval_name_the_files_of_a_folder_corpus_they_skip(tmp_path, ca
     assert note in capsys.readouterr().out.splitlines()
     assert main(["eval", str(tmp_path / "run"), "--perplexity", str(corpus)]) == 0
     assert f"miras eval: {note}" in capsys.readouterr().err.splitlines()
+
+
+def test_generate_stops_at_the_end_of_document_token(tmp_path, capsys, monkeypatch):
+    """A BPE run's sampled <|endoftext|> ends the printed text (--ignore-eos: it goes on); it printed past it."""
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "corpus.txt").write_bytes(TEXT * 400)
+    assert main(["train", "transformer-tiny", f"data=text:{tmp_path / 'corpus.txt'}", f"out_dir={tmp_path / 'run'}",
+                 "seq_len=24", "batch_size=8", "max_steps=1", "eval_every=0", "tokenizer=bpe:300",
+                 "model.vocab_size=300", "progress=false"]) == 0
+    _, _, tokenizer = load_run(tmp_path / "run")
+    sampled = [*tokenizer.encode("the cat"), tokenizer.eos_id, *tokenizer.encode(" sat")]
+
+    def generate(self, prompt, max_new_tokens, **options):
+        return torch.tensor([sampled[:max_new_tokens]]), None
+
+    monkeypatch.setattr(LanguageModel, "generate", generate)
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == "the cat\n"
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "20", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out == "the cat<|endoftext|> sat\n"
 
 
 def test_generate_draws_only_ids_the_tokenizer_has(tmp_path, capsys, monkeypatch):

@@ -103,6 +103,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="go on past the tokenizer's end-of-document token (default: stop there)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1 or auto (default: auto, as eval; sampled text depends on the device)")
 
@@ -112,7 +114,8 @@ GENERATE_EXAMPLES = """examples:
   miras generate runs/shakespeare --prompt "To be" --temperature 0 --max-new-tokens 50
   miras generate runs/shakespeare --prompt "The " --top-p 0.9 --seed 3 --device cuda
 
-Prints the continuation only. The run's tokenizer is used if it saved one, else UTF-8 bytes. On a
+Prints the continuation only, up to the tokenizer's end-of-document token (a BPE's <|endoftext|>; bytes
+have none) unless --ignore-eos. The run's tokenizer is used if it saved one, else UTF-8 bytes. On a
 terminal, control characters other than newline and tab are printed as escapes (\\x1b); piped, the
 text is printed as decoded."""
 
@@ -146,7 +149,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     limit = min(tokenizer.vocab_size, model.config.vocab_size)
     tokens, _ = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed, vocab_limit=limit)
-    text = tokenizer.decode(tokens[0].tolist())
+    ids = tokens[0].tolist()
+    if tokenizer.eos_id is not None and tokenizer.eos_id in ids and not args.ignore_eos:
+        ids = ids[:ids.index(tokenizer.eos_id)]
+    text = tokenizer.decode(ids)
     print(escape_controls(text) if sys.stdout.isatty() else text)
     return 0
 

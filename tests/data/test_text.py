@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,17 @@ def test_errors_say_what_was_given_and_what_is_allowed(tmp_path):
         load_corpus(str(tmp_path))
     with pytest.raises(ValueError, match=r"split 'test'"):
         Corpus("x", (Document("a", "text"),)).split("test")
+
+
+def test_a_split_without_documents_is_refused_without_a_cache_file(tmp_path):
+    """A one-character corpus has no validation part: that was found only after an empty cache file (and its
+    description) had been written. A one-document split names itself in singular."""
+    corpus = Corpus("tiny", (Document("a.txt", "x"),))
+    with pytest.raises(ValueError, match=r"^corpus 'tiny': the validation split has no tokens$"):
+        cached_tokens(corpus, ByteTokenizer(), "validation", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    path = Path(cached_tokens(corpus, ByteTokenizer(), "train", cache_dir=tmp_path).filename)
+    assert cache_description(path) == "tiny, train split, 1 document, byte"
 
 
 def test_hf_without_datasets_names_the_install(monkeypatch):

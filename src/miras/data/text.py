@@ -325,7 +325,8 @@ def cache_description(path: Path) -> str:
     about = _described(path.with_suffix(".json"))
     if not about:
         return ""
-    return f"{about['corpus']}, {about['split']} split, {about['documents']:,} documents, {about['tokenizer']}"
+    count = about["documents"]
+    return f"{about['corpus']}, {about['split']} split, {count:,} document{'s' * (count != 1)}, {about['tokenizer']}"
 
 
 # a temp file modified this recently may be a run's tokenisation in progress (it writes as it goes)
@@ -372,6 +373,8 @@ def cached_tokens(
     tokenised at once (memory), not the result.
     """
     documents = corpus.split(split)
+    if not documents:  # (nothing to cache: a one-character corpus has no validation part)
+        raise ValueError(f"corpus {corpus.source!r}: the {split} split has no tokens")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / f"{_cache_key(documents, tokenizer, split)}.{dtype.name}"
