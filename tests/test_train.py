@@ -21,7 +21,7 @@ import torch.nn as nn
 import miras.train as train_module
 from miras.data.base import IGNORE, Batches
 from miras.models import create
-from miras.runs import checkpoint_step, tensor_digest
+from miras.runs import checkpoint_step, lock_run_folder, make_run_folder, tensor_digest
 from miras.train import (
     ConfigError,
     DataSource,
@@ -460,6 +460,32 @@ def test_a_bpe_wider_than_the_model_is_refused_before_it_is_trained_and_a_short_
     assert learned < 900
     assert (f"note: the BPE learned {learned} token ids of the 900 asked for (the corpus ran out of pairs to merge)"
             in capsys.readouterr().out.splitlines())
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_goes_with_the_run(tmp_path, monkeypatch):
+    """Two runs started into one out_dir at once both trained and reported success, and one's checkpoints and
+    metrics silently replaced the other's: the folder is locked while a run writes there."""
+    run_dir = tmp_path / "run"
+    make_run_folder(run_dir)
+    lock = lock_run_folder(run_dir)  # another run, training there now
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=rf"^out_dir {run_dir} is in use: another `miras train` is writing there "
+                                          r"now; wait for it to end, or use another out_dir$"):
+        train(tiny(run_dir, max_steps=2), source())
+    assert snapshot(run_dir) == before
+    os.close(lock)
+    calls = []
+
+    def failing(*args):  # a run that fails after it took the lock still lets the next one in
+        calls.append(args)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_module, "write_run_dir", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny(run_dir, max_steps=2), source())
+    monkeypatch.undo()
+    assert calls and train(tiny(run_dir, max_steps=2), source()) == run_dir
+    assert [step for step, _ in losses(run_dir)] == [1, 2]
 
 
 def test_a_run_whose_tokenizer_files_were_swapped_for_a_larger_one_is_refused(tmp_path, monkeypatch):

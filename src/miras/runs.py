@@ -227,6 +227,24 @@ def make_run_folder(run_dir: Path) -> None:
                           "pass a folder path that can be written") from None
 
 
+def lock_run_folder(run_dir: Path) -> int | None:
+    """A descriptor of ``run_dir`` holding its exclusive lock (``os.close`` releases it; None where the system
+    has no ``flock``): a second run started into the folder meanwhile is refused, where it would write over
+    this one's checkpoints and metrics."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows)
+        return None
+    lock = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise ConfigError(f"out_dir {run_dir} is in use: another `miras train` is writing there now; wait for it "
+                          "to end, or use another out_dir") from None
+    return lock
+
+
 def resume_point(run_dir: Path, config: TrainConfig, model_config: ModelConfig) -> dict | None:
     """The checkpoint to continue from (None: start afresh), after checking that ``run_dir`` holds this run."""
     paths, (saved, damaged) = checkpoints(run_dir), _run_config(run_dir)

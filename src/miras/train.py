@@ -95,6 +95,7 @@ from .runs import (
     checkpoint_step,
     checkpoints,
     load_run,
+    lock_run_folder,
     make_run_folder,
     resume_point,
     run_tokenizer,
@@ -222,12 +223,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 # ------------------------------------------------------------------------------------------- distributed
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Distributed:
     rank: int
     world: int
     device: torch.device
     owns_group: bool  # we initialised the process group, so we destroy it
+    lock: int | None = None  # rank 0: the run folder's lock (lock_run_folder), released when train ends
 
 
 def _setup_distributed(device: str) -> _Distributed:
@@ -291,6 +293,8 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
     try:
         return _train(config, data, distributed)
     finally:
+        if distributed.lock is not None:
+            os.close(distributed.lock)
         if distributed.owns_group:
             dist.destroy_process_group()
 
@@ -346,6 +350,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
     if main:
         try:
             make_run_folder(run_dir)
+            distributed.lock = lock_run_folder(run_dir)
         except ConfigError as error:
             failure = error
     if _all_reduce(torch.tensor(float(failure is not None), device=device), world).item():
