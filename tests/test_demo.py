@@ -189,6 +189,26 @@ def test_bad_seeds_are_refused_before_any_training(seeds, tmp_path, capsys):
         assert not (tmp_path / "demo").exists()
 
 
+def test_a_demo_that_stops_while_writing_its_files_leaves_the_last_run_s(quick_demo, monkeypatch):
+    """results.json, the plots and report.md were written one by one in their places: a rerun stopped between
+    them left a new results.json beside the last report. Now all four are renamed into place at the end."""
+    import miras.demo
+
+    out, _ = quick_demo
+    before = {name: (out / name).read_bytes() for name in ("report.md", "results.json", "accuracy.png", "loss.png")}
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(miras.demo, "_report", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(DemoConfig.quick(out_dir=str(out)))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".*.new.*"))  # nor anything half-written beside them
+    assert "1 seed pooled" in before["report.md"].decode() and "lr 0.003, warmup 1 step then cosine" in (
+        before["report.md"].decode())
+
+
 def test_a_rerun_says_which_runs_it_reused(quick_demo):
     """(Reruns in the module's quick-demo folder: the tests above have read it.)"""
     out, first = quick_demo

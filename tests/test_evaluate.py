@@ -437,6 +437,8 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     assert run_eval(args) == 0
     results = json.loads((tmp_path / "facts" / "results.json").read_text())
     assert results["tasks"]["mqar"]["config"] == {"name": "mqar", "context_length": 64, "pairs": 8, "queries": 1}
+    # results.md names the parameters that are not the task's defaults (it said "mqar" alone: read as the training task)
+    assert "### mqar (queries=1): exact-match accuracy (2 examples" in (tmp_path / "facts" / "results.md").read_text()
     for bad, message in [('{"pairs": 0}', "pairs must be an int in [1, 64]"),
                          ('{"keys": 3}', "unknown parameter(s) keys"),
                          ('{"context_length": 99}', "lengths come from --lengths")]:

@@ -528,7 +528,7 @@ def _report(config: DemoConfig, pooled: dict, comparisons: list[dict], per_seed:
         f"# Demo: recall far past the training length ({config.eval_multiples[-1]}x)", "",
         *[f"- {line}" for line in lines], "",
         "![accuracy against context length](accuracy.png)", "",
-        f"## Exact-match accuracy, {len(config.seeds)} seeds pooled", "",
+        f"## Exact-match accuracy, {len(config.seeds)} seed{'s' * (len(config.seeds) != 1)} pooled", "",
         f"The same {config.examples} examples per length for every seed ({config.examples * len(config.seeds)} "
         f"answers pooled); cell: accuracy (95% interval) [lowest–highest seed]. The {INTERVAL}.", "",
         *table, "",
@@ -538,9 +538,9 @@ def _report(config: DemoConfig, pooled: dict, comparisons: list[dict], per_seed:
         "## What was run", "",
         f"- Task: `{config.task}` ({params}), trained at {config.train_length} tokens, evaluated at "
         f"{', '.join(f'{n:,}' for n in lengths)} tokens, streamed in segments of {config.eval_segment}.",
-        f"- Training: {config.steps} steps, batch {config.batch_size}, lr {config.lr}{other_lrs} "
-        f"(warmup {config.warmup_steps}, cosine), {config.precision}; seeds {', '.join(map(str, config.seeds))}; "
-        f"evaluation seed {config.eval_seed}.",
+        f"- Training: {config.steps} steps, batch {config.batch_size}, lr {config.lr}{other_lrs}, warmup "
+        f"{config.warmup_steps} step{'s' * (config.warmup_steps != 1)} then cosine, {config.precision}; "
+        f"seeds {', '.join(map(str, config.seeds))}; evaluation seed {config.eval_seed}.",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {machine['workers']} "
         f"worker process(es) x {machine['threads']} thread(s); wall time {wall / 60:.1f} min ({wall:.0f} s).", "",
         *models, "",
@@ -615,16 +615,32 @@ def run_demo(config: DemoConfig) -> Path:
     lines, wall = [*verdicts[:-1], *_comparison_lines(config, comparisons), verdicts[-1]], time.perf_counter() - started
     machine = _machine(workers, threads)
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"format": RESULTS_FORMAT, "config": config.to_dict(), "machine": machine, "wall_seconds": wall,
-                "conclusions": lines, "pooled": pooled, "comparisons": comparisons, "per_seed": per_seed,
-                "jobs": results},
-               out / "results.json")
-    plot_accuracy(pooled, out / "accuracy.png")
-    first = config.seeds[0]
-    plot_losses({f"{r['model']} (seed {first})": Path(r["run_dir"]) / "metrics.jsonl" for r in results
-                 if r["seed"] == first}, out / "loss.png")
-    atomic_write_bytes(out / "report.md",
-                       _report(config, pooled, comparisons, per_seed, results, lines, wall, machine).encode())
+    # Written beside their places first and renamed into them together at the end, so that the four files
+    # always come from one run: a rerun that stops while writing leaves the last run's.
+    staged: dict[Path, Path] = {}
+
+    def stage(name: str) -> Path:
+        path = out / f".{Path(name).stem}.new{Path(name).suffix}"
+        staged[path] = out / name
+        return path
+
+    try:
+        write_json({"format": RESULTS_FORMAT, "config": config.to_dict(), "machine": machine, "wall_seconds": wall,
+                    "conclusions": lines, "pooled": pooled, "comparisons": comparisons, "per_seed": per_seed,
+                    "jobs": results},
+                   stage("results.json"))
+        plot_accuracy(pooled, stage("accuracy.png"))
+        first = config.seeds[0]
+        plot_losses({f"{r['model']} (seed {first})": Path(r["run_dir"]) / "metrics.jsonl" for r in results
+                     if r["seed"] == first}, stage("loss.png"))
+        atomic_write_bytes(stage("report.md"),
+                           _report(config, pooled, comparisons, per_seed, results, lines, wall, machine).encode())
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
+    for path, place in staged.items():
+        os.replace(path, place)
     print("\n".join([*lines, *_reuse_lines(results)]).rstrip())
     took = f"{wall / 60:.1f} min" if wall >= 60 else f"{wall:.0f} s"
     print(f"miras demo: done in {took}; wrote {out / 'report.md'}, results.json, accuracy.png, loss.png")

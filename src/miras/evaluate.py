@@ -288,6 +288,21 @@ def _peak_states(results: dict) -> dict[str, dict[int, int]]:
     return states
 
 
+def task_label(task_name: str, entry: dict) -> str:
+    """The task's name and the parameters it ran with that are not its defaults (``--task-params``, the training
+    task's ``data_params``): ``mqar (pairs=2, queries=1)``."""
+    from .data.tasks import TASKS
+
+    config = entry.get("config") or {}
+    kind = TASKS.get(config.get("name"))
+    if kind is None:
+        return task_name
+    defaults = {f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING}
+    changed = [f"{key}={value}" for key, value in config.items()
+               if key in defaults and key != "context_length" and value != defaults[key]]
+    return f"{task_name} ({', '.join(changed)})" if changed else task_name
+
+
 def markdown_table(results: dict) -> str:
     """One table per task (rows: models, columns: context lengths, cells ``accuracy [low–high]``, the 95% Wilson
     interval), the state size per sequence, and the perplexity when measured."""
@@ -298,8 +313,8 @@ def markdown_table(results: dict) -> str:
         for model_name, cells in entry["results"].items():
             found = {row["context_length"]: row for row in cells}
             rows.append([model_name, *(_cell(found.get(n)) for n in lengths)])
-        lines += [f"### {task_name}: exact-match accuracy ({results['examples']} examples, 95% Wilson interval)", "",
-                  *_table(header, rows), ""]
+        lines += [f"### {task_label(task_name, entry)}: exact-match accuracy ({results['examples']} examples, 95% "
+                  "Wilson interval)", "", *_table(header, rows), ""]
     states = _peak_states(results)
     if states:
         rows = [[name, *(f"{known[n] / 2**10:.1f}" if n in known else "–" for n in lengths)]
@@ -336,7 +351,8 @@ def plot_accuracy(results: dict, path: str | os.PathLike) -> Path:
         if results.get("train_length"):
             axis.axvline(results["train_length"], color="gray", linestyle=":", label="train length")
         axis.set_xscale("log", base=2)
-        axis.set(title=task_name, xlabel="context length (tokens)", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
+        axis.set(title=task_label(task_name, entry), xlabel="context length (tokens)", ylabel="exact-match accuracy",
+                 ylim=(-0.03, 1.03))
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     return _save_figure(figure, path)
