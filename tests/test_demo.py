@@ -289,7 +289,7 @@ def test_models_at_another_size_keep_the_tiny_attention_spans():
         models_at_size("huge")
 
 
-def test_size_option(tmp_path, capsys):
+def test_size_option(tmp_path, capsys, monkeypatch):
     """--size small --quick: the small presets' pipeline at shrunk widths; an unknown size is an argparse error."""
     import argparse
 
@@ -308,3 +308,13 @@ def test_size_option(tmp_path, capsys):
         parser.parse_args(["--size", "huge"])
     assert exit_info.value.code == 2
     assert "argument --size: invalid choice: 'huge'" in capsys.readouterr().err
+    # each size has its own default folder, --quick too (--quick --size small shared runs/demo-quick with the tiny
+    # quick demo, and refused to run there); an --out that is a file is refused before any training
+    monkeypatch.chdir(tmp_path)
+    for flags, folder in ((["--quick"], "runs/demo-quick"), (["--quick", "--size", "small"], "runs/demo-quick-small")):
+        assert run_demo_command(parser.parse_args(flags)) == 0
+        assert (tmp_path / folder / "report.md").is_file()
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("")
+    assert run_demo_command(parser.parse_args(["--quick", "--out", "a-file"])) == 2
+    assert capsys.readouterr().err == "miras demo: error: --out a-file is a file, not a folder\n"

@@ -215,6 +215,7 @@ def test_reports_are_written(tmp_path):
     table = markdown_table(results)
     assert "| model | 8 | 32 | 64 |" in table
     assert "| oracle | – | 1.00 [0." in table
+    assert "Not run at 8 tokens (–): shorter than the task needs." in table  # (said on stderr only)
     assert "### State size per sequence (KiB)" in table and "| oracle | – | 2.0 | 2.0 |" in table
     assert "### Perplexity (windows of 50 tokens)" in table
 
@@ -440,7 +441,9 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     # results.md names the parameters that are not the task's defaults (it said "mqar" alone: read as the training task)
     assert "### mqar (queries=1): exact-match accuracy (2 examples" in (tmp_path / "facts" / "results.md").read_text()
     for bad, message in [('{"pairs": 0}', "pairs must be an int in [1, 64]"),
-                         ('{"keys": 3}', "unknown parameter(s) keys"),
+                         # (the parameters it lists leave out context_length, which --task-params refuses)
+                         ('{"keys": 3}', "--task-params: mqar has no parameter(s) keys; its parameters: "
+                                         "pairs, queries\n"),
                          ('{"context_length": 99}', "lengths come from --lengths")]:
         args = parser.parse_args([str(tmp_path / "run"), "--task-params", bad, "--out", str(tmp_path / "bad")])
         assert run_eval(args) == 2

@@ -653,7 +653,8 @@ def run_demo(config: DemoConfig) -> Path:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of ``miras demo``."""
     parser.add_argument("--quick", action="store_true", help="tiny models and a few steps: a smoke test (seconds)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick with --quick)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/demo, runs/demo-quick with --quick; "
+                        "runs/demo-<size>, runs/demo-quick-<size> with --size)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default 1500)")
     parser.add_argument("--workers", type=int, default=None,
@@ -676,8 +677,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
         return 2
     if args.size != "tiny":
         changes["models"] = models_at_size(args.size)
-        if not args.quick:
-            changes.setdefault("out_dir", f"runs/demo-{args.size}")
+        changes.setdefault("out_dir", f"runs/demo-{'quick-' if args.quick else ''}{args.size}")
+    if Path(changes.get("out_dir", "runs")).is_file():
+        print(f"miras demo: error: --out {changes['out_dir']} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
         config = DemoConfig.quick(**changes) if args.quick else DemoConfig(**changes)
     except ValueError as error:

@@ -315,6 +315,9 @@ def markdown_table(results: dict) -> str:
             rows.append([model_name, *(_cell(found.get(n)) for n in lengths)])
         lines += [f"### {task_label(task_name, entry)}: exact-match accuracy ({results['examples']} examples, 95% "
                   "Wilson interval)", "", *_table(header, rows), ""]
+        if entry.get("skipped_lengths"):
+            lines += [f"Not run at {', '.join(f'{n:,}' for n in entry['skipped_lengths'])} tokens (–): shorter than "
+                      "the task needs.", ""]
     states = _peak_states(results)
     if states:
         rows = [[name, *(f"{known[n] / 2**10:.1f}" if n in known else "–" for n in lengths)]
@@ -561,15 +564,23 @@ def _run_tasks(train_config, names: list[str] | None, overrides: dict | None = N
     """The task configs to evaluate: the run's own task with its parameters, the others with their defaults;
     ``overrides`` (``--task-params``) over both. Their context length is left unbounded (frozen configs:
     nothing is built) until ``_fitting``, after any sweep has changed their sizes."""
-    from .data.tasks import make_task
+    from .data.tasks import TASKS, make_task
 
     if overrides and "context_length" in overrides:
         raise ValueError("--task-params sets no context_length: the lengths come from --lengths")
     kind, _, spec = train_config.data.partition(":")
     own = spec if kind == "task" else None
+    names = names or ([own] if own else ["passkey", "mqar"])
+    for name in names:
+        valid = [f.name for f in dataclasses.fields(TASKS[name]) if f.init and f.name != "context_length"] \
+            if name in TASKS else None
+        unknown = sorted(set(overrides or {}) - set(valid)) if valid is not None else []
+        if unknown:
+            raise ValueError(f"--task-params: {name} has no parameter(s) {', '.join(unknown)}; its parameters: "
+                             f"{', '.join(valid)}")
     return {name: make_task(name, context_length=2**40, **{**(train_config.data_params if name == own else {}),
                                                             **(overrides or {})})
-            for name in names or ([own] if own else ["passkey", "mqar"])}
+            for name in names}
 
 
 def _fitting(tasks: dict[str, Task], length: int) -> dict[str, Task]:
