@@ -571,11 +571,9 @@ def _run_tasks(train_config, names: list[str] | None, overrides: dict | None = N
     kind, _, spec = train_config.data.partition(":")
     own = spec if kind == "task" else None
     names = names or ([own] if own else ["passkey", "mqar"])
-    for name in names:
-        valid = [f.name for f in dataclasses.fields(TASKS[name]) if f.init and f.name != "context_length"] \
-            if name in TASKS else None
-        unknown = sorted(set(overrides or {}) - set(valid)) if valid is not None else []
-        if unknown:
+    for name in (name for name in names if name in TASKS):  # (make_task names an unknown task)
+        valid = [f.name for f in dataclasses.fields(TASKS[name]) if f.init and f.name != "context_length"]
+        if unknown := sorted(set(overrides or {}) - set(valid)):
             raise ValueError(f"--task-params: {name} has no parameter(s) {', '.join(unknown)}; its parameters: "
                              f"{', '.join(valid)}")
     return {name: make_task(name, context_length=2**40, **{**(train_config.data_params if name == own else {}),
