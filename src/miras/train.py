@@ -291,7 +291,12 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
     writing anything, for an unusable config, out_dir or checkpoint."""
     distributed = _setup_distributed(config.device)
     try:
-        return _train(config, data, distributed)
+        run_dir = _train(config, data, distributed)
+        if distributed.owns_group and distributed.world > 1:
+            # every rank done before the group goes: no collective of this rank still in flight when it is
+            # destroyed (a gloo rank once aborted there, "terminate called without an active exception", under load)
+            dist.barrier()
+        return run_dir
     finally:
         if distributed.lock is not None:
             os.close(distributed.lock)
