@@ -419,6 +419,32 @@ def test_eval_out_of_memory_is_one_line_and_other_errors_stay_loud(tmp_path, cap
     assert not (run / "results.json").exists()
 
 
+def test_eval_stopped_at_a_later_length_keeps_the_lengths_it_measured(tmp_path, capsys, monkeypatch):
+    """An evaluation out of memory (or interrupted) at its longest length lost every length before it: nothing was
+    written until all were done. Now what was measured is written, marked incomplete."""
+    import miras.evaluate
+
+    run = _task_run(tmp_path)
+    measure = miras.evaluate.task_accuracy
+    for error, code, why in ((RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 TB"), 2, "out of memory"),
+                             (KeyboardInterrupt(), 130, "interrupted")):
+        def failing(model, task, lengths, *args, error=error):
+            if lengths[0] == 64:
+                raise error
+            return measure(model, task, lengths, *args)
+
+        monkeypatch.setattr(miras.evaluate, "task_accuracy", failing)
+        out = tmp_path / f"out-{code}"
+        capsys.readouterr()
+        assert main(["eval", str(run), "--lengths", "32,64", "--examples", "2", "--out", str(out)]) == code
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"; the lengths measured before it are in {out / 'results.json'}")
+        results = json.loads((out / "results.json").read_text())
+        assert results["incomplete"] == why
+        assert [row["context_length"] for row in results["tasks"]["mqar"]["results"][run.name]] == [32]
+        assert (out / "results.md").read_text().startswith(f"**Incomplete** ({why}): the lengths measured before it.")
+
+
 def test_eval_names_skipped_lengths_and_survives_a_torn_metrics_line(tmp_path, capsys):
     run = _task_run(tmp_path)
     with open(run / "metrics.jsonl", "a") as metrics:

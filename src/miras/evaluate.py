@@ -211,10 +211,13 @@ def _task_record(task: Task) -> dict:
 def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequence[int], *, examples: int = 100,
              seed: int = 0, segment: int = 1024, batch_size: int = 8, train_length: int | None = None,
              text: np.ndarray | None = None, seq_len: int | None = None, max_tokens: int | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Every task's accuracy for every model over ``lengths`` (those a task is too short for are skipped and
-    listed), and the perplexity on ``text`` (token ids, windows of ``seq_len``) when given: a JSON-ready dict."""
+    listed), and the perplexity on ``text`` (token ids, windows of ``seq_len``) when given: a JSON-ready dict.
+    ``progress`` is called with that dict, as measured so far, after each length (a caller keeps what was
+    measured when a later length fails or is interrupted)."""
     log = log or (lambda message: None)
+    progress = progress or (lambda results: None)
     if len(set(lengths)) != len(lengths):
         raise ValueError(f"lengths must be distinct (each is a column of the results), got {list(lengths)}")
     results = {"format": RESULTS_FORMAT, "lengths": list(lengths), "examples": examples, "seed": seed,
@@ -226,13 +229,14 @@ def evaluate(models: dict[str, nn.Module], tasks: dict[str, Task], lengths: Sequ
         usable = [length for length in lengths if length >= task.minimum_length()]
         entry = {"config": _task_record(task), "skipped_lengths": [n for n in lengths if n not in usable],
                  "results": {}}
+        results["tasks"][task_name] = entry
         for model_name, model in models.items():
             entry["results"][model_name] = rows = []
             for length in usable:  # one length at a time, each logged when it is done
                 rows += task_accuracy(model, task, [length], examples, seed, segment, batch_size)
                 log(f"{task_name} {model_name} L={length}: {rows[-1]['accuracy']:.3f} "
                     f"({rows[-1]['seconds']:.1f} s)")
-        results["tasks"][task_name] = entry
+                progress(results)
     if text is not None:
         if seq_len is None:
             raise ValueError("perplexity on `text` needs its window length `seq_len`")
@@ -560,6 +564,22 @@ def swept(tasks: dict[str, Task], field: str, values: Sequence) -> dict[str, Tas
     return result
 
 
+def _kept(measured: list[dict], out: Path, why: str) -> str:
+    """What an evaluation stopped by ``why`` had measured, written to ``out`` as results.json and results.md
+    (marked ``incomplete``): the end of its error line, or "" when nothing was measured or written."""
+    if not measured or not any(rows for entry in measured[0]["tasks"].values() for rows in entry["results"].values()):
+        return ""
+    results = {**measured[0], "incomplete": why}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(results, out / "results.json")
+        atomic_write_bytes(out / "results.md", (f"**Incomplete** ({why}): the lengths measured before it.\n\n"
+                                                + markdown_table(results)).encode())
+    except OSError:
+        return ""
+    return f"; the lengths measured before it are in {out / 'results.json'}"
+
+
 def _run_tasks(train_config, names: list[str] | None, overrides: dict | None = None) -> dict[str, Task]:
     """The task configs to evaluate: the run's own task with its parameters, the others with their defaults;
     ``overrides`` (``--task-params``) over both. Their context length is left unbounded (frozen configs:
@@ -654,18 +674,28 @@ def run_eval(args: argparse.Namespace) -> int:
     if tasks:
         print(f"miras eval: {len(tasks)} task(s) x {len(lengths)} length(s) up to {max(lengths):,} tokens x "
               f"{args.examples} examples, one line per task and length as each is done", file=sys.stderr)
+    measured: list[dict] = []  # the results so far (evaluate's own dict, filled in as each length is done)
+
+    def keep(results: dict) -> None:
+        measured[:] = [results]
+
     try:
         results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
                            segment=args.segment or train_length, batch_size=args.batch_size or 8,
                            train_length=train_length, text=text, seq_len=train_config.seq_len,
-                           max_tokens=args.perplexity_tokens, log=lambda message: print(message, file=sys.stderr))
+                           max_tokens=args.perplexity_tokens, log=lambda message: print(message, file=sys.stderr),
+                           progress=keep)
     except (RuntimeError, MemoryError) as error:  # the allocator's refusal: one line (other errors stay loud)
         if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)):
             raise
         print(f"miras eval: error: out of memory (lengths up to {max(lengths):,} tokens, --batch-size "
               f"{args.batch_size or 8}, --segment {args.segment or train_length}): {first_line(error)}; fewer "
-              "or shorter --lengths, or a smaller --batch-size", file=sys.stderr)
+              f"or shorter --lengths, or a smaller --batch-size{_kept(measured, out, 'out of memory')}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"miras eval: interrupted{_kept(measured, out, 'interrupted')}", file=sys.stderr)
+        return 130
     table = markdown_table(results)
     print(table)
     for task_name, entry in results["tasks"].items():
