@@ -358,15 +358,15 @@ def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, m
         def identity(self) -> str:
             return "bpe-like"
 
-    config = types.SimpleNamespace(data="text:corpus", seq_len=32, data_params={})
+    corpus = tmp_path / "corpus.txt"
+    config = types.SimpleNamespace(data=f"text:{corpus}", seq_len=32, data_params={})
     fake = types.ModuleType("miras.train")
     fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, BPELike())
     monkeypatch.setitem(sys.modules, "miras.train", fake)
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
     parser = add_eval_arguments(argparse.ArgumentParser())
-    for flags in ([], ["--tasks", "mqar", "--perplexity", str(corpus)],
+    for flags in (["--tasks", "mqar"], ["--tasks", "mqar", "--perplexity", str(corpus)],
                   ["--task-params", '{"pairs": 2}', "--perplexity", str(corpus)]):
         args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", "--out", str(tmp_path / "bad"), *flags])
         assert run_eval(args) == 2, flags
@@ -377,6 +377,14 @@ def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, m
     assert run_eval(args) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tasks"] == {} and results["perplexity"]["results"]["run"]["tokens"] > 0
+    # no flags: the perplexity on the corpus it trained on (it was an error that asked for --perplexity)
+    capsys.readouterr()
+    assert run_eval(parser.parse_args([str(tmp_path / "run"), "--out", str(tmp_path / "own")])) == 0
+    assert (f"miras eval: the perplexity on the validation split of {str(corpus)!r}, the corpus the run trained on "
+            "(--perplexity names another)") in capsys.readouterr().err.splitlines()
+    own = json.loads((tmp_path / "own" / "results.json").read_text())["perplexity"]["results"]["run"]
+    assert {key: own[key] for key in ("loss", "tokens")} == {key: results["perplexity"]["results"]["run"][key]
+                                                             for key in ("loss", "tokens")}
 
 
 def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):

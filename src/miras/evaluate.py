@@ -31,7 +31,9 @@ Choices written down here:
   streaming; ``None`` for a model without ``state_bytes``.
 - **Perplexity** is ``exp`` of the mean next-token loss over consecutive windows of ``seq_len``
   tokens (``miras.data.text.windows``: every token but the first is predicted exactly once), each
-  window starting from an empty state; ``bits_per_token`` is the loss in bits.
+  window starting from an empty state; ``bits_per_token`` is the loss in bits. A run that reads BPE or HF
+  token ids (the tasks are written in bytes) is asked for its perplexity alone: by default on the validation
+  split of the corpus it trained on.
 """
 
 from __future__ import annotations
@@ -640,10 +642,14 @@ def run_eval(args: argparse.Namespace) -> int:
         if tokenizer is not None and tokenizer.kind != "byte":
             # the tasks are written in bytes; fed to a model of BPE or HF ids they are other tokens altogether,
             # and their accuracies are noise (once a warning, with the numbers written all the same)
-            if args.tasks or args.task_params or not args.perplexity:
+            if args.tasks or args.task_params:
                 raise ValueError(f"the run reads {tokenizer.kind!r} token ids and the tasks are written in bytes: "
-                                 "evaluate its perplexity (--perplexity CORPUS, no --tasks), or evaluate tasks "
-                                 "on a run trained with tokenizer=byte")
+                                 "evaluate its perplexity (no --tasks: on the corpus it trained on, or --perplexity "
+                                 "CORPUS), or evaluate tasks on a run trained with tokenizer=byte")
+            if not args.perplexity:  # what such a run can be asked: its own corpus's validation split
+                args.perplexity = train_config.data.removeprefix("text:")
+                print(f"miras eval: the perplexity on the validation split of {args.perplexity!r}, the corpus the run "
+                      "trained on (--perplexity names another)", file=sys.stderr)
             tasks = {}
         else:
             tasks = _run_tasks(train_config, args.tasks, args.task_params)
