@@ -238,6 +238,26 @@ def test_an_out_folder_of_other_runs_is_refused_with_the_demos_own_advice(quick_
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_a_later_job_s_folder_of_other_settings_is_refused_before_any_job_runs(quick_demo, monkeypatch):
+    """Every job's folder is checked first: a folder of other settings was found only when its job began, after the
+    jobs before it had trained (and been evaluated)."""
+    import dataclasses
+
+    import miras.demo
+    from miras.train import ConfigError
+
+    out, _ = quick_demo
+    quick = DemoConfig.quick(out_dir=str(out))
+    last = quick.models[-1]
+    models = (*quick.models[:-1], dataclasses.replace(last, overrides={**last.overrides, "window": 8}))
+    monkeypatch.setattr(miras.demo, "_run_jobs", lambda *args: pytest.fail("a job ran"))
+    run = out / last.name / "seed-0"
+    with pytest.raises(ConfigError, match=rf"^{run} holds a run with a different config \(model.window: 32 -> 8\); "
+                                          r"the demo continues only its own runs of the same settings: give it "
+                                          rf"another --out, or remove {run}$"):
+        run_demo(dataclasses.replace(quick, models=models))
+
+
 def test_a_training_error_other_than_a_run_of_other_settings_is_passed_on_as_it_is(tmp_path, monkeypatch):
     import miras.train
     from miras.train import ConfigError

@@ -92,6 +92,7 @@ stopped weight-decaying the memory's gate projections, which retrained every mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -265,6 +266,23 @@ class _Job:
                            eval_every=0, save_every=c.steps, keep_checkpoints=1, progress=False, device=c.device)
 
 
+@contextlib.contextmanager
+def _demo_advice(job: _Job):
+    """A run of other settings in the job's folder: train's advice (resume=true, another out_dir) is not the
+    demo's, which has neither; other errors pass as they are."""
+    from .train import ConfigError
+
+    try:
+        yield
+    except ConfigError as error:
+        text = str(error)
+        for advice in ("; pass resume=true to continue it with the new ones", "; use another out_dir"):
+            if advice in text:  # (the end of train's line: with ", or pass model.X=... to continue it" after it)
+                raise ConfigError(f"{text[:text.index(advice)]}; the demo continues only its own runs of the same "
+                                  f"settings: give it another --out, or remove {job.run_dir}") from None
+        raise
+
+
 def _run_job(job: _Job) -> dict:
     """Train one model with one seed, then evaluate it: a JSON-ready dict (runs in a worker process)."""
     import torch
@@ -272,7 +290,7 @@ def _run_job(job: _Job) -> dict:
     from .data.tasks import make_task
     from .evaluate import evaluate, read_metrics
     from .runs import checkpoint_step, checkpoints
-    from .train import ConfigError, load_run, train
+    from .train import load_run, train
 
     c, name, threads = job.config, f"{job.model.name} seed {job.seed}", torch.get_num_threads()
     # A run directory already holding a checkpoint (an interrupted or earlier demo with the same config) is
@@ -282,15 +300,8 @@ def _run_job(job: _Job) -> dict:
     torch.set_num_threads(c.threads)
     try:
         began = time.perf_counter()
-        try:
+        with _demo_advice(job):
             train(job.train_config())
-        except ConfigError as error:  # a run of other settings in the folder: train's advice is not the demo's
-            text = str(error)  # only a run of other settings gets the demo's advice; other errors stay as they are
-            for advice in ("; pass resume=true to continue it with the new ones", "; use another out_dir"):
-                if text.endswith(advice):
-                    raise ConfigError(f"{text.removesuffix(advice)}; the demo continues only its own runs of the "
-                                      f"same settings: give it another --out, or remove {job.run_dir}") from None
-            raise
         trained = time.perf_counter()
         model, _, _ = load_run(job.run_dir, device=c.device)
         lengths = [c.train_length * multiple for multiple in job.model.multiples(c)]
@@ -588,14 +599,18 @@ def run_demo(config: DemoConfig) -> Path:
     into ``config.out_dir`` (returned). A finished run directory with the same config is reused."""
     from .evaluate import plot_accuracy, plot_losses, write_json
     from .files import atomic_write_bytes
-    from .models import create
-    from .runs import holds_a_run
+    from .models import create, preset_config
+    from .runs import holds_a_run, resume_point
     from .train import ConfigError
 
     started, out = time.perf_counter(), Path(config.out_dir)
     if holds_a_run(out):  # its report would be written into it
         raise ConfigError(f"--out {out} holds a training run: give the demo a folder of its own")
     jobs = [_Job(model, seed, config) for model in config.models for seed in config.seeds]
+    for job in jobs:  # a folder of other settings is found now, not after the jobs before it have run
+        train_config = job.train_config()
+        with _demo_advice(job):
+            resume_point(job.run_dir, train_config, preset_config(train_config.model, **train_config.model_overrides))
     workers, threads = min(config.workers or _cores(), len(jobs)), config.threads
     lengths = ", ".join(f"{n:,}" for n in config.eval_lengths)
     print(f"miras demo: {len(config.models)} model(s) x {len(config.seeds)} seed(s) on task {config.task} "
