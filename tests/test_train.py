@@ -874,6 +874,13 @@ def fsdp_config(out_dir: Path, **values) -> TrainConfig:
     return dataclasses.replace(ddp_config(out_dir), model="titans-lmm-tiny", **values)
 
 
+def test_fsdp_in_one_process_says_it_trains_the_model_whole(tmp_path, capsys):
+    """parallel=fsdp outside torchrun was ignored without a word."""
+    train(tiny(tmp_path / "run", max_steps=1, parallel="fsdp"), source())
+    assert ("note: parallel=fsdp shards the model over the processes of a torchrun; one process trains it whole"
+            in capsys.readouterr().out.splitlines())
+
+
 def test_fsdp_matches_single_process_and_one_process_continues_its_checkpoint(tmp_path):
     """parallel=fsdp (FSDP2, 2 ranks): the losses of one process with the same global batch, and a checkpoint
     gathered into the full format, which one process (DDP's default) continues as it continues its own."""

@@ -344,6 +344,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
             print(f"note: {changed}; continuing on the new contents (resume=true)", flush=True)
     if main and data.note:
         print(data.note, flush=True)
+    if world == 1 and config.parallel == "fsdp":
+        print("note: parallel=fsdp shards the model over the processes of a torchrun; one process trains it whole",
+              flush=True)
     torch.manual_seed(config.seed)
     try:  # before the run folder is made: a model too large for this machine leaves nothing behind
         raw_model = LanguageModel(model_config).to(device)
