@@ -145,7 +145,7 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
     tokenised once into the token cache (with ``tokenizer`` if given, e.g. the one a resumed run saved;
     else ``config.tokenizer``, a BPE trained on the corpus) and validates on its held-out documents
     when ``eval_every`` > 0."""
-    from .data.tokenizers import get_tokenizer
+    from .data.tokenizers import bpe_size, get_tokenizer
 
     kind, _, spec = config.data.partition(":")
     try:
@@ -169,7 +169,7 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
             except ValueError as error:
                 raise ValueError(f"validation split: {error} (or eval_every=0: no validation)") from None
         notes = [corpus.skipped_note()]
-        asked = _bpe_size(config)
+        asked = bpe_size(config.tokenizer)
         if asked and tokenizer.vocab_size < asked:
             notes.append(f"note: the BPE learned {tokenizer.vocab_size} token ids of the {asked} asked for (the "
                          "corpus ran out of pairs to merge)")
@@ -177,12 +177,6 @@ def make_batches(config: TrainConfig, tokenizer=None) -> DataSource:
                           "\n".join(note for note in notes if note) or None)
     except (TypeError, ValueError, OSError, ImportError) as error:  # OSError: also a hub that cannot be reached
         raise ConfigError(f"data {config.data!r}: {first_line(error)}") from None
-
-
-def _bpe_size(config: TrainConfig) -> int | None:
-    """The vocabulary size that ``tokenizer=bpe:<N>`` asks for (None: another tokenizer)."""
-    size = config.tokenizer.removeprefix("bpe:")
-    return int(size) if config.tokenizer.startswith("bpe:") and size.isdigit() else None
 
 
 # ------------------------------------------------------------------------------------- optimizer, schedule
@@ -322,7 +316,9 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         # since would renumber the tokens under the checkpoint's embeddings.
         text = config.data.startswith("text:")  # task data is bytes: no tokenizer to keep
         saved = run_tokenizer(run_dir) if checkpoint is not None and text else None
-        asked = _bpe_size(config)
+        from .data.tokenizers import bpe_size
+
+        asked = bpe_size(config.tokenizer)
         if saved is None and text and asked and asked > model_config.vocab_size:  # before the BPE is trained
             raise ConfigError(f"tokenizer={config.tokenizer} gives up to {asked} token ids but the model's vocab_size "
                               f"is {model_config.vocab_size}; set model.vocab_size={asked}")

@@ -262,6 +262,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     return KINDS[kind].load(directory)
 
 
+def bpe_size(spec: str) -> int | None:
+    """The vocabulary size a ``"bpe:<N>"`` spec asks for (None: another spec, or no integer N)."""
+    size = spec.removeprefix("bpe:")
+    return int(size) if spec.startswith("bpe:") and size.isdigit() else None
+
+
 def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
     """``"byte"`` | ``"bpe:<vocab_size>"`` (trained on ``corpus``'s train split) | ``"hf:<name>"`` (a Hugging
     Face tokenizer already in the local HF cache) | a local folder: one written by ``Tokenizer.save``,
@@ -271,12 +277,12 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
     if spec.startswith("hf:"):
         return HFTokenizer(spec.removeprefix("hf:"))
     if spec.startswith("bpe:"):
-        size = spec.removeprefix("bpe:")
-        if not size.isdigit():
+        size = bpe_size(spec)
+        if size is None:
             raise ValueError(f"tokenizer {spec!r}: the vocabulary size must be an integer; {ALLOWED}")
         if corpus is None:
             raise ValueError(f"tokenizer {spec!r}: a BPE is trained on a corpus; pass the corpus to train it on")
-        return BPETokenizer.train([document.text for document in corpus.split("train")], int(size))
+        return BPETokenizer.train([document.text for document in corpus.split("train")], size)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_tokenizer(path) if (path / METADATA).is_file() else HFTokenizer(path)
