@@ -156,3 +156,31 @@ def test_banded_sliding_window_equals_naive(window, sinks, first):
     reference_grads = torch.autograd.grad(reference.square().sum(), list(layer.parameters()))
     for a, b in zip(grads, reference_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_full_attention_after_a_cache_without_grad_equals_naive(monkeypatch, dtype, atol):
+    """Without gradients, full attention that continues a cache runs as two flash calls merged by their
+    log-sum-exps: equal to the naive reference (and to the masked call it replaces), every cut, one
+    new token (decoding) included."""
+    import miras.layers.attention as attention
+
+    calls = []
+    flash = attention._FLASH_CPU
+    assert flash is not None, "this torch lacks the CPU flash kernel the fast path needs"
+    monkeypatch.setattr(attention, "_FLASH_CPU", lambda *a, **k: calls.append(1) or flash(*a, **k))
+    layer, x = make(), inputs(tokens=29)
+    reference = naive(layer, x)
+    layer, x = layer.to(dtype), x.to(dtype)
+    for cuts in ([1, 2, 9, 28], [17]):
+        pieces, state = [], None
+        with torch.no_grad():
+            for a, b in zip([0, *cuts], [*cuts, 29]):
+                out, state = layer(x[:, a:b], state)
+                pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1).double(), reference, rtol=0, atol=atol)
+    assert len(calls) == 2 * (4 + 1)  # two flash calls per continued piece
+    calls.clear()
+    y, _ = layer(x[:, 9:], layer(x[:, :9])[1])  # with gradients: the masked call
+    assert not calls
+    torch.testing.assert_close(y.double(), reference[:, 9:], rtol=0, atol=atol)

@@ -11,6 +11,13 @@
 A call longer than 2·window runs in blocks of ``window`` queries against the keys their band can
 reach (``_banded``): O(T·window) time and memory instead of a dense [T, T] mask.
 
+Full attention that continues from a cache, without gradients on a CPU (streamed evaluation and
+prefill), runs as two flash-attention calls, the cached keys unmasked and the new keys causal, merged
+by their log-sum-exps (``_continued``): no [T, cache + T] mask is made, and the masked kernel it
+replaces was ~3x slower (transformer-tiny, 64K tokens in 4K segments, float32: 29.7 s and a
+2.8 GiB peak before, by hand). With gradients, or where torch's CPU flash kernel (a private op that
+also returns the log-sum-exp) is missing, the masked call runs; tests hold the two equal.
+
 Streaming is exact: ``forward(x, state)`` continues from the cache, so a sequence fed in pieces (or
 token by token) gives the same outputs as one call. RoPE uses absolute stream positions.
 """
@@ -101,8 +108,10 @@ class Attention(nn.Module):
         keys = torch.cat([state.keys.to(k.dtype), k], dim=2)
         values = torch.cat([state.values.to(v.dtype), v], dim=2)
         key_positions = torch.cat([state.positions, positions])
-        if self.window is None and state.seen == 0:
+        if self.window is None and keys.shape[2] == tokens:  # nothing cached
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        elif self.window is None and _can_continue(q, keys, values):
+            y = _continued(q, keys, values)
         elif self.window is not None and tokens > 2 * self.window and state.seen + tokens > self.sinks:
             # (banded needs a key past the sinks; a call of sink positions alone is at most `sinks` long)
             y = self._banded(q, keys, values, positions, key_positions)
@@ -174,3 +183,28 @@ class Attention(nn.Module):
     def _kept(self, key_positions: Tensor, seen: int) -> Tensor:
         """Which cached keys any future query (position >= seen) can still see (sliding window)."""
         return (key_positions > seen - self.window) | (key_positions < self.sinks)
+
+
+# torch's CPU flash attention, which returns the log-sum-exp of each query's scores beside the output
+# (private: None where this torch lacks it, and the masked call runs instead).
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _can_continue(q: Tensor, keys: Tensor, values: Tensor) -> bool:
+    """Whether ``_continued`` computes this call: CPU, the flash kernel's dtypes, no autocast, and nothing
+    that needs a gradient (the kernel's log-sum-exp has none)."""
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad)
+    return (_FLASH_CPU is not None and q.device.type == "cpu" and q.shape[2] > 0 and not needs_grad
+            and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _continued(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Full causal attention of the T new queries ``q`` over ``keys`` = [cache ‖ their own T keys]: every
+    cached key is visible to every new query, the new keys causally. Each part is one flash call; the
+    outputs are mixed by the share of the softmax mass on each, σ(lse_cache − lse_new)."""
+    cached = keys.shape[2] - q.shape[2]
+    old, lse_old = _FLASH_CPU(q, keys[:, :, :cached], values[:, :, :cached])
+    new, lse_new = _FLASH_CPU(q, keys[:, :, cached:], values[:, :, cached:], is_causal=True)
+    share = torch.sigmoid(lse_old - lse_new).unsqueeze(-1)  # float32 for bf16 inputs
+    return torch.lerp(new.to(share.dtype), old.to(share.dtype), share).to(q.dtype)
