@@ -918,6 +918,70 @@ def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
                      f"rank 1: out_dir {out_dir}: rank 0 could not make the run folder (its error says why)"]
 
 
+def bpe_ddp_config(out_dir: Path, corpus: Path) -> TrainConfig:
+    return tiny(out_dir, data=f"text:{corpus}", tokenizer="bpe:300", model_overrides={"vocab_size": 300},
+                max_steps=2, batch_size=4, eval_every=0)
+
+
+def test_ddp_on_a_text_corpus_trains_the_bpe_and_tokenises_the_corpus_once(tmp_path):
+    """Every rank trained the BPE and tokenised the corpus itself (the same work, N times over); rank 0 now does
+    it, and the others take its BPE and read the token cache. If rank 0 cannot load the data, both ranks stop."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 40)
+    (tmp_path / "empty").mkdir()
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MIRAS_CACHE_DIR": str(tmp_path / "cache")}
+    for name, data in (("run", corpus), ("failed", tmp_path / "empty")):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+                   str(tmp_path / name), "--bpe", str(data)]
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / "run" / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [report["trained"] for report in reports] == [1, 0]  # BPETokenizer.train calls
+    assert reports[0]["encoded"] > 0 and reports[1]["encoded"] == 0  # characters tokenised
+    assert reports[0]["parameters"] == reports[1]["parameters"] and reports[0]["tokenizer"] == reports[1]["tokenizer"]
+    assert load_run(tmp_path / "run")[2].identity == reports[0]["tokenizer"]
+    errors = [(tmp_path / "failed" / f"error_rank{rank}.txt").read_text() for rank in range(2)]
+    assert errors[0].startswith(f"rank 0: data 'text:{tmp_path / 'empty'}': ") and "no text" in errors[0]
+    assert errors[1] == f"rank 1: data 'text:{tmp_path / 'empty'}': rank 0 could not load it (its error says why)"
+
+
+def _bpe_rank(out_dir: str, corpus: str) -> None:
+    """One rank of test_ddp_on_a_text_corpus_...: train on ``corpus`` with a BPE, counting this rank's BPE trainings
+    and tokenised documents; write them with a hash of the replica (or the ConfigError, if there was one)."""
+    import hashlib
+    from unittest import mock
+
+    from miras.data.tokenizers import BPETokenizer
+
+    rank, counts = os.environ["RANK"], {"trained": 0, "encoded": 0, "tokenizer": None}
+    train_bpe, encode, make = BPETokenizer.train.__func__, BPETokenizer.encode_documents, train_module.make_batches
+
+    def counted_train(cls, *args):
+        counts["trained"] += 1
+        return train_bpe(cls, *args)
+
+    def counted_encode(self, texts):
+        counts["encoded"] += sum(map(len, texts))  # characters (the cache key encodes an empty probe)
+        return encode(self, texts)
+
+    def recorded_make(*args):
+        data = make(*args)
+        counts["tokenizer"] = data.tokenizer.identity
+        return data
+
+    with mock.patch.object(BPETokenizer, "train", classmethod(counted_train)), \
+            mock.patch.object(BPETokenizer, "encode_documents", counted_encode), \
+            mock.patch.object(train_module, "make_batches", recorded_make):
+        try:
+            model = _trained_model(bpe_ddp_config(Path(out_dir), Path(corpus)))
+        except ConfigError as error:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
+            return
+    parameters = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({**counts, "parameters": parameters}))
+
+
 def _trained_model(config: TrainConfig):
     """Train ``config`` in this rank and return the model the trainer built (before any wrapping)."""
     from miras.models import LanguageModel
@@ -965,6 +1029,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[2:3] == ["--expect-config-error"]:
         _ddp_rank_expecting_an_error(sys.argv[1], sys.argv[3])
+    elif sys.argv[2:3] == ["--bpe"]:
+        _bpe_rank(sys.argv[1], sys.argv[3])
     elif sys.argv[2:3] == ["--fsdp"]:
         _fsdp_rank(sys.argv[1])
     else:

@@ -56,7 +56,9 @@ Choices the papers and the issue leave open, written down here:
   ``seq_len + 1`` bytes (``data_params`` are the task's parameters) and validates on the same task
   under another seed; ``data="text:<spec>"`` reads a corpus (``stdlib``, a file, folder or glob,
   ``hf:<name>``), tokenises it with ``tokenizer`` and validates on its held-out documents. The
-  tokenizer is saved in the run directory, where ``load_run`` finds it.
+  tokenizer is saved in the run directory, where ``load_run`` finds it. Under ``torchrun`` rank 0
+  loads a corpus first (a BPE is trained and the corpus tokenised once, into the token cache); the
+  other ranks then take its BPE and read the cache (``_rank_zero_first``).
 - Ctrl-C (SIGINT, in the main thread): the first one lets the current step end, saves a checkpoint
   of it and stops (``Interrupted``: a rerun of the same command continues from that step, exactly);
   a second one stops at once, keeping the checkpoints already on disk. Under ``torchrun`` the ranks
@@ -298,6 +300,31 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
             dist.destroy_process_group()
 
 
+def _rank_zero_first(config: TrainConfig, tokenizer, distributed: _Distributed) -> DataSource:
+    """``make_batches`` under torchrun: rank 0 first, so that a text corpus is tokenised once (into the token
+    cache, which the other ranks then read) and a BPE trained once; the other ranks take rank 0's BPE. If
+    rank 0 cannot load the data, every rank stops (rank 0 with the reason)."""
+    if distributed.world == 1 or not config.data.startswith("text:"):
+        return make_batches(config, tokenizer)
+    from .data.tokenizers import BPETokenizer
+
+    failure, shared = None, [None]  # rank 0's BPE as JSON; False: rank 0 could not load the data
+    if distributed.rank == 0:
+        try:
+            data = make_batches(config, tokenizer)
+            shared = [data.tokenizer.to_json() if isinstance(data.tokenizer, BPETokenizer) else None]
+        except ConfigError as error:
+            failure, shared = error, [False]
+    dist.broadcast_object_list(shared, src=0, device=distributed.device)
+    if distributed.rank == 0:
+        if failure is not None:
+            raise failure
+        return data
+    if shared[0] is False:
+        raise ConfigError(f"data {config.data!r}: rank 0 could not load it (its error says why)")
+    return make_batches(config, BPETokenizer.from_json(shared[0]) if shared[0] else tokenizer)
+
+
 def _train(config: TrainConfig, data: DataSource | None, distributed: _Distributed) -> Path:
     rank, world, device = distributed.rank, distributed.world, distributed.device
     main, slices, accum = rank == 0, world * config.grad_accum, config.grad_accum
@@ -322,7 +349,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
         if saved is None and text and asked and asked > model_config.vocab_size:  # before the BPE is trained
             raise ConfigError(f"tokenizer={config.tokenizer} gives up to {asked} token ids but the model's vocab_size "
                               f"is {model_config.vocab_size}; set model.vocab_size={asked}")
-        data = make_batches(config, saved)
+        data = _rank_zero_first(config, saved, distributed)
     if (data.train.batch_size, data.train.seq_len) != (config.batch_size, config.seq_len):
         raise ConfigError(f"data gives batches of {data.train.batch_size} x {data.train.seq_len}, config says "
                           f"batch_size={config.batch_size}, seq_len={config.seq_len}")

@@ -157,7 +157,7 @@ class BPETokenizer:
 
     @property
     def identity(self) -> str:
-        return "bpe-" + hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+        return "bpe-" + hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -178,6 +178,14 @@ class BPETokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> BPETokenizer:
         return cls(_RustTokenizer.from_file(str(Path(directory) / "tokenizer.json")))
+
+    def to_json(self) -> str:
+        """The whole tokenizer as the JSON text that ``from_json`` reads (what ``save`` writes, unindented)."""
+        return self.tokenizer.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        return cls(_RustTokenizer.from_str(text))
 
 
 class HFTokenizer:
