@@ -338,3 +338,28 @@ def test_size_option(tmp_path, capsys, monkeypatch):
     (tmp_path / "a-file").write_text("")
     assert run_demo_command(parser.parse_args(["--quick", "--out", "a-file"])) == 2
     assert capsys.readouterr().err == "miras demo: error: --out a-file is a file, not a folder\n"
+
+
+def test_a_model_may_train_on_rows_of_its_own_length(quick_demo):
+    """titans-mac trains on 48-token rows (three of its segments); the others on the demo's length. Every model is
+    evaluated at the same lengths, and the sentences about one model count multiples of its own rows."""
+    out, results = quick_demo
+    own = {model.name: model.train_length for model in DEFAULT_MODELS}
+    assert own == {"titans-lmm": None, "titans-mac": 48, "gated-deltanet": None, "transformer": None,
+                   "swa-transformer": None}
+    for name, length in own.items():
+        saved = json.loads((out / name / "seed-0" / "config.json").read_text())
+        assert saved["train"]["seq_len"] == (length or DemoConfig.quick().train_length)
+    report = (out / "report.md").read_text()
+    assert "trained at 16 tokens (titans-mac 48), evaluated at 16, 64 tokens (the multiples in the table are of 16)" \
+        in report
+    models = (DemoModel(name="lmm", preset="titans-lmm-tiny"),
+              DemoModel(name="mac", preset="titans-mac-tiny", train_length=48))
+    config = DemoConfig(models=models, eval_multiples=(1, 4, 64))
+    rows = {name: [{"context_length": 32 * m, "accuracy": a, "seed_accuracy": [a]} for m, a in zip((1, 4, 64), acc)]
+            for name, acc in (("lmm", [1.0, 1.0, 0.9]), ("mac", [0.9, 0.8, 0.4]))}
+    lines = _conclusions(config, {"tasks": {"mqar": {"results": rows}}})
+    assert "**lmm** (Titans) **keeps recalling**: 1.00 at the training length, 0.90 at 2,048 tokens (64x; " in lines[0]
+    assert ("**mac** (Titans) **degrades**: 0.90 at 32 tokens, 0.40 at 2,048 tokens (42x its 48-token training rows; "
+            "seeds: 0.40); first below 50% at 2,048 tokens (42x).") == lines[1]
+    assert lines[-1].endswith("holds here for lmm; it does not for mac (degrades).")
