@@ -2,7 +2,7 @@
 
 From the shell (``make demo`` sets up ``.venv`` first)::
 
-    miras demo                       # the full demo: ~11 min on 2 CPU cores, writes runs/demo/report.md
+    miras demo                       # the full demo: ~13 min on 2 CPU cores, writes runs/demo/report.md
     miras demo --quick               # tiny widths, a few steps: a smoke test of the pipeline (~15 s)
     miras demo --seeds 0 1 2 3 --out runs/demo4
     miras demo --size small --seeds 0    # the small presets (past the budget; docs/demo/small/)
