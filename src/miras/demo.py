@@ -89,8 +89,9 @@ stopped weight-decaying the memory's gate projections, which retrained every mem
   tokens, one thread) takes 0.51 s for ``titans-lmm-small`` and 0.69 s for ``titans-mac-small``
   (benchmarks/results/span.md; 0.14 s for ``transformer-small``, by hand): 1500 steps are 13-17 min
   per model and seed, past the 15-minute budget for the whole demo even with one seed. ``--size small``
-  runs it anyway (one seed: 34.9 min, ``docs/demo/small/``): titans-lmm 0.96 at 8K, Gated DeltaNet
-  0.38, titans-mac 0.66 at 2K, and the small Transformer kept 0.82 at 2K. titans-mac-small trains at
+  runs it anyway (one seed: 34.9 min, ``docs/demo/small/``, before titans-mac trained on 48-token
+  rows): titans-lmm 0.96 at 8K, Gated DeltaNet 0.38, titans-mac 0.66 at 2K, and the small Transformer
+  kept 0.82 at 2K. titans-mac-small trains at
   lr 1e-3 there (``DEMO_LRS``): at 3e-3 it did not learn the task in 1500 steps.
 - **Training**: 1500 steps, batch 16, lr 3e-3: the memory models leave the loss plateau of
   associative recall after ~300-600 steps.
