@@ -6,6 +6,7 @@ Run as a script by torchrun, this file is one DDP rank of ``test_ddp_matches_sin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -925,7 +926,8 @@ def bpe_ddp_config(out_dir: Path, corpus: Path) -> TrainConfig:
 
 def test_ddp_on_a_text_corpus_trains_the_bpe_and_tokenises_the_corpus_once(tmp_path):
     """Every rank trained the BPE and tokenised the corpus itself (the same work, N times over); rank 0 now does
-    it, and the others take its BPE and read the token cache. If rank 0 cannot load the data, both ranks stop."""
+    it, and the others take its BPE and read the token cache, waiting for it past the training collectives'
+    timeout (here 10 s against a 12 s load). If rank 0 cannot load the data, both ranks stop."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 40)
     (tmp_path / "empty").mkdir()
@@ -947,9 +949,14 @@ def test_ddp_on_a_text_corpus_trains_the_bpe_and_tokenises_the_corpus_once(tmp_p
 
 def _bpe_rank(out_dir: str, corpus: str) -> None:
     """One rank of test_ddp_on_a_text_corpus_...: train on ``corpus`` with a BPE, counting this rank's BPE trainings
-    and tokenised documents; write them with a hash of the replica (or the ConfigError, if there was one)."""
+    and tokenised documents; write them with a hash of the replica (or the ConfigError, if there was one). The
+    process group's timeout is 10 s, and rank 0 takes 12 s longer to load a corpus file."""
+    import datetime
     import hashlib
+    import time
     from unittest import mock
+
+    import torch.distributed as dist
 
     from miras.data.tokenizers import BPETokenizer
 
@@ -965,13 +972,17 @@ def _bpe_rank(out_dir: str, corpus: str) -> None:
         return encode(self, texts)
 
     def recorded_make(*args):
+        if rank == "0" and Path(corpus).is_file():
+            time.sleep(12)
         data = make(*args)
         counts["tokenizer"] = data.tokenizer.identity
         return data
 
     with mock.patch.object(BPETokenizer, "train", classmethod(counted_train)), \
             mock.patch.object(BPETokenizer, "encode_documents", counted_encode), \
-            mock.patch.object(train_module, "make_batches", recorded_make):
+            mock.patch.object(train_module, "make_batches", recorded_make), \
+            mock.patch.object(dist, "init_process_group", functools.partial(
+                dist.init_process_group, timeout=datetime.timedelta(seconds=10))):
         try:
             model = _trained_model(bpe_ddp_config(Path(out_dir), Path(corpus)))
         except ConfigError as error:

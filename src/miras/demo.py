@@ -119,7 +119,9 @@ from pathlib import Path
 
 RESULTS_FORMAT = "miras.demo/1"
 KEEPS, FAILS = 0.8, 0.2  # accuracy at the longest length: "keeps recalling" at or above, "fails" at or below
-LEARNED = 0.8  # accuracy at the training length below which a model "did not learn the task"
+# accuracy at the shortest evaluated length (the demo's training length; for a model with rows of its own,
+# DemoModel.train_length, not its own) below which a model "did not learn the task"
+LEARNED = 0.8
 # t_{0.975} with 1, 2, ... degrees of freedom (the seed-level interval); 1.96 past 30
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -491,26 +493,25 @@ def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
         longest = r[-1]["context_length"]
         seeds = ", ".join(f"{a:.2f}" for a in r[-1]["seed_accuracy"])
         below = next((row["context_length"] for row in r if row["accuracy"] < 0.5), None)
-        fall = f"; first below 50% at {below:,} tokens ({below // own}x)" if below else ""
+        fall = f"; first below 50% at {below:,} tokens ({_times(below, own)})" if below else ""
         per_seed = [_verdict(r, seed) for seed in range(len(r[-1]["seed_accuracy"]))]
         split = f"; per seed: {', '.join(per_seed)}" if len(set(per_seed)) > 1 else ""
         shortest = "the training length" if r[0]["context_length"] == own else f"{r[0]['context_length']:,} tokens"
+        rows_of = "" if own == config.train_length else f" its {own}-token training rows"
         lines.append(f"**{model.name}** ({ROLES[model.role]}) **{_verdict(r)}**: {r[0]['accuracy']:.2f} at "
                      f"{shortest}, {r[-1]['accuracy']:.2f} at {longest:,} tokens "
-                     f"({longest // own}x{'' if own == config.train_length else f' its {own}-token training rows'}; "
-                     f"seeds: {seeds})"
-                     f"{split}{fall}"
+                     f"({_times(longest, own)}{rows_of}; seeds: {seeds}){split}{fall}"
                      + ("; not evaluated further" if longest < config.eval_lengths[-1] else "") + ".")
     expected = {"titans": ("keeps recalling",), "transformer": ("fails",), "swa": ("fails",),
                 "rnn": ("degrades", "fails")}
     held, missed, untested = [], [], []
     for model in config.models:
         r, verdict = rows[model.name], _verdict(rows[model.name])
-        reached = r[-1]["context_length"] // model.training_length(config)
+        longest, own = r[-1]["context_length"], model.training_length(config)
         if verdict not in expected[model.role]:
             missed.append(f"{model.name} ({verdict})")
-        elif model.role == "titans" and reached < multiple:  # the claim is "at the longest length"
-            untested.append(f"{model.name} ({verdict} at {reached}x, its longest)")
+        elif model.role == "titans" and longest < multiple * own:  # the claim is "at the longest length"
+            untested.append(f"{model.name} ({verdict} at {_times(longest, own)}, its longest)")
         else:
             held.append(model.name)
     claim = (f"Titans keeps recalling at {multiple}x the training length, the Transformers fail at the longest "
@@ -583,6 +584,11 @@ def _report(config: DemoConfig, pooled: dict, comparisons: list[dict], per_seed:
         "![training loss](loss.png)", "",
         "## Every seed (95% Wilson interval of each seed's count)", "",
         markdown_table(per_seed), ""])
+
+
+def _times(length: int, base: int) -> str:
+    """``length`` as a multiple of ``base``: "64x", "42.7x"."""
+    return f"{round(length / base, 1):g}x"
 
 
 def _own_lengths(config: DemoConfig) -> str:

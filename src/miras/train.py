@@ -69,6 +69,7 @@ Choices the papers and the issue leave open, written down here:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -300,6 +301,9 @@ def train(config: TrainConfig, data: DataSource | None = None) -> Path:
             dist.destroy_process_group()
 
 
+LOAD_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for rank 0 to load a text corpus
+
+
 def _rank_zero_first(config: TrainConfig, tokenizer, distributed: _Distributed) -> DataSource:
     """``make_batches`` under torchrun: rank 0 first, so that a text corpus is tokenised once (into the token
     cache, which the other ranks then read) and a BPE trained once; the other ranks take rank 0's BPE. If
@@ -308,6 +312,9 @@ def _rank_zero_first(config: TrainConfig, tokenizer, distributed: _Distributed) 
         return make_batches(config, tokenizer)
     from .data.tokenizers import BPETokenizer
 
+    # The others wait while rank 0 loads (minutes for a large corpus): on a group of their own whose timeout is
+    # not the training collectives' (NCCL's 10 minutes would end the wait with an error).
+    waiting = dist.new_group(backend="gloo", timeout=LOAD_TIMEOUT)
     failure, shared = None, [None]  # rank 0's BPE as JSON; False: rank 0 could not load the data
     if distributed.rank == 0:
         try:
@@ -315,7 +322,8 @@ def _rank_zero_first(config: TrainConfig, tokenizer, distributed: _Distributed) 
             shared = [data.tokenizer.to_json() if isinstance(data.tokenizer, BPETokenizer) else None]
         except ConfigError as error:
             failure, shared = error, [False]
-    dist.broadcast_object_list(shared, src=0, device=distributed.device)
+    dist.broadcast_object_list(shared, src=0, group=waiting)
+    dist.destroy_process_group(waiting)
     if distributed.rank == 0:
         if failure is not None:
             raise failure
