@@ -91,6 +91,22 @@ def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, messag
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("corpus, message", [
+    ("missing", "no such file or folder; expected 'stdlib', 'hf:<name>[:<split>]', "),
+    ("empty", "no text found; expected 'stdlib', "),
+    ("blank.txt", "no text found; expected 'stdlib', "),
+])
+def test_a_missing_or_empty_corpus_is_one_line_and_writes_nothing(corpus, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.txt").write_text("")
+    assert main(["train", "transformer-tiny", f"data=text:{tmp_path / corpus}", f"out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"miras train: error: data 'text:{tmp_path / corpus}': corpus '{tmp_path / corpus}': "
+                          f"{message}") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "run", "--lengths", "0"], "miras eval: error: argument --lengths: '0': expected context lengths >= 2"),
     (["train"], "miras train: error: the following arguments are required: PRESET"),

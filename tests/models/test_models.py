@@ -11,7 +11,7 @@ import torch
 from miras.layers import MemoryLayer
 from miras.memory import GD, MONETA, TITANS, TITANS_LINEAR, Huber, LinearMemory, LqNormalize, MemoryState, get_rule
 from miras.models import FAMILIES, LanguageModel, ModelState, create, preset_config
-from miras.models.config import MIRAS_FAMILIES, unused_fields, used_overrides
+from miras.models.config import MIRAS_FAMILIES, WINDOW_FAMILIES, unused_fields, used_overrides
 
 RECURRENT = [f for f in FAMILIES if f != "transformer"]
 
@@ -50,6 +50,35 @@ def test_full_equals_segments_equals_token_by_token(family):
         assert s.seen == 21
 
 
+# Attention spans short enough that 44 tokens cross them many times (the tiny presets' window is 32 and MAC's
+# segment 16: the tests above stay inside the window and MAC's first two segments).
+SPANNED = {**{f: {"window": 6} for f in sorted(FAMILIES) if f in WINDOW_FAMILIES}, "titans-mac": {"segment": 5}}
+
+
+@pytest.mark.parametrize("family", sorted(SPANNED))
+def test_streams_exactly_past_the_attention_span(family):
+    """Past the window (the sliding-window Transformer, MAG, MAL, the MIRAS hybrids) or through many MAC
+    segments: full pass == pieces == token by token, greedy generate == argmax of full passes, and the state is
+    the same size after 44 and 84 tokens (the same place in the window, segment and memory chunk)."""
+    torch.manual_seed(0)
+    model, x = create(f"{family}-tiny", **SPANNED[family]).double(), ids(44)
+    full, _ = model(x)
+    for cuts in ([7, 19, 20, 33], list(range(1, 44))):
+        pieces, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, 44]):
+            out, state = model(x[:, a:b], state)
+            pieces.append(out)
+        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    new, _ = model.generate(x[:, :9], 16, temperature=0)
+    seq = x[:, :9]
+    for _ in range(16):
+        seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(new, seq[:, 9:], rtol=0, atol=0)
+    with torch.no_grad():
+        sizes = [model.state_bytes(model(ids(n, batch=1))[1]) for n in (44, 84)]
+    assert sizes[0] == sizes[1] > 0
+
+
 @pytest.mark.parametrize("family", RECURRENT)
 def test_state_size_does_not_grow(family):
     """After 100 and after 10,004 tokens (both mid-chunk) the state is the same size. Memory chunks of 64
@@ -84,8 +113,9 @@ def test_generate_is_cached_greedy_decoding(family):
     torch.testing.assert_close(new, seq[:, 9:], rtol=0, atol=0)
 
 
-def test_generate_is_reproducible():
-    model, prompt = make("titans-lmm"), ids(5)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_is_reproducible(family):
+    model, prompt = make(family), ids(5)
     a, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     b, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=3)
     c, _ = model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, seed=4)
@@ -93,7 +123,7 @@ def test_generate_is_reproducible():
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "titans-mag", "swa-transformer"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_state_save_load_round_trips(family, tmp_path):
     model, x = make(family), ids(30)
     _, state = model(x[:, :13])
@@ -594,6 +624,39 @@ def test_mac_uses_retrieved_memory_tokens_and_writes_attention_output(monkeypatc
     _, replayed = mac.memory(torch.cat(written, 1))
     for a, b in zip(replayed.memory.tensors(), state.layers[0].memory.memory.tensors()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_mac_segment_attention_sees_what_the_paper_says(monkeypatch):
+    """Token i of a segment attends to all persistent tokens, h_1..h_i and S_1..S_i (Titans §4.1): the gradient of
+    its output reaches exactly those retrieved tokens h_j. Each segment retrieves from the memory as it was before
+    the segment: the learned initial memory, then the memory after the segments before."""
+    from miras.models.mac import MemoryAsContext
+
+    mac = make("titans-mac").blocks[0].mixer
+    x = torch.randn(1, 32, mac.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaves, befores = [], []
+    original_retrieve = MemoryAsContext._retrieve
+
+    def leaf_retrieve(self, queries, before, dtype):  # h as a leaf tensor of the same values
+        befores.append(before.weights)
+        leaves.append(original_retrieve(self, queries, before, dtype).detach().requires_grad_())
+        return leaves[-1]
+
+    monkeypatch.setattr(MemoryAsContext, "_retrieve", leaf_retrieve)
+    out, _ = mac(x)
+    assert [h.shape[1] for h in leaves] == [16, 16]  # one retrieval per segment
+    for i in (0, 5, 15):  # token i of the second segment
+        h_grad, persistent_grad = torch.autograd.grad(out[0, 16 + i].sum(), [leaves[1], mac.persistent],
+                                                      retain_graph=True)
+        seen = h_grad[0].abs().sum(-1) > 0
+        assert seen.tolist() == [j <= i for j in range(16)]
+        assert (persistent_grad.abs().sum(-1) > 0).all()
+    monkeypatch.undo()
+    initial = mac.memory.init_state(1).memory.weights
+    _, after_first = mac(x[:, :16])
+    for got, expected in zip(befores, [initial, after_first.memory.memory.weights]):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def assert_causal_and_streams(model, x=None):
