@@ -56,22 +56,23 @@ stopped weight-decaying the memory's gate projections, which retrained every mem
     miras eval runs/lmm-s0 --tasks mqar --lengths 32,8192,65536 --examples 64 --seed 123 --segment 1024
 
 - **titans-mac trains on 48-token rows** (``DemoModel.train_length``; the others on 32). Trained at 32
-  tokens it learned the task but fell to 0.3-0.7 past it, failing at the first segment its memory
-  writes without the pair (seed 0: 1.00 at 32 tokens, 0.78 at 40, ~0.5 from 128 to 2K): with segment
-  16 the query of a 32-token row is always in the segment right after the pair, so nothing taught the
-  memory to keep a fact through the writes of a segment without it (the committed runs before this
-  change: 0.36 at 2K, seeds 0.18 / 0.56 / 0.34). A 48-token row is three segments (pair, noise,
-  query), and that is what the memory then learns: trained so, seeds 0 / 1 / 2 gave 0.87 / 0.72 /
-  0.36 at 2K and 0.86 / 0.94 / 0.90 at 32 tokens (a query in the segment right after the pair, which
-  its rows no longer hold), by hand with the commands below (one thread; the same examples as the
-  demo's). A step costs ~0.15 s instead of ~0.13 s (220 s per seed instead of ~200). Four segments
-  did worse: seq_len 64 with batch 12 (the tokens per step of 48 x 16) gave 0.26 / 0.29 / 0.87 at 2K
-  and 0.24 / 0.12 / 0.89 at 32 tokens (seeds 0 / 1 / 2, the same commands), and with batch 8 seed 0
-  0.76 at 2K while seed 1 did not learn the task. Earlier designs: until f1c0d6f its memory started at
-  θ = 0.1 and its seeds moved by up to 0.39 at 2K when only the float32 rounding order changed (three
-  committed runs); from the presets' θ = 0.01 (``lr_init``) they moved by 0.10 and 0.02. With segment
-  8 at 32 tokens it held up on some seeds only (0.38 / 0.89 / 0.66 at 2K). It and the Transformer
-  are evaluated to 64x only, which saves a third of the time budget::
+  tokens it learned the task but fell to 0.3-0.7 past it, failing at the first segment its memory writes
+  without the pair (seed 0: 1.00 at 32 tokens, 0.78 at 40, ~0.5 from 128 to 2K): with segment 16 the
+  query of a 32-token row is always in the segment right after the pair, so nothing taught the memory to
+  keep a fact through the writes of a segment without it (the committed runs before this change: 0.36 at
+  2K, seeds 0.18 / 0.56 / 0.34). A 48-token row is three segments (pair, noise, query), and that is what
+  the memory then learns: trained so, seeds 0 / 1 / 2 gave 0.87 / 0.72 / 0.36 at 2K and 0.86 / 0.94 /
+  0.90 at 32 tokens (a query in the segment right after the pair, which its rows no longer hold), by
+  hand with the commands below (one thread; the same examples as the demo's). A step costs ~0.15 s
+  instead of ~0.13 s (220 s per seed instead of ~200). Seed 0 still answered 0.89 at 8K (by hand), but
+  evaluating MAC there costs ~45 s more per seed, which the budget does not hold. Four segments did
+  worse: seq_len 64 with batch 12 (the tokens per step of 48 x 16) gave 0.26 / 0.29 / 0.87 at 2K and
+  0.24 / 0.12 / 0.89 at 32 tokens (seeds 0 / 1 / 2, the same commands), and with batch 8 seed 0 0.76 at
+  2K while seed 1 did not learn the task. Earlier designs: until f1c0d6f its memory started at θ = 0.1
+  and its seeds moved by up to 0.39 at 2K when only the float32 rounding order changed (three committed
+  runs); from the presets' θ = 0.01 (``lr_init``) they moved by 0.10 and 0.02. With segment 8 at 32
+  tokens it held up on some seeds only (0.38 / 0.89 / 0.66 at 2K). It and the Transformer are evaluated
+  to 64x only, which saves a third of the time budget::
 
     miras train titans-mac-tiny data=task:mqar 'data_params={"pairs": 1, "queries": 1}' seq_len=48 \
         batch_size=16 max_steps=1500 lr=3e-3 warmup_steps=50 precision=fp32 seed=0 model.decay_init=0.00001 \
