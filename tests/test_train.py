@@ -954,7 +954,6 @@ def _bpe_rank(out_dir: str, corpus: str) -> None:
     and tokenised documents; write them with a hash of the replica (or the ConfigError, if there was one). The
     process group's timeout is 10 s, and rank 0 takes 12 s longer to load a corpus file."""
     import datetime
-    import hashlib
     import time
     from unittest import mock
 
@@ -991,8 +990,7 @@ def _bpe_rank(out_dir: str, corpus: str) -> None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
             return
-    parameters = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({**counts, "parameters": parameters}))
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({**counts, "parameters": _digest(model)}))
 
 
 def _trained_model(config: TrainConfig):
@@ -1011,13 +1009,17 @@ def _trained_model(config: TrainConfig):
     return built[0]
 
 
-def _ddp_rank(out_dir: str, model_name: str) -> None:
-    """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
+def _digest(model: nn.Module) -> str:
+    """A hash of the replica's parameters: equal on every rank when the replicas are identical."""
     import hashlib
 
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def _ddp_rank(out_dir: str, model_name: str) -> None:
+    """One rank of test_ddp_matches_single_process: train, then write a hash of this replica's parameters."""
     model = _trained_model(ddp_config(Path(out_dir), model=model_name))
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-    (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(digest)
+    (Path(out_dir) / f"parameters_rank{os.environ['RANK']}.sha256").write_text(_digest(model))
 
 
 def _fsdp_rank(out_dir: str) -> None:
