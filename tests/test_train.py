@@ -249,6 +249,17 @@ def test_training_lowers_the_loss_and_logs_metrics(tmp_path, model):
     assert all(torch.equal(state[name], value) for name, value in loaded.state_dict().items())
 
 
+@pytest.mark.parametrize("model", ["transformer-tiny", "titans-lmm-tiny"])
+def test_compile_trains_as_eager_does(tmp_path, model):
+    """compile=true (torch.compile of the whole model) gives the eager run's losses to float rounding, and its
+    checkpoint holds the model's own parameter names (not the compiled wrapper's)."""
+    eager = losses(train(tiny(tmp_path / "eager", model, max_steps=3), source()))
+    compiled_dir = train(tiny(tmp_path / "compiled", model, max_steps=3, compile=True), source())
+    assert [loss for _, loss in losses(compiled_dir)] == pytest.approx([loss for _, loss in eager], rel=1e-4)
+    state = torch.load(checkpoints(compiled_dir)[-1], weights_only=True)["model"]
+    assert set(state) == set(create(model).state_dict())
+
+
 def test_resume_after_a_kill_gives_identical_losses(tmp_path):
     config = tiny(tmp_path / "whole", "titans-mac-tiny", max_steps=8, save_every=3, keep_checkpoints=2)
     train(config, source())
