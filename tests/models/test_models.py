@@ -545,6 +545,20 @@ def test_state_load_rejects_other_files(tmp_path):
         model.generate([[1, 2, 3]], 2)
 
 
+@pytest.mark.parametrize("size, blocks, dim", [("170m", 12, 768), ("340m", 24, 1024), ("760m", 24, 1536),
+                                               ("1.3b", 18, 2048)])
+def test_paper_size_presets_have_the_llama_shape_of_titans_table_5(size, blocks, dim):
+    """The Transformer at each paper size: Table 5's blocks and width, 32K vocab, tied embeddings, per block q/k/v/o
+    (4·dim²), a SwiGLU of 8/3·dim rounded up to a multiple of 8 (3·dim·hidden) and two RMSNorms, a final
+    norm. The hybrids add a memory layer's projections to each block (README, "Model sizes")."""
+    hidden = -(-dim // 3) * 8  # the smallest multiple of 8 >= 8/3·dim
+    with torch.device("meta"):
+        model = create(f"transformer-{size}")
+    expected = 32000 * dim + blocks * (4 * dim * dim + 3 * dim * hidden + 2 * dim) + dim
+    assert (model.config.layers, model.config.dim, model.config.mlp_hidden) == (blocks, dim, hidden)
+    assert model.num_parameters() == expected
+
+
 def test_presets_and_overrides():
     model = create("titans-lmm-tiny", dim=32, layers=1)
     assert isinstance(model, LanguageModel) and model.config.dim == 32 and model.config.vocab_size == 256
