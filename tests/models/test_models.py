@@ -58,22 +58,13 @@ SPANNED = {**{f: {"window": 6} for f in sorted(FAMILIES) if f in WINDOW_FAMILIES
 @pytest.mark.parametrize("family", sorted(SPANNED))
 def test_streams_exactly_past_the_attention_span(family):
     """Past the window (the sliding-window Transformer, MAG, MAL, the MIRAS hybrids) or through many MAC
-    segments: full pass == pieces == token by token, greedy generate == argmax of full passes, and the state is
-    the same size after 44 and 84 tokens (the same place in the window, segment and memory chunk)."""
+    segments: causal, full pass == pieces == token by token, greedy generate == argmax of full passes, and the
+    state is the same size after 44 and 84 tokens (the same place in the window, segment and memory chunk)."""
     torch.manual_seed(0)
     model, x = create(f"{family}-tiny", **SPANNED[family]).double(), ids(44)
-    full, _ = model(x)
-    for cuts in ([7, 19, 20, 33], list(range(1, 44))):
-        pieces, state = [], None
-        for a, b in zip([0, *cuts], [*cuts, 44]):
-            out, state = model(x[:, a:b], state)
-            pieces.append(out)
-        torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
+    assert_causal_and_streams(model, x, cuts=(7, 19, 20, 33))
     new, _ = model.generate(x[:, :9], 16, temperature=0)
-    seq = x[:, :9]
-    for _ in range(16):
-        seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
-    torch.testing.assert_close(new, seq[:, 9:], rtol=0, atol=0)
+    torch.testing.assert_close(new, greedy_by_full_passes(model, x[:, :9], 16), rtol=0, atol=0)
     with torch.no_grad():
         sizes = [model.state_bytes(model(ids(n, batch=1))[1]) for n in (44, 84)]
     assert sizes[0] == sizes[1] > 0
@@ -106,11 +97,16 @@ def test_generate_is_cached_greedy_decoding(family):
     """Greedy generate (prefill + one token at a time) == argmax of a full uncached forward."""
     model, prompt = make(family), ids(9)
     new, _ = model.generate(prompt, 6, temperature=0)
+    torch.testing.assert_close(new, greedy_by_full_passes(model, prompt, 6), rtol=0, atol=0)
+
+
+def greedy_by_full_passes(model, prompt, steps: int):
+    """``steps`` greedy tokens after ``prompt``, each the argmax of an uncached forward of everything before it."""
     seq = prompt
-    for _ in range(6):
+    for _ in range(steps):
         logits, _ = model(seq)
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    torch.testing.assert_close(new, seq[:, 9:], rtol=0, atol=0)
+    return seq[:, prompt.shape[1]:]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -673,17 +669,17 @@ def test_mac_segment_attention_sees_what_the_paper_says(monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def assert_causal_and_streams(model, x=None):
-    """Perturbing token 11 leaves the logits before it unchanged, and feeding ``x`` in segments or token by token
-    (the decoding path) gives one call's logits (float64 model). Returns that call's (logits, state)."""
+def assert_causal_and_streams(model, x=None, cuts=(3, 12)):
+    """Perturbing token 11 leaves the logits before it unchanged, and feeding ``x`` in segments (cut at ``cuts``) or
+    token by token (the decoding path) gives one call's logits (float64 model). Returns that call's (logits, state)."""
     x = ids() if x is None else x
     full, state = model(x)
     x2 = x.clone()
     x2[:, 11] = (x2[:, 11] + 1) % 256
     torch.testing.assert_close(model(x2)[0][:, :11], full[:, :11], rtol=0, atol=0)
-    for cuts in ([3, 12], list(range(1, x.shape[1]))):
+    for cut in (list(cuts), list(range(1, x.shape[1]))):
         pieces, streamed = [], None
-        for a, b in zip([0, *cuts], [*cuts, x.shape[1]]):
+        for a, b in zip([0, *cut], [*cut, x.shape[1]]):
             out, streamed = model(x[:, a:b], streamed)
             pieces.append(out)
         torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=0, atol=1e-10)
