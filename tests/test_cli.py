@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from miras.cli import COMMANDS, main
-from miras.models import FAMILIES, PRESETS, SIZES, LanguageModel
+from miras.models import FAMILIES, PRESETS, SIZES, LanguageModel, create
 from miras.train import DataSource, TrainConfig, load_run, train
 
 TEXT = b"hello world!\n"
@@ -159,7 +159,8 @@ def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == sorted(PRESETS)
-    assert lines[1 + sorted(PRESETS).index("titans-mac-small")].split()[1:] == ["256", "4", "4", "256"]
+    assert lines[1 + sorted(PRESETS).index("titans-mac-small")].split()[1:] == [
+        "256", "4", "4", "256", f"{create('titans-mac-small').num_parameters():,}"]
 
 
 def test_train_then_generate_prints_the_continuation_the_run_learned(tmp_path, capsys, monkeypatch):

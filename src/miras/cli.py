@@ -168,12 +168,16 @@ def escape_controls(text: str) -> str:
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    from .models import PRESETS, preset_config
+    import torch
 
-    print(f"{'preset':<26}{'dim':>6}{'layers':>8}{'heads':>7}{'vocab':>8}")
+    from .models import PRESETS, LanguageModel, preset_config
+
+    print(f"{'preset':<26}{'dim':>6}{'layers':>8}{'heads':>7}{'vocab':>8}{'parameters':>15}")
     for name in sorted(PRESETS):
         config = preset_config(name)
-        print(f"{name:<26}{config.dim:>6}{config.layers:>8}{config.heads:>7}{config.vocab_size:>8}")
+        with torch.device("meta"):  # counted without allocating the weights
+            parameters = LanguageModel(config).num_parameters()
+        print(f"{name:<26}{config.dim:>6}{config.layers:>8}{config.heads:>7}{config.vocab_size:>8}{parameters:>15,}")
     return 0
 
 
