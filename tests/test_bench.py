@@ -34,6 +34,13 @@ TINY = ["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32"
     (["--overrides", "recompute=x"], "--overrides recompute='x': expected an integer"),
     (["--overrides", "vocab_size=100"], "--overrides vocab_size=100: vocab_size=100, but the bench feeds random "
                                         "byte ids (0-255): vocab_size must be >= 256"),
+    (["--long-from", "0"], "--long-from must be >= 1 (a training length in tokens), got 0"),
+    (["--long-overrides", "recompute=x"], "--long-overrides recompute='x': expected an integer"),
+    (["--long-overrides", "recompute=2"], "--long-overrides recompute=2: no training length is >= --long-from 16384 "
+                                          "(--lengths 32): they would apply to nothing; leave them out or lower "
+                                          "--long-from"),
+    (["--long-from", "32", "--long-overrides", "chunk_size=0"],
+     "--overrides/--long-overrides chunk_size=0: titans-lmm-tiny: chunk_size must be >= 1, got 0"),
 ])
 def test_bench_rejects_bad_options_before_timing_anything(tmp_path, capsys, nothing_runs, options, message):
     out = tmp_path / "bench"
@@ -69,6 +76,38 @@ def test_bench_gives_each_family_the_overrides_it_uses(tmp_path, capsys, nothing
     assert capsys.readouterr().err == ("miras bench: error: --overrides impl=compiled: no family here uses impl "
                                        "(transformer): leave it out\n")
     assert not out.exists()
+
+
+def test_bench_gives_long_training_rows_their_own_overrides(tmp_path, capsys, nothing_runs):
+    """--long-overrides apply to the training rows of --long-from tokens or more, over --overrides, each family
+    taking those it reads; decoding keeps --overrides. A key that no family reads is an error there too."""
+    cases = list(miras.bench.cases(["transformer", "titans-lmm"], "tiny", [32, 64], [40], {"recompute": 2},
+                                   long_overrides={"impl": "compiled", "recompute": 4}, long_from=64))
+    assert [(c["family"], c["kind"], c.get("T"), c["overrides"]) for c in cases] == [
+        ("transformer", "train", 32, {"recompute": 2}), ("transformer", "train", 64, {"recompute": 4}),
+        ("titans-lmm", "train", 32, {"recompute": 2}),
+        ("titans-lmm", "train", 64, {"impl": "compiled", "recompute": 4}),
+        ("transformer", "decode", None, {"recompute": 2}), ("titans-lmm", "decode", None, {"recompute": 2})]
+    out = tmp_path / "bench"
+    assert main([*TINY[:2], "transformer", *TINY[3:], "--long-from", "32", "--long-overrides", "impl=compiled",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("miras bench: error: --long-overrides impl=compiled: no family here uses impl "
+                                       "(transformer): leave it out\n")
+    assert not out.exists()
+
+
+def test_bench_tables_show_each_training_rows_overrides_when_long_rows_have_their_own():
+    row = {"family": "titans-lmm", "kind": "train", "T": 64, "tokens_per_s": 1000.0, "gflop_per_s": 2.0,
+           "peak_rss_mb": 400.0, "params": 160396, "overrides": {"impl": "compiled", "recompute": 4}}
+    plain = {**row, "T": 32, "overrides": {}}
+    failed = {"family": "titans-lmm", "kind": "train", "T": 128, "overrides": {}, "error": "timed out after 900 s"}
+    lines = miras.bench.tables([plain, row, failed], 10.0, settings=True).splitlines()
+    assert lines[0].endswith("| params | overrides |") and lines[1] == "|---|---|---|---|---|---|---|---|"
+    assert lines[2] == "| titans-lmm | 32 | 1,000 | 2.0 | 20% | 400 | 160,396 | none |"
+    assert lines[3] == "| titans-lmm | 64 | 1,000 | 2.0 | 20% | 400 | 160,396 | impl=compiled, recompute=4 |"
+    assert lines[4] == "| titans-lmm | 128 | error: timed out after 900 s |"
+    without = miras.bench.tables([plain], 10.0).splitlines()
+    assert without[0].endswith("| params |") and without[2] == "| titans-lmm | 32 | 1,000 | 2.0 | 20% | 400 | 160,396 |"
 
 
 def test_bench_reports_the_largest_decoding_state():

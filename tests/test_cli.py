@@ -529,19 +529,24 @@ def test_generate_from_a_missing_run_is_a_one_line_error(tmp_path, capsys):
 def test_bench_measures_with_overrides(tmp_path, capsys):
     """`miras bench` at tiny size: one training and one decoding row per family, config overrides applied."""
     out = tmp_path / "bench"
-    assert main(["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32", "--contexts", "40",
-                 "--overrides", "recompute=2", "--out", str(out)]) == 0
+    assert main(["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32", "40", "--contexts", "40",
+                 "--overrides", "recompute=2", "--long-from", "40", "--long-overrides", "recompute=4",
+                 "--out", str(out)]) == 0
     results = json.loads((out / "models.json").read_text())
-    assert results["meta"]["overrides"] == {"recompute": 2}
-    train_row, decode_row = results["results"]
+    assert results["meta"]["overrides"] == {"recompute": 2} and results["meta"]["long_overrides"] == {"recompute": 4}
+    train_row, long_row, decode_row = results["results"]
     assert train_row["kind"] == "train" and train_row["tokens_per_s"] > 0 and train_row["overrides"] == {"recompute": 2}
     assert train_row["gflop_per_s"] == pytest.approx(train_row["model_gflops"] * train_row["tokens_per_s"] / 32)
+    assert long_row["T"] == 40 and long_row["overrides"] == {"recompute": 4}
     assert results["meta"]["matmul_gflops"] > 0
-    assert decode_row["kind"] == "decode" and decode_row["state_mb"] > 0
-    assert "| titans-lmm | 32 |" in (out / "models.md").read_text()
+    assert decode_row["kind"] == "decode" and decode_row["state_mb"] > 0 and decode_row["overrides"] == {"recompute": 2}
+    written = (out / "models.md").read_text()
+    assert "| titans-lmm | 32 |" in written and "from T = 40 training also takes {'recompute': 4}" in written
     printed = capsys.readouterr().out.splitlines()  # each table's header before its first row
-    assert printed[1].startswith("| family | T | train tokens/s |") and printed[3].startswith("| titans-lmm | 32 |")
-    assert printed[4].startswith("| family | context | decode tokens/s |") and printed[6].startswith("| titans-lmm |")
+    assert printed[1].startswith("| family | T | train tokens/s |") and printed[1].endswith("| overrides |")
+    assert printed[3].startswith("| titans-lmm | 32 |") and printed[3].endswith("| recompute=2 |")
+    assert printed[4].startswith("| titans-lmm | 40 |") and printed[4].endswith("| recompute=4 |")
+    assert printed[5].startswith("| family | context | decode tokens/s |") and printed[7].startswith("| titans-lmm |")
     assert main(["bench", "--overrides", "recompute=x", "--out", str(out)]) == 2
     assert main(["bench", "--overrides", "width=3", "--out", str(out)]) == 2
     assert "KEY a model config field" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     miras bench                                          # every family at `small`: T 1K, 4K; contexts 1K, 16K, 64K
     miras bench --families titans-mac transformer --lengths 1024 4096 16384
     miras bench --families titans-lmm --lengths 16384 --overrides recompute=16   # config overrides
+    miras bench --lengths 1024 4096 16384 --long-overrides recompute=64 impl=compiled   # 16K rows: lean settings
     miras bench --device cuda                            # on a GPU (peak memory: CUDA allocator's peak)
     .venv/bin/python benchmarks/models.py                # the same, results into benchmarks/results/
 
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+LONG_FROM = 16384  # --long-from's default: the training length from which --long-overrides apply
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -182,15 +185,19 @@ def matmul_rate(device: torch.device, threads: int, n: int = 2048, dtype: torch.
 
 
 def cases(families: list[str], size: str, lengths: list[int], contexts: list[int], overrides: dict | None = None,
-          device: str = "cpu", threads: int = 2):
-    """Each case with the ``overrides`` its family uses (``used_overrides``: e.g. no ``impl`` for the Transformer)."""
+          device: str = "cpu", threads: int = 2, long_overrides: dict | None = None, long_from: int = LONG_FROM):
+    """Each case with the ``overrides`` its family uses (``used_overrides``: e.g. no ``impl`` for the Transformer);
+    training cases of ``long_from`` tokens or more also take ``long_overrides`` (over ``overrides``)."""
     from .models.config import used_overrides
 
     common = {"size": size, "device": device, "threads": threads}
     used = {family: used_overrides(f"{family}-{size}", overrides or {}) for family in families}
+    longer = {family: used_overrides(f"{family}-{size}", {**(overrides or {}), **(long_overrides or {})})
+              for family in families}
     for family in families:
         for length in lengths:
-            yield {"family": family, **common, "overrides": used[family], "kind": "train", "T": length}
+            yield {"family": family, **common, "overrides": longer[family] if length >= long_from else used[family],
+                   "kind": "train", "T": length}
     for family in families:
         for context in contexts:
             yield {"family": family, **common, "overrides": used[family], "kind": "decode", "context": context}
@@ -209,24 +216,30 @@ def spawn(case) -> dict:
 
 TRAIN_HEADER = ["| family | T | train tokens/s | model GFLOP/s | % of matmul | peak RSS MiB | params |",
                 "|---|---|---|---|---|---|---|"]
+# a run with --long-overrides adds a column: each training row's own overrides
+SETTINGS_HEADER = [TRAIN_HEADER[0] + " overrides |", TRAIN_HEADER[1] + "---|"]
 DECODE_HEADER = ["| family | context | decode tokens/s | ms/token | state MiB | peak RSS MiB |",
                  "|---|---|---|---|---|---|"]
 
 
-def table_row(r: dict, matmul_gflops: float | None = None) -> str:
-    """One case's row of its table (TRAIN_HEADER's or DECODE_HEADER's, as ``r["kind"]`` says)."""
+def table_row(r: dict, matmul_gflops: float | None = None, settings: bool = False) -> str:
+    """One case's row of its table (TRAIN_HEADER's or DECODE_HEADER's, as ``r["kind"]`` says; SETTINGS_HEADER's
+    with ``settings``)."""
     if "error" in r:
-        return f"| {r['family']} | error: {r['error']} |"
+        where = f" | {r['T']}" if r["kind"] == "train" else f" | {r['context']}"
+        return f"| {r['family']}{where} | error: {r['error']} |"
     if r["kind"] == "train":
         share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""
+        own = (" " + (", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none") + " |") if settings else ""
         return (f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['gflop_per_s']:.1f} | {share} "
-                f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |")
+                f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |{own}")
     return (f"| {r['family']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.1f} "
             f"| {r['state_mb']:.2f} | {r['peak_rss_mb']:,.0f} |")
 
 
-def tables(results, matmul_gflops: float | None = None) -> str:
-    train = TRAIN_HEADER + [table_row(r, matmul_gflops) for r in results if r["kind"] == "train"]
+def tables(results, matmul_gflops: float | None = None, settings: bool = False) -> str:
+    train = (SETTINGS_HEADER if settings else TRAIN_HEADER) + [table_row(r, matmul_gflops, settings)
+                                                               for r in results if r["kind"] == "train"]
     decode = DECODE_HEADER + [table_row(r, matmul_gflops) for r in results if r["kind"] != "train"]
     return "\n".join(train) + "\n\n" + "\n".join(decode) + "\n"
 
@@ -244,31 +257,47 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="model config overrides, e.g. recompute=16; each family takes those it reads (no "
                              "impl for the Transformer), and one that no listed family reads is an error")
+    parser.add_argument("--long-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides for the training lengths of --long-from tokens or more (over "
+                             "--overrides), e.g. recompute=64 so that 16K rows fit in memory")
+    parser.add_argument("--long-from", type=int, default=LONG_FROM,
+                        help=f"the training length from which --long-overrides apply (default {LONG_FROM})")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto (CUDA if there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case, >= 1 (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"),
                         help="folder for models.json / models.md (default: runs/bench)")
 
 
-def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
-    """Every option checked before anything is timed or written: the parsed ``--overrides`` and the device
-    (``auto`` resolved), or a ConfigError with a one-line message that says what is allowed."""
+def _parse_overrides(option: str, items: list[str]) -> dict:
+    """``KEY=VALUE`` items of ``option`` as a dict of typed model config values, or a ConfigError."""
     import typing
 
-    from .models import ModelConfig, check_buildable, preset_config
-    from .models.config import used_overrides
-    from .train_config import ConfigError, parse_value, resolve_device
+    from .models import ModelConfig
+    from .train_config import ConfigError, parse_value
 
     hints, overrides = typing.get_type_hints(ModelConfig), {}
-    for item in args.overrides:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in hints:
-            raise ConfigError(f"--overrides takes KEY=VALUE with KEY a model config field "
+            raise ConfigError(f"{option} takes KEY=VALUE with KEY a model config field "
                               f"({', '.join(sorted(hints))}), got {item!r}")
         try:
             overrides[key] = parse_value(key, value, hints[key])
         except ConfigError as error:
-            raise ConfigError(f"--overrides {error}") from None
+            raise ConfigError(f"{option} {error}") from None
+    return overrides
+
+
+def check_bench_args(args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """Every option checked before anything is timed or written: the parsed ``--overrides`` and
+    ``--long-overrides`` and the device (``auto`` resolved), or a ConfigError with a one-line message that says
+    what is allowed."""
+    from .models import check_buildable, preset_config
+    from .models.config import used_overrides
+    from .train_config import ConfigError, resolve_device
+
+    overrides = _parse_overrides("--overrides", args.overrides)
+    long_overrides = _parse_overrides("--long-overrides", args.long_overrides)
     try:
         device = resolve_device(args.device)
     except ConfigError as error:
@@ -276,12 +305,17 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1 (torch CPU threads per case), got {args.threads}")
     for option, values, least, what in (("--lengths", args.lengths, 1, "training lengths"),
-                                        ("--contexts", args.contexts, 0, "decoding contexts")):
+                                        ("--contexts", args.contexts, 0, "decoding contexts"),
+                                        ("--long-from", [args.long_from], 1, "a training length")):
         bad = [value for value in values if value < least]
         if bad:
             raise ConfigError(f"{option} must be >= {least} ({what} in tokens), got {' '.join(map(str, bad))}")
     if not args.lengths and not args.contexts:
         raise ConfigError("--lengths and --contexts are both empty: nothing to measure; give at least one")
+    if long_overrides and not any(length >= args.long_from for length in args.lengths):
+        raise ConfigError(f"--long-overrides {' '.join(args.long_overrides)}: no training length is >= --long-from "
+                          f"{args.long_from} (--lengths {' '.join(map(str, args.lengths))}): they would apply to "
+                          "nothing; leave them out or lower --long-from")
     existing = args.out
     while not existing.exists() and existing != existing.parent:  # the folder mkdir will start from
         existing = existing.parent
@@ -290,23 +324,31 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, str]:
                           "models.json / models.md")
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"--out {str(args.out)!r}: {str(existing)!r} is not writable")
-    given = f"--overrides {' '.join(args.overrides)}: " if args.overrides else ""
+    sets = [("--overrides", args.overrides, overrides)]
+    if long_overrides:  # the long rows' models: both sets together, as cases() gives them
+        sets.append(("--overrides/--long-overrides", [*args.overrides, *args.long_overrides],
+                     {**overrides, **long_overrides}))
     used = set()
-    for family in args.families:  # every case's model, as run_case will build it (on no memory)
-        try:
-            family_overrides = used_overrides(f"{family}-{args.size}", overrides)
-            used |= set(family_overrides)
-            config = preset_config(f"{family}-{args.size}", **family_overrides)
-            check_buildable(config)  # the layers' own checks too (e.g. impl against the memory rule)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{given}{family}-{args.size}: {error}") from None
-        if config.vocab_size < 256:
-            raise ConfigError(f"{given}vocab_size={config.vocab_size}, but the "
-                              "bench feeds random byte ids (0-255): vocab_size must be >= 256")
-    unused = sorted(set(overrides) - used)
-    if unused:
-        raise ConfigError(f"{given}no family here uses {', '.join(unused)} ({', '.join(args.families)}): leave it out")
-    return overrides, str(device)
+    for option, items, values in sets:
+        given = f"{option} {' '.join(items)}: " if items else ""
+        for family in args.families:  # every case's model, as run_case will build it (on no memory)
+            try:
+                family_overrides = used_overrides(f"{family}-{args.size}", values)
+                used |= set(family_overrides)
+                config = preset_config(f"{family}-{args.size}", **family_overrides)
+                check_buildable(config)  # the layers' own checks too (e.g. impl against the memory rule)
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"{given}{family}-{args.size}: {error}") from None
+            if config.vocab_size < 256:
+                raise ConfigError(f"{given}vocab_size={config.vocab_size}, but the "
+                                  "bench feeds random byte ids (0-255): vocab_size must be >= 256")
+    for option, items, values in (("--overrides", args.overrides, overrides),
+                                  ("--long-overrides", args.long_overrides, long_overrides)):
+        unused = sorted(set(values) - used)
+        if unused:
+            raise ConfigError(f"{option} {' '.join(items)}: no family here uses {', '.join(unused)} "
+                              f"({', '.join(args.families)}): leave it out")
+    return overrides, long_overrides, str(device)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -318,31 +360,38 @@ def run_bench(args: argparse.Namespace) -> int:
     from .train_config import ConfigError
 
     try:
-        overrides, device_name = check_bench_args(args)
+        overrides, long_overrides, device_name = check_bench_args(args)
     except ConfigError as error:
         print(f"miras bench: error: {error}", file=sys.stderr)
         return 2
     rate = matmul_rate(torch.device(device_name), args.threads)
     print(f"float32 matmul (2048^3, {args.threads} threads): {rate:.0f} GFLOP/s", flush=True)
     results, headed = [], set()
-    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, device_name, args.threads):
+    settings = bool(long_overrides)
+    for case in cases(args.families, args.size, args.lengths, args.contexts, overrides, device_name, args.threads,
+                      long_overrides, args.long_from):
         results.append(spawn(case))
         kind = results[-1]["kind"]
         if kind not in headed:  # each table's header before its first row, then the rows as they are measured
-            print("\n".join(TRAIN_HEADER if kind == "train" else DECODE_HEADER))
+            print("\n".join((SETTINGS_HEADER if settings else TRAIN_HEADER) if kind == "train" else DECODE_HEADER))
             headed.add(kind)
-        print(table_row(results[-1], rate), flush=True)
+        print(table_row(results[-1], rate, settings), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = device_name.startswith("cuda")
     device = torch.cuda.get_device_name(device_name) if on_gpu else f"cpu, {args.threads} threads"
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
-            "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides, "matmul_gflops": rate}
+            "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides,
+            "long_overrides": long_overrides, "long_from": args.long_from, "matmul_gflops": rate}
     report = json.dumps({"meta": meta, "results": results}, indent=1)
     atomic_write_bytes(args.out / "models.json", report.encode())
     extra = f", overrides {overrides} (each family takes those it uses)" if overrides else ""
+    if long_overrides:
+        extra += (f"; from T = {args.long_from} training also takes {long_overrides} (each row's own overrides in "
+                  "its last column)")
     memory = "CUDA allocator peak" if on_gpu else "peak RSS"
     table = (f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
-             f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n" + tables(results, rate))
+             f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n"
+             + tables(results, rate, settings))
     atomic_write_bytes(args.out / "models.md", table.encode())
     print(f"wrote {args.out / 'models.md'}")
     failed = [r for r in results if "error" in r]
