@@ -111,15 +111,21 @@ class MemoryLayerState:
         return self.memory.nbytes() + self.conv.numel() * self.conv.element_size()
 
 
+def recompute_tokens(recompute: int, impl: str, chunk_size: int, block_size: int) -> int:
+    """The tokens of one ``recompute`` group (0: off): ``recompute`` chunks, or blocks on the delta path
+    (``impl="delta"``, whose chunk is one token: groups of a few tokens would be too small to run fast)."""
+    return recompute * (block_size if impl == "delta" else chunk_size)
+
+
 class MemoryLayer(nn.Module):
     """A MIRAS/Titans memory layer: ``forward(x [B, T, dim], state=None) -> (y [B, T, dim], state)``.
 
     ``impl``: "chunked" (the dual-form fast path), "compiled" (the same with each chunk step under
     ``torch.compile``: fastest after a one-off compile per shape), "recurrent" (the reference), or
     "delta" (the exact online delta rule in blocks of ``block_size``; needs ``chunk_size=1``).
-    ``recompute=G``: under autograd the call runs in checkpointed groups of G chunks' tokens, so
-    backward keeps only each group's input and start state and recomputes one group at a time (less
-    memory, one more forward; ``_in_groups``).
+    ``recompute=G``: under autograd the call runs in checkpointed groups of G chunks' tokens (G blocks'
+    on the delta path, whose chunk is one token), so backward keeps only each group's input and start
+    state and recomputes one group at a time (less memory, one more forward; ``_in_groups``).
     ``fused``: None (default) differentiates the Titans/TTT-MLP memory with the hand-written
     backward of ``miras.memory.fused`` under ``recompute``, autograd otherwise; True/False force it
     on (where covered) or off. Same values and gradients either way.
@@ -271,13 +277,14 @@ class MemoryLayer(nn.Module):
         return self._output(y, x), MemoryLayerState(memory, conv_tail)
 
     def _in_groups(self, x: Tensor, state: MemoryLayerState) -> tuple[Tensor, MemoryLayerState]:
-        """``recompute=G`` under autograd: the call runs in groups of G chunks' tokens (the first one up
-        to a chunk boundary), each checkpointed whole: projections, engine and output, carrying the
+        """``recompute=G`` under autograd: the call runs in groups of G chunks' tokens (G blocks' for
+        impl="delta": groups of G single-token chunks would be too small to run fast; the first group
+        ends at a chunk boundary), each checkpointed whole: projections, engine and output, carrying the
         state. Backward keeps each group's input and start state and recomputes one group at a time,
         so activation memory is one group's, at any length. Inside a group the engine keeps every
         chunk's state (the fused backward where it covers the rule), so backward recomputes nothing
         twice. Exact: streaming gives the same outputs, state and gradients as one call."""
-        group = self.recompute * self.chunk_size
+        group = recompute_tokens(self.recompute, self.impl, self.chunk_size, self.block_size)
         fused = True if self.fused is None else self.fused
         outputs = []
         # split, not sliced per group: a slice's backward fills a zero gradient the size of all of x

@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
-from ..layers.memory_layer import IMPLS
+from ..layers.memory_layer import IMPLS, recompute_tokens
 from ..memory import LinearMemory, MemoryRule, get_rule, supports_delta
 from ..memory.rules import AXES
 from ..memory.state import supports_channel_gates
@@ -68,8 +68,9 @@ class ModelConfig:
     impl: str = "chunked"  # memory path: "chunked" | "compiled" | "recurrent" | "delta"
     block_size: int = 64  # tokens per block of the exact delta path (impl="delta")
     gate_rank: int = 0  # 0: token-level memory gates; > 0: channel-wise, through a rank-gate_rank projection
-    # > 0: backward recomputes the memory in groups of this many chunks and each block's MLP in groups of
-    # recompute * chunk_size tokens, keeping only the groups' inputs (less memory, one more forward)
+    # > 0: backward recomputes the memory in groups of this many chunks (blocks for impl="delta", whose chunk is
+    # one token) and each block's MLP in groups of as many tokens (``recompute_tokens``), keeping only the
+    # groups' inputs (less memory, one more forward)
     recompute: int = 0
     decay_init: float = 0.001  # the memory's forgetting gate α at initialisation (retention 1 − α per token)
     # the memory's inner learning rate θ at initialisation (titans-mac presets 0.01, MAC_GATES; Moneta, Yaad,
@@ -184,6 +185,11 @@ class ModelConfig:
         return MemoryRule.from_dict({**rule.to_dict(), **self.memory_axes})
 
     @property
+    def recompute_tokens(self) -> int:
+        """The tokens of one ``recompute`` group (0: off): ``recompute`` chunks, or blocks on the delta path."""
+        return recompute_tokens(self.recompute, self.impl, self.chunk_size, self.block_size)
+
+    @property
     def mlp_hidden(self) -> int:
         return -(-int(self.mlp_ratio * self.dim) // 8) * 8
 
@@ -275,7 +281,7 @@ def unused_fields(config: ModelConfig) -> set[str]:
         unused.add("memory_expansion")
     if config.rule is None:
         unused |= {"impl", "block_size", "decay_init", "lr_init"}
-        if not config.recompute:  # with recompute the MLPs run in groups of recompute * chunk_size tokens
+        if not config.recompute:  # with recompute the MLPs run in groups of recompute_tokens
             unused.add("chunk_size")
         return unused
     if config.impl != "delta":

@@ -124,7 +124,7 @@ class LanguageModel(nn.Module):
             Block(config.dim, build_mixer(config, index), SwiGLU(config.dim, config.mlp_hidden),
                   # MAC keeps its persistent tokens inside its attention context instead.
                   0 if config.family == "titans-mac" else config.persistent,
-                  recompute=config.recompute * config.chunk_size)
+                  recompute=config.recompute_tokens)
             for index in range(config.layers))
         self.norm = nn.RMSNorm(config.dim, eps=1e-6)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
