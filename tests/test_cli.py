@@ -91,6 +91,18 @@ def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_under_torchrun_a_bad_command_line_is_reported_by_rank_0_alone(tmp_path, capsys, monkeypatch):
+    """Every rank gets the same command line, so every rank finds the same error in it: one line, from rank 0;
+    every rank exits 2 (as torchrun's ranks would, without a process group: the error comes first)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "transformer-tiny", "steps=3", f"out_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == lines and err.startswith("miras train: error: unknown key 'steps'" if lines else "")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("corpus, message", [
     ("missing", "no such file or folder; expected 'stdlib', 'hf:<name>[:<split>]', "),
     ("empty", "no text found; expected 'stdlib', "),

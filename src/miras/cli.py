@@ -86,9 +86,17 @@ keys, their defaults and what they do (bools true/false, dicts and lists as JSON
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import config_from_args, train
+    from .train import ConfigError, config_from_args, train
 
-    train(config_from_args(args.preset, args.overrides))
+    try:
+        config = config_from_args(args.preset, args.overrides)
+    except ConfigError:
+        # torchrun gives every rank the same command line, so every rank finds the same error in it: rank 0
+        # alone says it (errors found later, in the data or a checkpoint, still come from every rank)
+        if os.environ.get("RANK", "0") != "0":
+            return 2
+        raise
+    train(config)
     return 0
 
 
