@@ -460,7 +460,7 @@ def test_a_bpe_wider_than_the_model_is_refused_before_it_is_trained_and_a_short_
     (10 s on stdlib); a BPE that ran out of merges before N ids said nothing."""
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    corpus.write_text(sentences(30))
     config = TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer="bpe:900", seq_len=16,
                          batch_size=2, max_steps=1, eval_every=0, out_dir=str(tmp_path / "run"), progress=False)
     with pytest.raises(ConfigError, match=r"^tokenizer=bpe:900 gives up to 900 token ids but the model's vocab_size "
@@ -505,7 +505,7 @@ def test_a_run_whose_tokenizer_files_were_swapped_for_a_larger_one_is_refused(tm
     traceback from the model's id check."""
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    corpus.write_text(sentences(30))
     for name, vocab in (("small", 270), ("large", 300)):
         train(TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer=f"bpe:{vocab}",
                           model_overrides={"vocab_size": vocab}, seq_len=16, batch_size=2, max_steps=1, eval_every=0,
@@ -524,7 +524,7 @@ def test_a_resumed_text_run_keeps_the_tokenizer_it_saved(tmp_path, monkeypatch, 
     corpus itself is refused unless resume=true, since the same command would not continue the same run."""
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 30)
+    corpus.write_text(sentences(30))
     config = TrainConfig(model="transformer-tiny", data=f"text:{corpus}", tokenizer="bpe:300",
                          model_overrides={"vocab_size": 300}, seq_len=16, batch_size=2, max_steps=2, eval_every=0,
                          out_dir=str(tmp_path / "run"), progress=False)
@@ -932,6 +932,11 @@ def test_ddp_ranks_stop_together_when_the_run_folder_cannot_be_made(tmp_path):
                      f"rank 1: out_dir {out_dir}: rank 0 could not make the run folder (its error says why)"]
 
 
+def sentences(repeats: int) -> str:
+    """A small text corpus for BPE runs: six sentences, ``repeats`` times over."""
+    return "".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * repeats
+
+
 def bpe_ddp_config(out_dir: Path, corpus: Path) -> TrainConfig:
     return tiny(out_dir, data=f"text:{corpus}", tokenizer="bpe:300", model_overrides={"vocab_size": 300},
                 max_steps=2, batch_size=4, eval_every=0)
@@ -942,7 +947,7 @@ def test_ddp_on_a_text_corpus_trains_the_bpe_and_tokenises_the_corpus_once(tmp_p
     it, and the others take its BPE and read the token cache, waiting for it past the training collectives'
     timeout (here 10 s against a 12 s load). If rank 0 cannot load the data, both ranks stop."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"the {w} sat on the {v}.\n" for w in ("cat", "dog", "owl") for v in ("mat", "log")) * 40)
+    corpus.write_text(sentences(40))
     (tmp_path / "empty").mkdir()
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MIRAS_CACHE_DIR": str(tmp_path / "cache")}
     for name, data in (("run", corpus), ("failed", tmp_path / "empty")):
@@ -998,8 +1003,7 @@ def _bpe_rank(out_dir: str, corpus: str) -> None:
         try:
             model = _trained_model(bpe_ddp_config(Path(out_dir), Path(corpus)))
         except ConfigError as error:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            (Path(out_dir) / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
+            _report_error(Path(out_dir), error)
             return
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({**counts, "parameters": _digest(model)}))
 
@@ -1042,13 +1046,19 @@ def _fsdp_rank(out_dir: str) -> None:
 
 def _ddp_rank_expecting_an_error(out_dir: str, report_dir: str) -> None:
     """One rank of test_ddp_ranks_stop_together_...: write this rank's ConfigError (exit 1 if there was none)."""
-    rank = os.environ["RANK"]
     try:
         train(ddp_config(Path(out_dir)))
     except ConfigError as error:
-        (Path(report_dir) / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
+        _report_error(Path(report_dir), error)
         return
     sys.exit(1)
+
+
+def _report_error(folder: Path, error: ConfigError) -> None:
+    """Write this rank's error where its test reads it: ``folder/error_rank<r>.txt``, "rank <r>: <message>"."""
+    rank = os.environ["RANK"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"error_rank{rank}.txt").write_text(f"rank {rank}: {error}")
 
 
 if __name__ == "__main__":
