@@ -388,6 +388,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 BENCH_EXAMPLES = """examples:
   miras bench --families titans-lmm transformer --lengths 1024 --contexts 1024 16384
+  miras bench --lengths 1024 4096 16384 --long-overrides recompute=64   # the 16K rows recompute
   miras bench --size tiny --out runs/bench-tiny"""
 
 
