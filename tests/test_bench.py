@@ -96,6 +96,26 @@ def test_bench_gives_long_training_rows_their_own_overrides(tmp_path, capsys, no
     assert not out.exists()
 
 
+def test_benchmarks_models_py_keeps_the_defaults_that_its_arguments_do_not_replace():
+    """benchmarks/models.py is the committed run (1K, 4K, 16K; recompute=64 from 16K) unless told otherwise: given
+    lengths replace the lengths (and leave out the long overrides when none reaches --long-from), given long
+    overrides replace only those."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "models.py"
+    spec = importlib.util.spec_from_file_location("benchmark_models", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    full = ["--lengths", "1024", "4096", "16384", "--long-overrides", "recompute=64"]
+    assert script.defaults([]) == script.defaults(["--families", "transformer"]) == full
+    assert script.defaults(["--long-overrides", "recompute=16"]) == full[:4]
+    assert script.defaults(["--lengths", "1024"]) == script.defaults(["--lengths=1024"]) == []
+    assert script.defaults(["--lengths", "1024", "32768"]) == full[4:]
+    assert script.defaults(["--lengths", "1024", "--long-from", "1024"]) == full[4:]
+    assert script.defaults(["--lengths", "x"]) == []  # (miras bench then says what is wrong)
+
+
 def test_bench_tables_show_each_training_rows_overrides_when_long_rows_have_their_own():
     row = {"family": "titans-lmm", "kind": "train", "T": 64, "tokens_per_s": 1000.0, "gflop_per_s": 2.0,
            "peak_rss_mb": 400.0, "params": 160396, "overrides": {"impl": "compiled", "recompute": 4}}

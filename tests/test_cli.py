@@ -94,8 +94,8 @@ def test_bad_train_arguments_exit_2_with_one_line_and_write_nothing(argv, messag
 def test_under_torchrun_a_bad_command_line_is_reported_by_rank_0_alone(tmp_path, capsys, monkeypatch):
     """Every rank gets the same command line, so every rank finds the same error in it: one line, from rank 0;
     every rank exits 2 (as torchrun's ranks would, without a process group: the error comes first)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, lines in (("0", 1), ("1", 0)):
+    for world, rank, lines in (("2", "0", 1), ("2", "1", 0), ("1", "1", 1)):  # (a stray RANK alone: not torchrun)
+        monkeypatch.setenv("WORLD_SIZE", world)
         monkeypatch.setenv("RANK", rank)
         assert main(["train", "transformer-tiny", "steps=3", f"out_dir={tmp_path / 'run'}"]) == 2
         err = capsys.readouterr().err

@@ -3,7 +3,7 @@
     miras bench                                          # every family at `small`: T 1K, 4K; contexts 1K, 16K, 64K
     miras bench --families titans-mac transformer --lengths 1024 4096 16384
     miras bench --families titans-lmm --lengths 16384 --overrides recompute=16   # config overrides
-    miras bench --lengths 1024 4096 16384 --long-overrides recompute=64 impl=compiled   # 16K rows: lean settings
+    miras bench --lengths 1024 4096 16384 --long-overrides recompute=64   # the 16K rows recompute (fit in memory)
     miras bench --device cuda                            # on a GPU (peak memory: CUDA allocator's peak)
     .venv/bin/python benchmarks/models.py                # the same, results into benchmarks/results/
 
@@ -313,9 +313,10 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, dict, str]:
     if not args.lengths and not args.contexts:
         raise ConfigError("--lengths and --contexts are both empty: nothing to measure; give at least one")
     if long_overrides and not any(length >= args.long_from for length in args.lengths):
+        lengths = " ".join(map(str, args.lengths)) or "none"
         raise ConfigError(f"--long-overrides {' '.join(args.long_overrides)}: no training length is >= --long-from "
-                          f"{args.long_from} (--lengths {' '.join(map(str, args.lengths))}): they would apply to "
-                          "nothing; leave them out or lower --long-from")
+                          f"{args.long_from} (--lengths {lengths}): they would apply to nothing; leave them out or "
+                          "lower --long-from")
     existing = args.out
     while not existing.exists() and existing != existing.parent:  # the folder mkdir will start from
         existing = existing.parent

@@ -93,7 +93,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except ConfigError:
         # torchrun gives every rank the same command line, so every rank finds the same error in it: rank 0
         # alone says it (errors found later, in the data or a checkpoint, still come from every rank)
-        if os.environ.get("RANK", "0") != "0":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
             return 2
         raise
     train(config)

@@ -155,7 +155,7 @@ def test_recompute_groups_whole_blocks_on_the_delta_path(monkeypatch):
     cut the blockwise delta rule into pieces too small to run fast (deltanet-small, 16K tokens, recompute=64:
     groups of 64 tokens, 2.4x slower per token than at 4K without recompute). The models' MLP groups follow."""
     import miras.layers.memory_layer as memory_layer
-    from miras.models import create
+    from miras.models import ModelConfig, create
 
     sizes, checkpoint = [], memory_layer.checkpoint
 
@@ -173,6 +173,8 @@ def test_recompute_groups_whole_blocks_on_the_delta_path(monkeypatch):
     for family, tokens in (("deltanet", 2 * 64), ("titans-lmm", 2 * 8), ("transformer", 2 * 8)):
         model = create(f"{family}-tiny", recompute=2)
         assert model.config.recompute_tokens == tokens and all(b.recompute == tokens for b in model.blocks), family
+    # a model without a memory has no delta path, whatever impl a config built by hand names (impl is unused there)
+    assert ModelConfig(family="transformer", impl="delta", chunk_size=4, recompute=2).recompute_tokens == 8
 
 
 def test_piece_sizes_cut_the_stream_at_every_boundary():

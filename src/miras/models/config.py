@@ -186,8 +186,10 @@ class ModelConfig:
 
     @property
     def recompute_tokens(self) -> int:
-        """The tokens of one ``recompute`` group (0: off): ``recompute`` chunks, or blocks on the delta path."""
-        return recompute_tokens(self.recompute, self.impl, self.chunk_size, self.block_size)
+        """The tokens of one ``recompute`` group (0: off): ``recompute`` chunks, or blocks on the delta path (a
+        model without a memory has no path: its chunk_size alone groups its MLPs)."""
+        impl = self.impl if self.rule is not None else "chunked"
+        return recompute_tokens(self.recompute, impl, self.chunk_size, self.block_size)
 
     @property
     def mlp_hidden(self) -> int:
