@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ def run_case(preset: str, tokens: int, segment: int, masked: bool) -> dict:
     import torch
 
     import miras.layers.attention as attention
+    from miras.bench import peak_rss_mb
     from miras.models import create
 
     if masked:
@@ -37,7 +37,7 @@ def run_case(preset: str, tokens: int, segment: int, masked: bool) -> dict:
         for start in range(0, tokens, segment):
             _, state = model(ids[:, start:start + segment], state)
     return {"seconds": time.perf_counter() - started,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mib": peak_rss_mb()}  # VmHWM: this process's own peak, not the parent's
 
 
 def main() -> None:
