@@ -9,7 +9,7 @@ groups of 64 chunks (64 blocks on the delta path) and every block's MLP in group
 Titans models' 4K rows without it peak at 5.0-5.4 GiB here, and a 16K row of titans-mac or titans-lmm
 (``impl=compiled``) peaked at 10.5-12.1 GiB (``benchmarks/results/models_allocator/``). The 1K and 4K rows
 run the presets as they are. ``--lengths`` replaces the lengths, ``--long-overrides`` the 16K rows'
-overrides; the latter are left out when no length reaches ``--long-from``.
+overrides; the latter are left out when no length reaches 16K and ``--long-from`` is not given.
 """
 
 import argparse
@@ -27,14 +27,15 @@ def defaults(given: list[str]) -> list[str]:
     probe = argparse.ArgumentParser(add_help=False)  # reads only these three; miras bench checks everything
     for option in ("--lengths", "--long-overrides"):
         probe.add_argument(option, nargs="*")
-    probe.add_argument("--long-from", default=str(LONG_FROM))
+    probe.add_argument("--long-from")
     known, _ = probe.parse_known_args(given)
     added = [] if known.lengths is not None else ["--lengths", *LENGTHS]
     try:
-        reaches = any(int(length) >= int(known.long_from) for length in known.lengths or LENGTHS)
+        reaches = any(int(length) >= int(known.long_from or LONG_FROM) for length in known.lengths or LENGTHS)
     except ValueError:  # not numbers: miras bench says what is wrong with them
         reaches = False
-    if known.long_overrides is None and reaches:
+    # a --long-from that no length reaches keeps them too: miras bench then says that they apply to nothing
+    if known.long_overrides is None and (reaches or known.long_from is not None):
         added += ["--long-overrides", *LONG_OVERRIDES]
     return added
 

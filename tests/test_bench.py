@@ -39,6 +39,8 @@ TINY = ["bench", "--families", "titans-lmm", "--size", "tiny", "--lengths", "32"
     (["--long-overrides", "recompute=2"], "--long-overrides recompute=2: no training length is >= --long-from 16384 "
                                           "(--lengths 32): they would apply to nothing; leave them out or lower "
                                           "--long-from"),
+    (["--long-from", "32"], "--long-from 32 without --long-overrides: there are no overrides to apply from there; "
+                            "give --long-overrides KEY=VALUE ... too, or leave --long-from out"),
     (["--long-from", "32", "--long-overrides", "chunk_size=0"],
      "--overrides/--long-overrides chunk_size=0: titans-lmm-tiny: chunk_size must be >= 1, got 0"),
 ])
@@ -114,18 +116,23 @@ def test_benchmarks_models_py_keeps_the_defaults_that_its_arguments_do_not_repla
     assert script.defaults(["--lengths", "1024", "32768"]) == full[4:]
     assert script.defaults(["--lengths", "1024", "--long-from", "1024"]) == full[4:]
     assert script.defaults(["--lengths", "x"]) == []  # (miras bench then says what is wrong)
+    # a --long-from no length reaches keeps the long overrides, so that miras bench says they apply to nothing
+    assert script.defaults(["--long-from", "32768"]) == full
+    assert script.defaults(["--lengths", "1024", "--long-from", "4096"]) == full[4:]
 
 
 def test_bench_tables_show_each_training_rows_overrides_when_long_rows_have_their_own():
     row = {"family": "titans-lmm", "kind": "train", "T": 64, "tokens_per_s": 1000.0, "gflop_per_s": 2.0,
            "peak_rss_mb": 400.0, "params": 160396, "overrides": {"impl": "compiled", "recompute": 4}}
     plain = {**row, "T": 32, "overrides": {}}
-    failed = {"family": "titans-lmm", "kind": "train", "T": 128, "overrides": {}, "error": "timed out after 900 s"}
+    failed = {"family": "titans-lmm", "kind": "train", "T": 128, "overrides": {"recompute": 4},
+              "error": "timed out after 900 s"}
     lines = miras.bench.tables([plain, row, failed], 10.0, settings=True).splitlines()
     assert lines[0].endswith("| params | overrides |") and lines[1] == "|---|---|---|---|---|---|---|---|"
     assert lines[2] == "| titans-lmm | 32 | 1,000 | 2.0 | 20% | 400 | 160,396 | none |"
     assert lines[3] == "| titans-lmm | 64 | 1,000 | 2.0 | 20% | 400 | 160,396 | impl=compiled, recompute=4 |"
-    assert lines[4] == "| titans-lmm | 128 | error: timed out after 900 s |"
+    assert lines[4] == "| titans-lmm | 128 | error: timed out after 900 s |  |  |  |  | recompute=4 |"
+    assert len(lines[4].split("|")) == len(lines[0].split("|"))  # its overrides in their column
     without = miras.bench.tables([plain], 10.0).splitlines()
     assert without[0].endswith("| params |") and without[2] == "| titans-lmm | 32 | 1,000 | 2.0 | 20% | 400 | 160,396 |"
 

@@ -225,12 +225,14 @@ DECODE_HEADER = ["| family | context | decode tokens/s | ms/token | state MiB | 
 def table_row(r: dict, matmul_gflops: float | None = None, settings: bool = False) -> str:
     """One case's row of its table (TRAIN_HEADER's or DECODE_HEADER's, as ``r["kind"]`` says; SETTINGS_HEADER's
     with ``settings``)."""
+    # with settings, a training row's own overrides in the last column (a failed row's too: they say what failed)
+    own = (" " + (", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none") + " |"
+           if settings and r["kind"] == "train" else "")
     if "error" in r:
         where = f" | {r['T']}" if r["kind"] == "train" else f" | {r['context']}"
-        return f"| {r['family']}{where} | error: {r['error']} |"
+        return f"| {r['family']}{where} | error: {r['error']} |{'  |' * 4 + own if own else ''}"
     if r["kind"] == "train":
         share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""
-        own = (" " + (", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none") + " |") if settings else ""
         return (f"| {r['family']} | {r['T']} | {r['tokens_per_s']:,.0f} | {r['gflop_per_s']:.1f} | {share} "
                 f"| {r['peak_rss_mb']:,.0f} | {r['params']:,} |{own}")
     return (f"| {r['family']} | {r['context']} | {r['tokens_per_s']:,.1f} | {r['ms_per_token']:.1f} "
@@ -260,7 +262,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides for the training lengths of --long-from tokens or more (over "
                              "--overrides), e.g. recompute=64 so that 16K rows fit in memory")
-    parser.add_argument("--long-from", type=int, default=LONG_FROM,
+    parser.add_argument("--long-from", type=int, default=None,
                         help=f"the training length from which --long-overrides apply (default {LONG_FROM})")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda[:N] or auto (CUDA if there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per case, >= 1 (default 2)")
@@ -291,7 +293,7 @@ def _parse_overrides(option: str, items: list[str]) -> dict:
 def check_bench_args(args: argparse.Namespace) -> tuple[dict, dict, str]:
     """Every option checked before anything is timed or written: the parsed ``--overrides`` and
     ``--long-overrides`` and the device (``auto`` resolved), or a ConfigError with a one-line message that says
-    what is allowed."""
+    what is allowed. Sets ``args.long_from`` to its default when it was not given."""
     from .models import check_buildable, preset_config
     from .models.config import used_overrides
     from .train_config import ConfigError, resolve_device
@@ -306,10 +308,16 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, dict, str]:
         raise ConfigError(f"--threads must be >= 1 (torch CPU threads per case), got {args.threads}")
     for option, values, least, what in (("--lengths", args.lengths, 1, "training lengths"),
                                         ("--contexts", args.contexts, 0, "decoding contexts"),
-                                        ("--long-from", [args.long_from], 1, "a training length")):
+                                        ("--long-from", [] if args.long_from is None else [args.long_from], 1,
+                                         "a training length")):
         bad = [value for value in values if value < least]
         if bad:
             raise ConfigError(f"{option} must be >= {least} ({what} in tokens), got {' '.join(map(str, bad))}")
+    if args.long_from is not None and not args.long_overrides:
+        raise ConfigError(f"--long-from {args.long_from} without --long-overrides: there are no overrides to apply "
+                          "from there; give --long-overrides KEY=VALUE ... too, or leave --long-from out")
+    if args.long_from is None:  # (None: not given; run_bench reads it from args)
+        args.long_from = LONG_FROM
     if not args.lengths and not args.contexts:
         raise ConfigError("--lengths and --contexts are both empty: nothing to measure; give at least one")
     if long_overrides and not any(length >= args.long_from for length in args.lengths):
