@@ -222,6 +222,39 @@ def test_hf_corpus_names_a_config_split_and_text_field(tmp_path, monkeypatch):
             load_corpus(spec)
 
 
+def test_hf_corpus_is_read_as_it_is_used_not_held_in_memory(tmp_path, monkeypatch):
+    """An hf: corpus keeps its rows in the dataset's memory-mapped Arrow files: loading it, splitting it and caching
+    its tokens hold a batch of rows at a time, not every row (Python's allocations stay far below the text's size),
+    with the same split and tokens as the same rows held in memory."""
+    import tracemalloc
+
+    import datasets
+
+    import miras.data.text
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(miras.data.text._Rows, "BATCH", 64)  # rows read at a time (1024: 2 MB of these rows)
+    root = tmp_path / "dataset"
+    root.mkdir()
+    texts = [("" if i % 97 == 5 else f"row {i}: " + "lorem ipsum " * (150 + i % 40)) for i in range(4000)]
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    size = sum(map(len, texts))  # ~8 MB
+    load_corpus(f"hf:{root}")  # (the dataset's Arrow files are made once, outside the measurement)
+    tracemalloc.start()
+    try:
+        corpus = load_corpus(f"hf:{root}")
+        validation = [document.name for document in corpus.split("validation")]
+        tokens = cached_tokens(corpus, ByteTokenizer(), "train", cache_dir=tmp_path / "cache", chunk_chars=1 << 13)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 8, (peak, size)
+    assert [document.text for document in corpus.documents] == texts  # every row, in order
+    assert corpus.documents[7] == Document(f"{root}/train/7", texts[7]) and len(corpus.documents) == len(texts)
+    held = Corpus(corpus.source, tuple(corpus.documents))
+    assert validation == [document.name for document in held.split("validation")] and 100 < len(validation) < 300
+    assert np.array_equal(tokens, cached_tokens(held, ByteTokenizer(), "train", cache_dir=tmp_path / "held"))
+
+
 def test_importing_miras_data_imports_no_optional_package():
     code = (
         "import sys, miras.data.text, miras.data.tokenizers; "

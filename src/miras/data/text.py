@@ -1,6 +1,6 @@
 """Text corpora, a token cache and language-modelling batches.
 
-Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func:`load_corpus`:
+Three sources, one :class:`Corpus` (a sequence of named documents), chosen by :func:`load_corpus`:
 
 - ``"stdlib"`` — the embedded default that exists on every machine: the ``*.py`` sources of the
   running interpreter's standard library (``sysconfig.get_paths()["stdlib"]``), without its test
@@ -10,7 +10,8 @@ Three sources, one :class:`Corpus` (a tuple of named documents), chosen by :func
   UTF-8 are skipped) or a glob.
 - ``"hf:<name>[:<split>]"`` or ``"hf:<name>:<config>:<split>[:<field>]"`` — a Hugging Face dataset, when
   ``datasets`` is installed (e.g. ``hf:wikitext:wikitext-103-raw-v1:train``; the text column is ``text``
-  unless ``<field>`` names another). Its rows are held in memory.
+  unless ``<field>`` names another). Its rows are not held in memory: they stay in the dataset's memory-mapped
+  Arrow files and are read a batch at a time (splitting, hashing and tokenising read them in order).
 
 **Train/validation split by document.** A document goes to validation when a stable hash
 (SHA-256) of its name — the file path relative to the folder given, so the split does not depend
@@ -48,7 +49,8 @@ import os
 import re
 import sysconfig
 import time
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +92,7 @@ class Corpus:
     """Named documents with a deterministic train/validation split by document (see module doc)."""
 
     source: str                       # what was loaded: "stdlib", the path or glob, "hf:<name>"
-    documents: tuple[Document, ...]
+    documents: Sequence[Document]     # a tuple, or an HF dataset's rows read as they are used (_Rows)
     validation_fraction: float = 0.05
     skipped: tuple[tuple[str, str], ...] = ()  # (file, why) for each file of a folder or glob that is not text
 
@@ -114,27 +116,69 @@ class Corpus:
         more = f"; and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
         return f"{len(self.skipped)} file{'s' * (len(self.skipped) != 1)} skipped ({shown}{more})"
 
-    def split(self, name: str) -> tuple[Document, ...]:
+    def split(self, name: str) -> Sequence[Document]:
         """The documents of split ``name`` ("train" or "validation"), in corpus order."""
         if name not in SPLITS:
             raise ValueError(f"split {name!r}: expected one of {SPLITS}")
         return self._splits[name]
 
     @functools.cached_property
-    def _splits(self) -> dict[str, tuple[Document, ...]]:
-        documents = [document for document in self.documents if document.text]
-        if len(documents) == 1:
-            return _cut_document(documents[0], self.validation_fraction)
-        fractions = [_hash_fraction(document.name) for document in documents]
-        validation = {i for i, fraction in enumerate(fractions) if fraction < self.validation_fraction}
-        if not validation:
-            validation = {min(range(len(documents)), key=fractions.__getitem__)}
-        if len(validation) == len(documents):
-            validation.remove(max(range(len(documents)), key=fractions.__getitem__))
-        return {
-            "train": tuple(d for i, d in enumerate(documents) if i not in validation),
-            "validation": tuple(d for i, d in enumerate(documents) if i in validation),
-        }
+    def _splits(self) -> dict[str, Sequence[Document]]:
+        # one pass, keeping each non-empty document's position and hash (16 bytes), not the document: an HF corpus
+        # reads its rows here
+        positions, fractions = array("q"), array("d")
+        for i, document in enumerate(self.documents):
+            if document.text:
+                positions.append(i)
+                fractions.append(_hash_fraction(document.name))
+        if len(positions) == 1:
+            return _cut_document(self.documents[positions[0]], self.validation_fraction)
+        positions, fractions = np.frombuffer(positions, dtype=np.int64), np.frombuffer(fractions)
+        validation = fractions < self.validation_fraction
+        if not validation.any():
+            validation[fractions.argmin()] = True
+        if validation.all():
+            validation[fractions.argmax()] = False
+        return {"train": _take(self.documents, positions[~validation]),
+                "validation": _take(self.documents, positions[validation])}
+
+
+def _take(documents: Sequence[Document], positions: np.ndarray) -> Sequence[Document]:
+    """The documents at ``positions``: a tuple, or for an HF corpus the same rows still unread."""
+    if isinstance(documents, _Rows):
+        return documents.take(positions)
+    return tuple(documents[i] for i in positions.tolist())
+
+
+class _Rows(Sequence):
+    """A Hugging Face dataset's rows as documents, read when used: the rows stay in the dataset's memory-mapped
+    Arrow files and iterating reads ``BATCH`` of them at a time. ``indices``: the dataset rows this holds, in order.
+    Document names are ``<prefix>/<row>``; a missing text (null) reads as ""."""
+
+    BATCH = 1024
+
+    def __init__(self, dataset, field: str, prefix: str, indices: np.ndarray | None = None):
+        self.dataset, self.field, self.prefix = dataset, field, prefix
+        self.indices = np.arange(len(dataset), dtype=np.int64) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return self.take(np.arange(len(self))[item])
+        row = int(self.indices[item])
+        return Document(f"{self.prefix}/{row}", self.dataset[row][self.field] or "")
+
+    def __iter__(self) -> Iterator[Document]:
+        for start in range(0, len(self.indices), self.BATCH):
+            rows = self.indices[start : start + self.BATCH].tolist()
+            for row, text in zip(rows, self.dataset[rows][self.field]):
+                yield Document(f"{self.prefix}/{row}", text or "")
+
+    def take(self, positions: np.ndarray) -> _Rows:
+        """The rows at ``positions`` of this sequence (positions in it, not dataset rows)."""
+        return _Rows(self.dataset, self.field, self.prefix, self.indices[positions])
 
 
 def _cut_document(document: Document, validation_fraction: float) -> dict[str, tuple[Document, ...]]:
@@ -237,8 +281,8 @@ def from_hf(
     name: str, split: str = "train", text_field: str = "text", validation_fraction: float = 0.05,
     limit: int | None = None, config: str | None = None,
 ) -> Corpus:
-    """Rows of a Hugging Face dataset (held in memory; ``limit`` keeps the first rows); ``config``: the
-    dataset's configuration (``"wikitext-103-raw-v1"`` of ``wikitext``), None for its default."""
+    """Rows of a Hugging Face dataset (read as they are used, not held in memory; ``limit`` keeps the first rows);
+    ``config``: the dataset's configuration (``"wikitext-103-raw-v1"`` of ``wikitext``), None for its default."""
     source = f"hf:{name}" + (f":{config}" if config else "") + f":{split}"
     try:
         import datasets
@@ -250,10 +294,10 @@ def from_hf(
     if text_field not in dataset.column_names:
         raise ValueError(f"corpus {source!r}: no field {text_field!r}; the fields are {dataset.column_names} "
                          f"(hf:<name>:<config>:<split>:<field> names another)")
-    rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
+    rows = dataset.select_columns([text_field])
+    rows = rows if limit is None else rows.select(range(min(limit, len(rows))))
     prefix = f"{name}/{config}" if config else name
-    documents = tuple(Document(f"{prefix}/{split}/{i}", row[text_field]) for i, row in enumerate(rows))
-    return Corpus(source, documents, validation_fraction)
+    return Corpus(source, _Rows(rows, text_field, f"{prefix}/{split}"), validation_fraction)
 
 
 def load_corpus(spec: str, validation_fraction: float = 0.05) -> Corpus:
@@ -386,8 +430,8 @@ def cached_tokens(
                           "$MIRAS_CACHE_DIR, or ~/.cache/miras/tokens without it)") from None
 
         def write(file) -> None:
-            for chunk in _chunks(documents, chunk_chars):
-                tokenizer.encode_documents([document.text for document in chunk]).astype(dtype).tofile(file)
+            for texts in _chunks(documents, chunk_chars):
+                tokenizer.encode_documents(texts).astype(dtype).tofile(file)
 
         atomic_write(path, write)
     description = path.with_suffix(".json")
@@ -400,15 +444,17 @@ def cached_tokens(
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _chunks(documents: Sequence[Document], chunk_chars: int) -> Iterator[Sequence[Document]]:
-    start, size = 0, 0
-    for i, document in enumerate(documents):
+def _chunks(documents: Iterable[Document], chunk_chars: int) -> Iterator[list[str]]:
+    """The documents' texts in consecutive lists of about ``chunk_chars`` characters (one pass)."""
+    texts, size = [], 0
+    for document in documents:
+        texts.append(document.text)
         size += len(document.text)
         if size >= chunk_chars:
-            yield documents[start : i + 1]
-            start, size = i + 1, 0
-    if start < len(documents):
-        yield documents[start:]
+            yield texts
+            texts, size = [], 0
+    if texts:
+        yield texts
 
 
 # ------------------------------------------------------------------------------------------ batches

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -134,7 +134,7 @@ class BPETokenizer:
         self.eos_id = tokenizer.token_to_id(END_OF_TEXT)
 
     @classmethod
-    def train(cls, texts: Sequence[str], vocab_size: int) -> BPETokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn merges on ``texts`` until ``vocab_size`` ids (fewer if the texts run out of pairs).
 
         Deterministic: the same texts and size give the same tokenizer.
@@ -290,7 +290,7 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
             raise ValueError(f"tokenizer {spec!r}: the vocabulary size must be an integer; {ALLOWED}")
         if corpus is None:
             raise ValueError(f"tokenizer {spec!r}: a BPE is trained on a corpus; pass the corpus to train it on")
-        return BPETokenizer.train([document.text for document in corpus.split("train")], size)
+        return BPETokenizer.train((document.text for document in corpus.split("train")), size)  # (read as it goes)
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_tokenizer(path) if (path / METADATA).is_file() else HFTokenizer(path)
