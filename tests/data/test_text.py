@@ -216,6 +216,9 @@ def test_hf_corpus_names_a_config_split_and_text_field(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"corpus 'hf:.*:small:train': no field 'text'; the fields are "
                                          r"\['body', 'id'\] \(hf:<name>:<config>:<split>:<field> names another\)"):
         load_corpus(f"hf:{root}:small:train")
+    with pytest.raises(ValueError, match=r"corpus 'hf:.*:small:train': field 'id' holds int64, not text; the fields "
+                                         r"are \['body', 'id'\]"):
+        load_corpus(f"hf:{root}:small:train:id")
     for spec, why in (("hf:", "no dataset name"), ("hf:a:b:c:d:e", "too many parts")):
         with pytest.raises(ValueError, match=rf"corpus '{spec}': {why}; expected 'stdlib', 'hf:<name>\[:<split>\]', "
                                              r"'hf:<name>:<config>:<split>\[:<field>\]'"):
@@ -340,6 +343,9 @@ def test_get_tokenizer_errors(tmp_path):
         BPETokenizer.train(["abc"], 100)
     with pytest.raises(ValueError, match=r"'gpt9': not a known kind and no such folder; expected 'byte'"):
         get_tokenizer("gpt9")
+    for empty in ("", " "):  # not the working directory's tokenizer
+        with pytest.raises(ValueError, match=rf"tokenizer '{empty}' is empty; expected 'byte'"):
+            get_tokenizer(empty)
     with pytest.raises(ValueError, match="no miras_tokenizer.json"):
         load_tokenizer(tmp_path)
 
@@ -366,6 +372,23 @@ def test_hf_tokenizer_from_a_local_folder(tmp_path):
     tokenizer.save(tmp_path / "run")
     restored = load_tokenizer(tmp_path / "run")
     assert isinstance(restored, HFTokenizer) and restored.identity == tokenizer.identity
+
+
+def test_a_slow_hf_tokenizer_saved_with_a_run_keeps_its_identity(tmp_path):
+    """A tokenizer without a fast backend (CTRL here) is identified by its vocabulary and settings; the length limit
+    that HFTokenizer raises, and save() writes, is not one of them: a run resumed from its saved tokenizer must find
+    the same token cache and the same data."""
+    transformers = pytest.importorskip("transformers")
+    vocab = {token: i for i, token in enumerate(["<unk>", "a", "b", "c", " ", "ab", "abc"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\nab c\n")
+    transformers.CTRLTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")).save_pretrained(
+        tmp_path / "slow")
+    tokenizer = get_tokenizer(str(tmp_path / "slow"))
+    assert getattr(tokenizer.tokenizer, "backend_tokenizer", None) is None  # (the case under test)
+    tokenizer.save(tmp_path / "run")
+    restored = load_tokenizer(tmp_path / "run")
+    assert restored.identity == tokenizer.identity and restored.encode("abc ab") == tokenizer.encode("abc ab")
 
 
 def test_hf_tokenizers_sharing_a_vocabulary_but_not_a_pipeline_have_different_identities(tmp_path):

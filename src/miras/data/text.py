@@ -168,13 +168,14 @@ class _Rows(Sequence):
         if isinstance(item, slice):
             return self.take(np.arange(len(self))[item])
         row = int(self.indices[item])
-        return Document(f"{self.prefix}/{row}", self.dataset[row][self.field] or "")
+        text = self.dataset[row][self.field]
+        return Document(f"{self.prefix}/{row}", "" if text is None else text)
 
     def __iter__(self) -> Iterator[Document]:
         for start in range(0, len(self.indices), self.BATCH):
             rows = self.indices[start : start + self.BATCH].tolist()
             for row, text in zip(rows, self.dataset[rows][self.field]):
-                yield Document(f"{self.prefix}/{row}", text or "")
+                yield Document(f"{self.prefix}/{row}", "" if text is None else text)
 
     def take(self, positions: np.ndarray) -> _Rows:
         """The rows at ``positions`` of this sequence (positions in it, not dataset rows)."""
@@ -294,6 +295,11 @@ def from_hf(
     if text_field not in dataset.column_names:
         raise ValueError(f"corpus {source!r}: no field {text_field!r}; the fields are {dataset.column_names} "
                          f"(hf:<name>:<config>:<split>:<field> names another)")
+    feature = dataset.features[text_field]
+    kind = getattr(feature, "dtype", type(feature).__name__)  # a Value's dtype, or e.g. "List"
+    if kind not in ("string", "large_string"):
+        raise ValueError(f"corpus {source!r}: field {text_field!r} holds {kind}, not text; the fields are "
+                         f"{dataset.column_names} (hf:<name>:<config>:<split>:<field> names another)")
     rows = dataset.select_columns([text_field])
     rows = rows if limit is None else rows.select(range(min(limit, len(rows))))
     prefix = f"{name}/{config}" if config else name

@@ -188,6 +188,11 @@ class BPETokenizer:
         return cls(_RustTokenizer.from_str(text))
 
 
+# A slow (Python) HF tokenizer's settings that do not change its ids: where it was loaded from, and the length limit
+# that __init__ raises and save() writes (hashed, they made a run's saved tokenizer differ from the one it started with)
+NOT_TOKENISATION = frozenset({"model_max_length", "is_local", "local_files_only", "cache_dir", "_commit_hash"})
+
+
 class HFTokenizer:
     """A ``transformers`` tokenizer from a local folder or the local HF cache (never downloaded)."""
 
@@ -220,9 +225,9 @@ class HFTokenizer:
         vocabulary but splitting text differently never share a token cache."""
         vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        pipeline = backend.to_str() if backend is not None else json.dumps(
-            {k: v for k, v in self.tokenizer.init_kwargs.items() if "name_or_path" not in k}, sort_keys=True,
-            default=str)
+        settings = {k: v for k, v in self.tokenizer.init_kwargs.items()
+                    if k not in NOT_TOKENISATION and "name_or_path" not in k}
+        pipeline = backend.to_str() if backend is not None else json.dumps(settings, sort_keys=True, default=str)
         text = f"{type(self.tokenizer).__name__}:{vocab}:{pipeline}"
         return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -282,6 +287,8 @@ def get_tokenizer(spec: str, corpus: Corpus | None = None) -> Tokenizer:
     or else a Hugging Face tokenizer."""
     if spec == "byte":
         return ByteTokenizer()
+    if not spec.strip():  # (Path("") is the working directory: an unset shell variable would load what lies there)
+        raise ValueError(f"tokenizer {spec!r} is empty; {ALLOWED}")
     if spec.startswith("hf:"):
         return HFTokenizer(spec.removeprefix("hf:"))
     if spec.startswith("bpe:"):
