@@ -462,8 +462,10 @@ def test_eval_stopped_at_a_later_length_keeps_the_lengths_it_measured(tmp_path, 
                 raise error
             return measure(model, task, lengths, *args)
 
-        monkeypatch.setattr(miras.evaluate, "task_accuracy", failing)
         out = tmp_path / f"out-{code}"
+        assert main(["eval", str(run), "--lengths", "32", "--examples", "2", "--out", str(out)]) == 0  # an earlier one
+        assert (out / "accuracy.png").is_file()
+        monkeypatch.setattr(miras.evaluate, "task_accuracy", failing)
         capsys.readouterr()
         assert main(["eval", str(run), "--lengths", "32,64", "--examples", "2", "--out", str(out)]) == code
         assert capsys.readouterr().err.splitlines()[-1].endswith(
@@ -472,6 +474,8 @@ def test_eval_stopped_at_a_later_length_keeps_the_lengths_it_measured(tmp_path, 
         assert results["incomplete"] == why
         assert [row["context_length"] for row in results["tasks"]["mqar"]["results"][run.name]] == [32]
         assert (out / "results.md").read_text().startswith(f"**Incomplete** ({why}): the lengths measured before it.")
+        assert not (out / "accuracy.png").exists()  # the earlier evaluation's plot is not of these results
+        monkeypatch.setattr(miras.evaluate, "task_accuracy", measure)
 
 
 def test_eval_names_skipped_lengths_and_survives_a_torn_metrics_line(tmp_path, capsys):

@@ -366,12 +366,21 @@ def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, m
     monkeypatch.setenv("MIRAS_CACHE_DIR", str(tmp_path / "cache"))
     corpus.write_text("".join(f"line {i} of a small corpus\n" for i in range(400)))
     parser = add_eval_arguments(argparse.ArgumentParser())
-    for flags in (["--tasks", "mqar"], ["--tasks", "mqar", "--perplexity", str(corpus)],
-                  ["--task-params", '{"pairs": 2}', "--perplexity", str(corpus)]):
+    for flags, given in ((["--tasks", "mqar"], "--tasks"),
+                         (["--tasks", "mqar", "--perplexity", str(corpus)], "--tasks"),
+                         (["--task-params", '{"pairs": 2}', "--perplexity", str(corpus)], "--task-params"),
+                         (["--depths", "0,0.5"], "--depths"), (["--sweep", "pairs=1,2"], "--sweep")):
         args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", "--out", str(tmp_path / "bad"), *flags])
         assert run_eval(args) == 2, flags
         err = capsys.readouterr().err
-        assert "the run reads 'bpe' token ids and the tasks are written in bytes" in err and err.count("\n") == 1
+        assert f"{given}: the run reads 'bpe' token ids and the tasks are written in bytes" in err
+        assert err.count("\n") == 1
+    # the perplexity such a run measures without --perplexity takes --perplexity-tokens too (0 crashed, -100 cut
+    # the last 99 tokens off)
+    for tokens in ("0", "-100"):
+        args = parser.parse_args([str(tmp_path / "run"), "--perplexity-tokens", tokens, "--out", str(tmp_path / "bad")])
+        assert run_eval(args) == 2
+        assert capsys.readouterr().err == f"miras eval: error: --perplexity-tokens must be >= 2, got {tokens}\n"
     assert not (tmp_path / "bad").exists()
     args = parser.parse_args([str(tmp_path / "run"), "--perplexity", str(corpus), "--out", str(tmp_path / "out")])
     assert run_eval(args) == 0

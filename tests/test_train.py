@@ -835,6 +835,19 @@ def test_a_run_saved_before_a_config_field_existed_resumes(tmp_path):
         train(dataclasses.replace(config, max_steps=4, resume=True), source())
 
 
+def test_a_checkpoint_saved_before_a_config_field_existed_loads_beside_a_config_json_written_since(tmp_path):
+    """Rerunning a run's train command with a newer miras rewrites its config.json with every field, while its
+    checkpoint keeps the older config that lacks one: eval, generate and export (load_run) must still load it, the
+    missing field at its default (they refused it as "a different model ()", naming no difference)."""
+    train(tiny(tmp_path / "run", model="titans-lmm-tiny", max_steps=1, save_every=1), source())
+    run_dir = tmp_path / "run"
+    _edit_checkpoint(checkpoints(run_dir)[-1], lambda payload: payload["model_config"].pop("recompute"))
+    assert load_run(run_dir)[0].config.recompute == 0
+    _edit_checkpoint(checkpoints(run_dir)[-1], lambda payload: payload["model_config"].update(dim=32))
+    with pytest.raises(ConfigError, match=r"belongs to a different model \(model.dim: 32 -> 64\)$"):
+        load_run(run_dir)
+
+
 def test_a_run_saved_with_an_override_its_family_does_not_read_still_loads_and_resumes(tmp_path):
     """Before 802487f an override the family ignores (window for titans-lmm) was accepted and saved; a new
     config may not name it, but the saved run loads (evaluate, generate, export) and resumes: it is

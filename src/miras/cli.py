@@ -284,8 +284,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 # `miras eval` options that only the native evaluation reads: refused with --lm-eval when not at their defaults
-NATIVE_EVAL_OPTIONS = ("tasks", "lengths", "task_params", "examples", "segment", "seed", "perplexity",
-                       "perplexity_tokens")
+NATIVE_EVAL_OPTIONS = ("tasks", "lengths", "task_params", "depths", "sweep", "examples", "segment", "seed",
+                       "perplexity", "perplexity_tokens")
 
 
 def _run_lm_eval(args: argparse.Namespace) -> int:

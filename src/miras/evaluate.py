@@ -577,6 +577,8 @@ def _kept(measured: list[dict], out: Path, why: str) -> str:
         write_json(results, out / "results.json")
         atomic_write_bytes(out / "results.md", (f"**Incomplete** ({why}): the lengths measured before it.\n\n"
                                                 + markdown_table(results)).encode())
+        with contextlib.suppress(FileNotFoundError):  # an earlier evaluation's plot, not of these results
+            (out / "accuracy.png").unlink()
     except OSError:
         return ""
     return f"; the lengths measured before it are in {out / 'results.json'}"
@@ -630,7 +632,7 @@ def run_eval(args: argparse.Namespace) -> int:
         for name in ("examples", "batch_size", "segment"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.perplexity and args.perplexity_tokens < 2:
+        if args.perplexity_tokens < 2:  # (a run of BPE or HF ids measures a perplexity without --perplexity)
             raise ValueError(f"--perplexity-tokens must be >= 2, got {args.perplexity_tokens}")
         if args.out is not None:
             check_out_folder(out)
@@ -642,8 +644,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if tokenizer is not None and tokenizer.kind != "byte":
             # the tasks are written in bytes; fed to a model of BPE or HF ids they are other tokens altogether,
             # and their accuracies are noise (once a warning, with the numbers written all the same)
-            if args.tasks or args.task_params:
-                raise ValueError(f"the run reads {tokenizer.kind!r} token ids and the tasks are written in bytes: "
+            given = [f"--{name.replace('_', '-')}" for name in ("tasks", "task_params", "depths", "sweep")
+                     if getattr(args, name, None)]
+            if given:
+                raise ValueError(f"{', '.join(given)}: the run reads {tokenizer.kind!r} token ids and the tasks are "
+                                 "written in bytes: "
                                  "evaluate its perplexity (no --tasks: on the corpus it trained on, or --perplexity "
                                  "CORPUS), or evaluate tasks on a run trained with tokenizer=byte")
             if not args.perplexity:  # what such a run can be asked: its own corpus's validation split

@@ -47,7 +47,7 @@ def _load_checkpoint(path: Path, previous: Path | None = None) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(error, path)}){_fallback(path, previous)}"
+        raise ConfigError(f"checkpoint {path} is unreadable ({load_failure(error, path)}){_fallback(path, previous)}"
                           ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a miras checkpoint (format {CHECKPOINT_FORMAT!r})")
@@ -131,7 +131,7 @@ def check_model_state(path: Path, state: dict, expected: dict) -> None:
                           "version of miras, or damaged")
 
 
-def _load_failure(error: Exception, path: Path) -> str:
+def load_failure(error: Exception, path: str | os.PathLike) -> str:
     """Why torch.load failed, in a few words (not torch's advice to unpickle with weights_only=False,
     which a miras checkpoint never needs)."""
     with contextlib.suppress(OSError), open(path, "rb") as file:
@@ -384,7 +384,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[LanguageM
         config, model_config = TrainConfig.from_dict(saved["train"]), ModelConfig.from_dict(saved["model"])
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source} is damaged: {error}") from None
-    if payload["model_config"] != saved["model"]:
+    # compared as _differences compares them: a field one of them lacks (added to miras since) at its default
+    if _with_defaults(ModelConfig, payload["model_config"]) != model_config.to_dict():
         defining, _ = _differences({"train": saved["train"], "model": payload["model_config"]}, config, model_config)
         raise ConfigError(f"checkpoint {paths[-1]} belongs to a different model ({'; '.join(defining)})")
     model = LanguageModel(model_config)

@@ -475,7 +475,8 @@ def test_export_run_converts_a_native_run(tmp_path):
             assert main(["eval", str(run_dir), "--lm-eval", tasks, "--include-path",
                          str(FIXTURES / "tiny_tasks")]) == 2
         # options of the native evaluation, a --limit of 0 and a bad device are refused before anything runs
-        for bad in (["--examples", "5"], ["--lengths", "64", "--seed", "3"], ["--limit", "0"], ["--device", "tpu"]):
+        for bad in (["--examples", "5"], ["--lengths", "64", "--seed", "3"], ["--depths", "0,0.5"],
+                    ["--sweep", "pairs=1,2"], ["--limit", "0"], ["--device", "tpu"]):
             assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", *bad]) == 2
         assert not (run_dir / "hf").exists()
         assert main(["eval", str(run_dir), "--lm-eval", "miras_tiny_loglikelihood", "--limit", "2",

@@ -86,7 +86,9 @@ class ModelState:
         try:
             data = torch.load(path, weights_only=True, map_location=map_location)
         except Exception as error:
-            raise ValueError(f"{path} is not a readable miras state file: {error}") from None
+            from ..runs import load_failure  # (runs imports the models)
+
+            raise ValueError(f"{path} is not a readable miras state file: {load_failure(error, path)}") from None
         if not isinstance(data, dict) or data.get("format") != "miras.ModelState/1":
             raise ValueError(f"{path} is not a miras state file (format 'miras.ModelState/1')")
         try:
