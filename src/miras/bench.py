@@ -230,6 +230,7 @@ def table_row(r: dict, matmul_gflops: float | None = None, settings: bool = Fals
            if settings and r["kind"] == "train" else "")
     if "error" in r:
         where = f" | {r['T']}" if r["kind"] == "train" else f" | {r['context']}"
+        # (with settings: the four cells after the error's left empty, then the overrides)
         return f"| {r['family']}{where} | error: {r['error']} |{'  |' * 4 + own if own else ''}"
     if r["kind"] == "train":
         share = f"{100 * r['gflop_per_s'] / matmul_gflops:.0f}%" if matmul_gflops else ""

@@ -168,14 +168,16 @@ class _Rows(Sequence):
         if isinstance(item, slice):
             return self.take(np.arange(len(self))[item])
         row = int(self.indices[item])
-        text = self.dataset[row][self.field]
-        return Document(f"{self.prefix}/{row}", "" if text is None else text)
+        return self._document(row, self.dataset[row][self.field])
 
     def __iter__(self) -> Iterator[Document]:
         for start in range(0, len(self.indices), self.BATCH):
             rows = self.indices[start : start + self.BATCH].tolist()
             for row, text in zip(rows, self.dataset[rows][self.field]):
-                yield Document(f"{self.prefix}/{row}", "" if text is None else text)
+                yield self._document(row, text)
+
+    def _document(self, row: int, text: str | None) -> Document:
+        return Document(f"{self.prefix}/{row}", "" if text is None else text)
 
     def take(self, positions: np.ndarray) -> _Rows:
         """The rows at ``positions`` of this sequence (positions in it, not dataset rows)."""
