@@ -96,12 +96,13 @@ class Block(nn.Module):
             prefix = self.persistent.shape[0]
             x = torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         y, state = self.mixer(self.mixer_norm(x), state)
-        if self.recompute and torch.is_grad_enabled() and x.device.type == "cpu":
+        recomputes = bool(self.recompute) and torch.is_grad_enabled()
+        if recomputes and x.device.type == "cpu":
             release_freed_memory()
             if x.requires_grad:  # called once this block's backward has given x its gradient
                 x.register_hook(_release_after_backward)
         x = x + y
-        if self.recompute and torch.is_grad_enabled():
+        if recomputes:
             x = torch.cat([checkpoint(self._mlp_residual, group, use_reentrant=False)
                            for group in x.split(self.recompute, dim=1)], dim=1)
         else:
