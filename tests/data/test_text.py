@@ -391,6 +391,21 @@ def test_a_slow_hf_tokenizer_saved_with_a_run_keeps_its_identity(tmp_path):
     assert restored.identity == tokenizer.identity and restored.encode("abc ab") == tokenizer.encode("abc ab")
 
 
+def test_slow_hf_tokenizers_sharing_a_vocabulary_but_not_their_merges_have_different_identities(tmp_path):
+    """A slow tokenizer's merges live in a file, not in its vocabulary or settings: the identity hashes that file."""
+    transformers = pytest.importorskip("transformers")
+    vocab = {token: i for i, token in enumerate(["<unk>", "a", "b", "c", " ", "ab", "bc"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    identities = []
+    for name, merges in (("ab-first", "a b\nb c\n"), ("bc-first", "b c\na b\n")):
+        (tmp_path / f"{name}.txt").write_text("#version: 0.2\n" + merges)
+        transformers.CTRLTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / f"{name}.txt")).save_pretrained(
+            tmp_path / name)
+        identities.append(get_tokenizer(str(tmp_path / name)).identity)
+    assert get_tokenizer(str(tmp_path / "ab-first")).identity == identities[0]  # stable
+    assert identities[0] != identities[1]
+
+
 def test_hf_tokenizers_sharing_a_vocabulary_but_not_a_pipeline_have_different_identities(tmp_path):
     """The identity keys the token cache: a lowercasing tokenizer must not reuse a cased one's tokens."""
     transformers = pytest.importorskip("transformers")

@@ -191,6 +191,8 @@ class BPETokenizer:
 # A slow (Python) HF tokenizer's settings that do not change its ids: where it was loaded from, and the length limit
 # that __init__ raises and save() writes (hashed, they made a run's saved tokenizer differ from the one it started with)
 NOT_TOKENISATION = frozenset({"model_max_length", "is_local", "local_files_only", "cache_dir", "_commit_hash"})
+# The paths of a slow tokenizer's vocabulary files, which its init settings hold: their contents are hashed instead
+VOCAB_FILE_KEYS = frozenset({"vocab_file", "merges_file", "spm_file", "sp_model_file", "tokenizer_file"})
 
 
 class HFTokenizer:
@@ -221,15 +223,27 @@ class HFTokenizer:
     @property
     def identity(self) -> str:
         """What decides the token ids: the vocabulary and, for a fast tokenizer, the whole pipeline
-        (normaliser, pre-tokenizer, merges, post-processor), so that two tokenizers sharing a
-        vocabulary but splitting text differently never share a token cache."""
+        (normaliser, pre-tokenizer, merges, post-processor); for a slow one, its settings and the files
+        its vocabulary is saved as (merges, a SentencePiece model). Two tokenizers sharing a vocabulary but
+        splitting text differently never share a token cache."""
         vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()), ensure_ascii=False)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        settings = {k: v for k, v in self.tokenizer.init_kwargs.items()
-                    if k not in NOT_TOKENISATION and "name_or_path" not in k}
-        pipeline = backend.to_str() if backend is not None else json.dumps(settings, sort_keys=True, default=str)
+        if backend is not None:
+            pipeline = backend.to_str()
+        else:
+            settings = {k: v for k, v in self.tokenizer.init_kwargs.items()
+                        if k not in NOT_TOKENISATION and "name_or_path" not in k and k not in VOCAB_FILE_KEYS}
+            pipeline = json.dumps(settings, sort_keys=True, default=str) + self._vocabulary_files_digest()
         text = f"{type(self.tokenizer).__name__}:{vocab}:{pipeline}"
         return "hf-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _vocabulary_files_digest(self) -> str:
+        """sha256 of the files a slow tokenizer saves its vocabulary as (``save_vocabulary``), in name order."""
+        digest = hashlib.sha256()
+        with tempfile.TemporaryDirectory(prefix="miras-tokenizer-") as temp:
+            for file in sorted(Path(f) for f in self.tokenizer.save_vocabulary(temp)):
+                digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        return digest.hexdigest()
 
     def encode(self, text: str) -> list[int]:
         # split_special_tokens: a special token's text written in a document ("<|endoftext|>" in source
