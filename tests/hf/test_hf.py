@@ -384,6 +384,16 @@ def test_a_folder_lacking_weights_or_contradicting_the_tie_is_refused(tmp_path):
         MirasForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
 
 
+def test_a_folder_whose_config_has_no_place_for_some_of_its_weights_is_refused(tmp_path):
+    """A config of a smaller model than its weights: transformers would drop the rest and load another model."""
+    MirasForCausalLM.from_native(make("titans-lmm", dtype=torch.float32)).save_pretrained(tmp_path / "two")
+    MirasForCausalLM.from_native(make("titans-lmm", dtype=torch.float32, layers=1)).save_pretrained(tmp_path / "one")
+    (tmp_path / "two" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"the checkpoint holds weights its config has no place for, "
+                                         r"\['blocks.1.mixer.conv_weight', .*\]: a miras export"):
+        MirasForCausalLM.from_pretrained(tmp_path / "two")
+
+
 def test_a_cache_from_beam_search_cannot_continue_and_an_empty_prompt_is_refused():
     """Its rows are the running beams, not the returned sequences (sorted by score): continuing from it
     paired each sequence with another beam's state."""

@@ -345,6 +345,18 @@ def test_inference_under_no_grad(impl):
     torch.testing.assert_close(y, expected.detach(), rtol=0, atol=1e-12)
 
 
+def test_a_state_returned_without_autograd_is_not_changed_by_a_later_parameter_update():
+    """A call under no_grad that ends inside the first chunk keeps the chunk-start weights: the learned initial
+    memory. An optimizer step or load_state_dict after it must not change that state (as in LanguageModel)."""
+    layer, x = make_layer(), inputs(tokens=5)
+    with torch.no_grad():
+        _, state = layer(x[:, :2])
+        before = [t.clone() for t in state.memory.chunk_start]
+        layer.initial_weights[0].mul_(2.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, state.memory.chunk_start))
+    assert not any(t.requires_grad for t in (*state.memory.weights, *state.memory.chunk_start))
+
+
 def test_learned_initial_memory_is_used():
     layer, x = make_layer(), inputs(tokens=5)
     y, _ = layer(x)

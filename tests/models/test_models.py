@@ -150,6 +150,22 @@ def test_a_state_from_another_batch_or_model_is_rejected():
         model(ids(5, batch=3), ModelState(state.layers[:1]))
 
 
+@pytest.mark.parametrize("maker, taker, differences", [
+    ("transformer-tiny", "titans-lmm-tiny", "family='transformer' (this model: 'titans-lmm')"),
+    ("swa-transformer-tiny", "titans-mac-tiny", "family='swa-transformer' (this model: 'titans-mac'), persistent=0 "
+                                                "(this model: 4)"),
+    ("titans-lmm-tiny", "swa-transformer-tiny", "family='titans-lmm' (this model: 'swa-transformer')"),
+])
+def test_a_state_from_another_family_is_refused_naming_only_what_both_record(maker, taker, differences):
+    """Fields the other family does not read (a transformer's chunk_size, an SWA model's segment) are not in its
+    state's layout: the error must not report them with a default it never had."""
+    _, state = create(maker)(ids(5))
+    with pytest.raises(ValueError) as error:
+        create(taker)(ids(5), state)
+    assert str(error.value) == (f"state comes from a different model: {differences}; pass a state this model made "
+                                "(init_state or a previous call)")
+
+
 @pytest.mark.parametrize("maker, taker", [
     ("transformer-tiny", ("transformer-tiny", {"heads": 4})),  # KV caches of another head count
     ("titans-mac-tiny", ("titans-mac-tiny", {"segment": 8})),  # a segment cache longer than the segment
@@ -346,8 +362,15 @@ def test_sampling_edge_cases():
         sample(halves, 1.0, 0, None, gen)
     with pytest.raises(ValueError, match=r"temperature must be .*, got tensor\(0.5000\)"):
         sample(halves, torch.tensor(0.5), None, None, gen)
-    numpy_args = {"max_new_tokens": np.int64(2), "top_k": np.int64(5), "temperature": np.float32(0.7)}
-    assert torch.equal(model.generate(ids(3), **numpy_args)[0], model.generate(ids(3), 2, 0.7, 5)[0])
+    numpy_args = {"max_new_tokens": np.int64(2), "top_k": np.int64(5), "temperature": np.float32(0.7),
+                  "seed": np.int64(3), "vocab_limit": np.int64(200)}
+    assert torch.equal(model.generate(ids(3), **numpy_args)[0],
+                       model.generate(ids(3), 2, 0.7, 5, seed=3, vocab_limit=200)[0])
+    for bad, got in ((torch.randn(2, 3, 5), r"\(2, 3, 5\) torch.float32"), (torch.zeros(2, 4, dtype=torch.long),
+                     r"\(2, 4\) torch.int64"), (torch.zeros(2, 0), r"\(2, 0\)"), ([[1.0, 2.0]], "list")):
+        with pytest.raises(ValueError, match=rf"logits must be a floating-point tensor \[B, V\] with V >= 1, "
+                                             rf"got {got}"):
+            sample(bad, 0.0, None, None, gen)
 
 
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "titans-mag", "transformer", "gated-deltanet"])

@@ -214,14 +214,19 @@ class MirasForCausalLM(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs) -> MirasForCausalLM:
         """transformers' ``from_pretrained``, with every weight in memory of its own (see ``_own_memory``).
         A folder that lacks a weight or holds one of another shape is an error: transformers would leave
-        it as uninitialised memory (``_init_weights`` is a no-op) and only report it."""
+        it as uninitialised memory (``_init_weights`` is a no-op) and only report it. So is one with weights
+        its config has no place for (a config of a smaller model): transformers would drop them."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys", ()))
         mismatched = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys", ()))
-        if missing or mismatched:
+        # a tied head is saved once (as embed.weight): a head.weight beside it has a place either way
+        unexpected = sorted(key for key in info.get("unexpected_keys", ())
+                            if not (key == "head.weight" and model.config.model_config.tie_embeddings))
+        if missing or mismatched or unexpected:
             parts = ([f"lacks {missing}"] if missing else []) + ([f"has other shapes for {mismatched}"]
-                                                                if mismatched else [])
+                                                                if mismatched else []) + (
+                [f"holds weights its config has no place for, {unexpected}"] if unexpected else [])
             raise ValueError(f"the checkpoint {' and '.join(parts)}: a miras export holds every weight of its "
                              "model; re-export it (miras export) rather than load it partly initialised")
         _own_memory(model)

@@ -260,7 +260,10 @@ class MemoryLayer(nn.Module):
             return x.new_zeros(batch, 0, self.dim), state
         if self.recompute and torch.is_grad_enabled():
             return self._in_groups(x, state)
-        return self._call(x, state, fused=self.fused)
+        y, state = self._call(x, state, fused=self.fused)
+        # Without autograd the state is detached: nothing in it is then a view of a parameter (a memory still at
+        # its learned initial weights), so changing the layer in place later leaves the state as it was.
+        return y, (state if torch.is_grad_enabled() else state.detach())
 
     def _call(self, x: Tensor, state: MemoryLayerState, *, fused: bool | None):
         q, k, v, gates, conv_tail = self._engine_inputs(x, state.conv)

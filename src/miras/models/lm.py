@@ -232,11 +232,14 @@ class LanguageModel(nn.Module):
         if state.model and state.model != self.state_layout:
             # (states saved before 802487f recorded every field, the unread window and segment too)
             # (and a field added since is absent from older layouts: it had its default)
+            # Another family's layout lacks the fields it does not read: only the fields both record are compared.
             theirs, ours = ModelState.layout(state.model), json.loads(self.state_layout)
-            theirs = {**{k: v for k, v in _DEFAULTS.items() if k in ours}, **theirs}
+            same = theirs.get("family") == ours["family"]
+            if same:
+                theirs = {**{k: v for k, v in _DEFAULTS.items() if k in ours}, **theirs}
+            fields = (set(theirs) | set(ours)) if same else (set(theirs) & set(ours))
             differ = ", ".join(f"{k}={theirs.get(k)!r} (this model: {ours.get(k)!r})"
-                               for k in sorted((set(theirs) | set(ours)) - self._left_out)
-                               if theirs.get(k) != ours.get(k))
+                               for k in sorted(fields - self._left_out) if theirs.get(k) != ours.get(k))
             if differ:
                 raise ValueError(f"state comes from a different model: {differ}; pass a state this model made "
                                  "(init_state or a previous call)")
@@ -277,13 +280,13 @@ class LanguageModel(nn.Module):
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         _check_tensor("prompt_ids", prompt_ids)
         vocab = self.config.vocab_size
-        if vocab_limit is not None and not (isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool)
-                                            and 1 <= vocab_limit <= vocab):
+        if vocab_limit is not None and not (isinstance(vocab_limit, numbers.Integral)
+                                            and not isinstance(vocab_limit, bool) and 1 <= vocab_limit <= vocab):
             raise ValueError(f"vocab_limit must be an integer in [1, {vocab}] or None, "
                              f"got {vocab_limit!r}")
         if prompt_ids.dim() == 2 and prompt_ids.shape[1] == 0 and max_new_tokens:
             raise ValueError("prompt_ids is empty: generation needs at least one prompt token per row")
-        generator = torch.Generator(device=prompt_ids.device).manual_seed(seed)
+        generator = torch.Generator(device=prompt_ids.device).manual_seed(int(seed))  # (a NumPy int too)
         logits, state = self(prompt_ids, state)
         tokens = []
         for step in range(max_new_tokens):
@@ -328,6 +331,9 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
            generator: torch.Generator) -> Tensor:
     """One token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling
     (the arguments checked as ``generate`` checks them)."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() != 2 or logits.shape[1] < 1:
+        got = f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating-point tensor [B, V] with V >= 1, got {got}")
     check_sampling(0, temperature, top_k, top_p)
     return _sample(logits, temperature, top_k, top_p, generator)
 
