@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -178,6 +180,29 @@ def test_bench_checks_the_out_folder(tmp_path, capsys, nothing_runs):
         assert capsys.readouterr().err == (f"miras bench: error: --out {str(out)!r}: {str(afile)!r} is not a folder; "
                                            "give a folder for models.json / models.md\n")
     assert afile.read_text() == "keep"
+    broken = tmp_path / "broken"  # a symlink to nothing: mkdir would fail there after every case had run
+    broken.symlink_to(tmp_path / "nowhere" / "x")
+    assert main([*TINY, "--out", str(broken)]) == 2
+    assert capsys.readouterr().err == (f"miras bench: error: --out {str(broken)!r}: {str(broken)!r} is not a "
+                                       "folder; give a folder for models.json / models.md\n")
+
+
+def test_bench_that_cannot_write_its_results_prints_them(tmp_path, monkeypatch, capsys):
+    """The folder or the disk may change while the cases run: the measurements are printed, not lost."""
+    out = tmp_path / "bench"
+
+    def measure(case):
+        out.write_text("made a file meanwhile")
+        return {**case, "error": "RuntimeError: measured"}
+
+    monkeypatch.setattr(miras.bench, "matmul_rate", lambda device, threads: 100.0)
+    monkeypatch.setattr(miras.bench, "spawn", measure)
+    assert main([*TINY, "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    report = json.loads(printed.out[printed.out.index('{\n "meta"'):])
+    assert [r["error"] for r in report["results"]] == ["RuntimeError: measured"] * 2
+    assert printed.err.startswith(f"miras bench: error: cannot write into --out {str(out)!r} (")
+    assert out.read_text() == "made a file meanwhile"
 
 
 def test_bench_module_entry_point_reports_one_line(tmp_path, capsys, nothing_runs):

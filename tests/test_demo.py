@@ -10,6 +10,9 @@ from miras.demo import (
     DemoConfig,
     DemoModel,
     _conclusions,
+    _Job,
+    _progress,
+    _run_jobs,
     add_demo_arguments,
     models_at_size,
     run_demo,
@@ -367,3 +370,34 @@ def test_a_model_may_train_on_rows_of_its_own_length(quick_demo):
     rows["mac"] = [dict(row, accuracy=0.95, seed_accuracy=[0.95]) for row in rows["mac"]]
     lines = _conclusions(config, {"tasks": {"mqar": {"results": rows}}})
     assert lines[-1].endswith("holds here for lmm; not tested at 64x: mac (keeps recalling at 42.7x, its longest).")
+
+
+def _job_that_records_its_start(job):
+    """A stand-in for a demo job (run in a spawned worker): job 0 fails at once, the others take a moment."""
+    import time
+    from pathlib import Path
+
+    index, folder = job
+    (Path(folder) / f"started-{index}").touch()
+    if index == 0:
+        raise RuntimeError("job 0 failed")
+    time.sleep(1.0)
+    return {"index": index}
+
+
+def test_after_a_failed_job_no_queued_job_starts(tmp_path):
+    """The executor runs every job submitted to it before it shuts down: only one job per worker may be submitted,
+    or a failure (or Ctrl-C) would leave the demo training every queued job first, then writing no report."""
+    jobs = [(index, str(tmp_path)) for index in range(5)]
+    with pytest.raises(RuntimeError, match="job 0 failed"):
+        _run_jobs(jobs, 2, 0.0, _job_that_records_its_start)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["started-0", "started-1"]
+
+
+def test_progress_passes_over_a_torn_metrics_line(tmp_path, capsys):
+    """A line the worker is still writing, or one torn by a killed earlier demo, must not stop the demo."""
+    job = _Job(DemoConfig.quick(out_dir=str(tmp_path)).models[0], 0, DemoConfig.quick(out_dir=str(tmp_path)))
+    job.run_dir.mkdir(parents=True)
+    (job.run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5, "elapsed": 0.5}\n{"step": 2, "loss": 5.4')
+    _progress([job], {0}, 0.0)
+    assert "step 1/3, loss 5.500" in capsys.readouterr().out

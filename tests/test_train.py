@@ -22,7 +22,7 @@ import torch.nn as nn
 import miras.train as train_module
 from miras.data.base import IGNORE, Batches
 from miras.models import create
-from miras.runs import checkpoint_step, lock_run_folder, make_run_folder, tensor_digest
+from miras.runs import _keep_metrics_until, checkpoint_step, lock_run_folder, make_run_folder, tensor_digest
 from miras.train import (
     ConfigError,
     DataSource,
@@ -1086,3 +1086,19 @@ if __name__ == "__main__":
         _ddp_rank(sys.argv[1], sys.argv[3])
     else:
         sys.exit(f"usage: {sys.argv[0]} OUT_DIR (--model PRESET | --fsdp | --bpe CORPUS | --expect-config-error DIR)")
+
+
+def test_resume_keeps_only_the_metrics_records_up_to_its_step(tmp_path):
+    """Lines that are not records (torn, damaged bytes, JSON of another shape) are dropped, as miras eval's
+    read_metrics skips them, instead of stopping the resume with a traceback."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 5.5, "lr": 0.001}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 4.0}]
+    lines = [json.dumps(records[0]), "[1]", '"note"', '{"step": null}', '{"step": true}', json.dumps(records[1]), "",
+             json.dumps(records[2]), '{"step": 4, "loss": 3.9', '{"step": 5, "loss": 3.8}']
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe damaged\n")
+    _keep_metrics_until(path, 3)
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ConfigError, match=r"metrics.jsonl: cannot read it \(Is a directory\); move it away"):
+        _keep_metrics_until(path, 3)

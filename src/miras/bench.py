@@ -327,7 +327,8 @@ def check_bench_args(args: argparse.Namespace) -> tuple[dict, dict, str]:
                           f"{args.long_from} (--lengths {lengths}): they would apply to nothing; leave them out or "
                           "lower --long-from")
     existing = args.out
-    while not existing.exists() and existing != existing.parent:  # the folder mkdir will start from
+    # the folder mkdir will start from (a broken symlink stops the walk: mkdir could not make a folder there)
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"--out {str(args.out)!r}: {str(existing)!r} is not a folder; give a folder for "
@@ -386,14 +387,12 @@ def run_bench(args: argparse.Namespace) -> int:
             print("\n".join((SETTINGS_HEADER if settings else TRAIN_HEADER) if kind == "train" else DECODE_HEADER))
             headed.add(kind)
         print(table_row(results[-1], rate, settings), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     on_gpu = device_name.startswith("cuda")
     device = torch.cuda.get_device_name(device_name) if on_gpu else f"cpu, {args.threads} threads"
     meta = {"torch": torch.__version__, "device": device, "preset": args.size, "dtype": "float32",
             "lengths": args.lengths, "contexts": args.contexts, "overrides": overrides,
             "long_overrides": long_overrides, "long_from": args.long_from, "matmul_gflops": rate}
     report = json.dumps({"meta": meta, "results": results}, indent=1)
-    atomic_write_bytes(args.out / "models.json", report.encode())
     extra = f", overrides {overrides} (each family takes those it uses)" if overrides else ""
     if long_overrides:
         extra += (f"; from T = {args.long_from} training also takes {long_overrides} (each row's own overrides in "
@@ -402,7 +401,15 @@ def run_bench(args: argparse.Namespace) -> int:
     table = (f"torch {torch.__version__}, {device}, float32, `<family>-{args.size}`{extra}; "
              f"peak memory = {memory}; float32 matmul (2048³) {rate:.0f} GFLOP/s.\n\n"
              + tables(results, rate, settings))
-    atomic_write_bytes(args.out / "models.md", table.encode())
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.out / "models.json", report.encode())
+        atomic_write_bytes(args.out / "models.md", table.encode())
+    except OSError as error:  # (checked before the run, but the folder or the disk may have changed since)
+        print(report)  # the measurements, not lost
+        print(f"miras bench: error: cannot write into --out {str(args.out)!r} ({error.strerror or error}); the "
+              "results are printed above as JSON", file=sys.stderr)
+        return 2
     print(f"wrote {args.out / 'models.md'}")
     failed = [r for r in results if "error" in r]
     if failed:  # recorded in the tables (a row per case), and the exit code says that some are not numbers

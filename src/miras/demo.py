@@ -119,7 +119,7 @@ import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -351,16 +351,20 @@ def _run_job(job: _Job) -> dict:
             "final_loss": losses[-1], "run_dir": str(job.run_dir), "reused_from_step": reused_from}
 
 
-def _progress(jobs: list[_Job], done: set[int], started: float) -> None:
-    """One line per running job: step, loss and its ETA, read from the run's metrics.jsonl."""
-    for index, job in enumerate(jobs):
-        path = job.run_dir / "metrics.jsonl"
-        if index in done or not path.exists():
+def _progress(jobs: list[_Job], running: set[int], started: float) -> None:
+    """One line per running job: step, loss and its ETA, read from the run's metrics.jsonl (a line the worker is
+    still writing, or a torn one left by an earlier demo, is passed over: progress never stops the demo)."""
+    from .runs import read_metrics
+
+    for index in sorted(running):
+        job = jobs[index]
+        try:
+            records = [r for r in read_metrics(job.run_dir / "metrics.jsonl") if "loss" in r and "elapsed" in r]
+        except OSError:
             continue
-        lines = path.read_text().splitlines()
-        if not lines:
+        if not records:
             continue
-        last = json.loads(lines[-1])
+        last = records[-1]
         step, elapsed = last["step"], last["elapsed"]
         if step >= job.config.steps:
             print(f"  {job.model.name} seed {job.seed}: trained, evaluating", flush=True)
@@ -370,19 +374,31 @@ def _progress(jobs: list[_Job], done: set[int], started: float) -> None:
               f"{elapsed:.0f} s, ETA {eta:.0f} s (demo at {time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def _run_jobs(jobs: list[_Job], workers: int, started: float) -> list[dict]:
+def _run_jobs(jobs: list[_Job], workers: int, started: float, run=None) -> list[dict]:
+    """``run`` (default ``_run_job``) on every job, in order, on ``workers`` processes; the results in job order."""
+    run = run or _run_job
     if workers == 1:
-        return [_run_job(job) for job in jobs]
+        return [run(job) for job in jobs]
     results: dict[int, dict] = {}
+    queued = list(range(len(jobs)))
+    # At most one job per worker is submitted: after Ctrl-C (which the running jobs see too: they save and stop)
+    # or a failed job, no queued job starts (the executor would run every job submitted before it shuts down).
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_run_job, job): index for index, job in enumerate(jobs)}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=30)
-            for future in finished:
-                results[futures[future]] = future.result()
-            if pending:
-                _progress(jobs, set(results), started)
+        running, shown = {}, time.perf_counter()
+        try:
+            while queued or running:
+                while queued and len(running) < workers:
+                    index = queued.pop(0)
+                    running[pool.submit(run, jobs[index])] = index
+                finished, _ = wait(running, timeout=30, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    results[running.pop(future)] = future.result()
+                if running and time.perf_counter() - shown >= 30:
+                    _progress(jobs, set(running.values()), started)
+                    shown = time.perf_counter()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return [results[index] for index in range(len(jobs))]
 
 

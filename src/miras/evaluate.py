@@ -63,6 +63,7 @@ from .data.base import IGNORE
 from .data.tasks import Example, Task, exact_match, generate
 from .data.text import windows
 from .files import atomic_write_bytes
+from .runs import read_metrics
 from .train_config import first_line
 
 RESULTS_FORMAT = "miras.eval/1"
@@ -365,18 +366,6 @@ def plot_accuracy(results: dict, path: str | os.PathLike) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     return _save_figure(figure, path)
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a training run's ``metrics.jsonl``; blank lines and lines that are not a JSON object
-    (torn by a killed run: the trainer cuts them back on resume) are skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            record = json.loads(line)
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
-    return records
 
 
 def plot_losses(metrics: dict[str, str | os.PathLike], path: str | os.PathLike) -> Path:

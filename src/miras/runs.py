@@ -293,16 +293,30 @@ def _keeping_schedule(config: TrainConfig, saved: dict, step: int) -> TrainConfi
     return config
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the metrics lines after ``step`` (written after the checkpoint we resume from, or torn)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a training run's ``metrics.jsonl``: its JSON objects with an integer ``step``. Anything else
+    (a line torn by a killed run, damaged bytes, blank lines) is skipped; the trainer cuts it away on resume."""
+    records = []
+    for line in Path(path).read_bytes().decode(errors="replace").splitlines():
         with contextlib.suppress(ValueError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-    atomic_write_bytes(path, "".join(kept).encode())
+            record = json.loads(line)
+            if (isinstance(record, dict) and isinstance(record.get("step"), int)
+                    and not isinstance(record["step"], bool)):
+                records.append(record)
+    return records
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Keep the metrics records up to ``step``: drop those written after the checkpoint we resume from, and
+    lines that are not records (``read_metrics``). The trainer writes each record as ``json.dumps`` writes it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        records = read_metrics(path)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror or error}); move it away to start the run's "
+                          "metrics afresh") from None
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step).encode())
 
 
 def write_run_dir(run_dir: Path, config: TrainConfig, model_config: ModelConfig, tokenizer, step: int) -> None:
