@@ -292,6 +292,7 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     """lm-eval on an HF folder, exporting a native run first (its folder's ``hf/``); results.json into --out."""
     from .evaluate import add_eval_arguments, check_out_folder, write_json
     from .train import ConfigError, resolve_device
+    from .train_config import first_line
 
     defaults = add_eval_arguments(argparse.ArgumentParser())  # the defaults as the eval parser sets them
     given = [f"--{name.replace('_', '-')}" for name in NATIVE_EVAL_OPTIONS
@@ -334,8 +335,15 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
         export_run(run_dir, hf_dir)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     extra = {"max_length": args.max_length} if args.max_length is not None else {}
-    results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False,
-                          batch_size=batch_size, device=device, metadata=args.metadata, **extra)
+    try:
+        results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False,
+                              batch_size=batch_size, device=device, metadata=args.metadata, **extra)
+    except ValueError as error:  # lm-eval left-pads a batch of generation prompts, which the models refuse
+        if batch_size == 1 or "padding" not in str(error):
+            raise
+        raise ConfigError(f"--lm-eval with --batch-size {batch_size}: {first_line(error)}; generation tasks batch "
+                          "prompts of unequal length with padding: use --batch-size 1 for them (log-likelihood "
+                          "tasks may use larger batches)") from None
     print(json.dumps(results["results"], indent=1, default=str))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

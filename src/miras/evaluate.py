@@ -61,6 +61,7 @@ from torch import Tensor
 
 from .data.base import IGNORE
 from .data.tasks import Example, Task, exact_match, generate
+from .data.tasks.haystack import CORPUS_PREFIX
 from .data.text import windows
 from .files import atomic_write_bytes
 from .runs import read_metrics
@@ -206,8 +207,9 @@ def perplexity(model: nn.Module, tokens: np.ndarray, seq_len: int, segment: int 
 
 def _task_record(task: Task) -> dict:
     config = {"name": task.name, **dataclasses.asdict(task)}
-    if config.get("corpus") is not None:  # the filler text itself would swamp the JSON
-        config["corpus"] = f"<{len(config['corpus'])} characters>"
+    corpus = config.get("corpus")
+    if corpus is not None and not corpus.startswith(CORPUS_PREFIX):  # filler text itself would swamp the JSON
+        config["corpus"] = f"<{len(corpus)} characters>"
     return config
 
 

@@ -206,6 +206,16 @@ def test_a_text_haystack_can_name_its_corpus(tmp_path):
             PassKey(context_length=1500, haystack="text", corpus=name)
     with pytest.raises(ValueError, match="no such file or folder"):
         PassKey(context_length=1500, haystack="text", corpus=f"text:{tmp_path / 'missing'}")
+    for empty in ("text:", "text: "):  # not the working directory's text files
+        with pytest.raises(ValueError, match=rf"PassKey: corpus='{empty}' names no corpus; give text:<corpus>"):
+            PassKey(context_length=1500, haystack="text", corpus=empty)
+    with pytest.raises(ValueError, match=r"PassKey: corpus is not valid text \(it cannot be written as UTF-8\)"):
+        PassKey(context_length=1500, haystack="text", corpus="filler \ud800 text " * 20)  # (JSON can give "\ud800")
+    # results.json keeps a corpus's name (literal filler text is abbreviated to its length)
+    from miras.evaluate import _task_record
+
+    assert _task_record(task)["corpus"] == f"text:{folder}"
+    assert _task_record(inline)["corpus"] == f"<{len(inline.corpus)} characters>"
 
 
 @pytest.mark.parametrize("question", ["person", "object"])

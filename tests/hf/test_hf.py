@@ -560,6 +560,21 @@ def test_lm_eval_on_a_local_task(tmp_path):
     assert sample["resps"][0][0] == byte_tokenizer().decode(greedy).split("\n")[0]
 
 
+def test_lm_eval_generation_with_a_larger_batch_is_one_error_line(tmp_path, capsys):
+    """lm-eval left-pads a batch of generation prompts, which the models refuse: one line with the remedy."""
+    pytest.importorskip("lm_eval", reason="run_lm_eval needs lm-evaluation-harness (pip install lm-eval)")
+    from miras.cli import main
+
+    export(make("titans-lmm", dtype=torch.float32), SimpleNamespace(kind="byte"), tmp_path / "hf")
+    assert main(["eval", str(tmp_path / "hf"), "--lm-eval", "miras_tiny_generate", "--include-path",
+                 str(FIXTURES / "tiny_tasks"), "--limit", "2", "--batch-size", "2"]) == 2
+    assert capsys.readouterr().err.count(  # (lm-eval's progress bar writes there too)
+        "miras eval: error: --lm-eval with --batch-size 2: miras models do not support padding (the recurrent state "
+        "would absorb the pad tokens): generate one sequence at a time, or batch sequences of equal length; "
+        "generation tasks batch prompts of unequal length with padding: use --batch-size 1 for them "
+        "(log-likelihood tasks may use larger batches)\n") == 1
+
+
 @pytest.mark.slow
 def test_ruler_niah_single_1_runs_offline(tmp_path):
     """RULER's niah_single_1 makes its data locally with the model's own tokenizer (~1 min: it builds

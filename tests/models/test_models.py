@@ -608,6 +608,9 @@ def test_presets_and_overrides():
         create("titans-lmm-tiny", dim="64")
     with pytest.raises(ValueError, match="token ids must be in"):
         make("deltanet")(torch.tensor([[0, 256]]))
+    # ids on another device than the model (a CPU model here, ids on the meta device; a GPU model and CPU ids alike)
+    with pytest.raises(ValueError, match=r"ids are on meta, the model on cpu: move them there, ids.to\('cpu'\)"):
+        make("deltanet")(torch.zeros(1, 3, dtype=torch.long, device="meta"))
 
 
 @pytest.mark.parametrize("family", ["titans-mag", "titans-mal"])

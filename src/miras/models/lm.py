@@ -207,6 +207,10 @@ class LanguageModel(nn.Module):
             raise ValueError(f"ids must be an int64 or int32 tensor [B, T], got {tuple(ids.shape)} {ids.dtype}")
         if ids.shape[0] < 1:
             raise ValueError("ids must hold at least one sequence (B >= 1)")
+        if ids.device != self.head.weight.device:
+            device = self.head.weight.device
+            raise ValueError(f"ids are on {ids.device}, the model on {device}: move them there, "
+                             f"ids.to({str(device)!r})")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
         if state is None:

@@ -96,6 +96,15 @@ def _whole_characters(filler: bytes) -> bytes:
     return bytes(text)
 
 
+def _is_text(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a lone surrogate, e.g. from JSON's "\\ud800", cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, kw_only=True)
 class _HaystackTask(Task):
     haystack: str = "repeat"  # "repeat": the repeated filler sentences; "text": `corpus` from a random offset
@@ -108,7 +117,12 @@ class _HaystackTask(Task):
         if self.haystack == "text" and not (isinstance(self.corpus, str) and self.corpus):
             raise ValueError(f"{task}: haystack='text' takes its filler from `corpus`, a non-empty str; none given")
         if self.haystack == "text" and self.corpus.startswith(CORPUS_PREFIX):
+            if not self.corpus[len(CORPUS_PREFIX):].strip():  # (an empty name would be the working directory)
+                raise ValueError(f"{task}: corpus={self.corpus!r} names no corpus; give {CORPUS_PREFIX}<corpus>, "
+                                 f"e.g. {CORPUS_PREFIX}stdlib")
             _corpus_text(self.corpus)  # loaded (once per process) now: a missing corpus is an error here
+        elif self.haystack == "text" and not _is_text(self.corpus):
+            raise ValueError(f"{task}: corpus is not valid text (it cannot be written as UTF-8)")
         elif self.haystack == "text" and "\n" not in self.corpus and len(self.corpus) < 256 and (
                 self.corpus == "stdlib" or self.corpus.startswith("hf:") or os.path.exists(self.corpus)):
             raise ValueError(f"{task}: corpus={self.corpus!r} would be the filler text itself; to draw the filler "
