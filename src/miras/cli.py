@@ -319,7 +319,8 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not holds_a_run(run_dir):
         raise ConfigError(f"{run_dir} holds no config.json: give a miras run folder or an exported HF folder")
-    export_run, run_lm_eval, check_tasks = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks")
+    export_run, run_lm_eval, check_tasks, padding_error = _hf("export_run", "run_lm_eval", "check_lm_eval_tasks",
+                                                              "PaddingError")
     from .hf.export import is_export
 
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
@@ -338,8 +339,8 @@ def _run_lm_eval(args: argparse.Namespace) -> int:
     try:
         results = run_lm_eval(hf_dir, tasks, limit=limit, include_path=args.include_path, log_samples=False,
                               batch_size=batch_size, device=device, metadata=args.metadata, **extra)
-    except ValueError as error:  # lm-eval left-pads a batch of generation prompts, which the models refuse
-        if batch_size == 1 or "padding" not in str(error):
+    except padding_error as error:  # lm-eval left-pads a batch of generation prompts, which the models refuse
+        if batch_size == 1:
             raise
         raise ConfigError(f"--lm-eval with --batch-size {batch_size}: {first_line(error)}; generation tasks batch "
                           "prompts of unequal length with padding: use --batch-size 1 for them (log-likelihood "

@@ -317,8 +317,8 @@ def _run_job(job: _Job) -> dict:
     import torch
 
     from .data.tasks import make_task
-    from .evaluate import evaluate, read_metrics
-    from .runs import checkpoint_step, checkpoints
+    from .evaluate import evaluate
+    from .runs import checkpoint_step, checkpoints, read_metrics
     from .train import load_run, train
 
     c, name, threads = job.config, f"{job.model.name} seed {job.seed}", torch.get_num_threads()

@@ -21,7 +21,7 @@ from . import modeling_miras  # noqa: F401  (the module the classes name as thei
 from .configuration import MirasConfig
 from .export import export, export_run
 from .harness import check_lm_eval_tasks, run_lm_eval
-from .modeling import MirasCache, MirasForCausalLM
+from .modeling import MirasCache, MirasForCausalLM, PaddingError
 from .state import select_state
 from .tokenization import bpe_tokenizer, byte_tokenizer, hf_tokenizer
 
@@ -33,6 +33,5 @@ AutoModelForCausalLM.register(MirasConfig, MirasForCausalLM, exist_ok=True)
 MirasConfig.register_for_auto_class()
 MirasForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["MirasCache", "MirasConfig", "MirasForCausalLM", "bpe_tokenizer", "byte_tokenizer", "check_lm_eval_tasks",
-           "export",
-           "export_run", "hf_tokenizer", "run_lm_eval", "select_state"]
+__all__ = ["MirasCache", "MirasConfig", "MirasForCausalLM", "PaddingError", "bpe_tokenizer", "byte_tokenizer",
+           "check_lm_eval_tasks", "export", "export_run", "hf_tokenizer", "run_lm_eval", "select_state"]

@@ -294,7 +294,11 @@ def _as_cache(value) -> MirasCache | None:
     raise TypeError(f"a miras model's cache is a MirasCache or ModelState, got {type(value).__name__}")
 
 
+class PaddingError(ValueError):
+    """A batch with padding (an attention mask holding zeros): the recurrent state would absorb the pad tokens."""
+
+
 def _check_no_padding(attention_mask: Tensor | None) -> None:
     if attention_mask is not None and not bool((attention_mask != 0).all()):
-        raise ValueError("miras models do not support padding (the recurrent state would absorb the pad tokens): "
+        raise PaddingError("miras models do not support padding (the recurrent state would absorb the pad tokens): "
                          "generate one sequence at a time, or batch sequences of equal length")

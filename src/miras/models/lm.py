@@ -284,8 +284,7 @@ class LanguageModel(nn.Module):
         check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         _check_tensor("prompt_ids", prompt_ids)
         vocab = self.config.vocab_size
-        if vocab_limit is not None and not (isinstance(vocab_limit, numbers.Integral)
-                                            and not isinstance(vocab_limit, bool) and 1 <= vocab_limit <= vocab):
+        if vocab_limit is not None and not (_integer(vocab_limit) and 1 <= vocab_limit <= vocab):
             raise ValueError(f"vocab_limit must be an integer in [1, {vocab}] or None, "
                              f"got {vocab_limit!r}")
         if prompt_ids.dim() == 2 and prompt_ids.shape[1] == 0 and max_new_tokens:
@@ -308,25 +307,27 @@ def _check_tensor(name: str, ids) -> None:
                         f"(torch.tensor({name}) makes one)")
 
 
+def _integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int = 0,
                    name=lambda argument: argument) -> None:
     """``generate``'s sampling arguments, each in its range, or a ValueError that says which is not
     (called ``name(argument)``: the CLI names its flags)."""
-    def integer(value) -> bool:  # a Python or NumPy integer, not a bool
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
     def real(value) -> bool:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
-    if not integer(max_new_tokens) or max_new_tokens < 0:
+    if not _integer(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"{name('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}")
     if not real(temperature) or not 0 <= temperature < math.inf:
         raise ValueError(f"{name('temperature')} must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not integer(top_k) or top_k < 1):
+    if top_k is not None and (not _integer(top_k) or top_k < 1):
         raise ValueError(f"{name('top_k')} must be an integer >= 1, got {top_k!r}")
     if top_p is not None and (not real(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
-    if not integer(seed) or not 0 <= seed < 2**63:
+    if not _integer(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"{name('seed')} must be an integer in [0, 2**63) (the sampling generator's seed), got "
                          f"{seed!r}")
 

@@ -40,6 +40,16 @@ def _encode(corpus: str) -> bytes:
     return corpus.encode("utf-8") + b" "
 
 
+def _encodes(corpus: str) -> bool:
+    """Whether ``_encode`` takes ``corpus`` (a lone surrogate, e.g. from JSON's "\\ud800", is not UTF-8); its
+    bytes are then cached for the examples."""
+    try:
+        _encode(corpus)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 CORPUS_PREFIX = "text:"  # corpus="text:<corpus>": a corpus by name, as data=text:<corpus> names one
 
 
@@ -96,15 +106,6 @@ def _whole_characters(filler: bytes) -> bytes:
     return bytes(text)
 
 
-def _is_text(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (a lone surrogate, e.g. from JSON's "\\ud800", cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @dataclass(frozen=True, kw_only=True)
 class _HaystackTask(Task):
     haystack: str = "repeat"  # "repeat": the repeated filler sentences; "text": `corpus` from a random offset
@@ -121,7 +122,7 @@ class _HaystackTask(Task):
                 raise ValueError(f"{task}: corpus={self.corpus!r} names no corpus; give {CORPUS_PREFIX}<corpus>, "
                                  f"e.g. {CORPUS_PREFIX}stdlib")
             _corpus_text(self.corpus)  # loaded (once per process) now: a missing corpus is an error here
-        elif self.haystack == "text" and not _is_text(self.corpus):
+        elif self.haystack == "text" and not _encodes(self.corpus):
             raise ValueError(f"{task}: corpus is not valid text (it cannot be written as UTF-8)")
         elif self.haystack == "text" and "\n" not in self.corpus and len(self.corpus) < 256 and (
                 self.corpus == "stdlib" or self.corpus.startswith("hf:") or os.path.exists(self.corpus)):
