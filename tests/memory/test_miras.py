@@ -396,6 +396,28 @@ def test_moneta_unit_q_norm_at_chunk_ends():
         torch.testing.assert_close(product, torch.ones_like(product), rtol=1e-12, atol=0)
 
 
+def test_monetas_decay_gate_is_a_rescaled_lr_at_chunk_ends():
+    """With power 1 the unit q-norm forgets the scale α sets: (θ, α) and (θ/β, 0) reach the same chunk-end
+    states (β = Π(1 − α) since the chunk start), as rules.py says; with power 2 the scale is read and they part."""
+    q, k, v, gates, state = make_inputs(MONETA, batch=1, tokens=12, heads=2, dim=4)
+    size = 4
+    beta = torch.cat([torch.cumprod(1 - part, dim=1) for part in gates.decay.split(size, dim=1)], dim=1)
+    rescaled = Gates(lr=gates.lr / beta, decay=torch.zeros_like(gates.decay))
+    for rule, same in ((MONETA, True), (MemoryRule(MLP, MONETA.bias, LqNormalize(q=4.0, power=2.0), GD()), False)):
+        y, final = recurrent(rule, q, k, v, gates, state, size)
+        y_lr, final_lr = recurrent(rule, q, k, v, rescaled, state, size)
+        ends = y[:, size - 1::size] - y_lr[:, size - 1::size]  # each chunk's last token reads its end state
+        if same:
+            assert ends.abs().max() < 1e-12
+            for w, w_lr in zip(final.weights, final_lr.weights):
+                torch.testing.assert_close(w, w_lr, rtol=0, atol=1e-12)
+            assert (y - y_lr).abs().max() > 1e-3  # the reads inside a chunk do see α
+        else:
+            assert ends.abs().max() > 1e-3
+        without_decay = recurrent(rule, q, k, v, Gates(lr=gates.lr, decay=rescaled.decay), state, size)[0]
+        assert (y - without_decay).abs().max() > 1e-2  # α alone does matter
+
+
 def test_rule_validation():
     with pytest.raises(ValueError, match="PreDecay needs LinearMemory"):
         MemoryRule(MLP, L2(), PreDecay(), GD())

@@ -8,7 +8,7 @@ the purely online rule, for a matrix memory with the L2 bias and GD (or implicit
 
 with a_t = 1 − α_t (1 without retention) and b_t = θ_t for the Titans order (Decay: the step at
 W_{t−1}, then the decay) or b_t = a_t θ_t for the Gated DeltaNet order (PreDecay: the decay, then
-the step at a_t W_{t−1}, so S_t = a_t (I − θ_t k kᵀ) S_{t−1} + θ_t v kᵀ). Longhorn's implicit GD is
+the step at a_t W_{t−1}, so S_t = a_t S_{t−1} (I − θ_t k kᵀ) + θ_t v kᵀ). Longhorn's implicit GD is
 θ_t → θ_t / (1 + θ_t ‖k_t‖²).
 
 In a block starting from W⁰, with Γ_t = Π_{j≤t} a_j, the state is W_t = Γ_t W⁰ + Σ_{i≤t} (Γ_t/Γ_i) u_i k_iᵀ

@@ -6,7 +6,8 @@ Each is a frozen dataclass with no parameters. The engine uses them only through
   ``output_grad(pred, target, **gates)`` = ∂ℓ/∂pred elementwise (the chunked path's closed form).
   ``gates`` are the per-token values of the gates the bias names in ``gates`` (Huber's threshold
   δ_t), each shaped to broadcast against ``pred`` (``[..., N, 1]``);
-- retention: ``log_retain(gates)`` = log(1 − α_t) per token, ``[B, T, H]``, or None when nothing
+- retention: ``log_retain(gates)`` = log(1 − α_t) per token, ``[B, T, H]`` (``[B, T, H, F]`` for
+  channel-wise gates), or None when nothing
   is forgotten. A non-linear retention (MIRAS §5.2) has ``projects = True`` and
   ``chunk_end(weights, start, keep)``: at the end of every complete chunk the state is projected
   (``start``: the chunk-start weights, ``keep``: Π(1 − α) over the chunk, ``[B, H]``), and the
@@ -205,7 +206,8 @@ class PreDecay(Decay):
     """Gated DeltaNet's order (MIRAS Eq. 9): decay first, then the gradient step at the decayed weights.
 
     Online: W_t = a_t W_{t−1} − θ_t ∇ℓ(a_t W_{t−1}), a_t = 1 − α_t; for the L2 bias that is
-    S_t = a_t (I − θ_t k kᵀ) S_{t−1} + θ_t v kᵀ (Yang et al. 2025). Within a chunk the gradient is
+    S_t = a_t S_{t−1} (I − θ_t k kᵀ) + θ_t v kᵀ for the [dv, dk] state (Yang et al. 2025; MIRAS Table 1
+    prints the product on the other side). Within a chunk the gradient is
     taken at β_t W⁰ (the chunk-start weights retained up to t). Linear memory only: the gradient
     at scaled weights is then the gradient at W⁰ with the prediction scaled by β_t.
     """
@@ -237,7 +239,12 @@ class LqNormalize(Decay):
     flips between s and 1/s at every chunk end, and with the writes in between it wanders over
     orders of magnitude (measured at chunk_size=1: q-norms from 0.01 to 24 within 37 tokens, and
     rounding differences grew from 1e-15 to 1e-7). ``power=q - 2`` gives the printed exponent (with
-    the normalised state above).
+    the normalised state above). (MIRAS §5.2's derivation, valid for 1 < q <= 2, has the conjugate exponent
+    q/(q − 1) in place of q − 2; ``power`` takes either.) A unit norm forgets the scale the decay gate set:
+    at chunk ends (θ_t, α_t) gives the same state as (θ_t / β_t, 0), β_t = Π(1 − α) since the chunk start,
+    so with ``power=1`` α acts as a rescaling of the learning rates (the old state's share shrinks as the
+    writes' grows, all that forgetting can do to a memory whose scale is normalised away); with
+    ``power != 1`` the scale is read, and α is a retention of its own.
 
     ``carry="A"`` is Eq. 24 itself: the state is the unnormalised A, A_t = (1 − α_t) A_{t−1} − θ_t g_t
     with g_t taken at W⁰ = A⁰ / ‖A⁰‖_q^power (A⁰ the chunk-start state), and the chunk's last token reads
@@ -321,7 +328,8 @@ class KLSoftmax(Decay):
 class ElasticNet(Decay):
     """Hard plus soft forgetting (MIRAS §5.2, elastic net): the decay gate α_t shrinks every weight
     (hard, ℓ2), and at chunk ends the smooth soft-threshold S_γ(w) = w · (2/π) arctan(|w|/γ) pulls
-    small weights to zero (soft, ℓ1). ``gamma`` is the threshold."""
+    small weights to zero (soft, ℓ1). ``gamma`` is the threshold: a constant, not §5.2's γ made of the
+    gates, applied once per chunk (so per token it forgets by an amount that depends on the chunk size)."""
 
     gamma: float = 1e-3
     kind: ClassVar[str] = "elastic"

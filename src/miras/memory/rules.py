@@ -116,16 +116,24 @@ DELTANET = MemoryRule(LinearMemory(), L2(), NoRetention(), GD())
 LINEAR_ATTENTION = MemoryRule(LinearMemory(), DotProduct(), NoRetention(), GD())
 # Mamba2-style / gated linear attention: M_t = (1 − α_t) M_{t−1} + θ_t v_t k_tᵀ.
 MAMBA2 = MemoryRule(LinearMemory(), DotProduct(), Decay(), GD())
-# TTT-Linear and TTT-MLP (Sun et al. 2024): mini-batch GD, no forgetting, no momentum.
+# TTT-Linear and TTT-MLP (Sun et al. 2024): mini-batch GD, no forgetting, no momentum. TTT-Linear is MIRAS
+# Table 1's reading, a plain matrix memory: the same value as DELTANET (the models differ: ttt-linear runs the
+# chunked mini-batch path at chunk 16, deltanet the exact online one). Sun et al.'s f(x) = x + LN(W x)
+# (LayerNorm and residual around the matrix) is not on the axes: MLPMemory has depth >= 2.
 TTT_LINEAR = MemoryRule(LinearMemory(), L2(), NoRetention(), GD())
 TTT_MLP = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), NoRetention(), GD())
-# Gated DeltaNet: S_t = a_t (I − θ_t k kᵀ) S_{t−1} + θ_t v kᵀ (decay before the delta step).
+# Gated DeltaNet: S_t = a_t S_{t−1} (I − θ_t k kᵀ) + θ_t v kᵀ for the [dv, dk] state read as S k (decay before
+# the delta step; MIRAS Table 1 prints the product on the other side, defined only for dv = dk).
 GATED_DELTANET = MemoryRule(LinearMemory(), L2(), PreDecay(), GD())
 # Longhorn: the delta rule solved implicitly, θ'_t = θ_t / (1 + θ_t ‖k_t‖²).
 LONGHORN = MemoryRule(LinearMemory(), L2(), NoRetention(), ImplicitGD())
 # RetNet: M_t = γ M_{t−1} + v kᵀ; the Mamba2 rule with a fixed per-head decay (the layer's gating).
 RETNET = MemoryRule(LinearMemory(), DotProduct(), Decay(), GD())
-# MIRAS §5.3: 2-layer MLP memory (expansion 4), plain GD, retention decoupled from the lr.
+# MIRAS §5.3: 2-layer MLP memory (expansion 4), plain GD, retention decoupled from the lr. MONETA's
+# LqNormalize (power 1) rescales every matrix to unit q-norm at each chunk end, and that forgets the scale
+# the decay gate set: at chunk ends (θ_t, α_t) gives the same state as (θ_t / β_t, 0), β_t = Π(1 − α) since
+# the chunk start, so its α acts as a rescaling of θ (and moves the reads inside a chunk). With power != 1
+# (Eq. 24 prints q − 2) the scale is read and α is a retention of its own (objectives.py).
 MONETA = MemoryRule(MLPMemory(depth=2, expansion=4), Lp(p=3.0), LqNormalize(q=4.0), GD())
 YAAD = MemoryRule(MLPMemory(depth=2, expansion=4), Huber(per="token"), Decay(), GD())
 MEMORA = MemoryRule(MLPMemory(depth=2, expansion=4), L2(), KLSoftmax(), GD())

@@ -61,7 +61,7 @@ class ModelConfig:
     heads: int = 2
     mlp_ratio: float = 8 / 3  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 8
     chunk_size: int = 16  # memory update granularity (Titans §3.2); 1 = the online rule
-    window: int = 64  # sliding-window attention span (swa-transformer, MAG, MAL)
+    window: int = 64  # sliding-window attention span (swa-transformer, MAG, MAL, the -h hybrids)
     persistent: int = 0  # N_p learned persistent tokens per layer (Titans Eq. 19)
     segment: int = 64  # MAC segment length (attention span of one segment)
     tie_embeddings: bool = True

@@ -5,7 +5,10 @@
   visible to every query (``sinks`` = N_p). The papers say only "normalise both with learnable
   vector weights, then a non-linearity" (PAPERS.md §4.6): we read it as RMSNorm with learnable
   gains and a sigmoid gate.
-- MAL (memory as a layer, Eq. 29–31): o = SWA(LMM(x̃)), a plain sliding window (no sinks).
+- MAL (memory as a layer, Eq. 29–31): o = SWA(LMM(x̃)), a plain sliding window (no sinks). One mixer
+  under one pre-norm residual and one MLP, as DESIGN pins it, not two Samba-style blocks (each its own
+  norm, residual and MLP; the papers say only that MAL "follows Samba"). The ``-h`` MIRAS hybrids are
+  the Samba-style form: memory and attention blocks alternate.
 Both stream exactly: the state is the pair of the two layers' states.
 """
 

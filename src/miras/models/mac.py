@@ -12,6 +12,18 @@ Positions for RoPE follow the layout [P | h | S]: P at 0..N_p−1, h_j at N_p + 
 N_p + segment + j, so distances do not depend on how much of the segment a call holds. Streaming
 is exact: the state carries the memory, its snapshot from the segment start, and the segment's
 keys and values so far. Memory used: the segment's KV (bounded by the segment), never the context.
+
+Choices where the papers are silent or differ:
+- One retrieved token per segment token (N_l = segment, as Eq. 21 reads), so a segment attends over
+  N_p + 2·segment positions (1,152 at the paper sizes). The NeurIPS version's App. E gives 256 memory
+  tokens per 512-token segment without saying how 512 reads become 256; the causal mask above needs
+  one h_j per token.
+- The retrieval query is q = L2norm(W_Q x) per head, Eq. 21's projection alone: no causal conv and no
+  SiLU, which the memory layer puts on its own keys and queries. h is projected back to the model
+  width (``retrieve_out``) before the attention's k, v projection.
+- P and h enter the attention as they are: the block's RMSNorm normalises the segment input, not them
+  (MAG and MAL prepend P before that norm). P starts at 0.02·N(0, 1), small next to the normalised
+  segment tokens; it is learned.
 """
 
 from __future__ import annotations
