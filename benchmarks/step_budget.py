@@ -9,7 +9,10 @@ other run prints its table and writes only where ``--out`` says.
 One forward + backward on [1, T] per case, float32, `small` presets, the Titans models with
 ``impl=compiled`` and no ``recompute`` (their fastest setting on this CPU, not their leanest). Cases:
 
-- ``transformer``: the SDPA Transformer (the issue's yardstick);
+- ``transformer``: the SDPA Transformer preset (``transformer-small``, 3.2M parameters);
+- ``transformer, MAC's size``: the same with as many layers as bring it nearest MAC's parameter count
+  (7 layers, 5.60M against titans-mac-small's 5.63M): the issue's yardstick is "a same-size SDPA
+  Transformer", and the presets differ in size (a MAC block holds an attention, a memory layer and an MLP);
 - ``titans-mac`` / ``titans-lmm``: the models as they are;
 - ``... null engine``: the same model with the memory's chunk loop (``chunked``: every chunk's write
   and read) replaced by an elementwise stand-in of the same inputs and output shape, so the time
@@ -19,8 +22,9 @@ One forward + backward on [1, T] per case, float32, `small` presets, the Titans 
 The models are built once and timed in alternation (one step of each case per round, ``--rounds``
 rounds after a warm-up round), so machine noise hits every case alike; the median is reported.
 The null-engine model is not a model anyone should train: it only bounds what a faster engine can
-give. If ``MAC, null engine`` is already slower than an aim (a multiple of the Transformer's step),
-no engine work alone reaches it. At 16K MAC alone needs about 12.5 GB (no ``recompute``).
+give. If ``MAC, null engine`` is already slower than an aim (a multiple of a Transformer's step),
+no engine work alone reaches it. The aims are worked out against both Transformers. At 16K MAC
+alone needs about 12.5 GB (no ``recompute``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import miras.layers.memory_layer as memory_layer
@@ -65,11 +70,23 @@ def step(model, ids: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
+SAME_SIZE = "transformer, MAC's size"
+
+
+def same_size(preset: str, target: int) -> nn.Module:
+    """``preset`` (a Transformer) with the layer count that brings its parameter count nearest ``target``."""
+    models = [create(preset, layers=1)]
+    while models[-1].num_parameters() < target:  # one more layer until it holds at least ``target``
+        models = [models[-1], create(preset, layers=models[-1].config.layers + 1)]
+    return min(models, key=lambda model: abs(model.num_parameters() - target))
+
+
 def measure(length: int, rounds: int) -> list[dict]:
     torch.manual_seed(0)
-    cases = [("transformer", create("transformer-small"), False)]
-    for family in ("titans-mac", "titans-lmm"):
-        model = create(f"{family}-small", impl="compiled")
+    titans = {family: create(f"{family}-small", impl="compiled") for family in ("titans-mac", "titans-lmm")}
+    cases = [("transformer", create("transformer-small"), False),
+             (SAME_SIZE, same_size("transformer-small", titans["titans-mac"].num_parameters()), False)]
+    for family, model in titans.items():
         cases += [(family, model, False), (f"{family}, null engine", model, True)]
     ids = torch.randint(0, 256, (1, length))
     times = {name: [] for name, _, _ in cases}
@@ -81,37 +98,41 @@ def measure(length: int, rounds: int) -> list[dict]:
                 elapsed = time.perf_counter() - start
             if round_:  # round 0 warms up (and compiles)
                 times[name].append(elapsed)
-    reference = statistics.median(times["transformer"])
+    reference, same = statistics.median(times["transformer"]), statistics.median(times[SAME_SIZE])
     rows = []
-    for name, _, _ in cases:
+    for name, model, _ in cases:
         median = statistics.median(times[name])
         rows.append({"case": name, "T": length, "ms": 1000 * median, "tokens_per_s": length / median,
-                     "vs_transformer": median / reference, "all_ms": [1000 * t for t in times[name]]})
+                     "vs_transformer": median / reference, "vs_same_size": median / same,
+                     "layers": model.config.layers, "params": model.num_parameters(),
+                     "all_ms": [1000 * t for t in times[name]]})
     return rows
 
 
 def table(rows: list[dict], aims: list[float]) -> str:
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, forward + backward, "
              "median over rounds (each round times every case once)", "",
-             "| case | T | ms per step | tokens/s | x transformer |", "|---|---|---|---|---|"]
+             "| case | layers | parameters | T | ms per step | tokens/s | x transformer | x transformer, MAC's size |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['case']} | {row['T']} | {row['ms']:,.0f} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['vs_transformer']:.2f} |")
+        lines.append(f"| {row['case']} | {row['layers']} | {row['params']:,} | {row['T']} | {row['ms']:,.0f} | "
+                     f"{row['tokens_per_s']:,.0f} | {row['vs_transformer']:.2f} | {row['vs_same_size']:.2f} |")
     lines.append("")
     for length in sorted({row["T"] for row in rows}):
         by = {row["case"]: row for row in rows if row["T"] == length}
-        mac, null, reference = by["titans-mac"], by["titans-mac, null engine"], by["transformer"]["ms"]
+        mac, null = by["titans-mac"], by["titans-mac, null engine"]
         engine_ms = mac["ms"] - null["ms"]
         needs = []
-        for aim in aims:
-            budget = aim * reference - null["ms"]
-            if budget <= 0:
-                need = "even a free engine is too slow"
-            elif budget >= engine_ms:
-                need = f"met (the engine may take up to {budget:,.0f} ms)"
-            else:
-                need = f"the engine must run in {budget:,.0f} ms ({engine_ms / budget:.1f}x faster)"
-            needs.append(f"for MAC <= {aim} x the Transformer ({aim * reference:,.0f} ms) {need}")
+        for reference in ("transformer", SAME_SIZE):
+            for aim in aims:
+                budget = aim * by[reference]["ms"] - null["ms"]
+                if budget <= 0:
+                    need = "even a free engine is too slow"
+                elif budget >= engine_ms:
+                    need = f"met (the engine may take up to {budget:,.0f} ms)"
+                else:
+                    need = f"the engine must run in {budget:,.0f} ms ({engine_ms / budget:.1f}x faster)"
+                needs.append(f"for MAC <= {aim} x the {reference} ({aim * by[reference]['ms']:,.0f} ms) {need}")
         lines.append(f"- T = {length}: MAC's engine takes {engine_ms:,.0f} of its {mac['ms']:,.0f} ms, the rest "
                      f"{null['ms']:,.0f}; " + "; ".join(needs) + ".")
     return "\n".join(lines) + "\n"
