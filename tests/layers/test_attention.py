@@ -19,12 +19,25 @@ def inputs(tokens=23, batch=2, seed=1):
     return torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def rotate_by_hand(x, positions, base=10000.0):
+    """RoPE written out pair by pair: channel i and i + D/2 turn by the angle p · base^(−i/(D/2))."""
+    half = x.shape[-1] // 2
+    out = x.clone()
+    for t, p in enumerate(positions.tolist()):
+        for i in range(half):
+            angle = p * base ** (-i / half)
+            a, b = x[..., t, i], x[..., t, i + half]
+            out[..., t, i] = a * math.cos(angle) - b * math.sin(angle)
+            out[..., t, i + half] = a * math.sin(angle) + b * math.cos(angle)
+    return out
+
+
 def naive(layer: Attention, x):
     """Softmax attention written out: scores, the visibility rule stated directly, softmax, sum."""
     b, t, d = x.shape
     q, k, v = layer.qkv(x).view(b, t, 3, layer.heads, layer.head_dim).permute(2, 0, 3, 1, 4)
     pos = torch.arange(t)
-    q, k = rotary(q, pos), rotary(k, pos)
+    q, k = rotate_by_hand(q, pos), rotate_by_hand(k, pos)
     scores = q @ k.transpose(-1, -2) / math.sqrt(layer.head_dim)
     for i in range(t):
         for j in range(t):
@@ -96,6 +109,22 @@ def test_rotary_depends_on_relative_position_only():
     dots = [(rotary(q, torch.tensor([m + 3])) * rotary(k, torch.tensor([m]))).sum() for m in (0, 5, 100)]
     torch.testing.assert_close(dots[0], dots[1])
     torch.testing.assert_close(dots[0], dots[2])
+    farther = (rotary(q, torch.tensor([4])) * rotary(k, torch.tensor([0]))).sum()
+    assert (farther - dots[0]).abs() > 1e-3  # and it does depend on it: a rotation by nothing passes the above
+
+
+def test_rotary_turns_each_channel_pair_by_its_frequency():
+    x = torch.randn(2, 3, 4, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    positions = torch.tensor([0, 1, 7, 300])
+    torch.testing.assert_close(rotary(x, positions), rotate_by_hand(x, positions), rtol=1e-12, atol=1e-12)
+    # unit vector e_i at position p: (cos, sin) of p · 10000^(−i/5) in channels (i, i + 5)
+    e = torch.zeros(1, 1, 1, 10, dtype=torch.float64)
+    e[..., 2] = 1
+    turned = rotary(e, torch.tensor([3]))[0, 0, 0]
+    torch.testing.assert_close(turned[[2, 7]], torch.tensor([math.cos(3 * 10000 ** -0.4), math.sin(3 * 10000 ** -0.4)],
+                                                            dtype=torch.float64))
+    odd = torch.randn(1, 1, 2, 7, dtype=torch.float64)  # an odd width: the last channel is left as it is
+    torch.testing.assert_close(rotary(odd, torch.tensor([2, 9]))[..., 6], odd[..., 6])
 
 
 def test_bad_arguments():

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,19 @@ def _tensors(value):
     return [value] if isinstance(value, torch.Tensor) else []
 
 
+def test_sampling_draws_at_the_temperatures_distribution():
+    """Logits (0, −1) at temperature T: token 0 with probability sigmoid(1/T) (20,000 draws: a standard
+    error of ~0.003); a temperature just above float32's smallest normal is still greedy and finite."""
+    from miras.models.lm import sample
+
+    logits = torch.tensor([[0.0, -1.0]]).expand(20000, -1)
+    for temperature in (0.5, 1.0, 2.0):
+        draws = sample(logits, temperature, None, None, torch.Generator().manual_seed(0))
+        share = (draws == 0).double().mean().item()
+        assert abs(share - 1 / (1 + math.exp(-1 / temperature))) < 0.015, (temperature, share)
+    assert (sample(logits[:50], 1e-30, None, None, torch.Generator().manual_seed(0)) == 0).all()
+
+
 def test_sampling_edge_cases():
     from miras.models.lm import sample
 
@@ -517,13 +531,15 @@ def test_mixers_check_their_inputs():
 
 @pytest.mark.parametrize("family", ["deltanet", "gated-deltanet", "longhorn"])
 def test_delta_rule_models_run_in_bfloat16(family):
-    """No half-precision triangular solve exists in torch: the blockwise delta rule solves in float32."""
+    """A delta-rule model cast to bfloat16 runs (its memory engine in float32: ``MemoryLayer``'s engine dtype) and
+    its logits stay within bf16 rounding of float32's (measured 0.02-0.03 on logits of RMS 0.16). The engine's own
+    bf16 path: ``test_delta_in_bfloat16_solves_in_float32_and_stays_near_the_online_rule``."""
     torch.manual_seed(0)
     model, tokens = create(f"{family}-tiny"), ids(40)
     reference = model(tokens)[0]
     logits = model.to(torch.bfloat16)(tokens)[0]
     assert logits.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.1)
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.06)
 
 
 def test_generate_needs_a_prompt():
