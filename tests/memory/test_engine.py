@@ -103,10 +103,13 @@ def test_gated_linear_attention_by_hand(impl, chunk_size):
     torch.testing.assert_close(final.weights[0], W, rtol=0, atol=1e-12)
 
 
-def test_titans_chunk_one_by_hand():
-    """TITANS at chunk 1 with the MLP written out: momentum then decay, gradient at W_{t−1}."""
-    q, k, v, gates, state = make_inputs(TITANS, batch=1, tokens=6, heads=2, dim=3)
-    y, final = chunked(TITANS, q, k, v, gates, state, 1)
+@pytest.mark.parametrize("chunk_size", [1, 3])
+@pytest.mark.parametrize("impl", [recurrent, chunked])
+def test_titans_by_hand(impl, chunk_size):
+    """TITANS with the MLP written out (DESIGN's pinned update): every token's gradient at the chunk-start
+    weights (W_{t−1} at chunk 1), then momentum, then decay, then the read; 7 tokens: a partial last chunk."""
+    q, k, v, gates, state = make_inputs(TITANS, batch=1, tokens=7, heads=2, dim=3)
+    y, final = impl(TITANS, q, k, v, gates, state, chunk_size)
     W = [w.clone() for w in state.weights]
     S = [s.clone() for s in state.momentum]
 
@@ -114,8 +117,10 @@ def test_titans_chunk_one_by_hand():
         h = F.gelu(torch.einsum("bhoi,bhi->bho", W[0], x))
         return x + F.layer_norm(torch.einsum("bhoi,bhi->bho", W[1], h), (x.shape[-1],), eps=1e-5)
 
-    for t in range(6):
-        W0 = [w.clone().requires_grad_() for w in W]
+    for t in range(7):
+        if t % chunk_size == 0:
+            start = [w.clone() for w in W]  # the chunk-start weights every gradient of the chunk is taken at
+        W0 = [w.clone().requires_grad_() for w in start]
         loss = 0.5 * ((mlp(W0, k[:, t]) - v[:, t]) ** 2).sum()
         grads = torch.autograd.grad(loss, W0)
         eta, theta, alpha = (g[:, t, :, None, None] for g in (gates.momentum, gates.lr, gates.decay))
