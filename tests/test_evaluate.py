@@ -296,7 +296,8 @@ def test_a_sweep_evaluates_each_task_with_the_parameter_once_per_value(tmp_path,
     assert list(result) == ["mqar@pairs=1", "mqar@pairs=4", "passkey"]
     assert [result[name].pairs for name in ("mqar@pairs=1", "mqar@pairs=4")] == [1, 4]
     assert result["passkey"] is tasks["passkey"]
-    with pytest.raises(ValueError, match=r"^mqar@pairs=1: MQAR: queries must be an int in \[1, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"^mqar@pairs=1: MQAR: queries must be an int in \[1, 1\], got 2 "
+                                         r"\(the task.s other parameters are set with --task-params\)"):
         swept({"mqar": MQAR(context_length=128, pairs=2, queries=2)}, "pairs", [1])
     with pytest.raises(ValueError, match=r"none of the tasks \['mqar'\] has a parameter 'needles'; tasks that do: "
                                          r"multikey_needle"):
@@ -394,6 +395,11 @@ def test_tasks_are_refused_for_a_run_that_reads_other_ids_than_bytes(tmp_path, m
     own = json.loads((tmp_path / "own" / "results.json").read_text())["perplexity"]["results"]["run"]
     assert {key: own[key] for key in ("loss", "tokens")} == {key: results["perplexity"]["results"]["run"][key]
                                                              for key in ("loss", "tokens")}
+    # the corpus as train's data= names it: with the text: prefix (refused as a missing file before)
+    args = parser.parse_args([str(tmp_path / "run"), "--perplexity", f"text:{corpus}", "--out", str(tmp_path / "pre")])
+    assert run_eval(args) == 0
+    prefixed = json.loads((tmp_path / "pre" / "results.json").read_text())["perplexity"]["results"]["run"]
+    assert prefixed["loss"] == results["perplexity"]["results"]["run"]["loss"]
 
 
 def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
@@ -437,6 +443,8 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
                            (["--device", "nowhere"], "unknown device 'nowhere'"),
                            (["--perplexity", str(tmp_path / "missing.txt")], "missing.txt': no such file or folder"),
                            (["--perplexity", "stdlib", "--perplexity-tokens", "1"], "--perplexity-tokens must be >= 2"),
+                           # a byte run measures a perplexity only with --perplexity (the count was dropped unsaid)
+                           (["--perplexity-tokens", "4096"], "--perplexity-tokens: this run measures no perplexity"),
                            (["--out", str(tmp_path / "a-file")], "a-file is a file, not a folder"),
                            (["--out", str(tmp_path / "a-file" / "out")], "cannot write there (Not a directory)")]:
         args = parser.parse_args([str(tmp_path / "run"), "--examples", "1", *flags])

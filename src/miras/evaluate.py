@@ -69,6 +69,7 @@ from .train_config import first_line
 
 RESULTS_FORMAT = "miras.eval/1"
 WILSON_Z = 1.959963984540054  # the 97.5% quantile of the standard normal: a two-sided 95% interval
+PERPLEXITY_TOKENS = 2**18  # tokens scored for a perplexity unless --perplexity-tokens says
 
 
 # ------------------------------------------------------------------------------------------- streaming
@@ -476,7 +477,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--sweep", type=_sweep, default=None, metavar="FIELD=V1,V2,...",
                         help="evaluate each task that has the parameter FIELD once per value, as "
                              "<task>@FIELD=<value>, e.g. pairs=1,4,16,64 with --tasks mqar (recall against the "
-                             "number of facts)")
+                             "number of facts; MQAR asks 8 queries unless --task-params '{\"queries\": 1}')")
     parser.add_argument("--examples", type=int, default=100, help="examples per task and length (default 100)")
     parser.add_argument("--segment", type=int, default=None,
                         help="tokens per forward call while streaming (default: the training length)")
@@ -485,9 +486,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated examples (default 0)")
     parser.add_argument("--perplexity", metavar="CORPUS", default=None,
                         help="also the perplexity on CORPUS's validation split "
-                             "(stdlib, a file, folder, glob or hf:<name>)")
-    parser.add_argument("--perplexity-tokens", type=int, default=2**18,
-                        help="tokens scored for the perplexity (default 262144)")
+                             "(stdlib, a file, folder, glob or hf:<name>; as train's data=text:CORPUS names it, "
+                             "with or without the text: prefix)")
+    parser.add_argument("--perplexity-tokens", type=int, default=None,
+                        help=f"tokens scored for the perplexity (default {PERPLEXITY_TOKENS}; where one is measured: "
+                             "--perplexity, or a run of BPE or HF ids)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--out", default=None,
                         help="folder for results.json, results.md and the plots (default: run_dir)")
@@ -553,7 +556,8 @@ def swept(tasks: dict[str, Task], field: str, values: Sequence) -> dict[str, Tas
             try:
                 result[label] = dataclasses.replace(task, **{field: value})
             except (TypeError, ValueError) as error:  # the value, or what it does to the task's other parameters
-                raise ValueError(f"{label}: {error}") from None
+                raise ValueError(f"{label}: {error} (the task's other parameters are set with --task-params)") \
+                    from None
     return result
 
 
@@ -623,7 +627,7 @@ def run_eval(args: argparse.Namespace) -> int:
         for name in ("examples", "batch_size", "segment"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.perplexity_tokens < 2:  # (a run of BPE or HF ids measures a perplexity without --perplexity)
+        if args.perplexity_tokens is not None and args.perplexity_tokens < 2:
             raise ValueError(f"--perplexity-tokens must be >= 2, got {args.perplexity_tokens}")
         if args.out is not None:
             check_out_folder(out)
@@ -661,11 +665,14 @@ def run_eval(args: argparse.Namespace) -> int:
                     raise ValueError("--sweep depth=... and --depths: give one of them")
                 tasks = swept(tasks, field, values)
             tasks = _fitting(tasks, max(lengths))
+        if args.perplexity_tokens is not None and not args.perplexity:
+            raise ValueError("--perplexity-tokens: this run measures no perplexity (it reads bytes, and the "
+                             "perplexity of a byte run is asked for with --perplexity CORPUS)")
         if args.perplexity:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer
 
-            corpus = load_corpus(args.perplexity)
+            corpus = load_corpus(args.perplexity.removeprefix("text:"))
             if note := corpus.skipped_note():
                 print(f"miras eval: {note}", file=sys.stderr)
             text = cached_tokens(corpus, tokenizer or ByteTokenizer(), "validation")
@@ -685,8 +692,8 @@ def run_eval(args: argparse.Namespace) -> int:
         results = evaluate({name: model}, tasks, lengths, examples=args.examples, seed=args.seed,
                            segment=args.segment or train_length, batch_size=args.batch_size or 8,
                            train_length=train_length, text=text, seq_len=train_config.seq_len,
-                           max_tokens=args.perplexity_tokens, log=lambda message: print(message, file=sys.stderr),
-                           progress=keep)
+                           max_tokens=args.perplexity_tokens or PERPLEXITY_TOKENS,
+                           log=lambda message: print(message, file=sys.stderr), progress=keep)
     except (RuntimeError, MemoryError) as error:  # the allocator's refusal: one line (other errors stay loud)
         if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)):
             raise
