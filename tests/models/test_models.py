@@ -251,6 +251,40 @@ def test_state_to_casts_floating_tensors_only(family):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "gated-deltanet", "titans-mag"])
+def test_a_memory_takes_a_half_state_only_in_a_half_model(family):
+    """A bf16 model's state, cast to bf16 (``state.to(model dtype)``), continues it (its memory runs in float32);
+    a float32 model refuses a half state as it refuses a float64 one (it took it, 3e-3 off, and said nothing)."""
+    torch.manual_seed(0)
+    model, tokens = create(f"{family}-tiny"), ids(20)
+    _, state = model(tokens[:, :10])
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        with pytest.raises(TypeError, match=rf"the state's tensors must have .*dtype torch.float32, got .*{dtype}.* "
+                                            r"\(state.to\(torch.float32\) converts it\)"):
+            model(tokens[:, 10:], state.to(dtype))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    _, state = half(tokens[:, :10])
+    whole = half(tokens)[0][:, 10:]
+    torch.testing.assert_close(half(tokens[:, 10:], state.to(torch.bfloat16))[0], whole, rtol=0, atol=0.05)
+
+
+def test_a_state_from_inference_mode_trains_after_detach_and_prints_short():
+    """Autograd cannot keep inference tensors: a training call on such a state is one clear error (it was torch's
+    own), and state.detach() gives a copy it can use. repr(state) is a summary (it printed every tensor)."""
+    torch.manual_seed(0)
+    model, tokens = create("titans-mac-tiny"), ids(20)
+    with torch.inference_mode():
+        _, state = model(tokens[:, :10])
+    with pytest.raises(ValueError, match=r"state was made under torch.inference_mode\(\), .* state.detach\(\) gives"):
+        model(tokens[:, 10:], state)
+    logits, _ = model(tokens[:, 10:], state.detach())
+    logits.sum().backward()
+    assert not any(t.is_inference() for t in state.detach().tensors())
+    torch.testing.assert_close(logits, model(tokens)[0][:, 10:], rtol=0, atol=1e-5)
+    text = repr(state)
+    assert text == f"ModelState(titans-mac, seen=10, batch=2, 2 layers: MACState, {state.nbytes():,} bytes)"
+
+
 def _cast_floats(value):
     import dataclasses
 
@@ -814,10 +848,14 @@ def test_memory_depth_defaults_errors_and_older_states():
         create("titans-lmm-tiny", memory_depth=-1)
     with pytest.raises(ValueError, match="gated-deltanet does not use memory_depth"):
         create("gated-deltanet-tiny", memory_depth=2)  # a matrix memory already
-    with pytest.raises(ValueError, match="titans-lmm does not use memory_expansion"):
+    # (it named no reason, and titans-lmm does read memory_expansion at any other depth)
+    with pytest.raises(ValueError, match=r"titans-lmm does not use memory_expansion \(memory_expansion: "
+                                         "memory_depth=1 is a matrix memory, which has no hidden width; its model"):
         create("titans-lmm-tiny", memory_depth=1, memory_expansion=2)
-    with pytest.raises(ValueError, match="transformer does not use memory_depth"):
+    with pytest.raises(ValueError, match=r"transformer does not use memory_depth \(memory_depth: it has no memory;"):
         create("transformer-tiny", memory_depth=2)
+    with pytest.raises(ValueError, match=r"chunk_size: without a memory, chunk_size only sizes recompute's groups"):
+        create("transformer-tiny", chunk_size=4)
     # the family's own depth and width, named, are the same model: its states are interchangeable
     _, state = create("titans-lmm-tiny")(ids(5))
     create("titans-lmm-tiny", memory_depth=2, memory_expansion=4)(ids(3), state)

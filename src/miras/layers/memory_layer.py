@@ -268,8 +268,10 @@ class MemoryLayer(nn.Module):
     def _call(self, x: Tensor, state: MemoryLayerState, *, fused: bool | None):
         q, k, v, gates, conv_tail = self._engine_inputs(x, state.conv)
         memory = state.memory
-        if memory.weights[0].dtype in (torch.float16, torch.bfloat16) and self.engine_dtype == torch.float32:
-            memory = memory.to(torch.float32)  # a half state (``state.to(model dtype)``): the engine keeps float32
+        if memory.weights[0].dtype == self.initial_weights[0].dtype != self.engine_dtype:
+            # a half layer's state (``state.to(model dtype)``): its engine keeps float32. (A float32 layer is
+            # given no half state: that would lose precision unsaid; the engine's dtype check refuses it.)
+            memory = memory.to(self.engine_dtype)
         try:
             y, memory = self._engine(q, k, v, gates, memory, fused=fused)
         except GateRangeError as error:  # NaN gates: say where they come from (checked only on this error path)

@@ -266,32 +266,33 @@ def check_overrides(values: dict, *, require_family: bool = False) -> dict:
     return values
 
 
-def unused_fields(config: ModelConfig) -> set[str]:
-    """The fields ``config``'s model does not read: a window without sliding-window attention, a segment
-    outside MAC, the memory's settings without a memory, block_size off the delta path, a gate's start
-    value for a gate the rule does not have (or fixed gates)."""
-    unused = set()
+def unused_fields(config: ModelConfig) -> dict[str, str]:
+    """The fields ``config``'s model does not read, each with why: a window without sliding-window attention,
+    a segment outside MAC, the memory's settings without a memory, block_size off the delta path, a gate's
+    start value for a gate the rule does not have (or fixed gates)."""
+    unused = {}
     if config.family not in WINDOW_FAMILIES:
-        unused.add("window")
+        unused["window"] = "it has no sliding-window attention"
     if config.family != "titans-mac":
-        unused.add("segment")
+        unused["segment"] = "segments are MAC's"
     if config.rule is None:
-        unused.add("memory_axes")
+        unused["memory_axes"] = "it has no memory"
     if config.rule is None or config.axes_rule().architecture.kind != "mlp":
-        unused |= {"memory_depth", "memory_expansion"}
-    elif config.memory_depth == 1:  # a matrix memory has no hidden width
-        unused.add("memory_expansion")
+        unused.update(dict.fromkeys(("memory_depth", "memory_expansion"),
+                                    "it has no memory" if config.rule is None else "its memory is not an MLP"))
+    elif config.memory_depth == 1:
+        unused["memory_expansion"] = "memory_depth=1 is a matrix memory, which has no hidden width"
     if config.rule is None:
-        unused |= {"impl", "block_size", "decay_init", "lr_init"}
+        unused.update(dict.fromkeys(("impl", "block_size", "decay_init", "lr_init"), "it has no memory"))
         if not config.recompute:  # with recompute the MLPs run in groups of recompute_tokens
-            unused.add("chunk_size")
+            unused["chunk_size"] = "without a memory, chunk_size only sizes recompute's groups, and recompute is 0"
         return unused
     if config.impl != "delta":
-        unused.add("block_size")
+        unused["block_size"] = "block_size is the delta path's (impl='delta')"
     if config.family in FIXED_GATE_FAMILIES:
-        unused |= {"decay_init", "lr_init"}
+        unused.update(dict.fromkeys(("decay_init", "lr_init"), "its gates are fixed"))
     elif "decay" not in config.memory_rule().needed_gates():
-        unused.add("decay_init")
+        unused["decay_init"] = "its rule has no forgetting gate"
     return unused
 
 
@@ -327,10 +328,11 @@ def preset_config(name: str, **overrides) -> ModelConfig:
             and rule.algorithm.uses_momentum and config.lr_init > LINEAR_MOMENTUM_GATES["lr_init"]):
         config = dataclasses.replace(config, **LINEAR_MOMENTUM_GATES)
     preset = ModelConfig(**PRESETS[name])
-    ignored = sorted(key for key in overrides if key in unused_fields(config)
-                     and overrides[key] != getattr(preset, key))
+    unused = unused_fields(config)
+    ignored = sorted(key for key in overrides if key in unused and overrides[key] != getattr(preset, key))
     if ignored:
         them = "it" if len(ignored) == 1 else "them"
-        raise ValueError(f"{config.family} does not use {', '.join(ignored)} (its model would be the same without "
-                         f"{them}): leave {them} out")
+        why = "; ".join(f"{key}: {unused[key]}" for key in ignored)
+        raise ValueError(f"{config.family} does not use {', '.join(ignored)} ({why}; its model would be the same "
+                         f"without {them}): leave {them} out")
     return config

@@ -254,6 +254,9 @@ class LanguageModel(nn.Module):
                 raise ValueError(f"state of block {i} is a {type(layer).__name__}, but this {self.config.family} "
                                  f"model's block {i} carries a {expected.__name__}: the state comes from a "
                                  f"different model")
+        if torch.is_grad_enabled() and any(t.is_inference() for t in state.tensors()):
+            raise ValueError("state was made under torch.inference_mode(), and autograd cannot keep its tensors for "
+                             "backward: state.detach() gives a copy this call can use")
         if state.layers[0].batch != batch:
             raise ValueError(f"state is for a batch of {state.layers[0].batch} sequences, ids for {batch}: "
                              f"pass the state of a previous call on the same batch, or init_state({batch})")

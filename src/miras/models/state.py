@@ -38,8 +38,25 @@ class ModelState:
     model: str = ""
 
     def detach(self) -> ModelState:
-        """Cut from the autograd graph (truncated backpropagation through time)."""
-        return ModelState(tuple(s.detach() for s in self.layers), self.seen, self.model)
+        """Cut from the autograd graph (truncated backpropagation through time). A state made under
+        ``torch.inference_mode()`` comes out as ordinary tensors (copies, made outside that mode), which a
+        training call can use: autograd refuses to save inference tensors for backward."""
+
+        def ordinary(t: Tensor) -> Tensor:
+            return t.clone() if t.is_inference() and not torch.is_inference_mode_enabled() else t
+
+        return ModelState(tuple(map_tensors(s.detach(), ordinary) for s in self.layers), self.seen, self.model)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the state holds, in layer order."""
+        found = []
+
+        def keep(t: Tensor) -> Tensor:
+            found.append(t)
+            return t
+
+        map_tensors(self.layers, keep)
+        return found
 
     def to(self, *args, **kwargs) -> ModelState:
         """Every tensor moved as ``Tensor.to(*args, **kwargs)`` would (a device, a dtype): e.g. a float32
@@ -68,6 +85,17 @@ class ModelState:
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.layers)
+
+    def __repr__(self) -> str:
+        """A summary, not every tensor (the dataclass's own repr printed ~30 KB for a tiny model's state)."""
+        try:
+            family = ModelState.layout(self.model).get("family", "?") if self.model else "no layout"
+        except ValueError:
+            family = "?"
+        kinds = " / ".join(sorted({type(layer).__name__ for layer in self.layers})) or "none"
+        batch = self.layers[0].batch if self.layers else 0
+        return (f"ModelState({family}, seen={self.seen}, batch={batch}, {len(self.layers)} layers: {kinds}, "
+                f"{self.nbytes():,} bytes)")
 
     def save(self, path: str | os.PathLike) -> None:
         target = Path(path)
