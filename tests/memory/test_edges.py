@@ -272,3 +272,24 @@ def test_rule_fields_are_checked():
     with pytest.raises(TypeError, match="MLPMemory depth must be an integer, got '3'"):
         MemoryRule.from_dict({**TITANS.to_dict(), "architecture": {"kind": "mlp", "depth": "3"}})
     assert callable(delta)  # the exact online delta rule is exported as the function
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked", "delta"])
+def test_an_empty_call_returns_no_outputs_and_the_state_as_it_was(impl):
+    """A stream may be cut anywhere, an empty piece too, as the model and the layer take one (the engine
+    refused T = 0); mid-chunk, the state's chunk position is kept."""
+    rule = DELTANET if impl == "delta" else TITANS
+    run = {"recurrent": recurrent, "chunked": chunked,
+           "delta": lambda *a: delta(*a[:-1], block_size=4)}[impl]
+    chunk = 1 if impl == "delta" else 4
+    q, k, v, gates, state = make_inputs(rule, tokens=11)
+    whole, final = run(rule, q, k, v, gates, state, chunk)
+    first, mid = run(rule, q[:, :6], k[:, :6], v[:, :6], gates.slice(0, 6), state, chunk)
+    empty, same = run(rule, q[:, 6:6], k[:, 6:6], v[:, 6:6], gates.slice(6, 6), mid, chunk)
+    assert empty.shape == (2, 0, 3, 4) and same is mid
+    rest, end = run(rule, q[:, 6:], k[:, 6:], v[:, 6:], gates.slice(6, 11), same, chunk)
+    torch.testing.assert_close(torch.cat([first, empty, rest], 1), whole, rtol=0, atol=1e-12)
+    for a, b in zip(end.weights, final.weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    fresh, start = run(rule, q[:, :0], k[:, :0], v[:, :0], gates.slice(0, 0), None, chunk)
+    assert fresh.shape == (2, 0, 3, 4) and start.position == 0

@@ -96,6 +96,8 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     dv = v.shape[-1]
     if state is None:
         state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
+    if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
+        return v.new_zeros(v.shape), state
     gates = replace(gates, lr=rule.algorithm.effective_lr(gates.lr, k))
     if tokens == 1:  # decoding: the update written out for one token beats a padded chunk
         return _one_token(rule, q, k, v, gates, state, chunk_size)

@@ -63,6 +63,8 @@ def delta(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state
     batch, tokens, heads, dk = k.shape
     if state is None:
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+    if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
+        return v.new_zeros(v.shape), state
     with torch.autocast(q.device.type, enabled=False):
         lr = rule.algorithm.effective_lr(gates.lr, k)
         log_keep = rule.retention.log_retain(gates)

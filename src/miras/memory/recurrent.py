@@ -94,6 +94,8 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
     batch, tokens, heads, dk = k.shape
     if state is None:
         state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+    if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
+        return v.new_zeros(v.shape), state
     arch, momentum, retention = rule.architecture, rule.algorithm.uses_momentum, rule.retention
     log_retain = retention.log_retain(gates)
     keep_all = None if log_retain is None else torch.exp(log_retain)

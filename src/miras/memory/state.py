@@ -179,8 +179,6 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
             f"v must match k in [B, T, H] (batch, tokens, heads), got v {tuple(v.shape)} and k {tuple(k.shape)}")
     check_count("chunk_size", chunk_size)
     batch, tokens, heads = k.shape[:3]
-    if tokens < 1:
-        raise ValueError("the sequence must have at least one token (T >= 1)")
     if batch < 1 or heads < 1:
         raise ValueError(f"q, k, v need at least one sequence and one head, got B={batch}, H={heads}")
     rule.architecture.check_dims(k.shape[-1], v.shape[-1])
@@ -255,7 +253,7 @@ class GateRangeError(ValueError):
 def _check_gate_values(name: str, gate: Tensor) -> None:
     """Each gate in its range (Gates' docstring). Checked on the CPU only: elsewhere the check would
     wait for the device at every call (a MemoryLayer's gates are in range by construction)."""
-    if gate.device.type != "cpu" or torch.compiler.is_compiling() or name not in GATE_RANGES:
+    if gate.device.type != "cpu" or torch.compiler.is_compiling() or name not in GATE_RANGES or not gate.numel():
         return
     low, high, closed = GATE_RANGES[name]
     least, most = (float(x) for x in torch.aminmax(gate.detach()))  # NaN anywhere makes both NaN
