@@ -309,6 +309,10 @@ def test_gate_init_sets_the_starting_gates():
     gates = layer._gates(inputs(tokens=5, dtype=torch.float32), torch.float32)
     torch.testing.assert_close(gates.decay, torch.full_like(gates.decay, 0.001))
     torch.testing.assert_close(gates.lr, torch.full_like(gates.lr, 0.1))
+    # θ = max_lr · σ(·): the starting θ is the one asked for whatever max_lr is
+    capped = MemoryLayer(16, heads=2, max_lr=0.5, gate_init={"lr": 0.1})
+    lr = capped._gates(inputs(tokens=5, dtype=torch.float32), torch.float32).lr
+    torch.testing.assert_close(lr, torch.full_like(lr, 0.1))
     with pytest.raises(ValueError, match=r"gate_init\['decay'\] must be in \(0, 1\)"):
         MemoryLayer(16, heads=2, gate_init={"decay": 1.5})
     with pytest.raises(ValueError, match="gate_init keys must be among"):
