@@ -401,3 +401,22 @@ def test_progress_passes_over_a_torn_metrics_line(tmp_path, capsys):
     (job.run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 5.5, "elapsed": 0.5}\n{"step": 2, "loss": 5.4')
     _progress([job], {0}, 0.0)
     assert "step 1/3, loss 5.500" in capsys.readouterr().out
+
+
+def test_verdict_thresholds_are_inclusive_where_the_report_says():
+    """"Keeps recalling" at or above KEEPS (0.8), "fails" at or below FAILS (0.2), "did not learn" below LEARNED
+    (0.8) at the shortest length: 100 examples x 3 seeds can land exactly on each (a boundary moved by one
+    comparison flipped the published verdict with every test passing)."""
+    from miras.demo import FAILS, KEEPS, LEARNED, _verdict
+
+    def rows(first, last):
+        return [{"accuracy": first, "seed_accuracy": [first]}, {"accuracy": last, "seed_accuracy": [last]}]
+
+    assert (KEEPS, FAILS, LEARNED) == (0.8, 0.2, 0.8)
+    assert _verdict(rows(1.0, 0.8)) == "keeps recalling"
+    assert _verdict(rows(1.0, 0.79)) == "degrades"
+    assert _verdict(rows(1.0, 0.2)) == "fails"
+    assert _verdict(rows(1.0, 0.21)) == "degrades"
+    assert _verdict(rows(0.8, 1.0)) == "keeps recalling"
+    assert _verdict(rows(0.79, 1.0)) == "did not learn the task"
+    assert _verdict(rows(1.0, 0.2), seed=0) == "fails"

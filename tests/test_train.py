@@ -1102,3 +1102,30 @@ def test_resume_keeps_only_the_metrics_records_up_to_its_step(tmp_path):
     path.mkdir()
     with pytest.raises(ConfigError, match=r"metrics.jsonl: cannot read it \(Is a directory\); move it away"):
         _keep_metrics_until(path, 3)
+
+
+def test_validation_loss_is_the_mean_over_scored_tokens_of_eval_batches(tmp_path):
+    """val_loss = Σ cross-entropy over the scored (non-IGNORE) targets of the first eval_batches batches / their
+    count, by hand: dividing by every position, or reading one batch whatever eval_batches says, passed every
+    test (DDP and FSDP compare val_loss with a single process's, both through this function)."""
+    import torch.nn.functional as F
+
+    from miras.data.tasks import TaskBatches, make_task
+    from miras.train import evaluate
+
+    torch.manual_seed(0)
+    model = create("transformer-tiny")
+    batches = TaskBatches(make_task("mqar", context_length=33, pairs=2, queries=2), batch_size=3, seed=5)
+    config = tiny(tmp_path, eval_batches=2)
+    total, scored = 0.0, 0
+    for index in range(2):
+        inputs, targets = batches.batch(index)
+        assert 0 < int((targets != IGNORE).sum()) < targets.numel()  # some positions are not scored
+        with torch.no_grad():
+            logits = model(inputs)[0]
+        total += float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum"))
+        scored += int((targets != IGNORE).sum())
+    with torch.no_grad():
+        assert evaluate(model, batches, config) == pytest.approx(total / scored, rel=1e-6)
+        one = evaluate(model, batches, tiny(tmp_path, eval_batches=1))
+    assert one != pytest.approx(total / scored, rel=1e-6)

@@ -706,3 +706,29 @@ def test_windows_predict_every_token_once_in_order():
     exact = list(windows(np.arange(11), seq_len=5))
     assert len(exact) == 2 and torch.equal(exact[-1][1], torch.arange(6, 11)[None])
 
+
+
+def test_the_split_follows_names_and_the_cache_follows_contents(folder, tmp_path_factory):
+    """Editing files moves none of them across the split (it is by name), and an edit that keeps a file's
+    length still makes a new cache (the key hashes the contents: one keyed on lengths passed every test).
+    A corpus whose hashes all lie above the fraction sends its lowest-hashed document to validation."""
+    from miras.data.text import _hash_fraction
+
+    corpus = from_path(folder)
+    names = {split: [d.name for d in corpus.split(split)] for split in ("train", "validation")}
+    cache = tmp_path_factory.mktemp("cache")
+    before = np.asarray(cached_tokens(corpus, ByteTokenizer(), "train", cache_dir=cache)).copy()
+    for name in names["train"] + names["validation"]:  # every file: same length, other contents
+        text = (folder / name).read_text()
+        (folder / name).write_text(("W" if text[0] != "W" else "V") + text[1:])
+    again = from_path(folder)
+    assert {split: [d.name for d in again.split(split)] for split in ("train", "validation")} == names
+    after = np.asarray(cached_tokens(again, ByteTokenizer(), "train", cache_dir=cache))
+    assert len(after) == len(before) and not np.array_equal(after, before)
+    assert bytes(after.astype(np.uint8)) == b"".join(d.text.encode() + b"\n\n" for d in again.split("train"))
+    documents = tuple(Document(f"d{i}", "x") for i in range(3))
+    lowest = min(documents, key=lambda d: _hash_fraction(d.name)).name
+    fraction = min(_hash_fraction(d.name) for d in documents) / 2  # below every hash
+    small = Corpus("three", documents, fraction)
+    assert [d.name for d in small.split("validation")] == [lowest]
+    assert len(small.split("train")) == 2
