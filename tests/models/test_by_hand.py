@@ -141,3 +141,33 @@ def test_mag_and_mal_blocks_equal_their_definitions_by_hand():
         z = z + block.mlp(block.mlp_norm(z))
         torch.testing.assert_close(block(x, None, start=True)[0], z[persistent:][None], rtol=1e-10, atol=1e-10,
                                    msg=family)
+
+
+def test_the_transformer_is_the_llama_macro_by_hand():
+    """embedding → per block x + attention(RMSNorm(x)), x + SwiGLU(RMSNorm(x)) with SwiGLU(z) = W_down(SiLU(W_g z)
+    ⊙ W_u z) → RMSNorm → the head tied to the embedding: dropping any norm or the SiLU passed every other test."""
+    torch.manual_seed(0)
+    model = create("transformer-tiny").double()
+    with torch.no_grad():  # norm gains away from 1, so that dropping one shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 256, (1, 23))
+    dim = model.config.dim
+
+    def norm(module, z):
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * module.weight
+
+    x = model.embed.weight[ids[0]]
+    for block in model.blocks:
+        attention, z = block.mixer, norm(block.mixer_norm, x)
+        q, k, v = attention.qkv(z).view(z.shape[0], 3, attention.heads, attention.head_dim).permute(1, 2, 0, 3)
+        positions = torch.arange(z.shape[0])
+        q, k = rotate(q, positions), rotate(k, positions)
+        x = x + attention.out(torch.stack([attend(q[:, i], k, v, list(range(i + 1))) for i in range(z.shape[0])]))
+        z = norm(block.mlp_norm, x)
+        gate, up = (z @ block.mlp.gate_up.weight.T).split(block.mlp.down.weight.shape[1], dim=-1)
+        x = x + (F.silu(gate) * up) @ block.mlp.down.weight.T
+    logits = norm(model.norm, x) @ model.embed.weight.T
+    assert model.head.weight is model.embed.weight and logits.shape == (23, 256) and dim == x.shape[-1]
+    torch.testing.assert_close(model(ids)[0][0], logits, rtol=1e-10, atol=1e-10)
