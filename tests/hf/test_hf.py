@@ -151,6 +151,25 @@ def test_selected_state_continues_like_the_selected_sequences(family):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+def test_the_cache_reorders_selects_and_repeats_its_rows():
+    """MirasCache's own reorder_cache / batch_select_indices / batch_repeat_interleave (the Cache API a
+    transformers release may call instead of the model's _reorder_cache) each continue like the rows picked:
+    reorder_cache doing nothing passed every test."""
+    native = make("titans-mac")
+    x, more = prompt(19, batch=3), prompt(5, batch=3, seed=2)
+    with torch.no_grad():
+        _, state = native(x)
+        for method, argument, index in (("reorder_cache", torch.tensor([2, 0, 0]), [2, 0, 0]),
+                                        ("batch_select_indices", torch.tensor([1, 2]), [1, 2]),
+                                        ("batch_repeat_interleave", 2, [0, 0, 1, 1, 2, 2])):
+            cache = MirasCache(state)
+            getattr(cache, method)(argument)
+            assert cache.from_beam_search == (method == "reorder_cache")
+            got, _ = native(more[index], cache.state)
+            torch.testing.assert_close(got, native(more[index], native(x[index])[1])[0], rtol=0, atol=1e-12,
+                                       msg=method)
+
+
 # --- generation ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
