@@ -1129,3 +1129,26 @@ def test_validation_loss_is_the_mean_over_scored_tokens_of_eval_batches(tmp_path
         assert evaluate(model, batches, config) == pytest.approx(total / scored, rel=1e-6)
         one = evaluate(model, batches, tiny(tmp_path, eval_batches=1))
     assert one != pytest.approx(total / scored, rel=1e-6)
+
+
+def test_gradients_are_clipped_to_grad_clip_before_each_step(tmp_path, monkeypatch):
+    """The optimizer steps on gradients of global norm <= grad_clip, and the logged grad_norm is the norm before
+    clipping (switching clipping off was caught only through the divergence test's message)."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    run = train(tiny(tmp_path / "clipped", max_steps=4, grad_clip=0.05), source())
+    logged = [r["grad_norm"] for r in (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in r]
+    assert len(seen) == 4 and len(logged) == 4
+    assert all(norm > 0.05 for norm in logged)  # every step had more to clip
+    assert seen == pytest.approx([0.05] * 4, rel=1e-4)
+    seen.clear()
+    train(tiny(tmp_path / "free", max_steps=4, grad_clip=0), source())
+    assert seen[0] == pytest.approx(logged[0], rel=1e-4)  # the same first gradient, unclipped
