@@ -165,7 +165,7 @@ def test_quick_says_it_is_a_smoke_test(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("miras demo --quick: a smoke test of the pipeline (3 training steps at tiny widths): the "
                           "models are not expected to learn")
-    assert "not resolved by 1 seed." in out and re.search(r"miras demo: done in \d+ s; wrote", out)
+    assert "not resolved by 1 seed." in out and re.search(r"miras demo: done in \d+\.\d s; wrote", out)
 
 
 def test_repeated_seeds_are_refused():
