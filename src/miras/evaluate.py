@@ -647,7 +647,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                  "evaluate its perplexity (no --tasks: on the corpus it trained on, or --perplexity "
                                  "CORPUS), or evaluate tasks on a run trained with tokenizer=byte")
             if not args.perplexity:  # what such a run can be asked: its own corpus's validation split
-                args.perplexity = train_config.data.removeprefix("text:")
+                args.perplexity = train_config.data.removeprefix(CORPUS_PREFIX)
                 print(f"miras eval: the perplexity on the validation split of {args.perplexity!r}, the corpus the run "
                       "trained on (--perplexity names another)", file=sys.stderr)
             tasks = {}
@@ -672,7 +672,7 @@ def run_eval(args: argparse.Namespace) -> int:
             from .data.text import cached_tokens, load_corpus
             from .data.tokenizers import ByteTokenizer
 
-            corpus = load_corpus(args.perplexity.removeprefix("text:"))
+            corpus = load_corpus(args.perplexity.removeprefix(CORPUS_PREFIX))
             if note := corpus.skipped_note():
                 print(f"miras eval: {note}", file=sys.stderr)
             text = cached_tokens(corpus, tokenizer or ByteTokenizer(), "validation")

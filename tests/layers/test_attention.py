@@ -7,6 +7,8 @@ import torch
 
 from miras.layers import Attention, TokenMixer, rotary
 
+from .helpers import rotate_by_hand
+
 CONFIGS = {"full": {}, "window": {"window": 5}, "window+sinks": {"window": 5, "sinks": 3}}
 
 
@@ -17,19 +19,6 @@ def make(config="full", seed=0):
 
 def inputs(tokens=23, batch=2, seed=1):
     return torch.randn(batch, tokens, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def rotate_by_hand(x, positions, base=10000.0):
-    """RoPE written out pair by pair: channel i and i + D/2 turn by the angle p · base^(−i/(D/2))."""
-    half = x.shape[-1] // 2
-    out = x.clone()
-    for t, p in enumerate(positions.tolist()):
-        for i in range(half):
-            angle = p * base ** (-i / half)
-            a, b = x[..., t, i], x[..., t, i + half]
-            out[..., t, i] = a * math.cos(angle) - b * math.sin(angle)
-            out[..., t, i + half] = a * math.sin(angle) + b * math.cos(angle)
-    return out
 
 
 def naive(layer: Attention, x):

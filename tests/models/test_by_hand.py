@@ -10,13 +10,7 @@ import torch.nn.functional as F
 
 from miras.models import create
 
-
-def rotate(x, positions, base=10000.0):
-    """RoPE pair by pair: x [H, T, D], channel i and i + D/2 turn by p · base^(−i/(D/2))."""
-    half = x.shape[-1] // 2
-    angles = positions.double()[:, None] * base ** (-torch.arange(half, dtype=torch.float64) / half)
-    first, second = x[..., :half], x[..., half:]
-    return torch.cat([first * angles.cos() - second * angles.sin(), first * angles.sin() + second * angles.cos()], -1)
+from ..layers.helpers import rotate_by_hand
 
 
 def memory_mlp(weights, u):
@@ -86,7 +80,7 @@ def test_mac_equals_its_definition_by_hand():
 
     def project(z, positions):
         q, k, v = mac.qkv(z).view(z.shape[0], 3, heads, head_dim).permute(1, 2, 0, 3)
-        return rotate(q, positions), rotate(k, positions), v
+        return rotate_by_hand(q, positions), rotate_by_hand(k, positions), v
 
     by_hand, outputs = MemoryByHand(memory), []
     for first in range(0, x.shape[1], segment):
@@ -126,7 +120,7 @@ def test_mag_and_mal_blocks_equal_their_definitions_by_hand():
             attention = mixer.attention
             q, k, v = attention.qkv(z).view(z.shape[0], 3, attention.heads, attention.head_dim).permute(1, 2, 0, 3)
             positions = torch.arange(z.shape[0])
-            q, k = rotate(q, positions), rotate(k, positions)
+            q, k = rotate_by_hand(q, positions), rotate_by_hand(k, positions)
             return attention.out(torch.stack([
                 attend(q[:, i], k, v, [j for j in range(i + 1) if i - j < model.config.window or j < sinks])
                 for i in range(z.shape[0])]))
@@ -163,7 +157,7 @@ def test_the_transformer_is_the_llama_macro_by_hand():
         attention, z = block.mixer, norm(block.mixer_norm, x)
         q, k, v = attention.qkv(z).view(z.shape[0], 3, attention.heads, attention.head_dim).permute(1, 2, 0, 3)
         positions = torch.arange(z.shape[0])
-        q, k = rotate(q, positions), rotate(k, positions)
+        q, k = rotate_by_hand(q, positions), rotate_by_hand(k, positions)
         x = x + attention.out(torch.stack([attend(q[:, i], k, v, list(range(i + 1))) for i in range(z.shape[0])]))
         z = norm(block.mlp_norm, x)
         gate, up = (z @ block.mlp.gate_up.weight.T).split(block.mlp.down.weight.shape[1], dim=-1)

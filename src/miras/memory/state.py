@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -244,6 +244,18 @@ def map_tensors(value, function: Callable[[Tensor], Tensor]):
     if isinstance(value, tuple):
         return tuple(map_tensors(v, function) for v in value)
     return function(value) if isinstance(value, Tensor) else value
+
+
+def iter_tensors(value) -> Iterator[Tensor]:
+    """Every tensor in ``value`` (nested as ``map_tensors`` takes it), in field order, without rebuilding it."""
+    if dataclasses.is_dataclass(value):
+        for f in fields(value):
+            yield from iter_tensors(getattr(value, f.name))
+    elif isinstance(value, tuple):
+        for v in value:
+            yield from iter_tensors(v)
+    elif isinstance(value, Tensor):
+        yield value
 
 
 class GateRangeError(ValueError):

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..files import atomic_write
 from ..layers import KVCache, MemoryLayerState
 from ..memory import MemoryState
-from ..memory.state import map_tensors
+from ..memory.state import iter_tensors, map_tensors
 from .hybrids import PairState
 from .mac import MACState
 
@@ -49,14 +49,7 @@ class ModelState:
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the state holds, in layer order."""
-        found = []
-
-        def keep(t: Tensor) -> Tensor:
-            found.append(t)
-            return t
-
-        map_tensors(self.layers, keep)
-        return found
+        return list(iter_tensors(self.layers))
 
     def to(self, *args, **kwargs) -> ModelState:
         """Every tensor moved as ``Tensor.to(*args, **kwargs)`` would (a device, a dtype): e.g. a float32
