@@ -90,7 +90,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_
 from torch.distributed.tensor import DTensor
 
 from .data.base import IGNORE, Batches
-from .memory.state import GateRangeError
+from .memory.state import InputRangeError
 from .models import LanguageModel, preset_config
 from .runs import (
     CHECKPOINT_FORMAT,
@@ -471,7 +471,7 @@ def _train(config: TrainConfig, data: DataSource | None, distributed: _Distribut
                             (loss * world).backward()
                         state = state.detach()
                         step_loss += loss.detach()
-            except GateRangeError as error:  # the memory engine refuses non-finite gates: the run has diverged
+            except InputRangeError as error:  # the memory engine refuses non-finite gates and inputs: diverged
                 raise ConfigError(f"training diverged at step {step + 1} (lr {lr:.3g}): {error}; "
                                   f"{_kept(last_saved)}") from None
             grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)

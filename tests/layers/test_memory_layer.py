@@ -509,17 +509,17 @@ def test_a_whole_model_compile_leaves_the_engine_out_of_its_graph(monkeypatch):
 def test_nan_gates_from_a_diverged_input_say_where_they_come_from():
     """A layer fed NaN (an earlier layer diverged) computes NaN gates: the error says the input is the cause. A
     finite input with out-of-range gates keeps the engine's own message."""
-    from miras.memory.state import GateRangeError
+    from miras.memory.state import InputRangeError
 
     torch.manual_seed(0)
     layer = MemoryLayer(16, heads=2, chunk_size=4)
     x = torch.randn(1, 6, 16)
     x[0, 3, 5] = math.nan
-    with pytest.raises(GateRangeError, match=r"^gates.lr must be finite and >= 0.0, got values in \[nan, nan\]: this "
+    with pytest.raises(InputRangeError, match=r"^gates.lr must be finite and >= 0.0, got values in \[nan, nan\]: this "
                                              r"memory layer's input holds NaN or inf, so an earlier layer, or the "
                                              r"state carried into the model, has diverged$"):
         layer(x)
     with torch.no_grad():
         layer.gate_proj.bias.fill_(math.nan)
-    with pytest.raises(GateRangeError, match=r"got values in \[nan, nan\]$"):
+    with pytest.raises(InputRangeError, match=r"got values in \[nan, nan\]$"):
         layer(torch.randn(1, 6, 16))

@@ -293,3 +293,21 @@ def test_an_empty_call_returns_no_outputs_and_the_state_as_it_was(impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     fresh, start = run(rule, q[:, :0], k[:, :0], v[:, :0], gates.slice(0, 0), None, chunk)
     assert fresh.shape == (2, 0, 3, 4) and start.position == 0
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunked", "delta"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_a_non_finite_query_key_or_value_is_refused(impl, name):
+    """Refused in every path, where it is: in the chunked dual form a NaN key at token 5 made the outputs of
+    tokens 0-4 of its chunk NaN too (masked products: 0 x NaN is NaN), where the reference kept them."""
+    from miras.memory.state import InputRangeError
+
+    rule = DELTANET if impl == "delta" else TITANS
+    run = {"recurrent": recurrent, "chunked": chunked, "delta": lambda *a: delta(*a[:-1], block_size=4)}[impl]
+    q, k, v, gates, state = make_inputs(rule, tokens=11)
+    inputs = {"q": q, "k": k, "v": v}
+    inputs[name] = inputs[name].clone()
+    inputs[name][1, 5, 2, 0] = math.inf if name == "v" else math.nan
+    with pytest.raises(InputRangeError, match=rf"^{name} must be finite, got NaN or inf at \[batch, token, head\] = "
+                                              r"\[1, 5, 2\]$"):
+        run(rule, *inputs.values(), gates, state, 1 if impl == "delta" else 4)

@@ -79,7 +79,7 @@ from ..memory.chunked import check_fused, check_recompute
 from ..memory.delta import delta, supports_delta
 from ..memory.state import (
     CHANNEL_GATES,
-    GateRangeError,
+    InputRangeError,
     channel_widths,
     check_count,
     check_rule,
@@ -274,9 +274,9 @@ class MemoryLayer(nn.Module):
             memory = memory.to(self.engine_dtype)
         try:
             y, memory = self._engine(q, k, v, gates, memory, fused=fused)
-        except GateRangeError as error:  # NaN gates: say where they come from (checked only on this error path)
+        except InputRangeError as error:  # NaN gates: say where they come from (checked only on this error path)
             if not bool(torch.isfinite(x).all()):
-                raise GateRangeError(f"{error}: this memory layer's input holds NaN or inf, so an earlier layer, or "
+                raise InputRangeError(f"{error}: this memory layer's input holds NaN or inf, so an earlier layer, or "
                                      "the state carried into the model, has diverged") from None
             raise
         return self._output(y, x), MemoryLayerState(memory, conv_tail)

@@ -183,6 +183,7 @@ def check_inputs(rule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state: Mem
         raise ValueError(f"q, k, v need at least one sequence and one head, got B={batch}, H={heads}")
     rule.architecture.check_dims(k.shape[-1], v.shape[-1])
     _check_gates(rule, gates, (batch, tokens, heads), sum(channel_widths(rule, k.shape[-1], v.shape[-1])), k.dtype)
+    _check_finite({"q": q, "k": k, "v": v})
     if state is not None:
         check_state(rule, state, batch, heads, k.shape[-1], v.shape[-1], k.dtype, k.device)
         if state.position and state.chunk_size and state.chunk_size != chunk_size:
@@ -258,8 +259,23 @@ def iter_tensors(value) -> Iterator[Tensor]:
         yield value
 
 
-class GateRangeError(ValueError):
-    """A gate outside its range or not finite (a diverged model's gates are NaN: the trainer says so)."""
+class InputRangeError(ValueError):
+    """A gate outside its range, or a gate, query, key or value not finite (a diverged model's are NaN: the
+    trainer says so)."""
+
+
+def _check_finite(tensors: dict[str, Tensor]) -> None:
+    """q, k and v hold no NaN or infinity (CPU only, as the gate ranges). ``chunked`` reads a chunk with masked
+    products, where 0 x NaN is NaN: a NaN key or value would reach the tokens before it in its chunk."""
+    first = next(iter(tensors.values()))
+    if first.device.type != "cpu" or torch.compiler.is_compiling() or not first.numel():
+        return
+    if math.isfinite(sum(float(x.detach().sum()) for x in tensors.values())):  # then every element is finite
+        return
+    for name, x in tensors.items():  # NaN or inf somewhere, or (unlikely) a finite sum that overflowed
+        if not bool(torch.isfinite(x.detach()).all()):
+            where = [int(i) for i in (~torch.isfinite(x.detach())).nonzero()[0][:3]]
+            raise InputRangeError(f"{name} must be finite, got NaN or inf at [batch, token, head] = {where}")
 
 
 def _check_gate_values(name: str, gate: Tensor) -> None:
@@ -272,7 +288,7 @@ def _check_gate_values(name: str, gate: Tensor) -> None:
     valid = (least >= low if closed else least > low) and (most <= high if high is not None else most < math.inf)
     if not valid:  # (NaN fails every comparison)
         allowed = f"in [{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
-        raise GateRangeError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
+        raise InputRangeError(f"gates.{name} must be finite and {allowed}, got values in [{least:.4g}, {most:.4g}]")
 
 
 def check_weights(rule, weights, batch: int, heads: int, dk: int, dv: int) -> list[tuple[int, ...]]:
