@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import miras.train as train_module
 from miras.data.base import IGNORE, Batches
@@ -196,6 +197,27 @@ def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
     assert lr_at(200, fixed) == lr_at(299, fixed) == 0.1
 
 
+def test_the_logged_learning_rate_is_the_one_each_step_applies(tmp_path, monkeypatch):
+    """metrics.jsonl's lr of step s is lr_at(s - 1), and it is what the optimizer used: AdamW's first update moves
+    each weight with a gradient well above its eps by exactly lr (weight decay off)."""
+    initial = []
+
+    class Recorded(train_module.LanguageModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            initial.append({name: value.clone() for name, value in self.state_dict().items()})
+
+    monkeypatch.setattr(train_module, "LanguageModel", Recorded)
+    config = tiny(tmp_path / "one", max_steps=1, warmup_steps=4, lr=1e-2, weight_decay=0.0, save_every=1)
+    train(config, source())
+    after = torch.load(checkpoints(tmp_path / "one")[-1], weights_only=True)["model"]
+    moved = max(float((after[name] - value).abs().max()) for name, value in initial[0].items())
+    assert moved == pytest.approx(lr_at(0, config), rel=1e-3) and lr_at(0, config) == 2.5e-3
+    config = tiny(tmp_path / "many", max_steps=9, warmup_steps=3, lr=1e-2)
+    lines = [json.loads(line) for line in (train(config, source()) / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if "lr" in line] == pytest.approx([lr_at(s, config) for s in range(9)])
+
+
 def test_extending_a_finished_run_says_how_the_learning_rate_moves_and_decay_steps_keeps_it(tmp_path, capsys):
     config = tiny(tmp_path / "run", max_steps=4)
     train(config, source())
@@ -273,6 +295,31 @@ def test_resume_after_a_kill_gives_identical_losses(tmp_path):
     before = snapshot(tmp_path / "interrupted")
     train(interrupted, source())  # finished: nothing to do
     assert snapshot(tmp_path / "interrupted") == before
+
+
+def test_resume_restores_the_random_state_training_draws_from(tmp_path, monkeypatch):
+    """No model here draws random numbers while training, but one with dropout would: the checkpoint's RNG state
+    makes its resumed steps draw what the uninterrupted run drew (without it they draw the fresh process's)."""
+    class DropoutModel(train_module.LanguageModel):
+        def forward(self, *args, **kwargs):
+            logits, state = super().forward(*args, **kwargs)
+            return F.dropout(logits, 0.5, self.training), state
+
+    monkeypatch.setattr(train_module, "LanguageModel", DropoutModel)
+    config = tiny(tmp_path / "whole", max_steps=6, save_every=3)
+    train(config, source())
+    interrupted = dataclasses.replace(config, out_dir=str(tmp_path / "interrupted"))
+    with pytest.raises(Killed):
+        train(interrupted, source(kill_at=5))
+    train(interrupted, source())
+    assert losses(tmp_path / "interrupted") == losses(tmp_path / "whole")
+    unseeded = dataclasses.replace(config, out_dir=str(tmp_path / "unseeded"))
+    with pytest.raises(Killed):
+        train(unseeded, source(kill_at=5))
+    monkeypatch.setattr(train_module, "set_rng_state", lambda rng: None)
+    train(unseeded, source())
+    assert losses(tmp_path / "unseeded")[:3] == losses(tmp_path / "whole")[:3]
+    assert losses(tmp_path / "unseeded")[3][1] != losses(tmp_path / "whole")[3][1]
 
 
 def test_run_files_get_the_permissions_of_a_plain_open(tmp_path):

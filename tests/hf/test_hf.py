@@ -602,10 +602,19 @@ def test_ruler_niah_single_1_runs_offline(tmp_path):
     pytest.importorskip("wonderwords", reason="RULER's needles need lm-eval[ruler] (pip install wonderwords)")
     from miras.hf.harness import run_lm_eval
 
-    export(make("titans-lmm", dtype=torch.float32), SimpleNamespace(kind="byte"), tmp_path)
+    # seed 1: the untrained model's greedy continuation of the prompt is not eos at once (seed 0's is: an empty
+    # response, which any plumbing would give)
+    native = make("titans-lmm", seed=1, dtype=torch.float32)
+    export(native, SimpleNamespace(kind="byte"), tmp_path)
     results = run_lm_eval(tmp_path, ["niah_single_1"], limit=1, metadata={"max_seq_lengths": [512]},
                           bootstrap_iters=0)
-    assert 0 <= results["results"]["niah_single_1"]["512,none"] <= 1
     sample = results["samples"]["niah_single_1"][0]
-    prompt_text, (needle,) = sample["arguments"][0][0], sample["target"]
+    (prompt_text, arguments), (needle,) = sample["arguments"][0], sample["target"]
     assert len(prompt_text.encode()) <= 512 and f"is: {needle}." in prompt_text
+    # the response is the native model's greedy continuation of the whole prompt, cut at eos (byte 0)
+    new, _ = native.generate(torch.tensor([list(prompt_text.encode())]), arguments["max_gen_toks"], temperature=0)
+    new = new[0].tolist()
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path).decode(new[:new.index(0)] if 0 in new else new)
+    (response,) = sample["resps"][0]
+    assert len(expected) > 10 and response == expected
+    assert results["results"]["niah_single_1"]["512,none"] == float(needle in response)
