@@ -1,6 +1,8 @@
 """Attention: equals a naive softmax reference, causal, windowed with sinks, streams exactly, bounded cache."""
 
+import dataclasses
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -146,11 +148,33 @@ def test_bad_arguments():
 
 
 def test_a_long_call_of_sink_positions_only():
-    """More than 2·window tokens, all of them sinks: no key past the sinks for the blockwise path."""
+    """More than 2·window tokens, all of them sinks (as many as there are sinks, too): no key past the sinks
+    for the blockwise path."""
+    for sinks in (20, 12):
+        torch.manual_seed(0)
+        layer = Attention(16, heads=2, window=4, sinks=sinks).double()
+        x = inputs(tokens=12)
+        torch.testing.assert_close(layer(x)[0], naive(layer, x), rtol=0, atol=1e-12)
+
+
+def test_rope_base_sets_the_frequencies():
     torch.manual_seed(0)
-    layer = Attention(16, heads=2, window=4, sinks=20).double()
-    x = inputs(tokens=12)
-    torch.testing.assert_close(layer(x)[0], naive(layer, x), rtol=0, atol=1e-12)
+    layer = Attention(16, heads=2, rope_base=500.0).double()
+    x = inputs()
+    b, t, d = x.shape
+    q, k, v = layer.qkv(x).view(b, t, 3, layer.heads, layer.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = rotate_by_hand(q, torch.arange(t), base=500.0), rotate_by_hand(k, torch.arange(t), base=500.0)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(layer.head_dim)).masked_fill(
+        torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    expected = layer.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d))
+    torch.testing.assert_close(layer(x)[0], expected, rtol=0, atol=1e-12)
+
+
+def test_a_cache_whose_positions_do_not_match_its_keys_is_refused():
+    layer = make("window")
+    _, cache = layer(inputs(9))
+    with pytest.raises(ValueError, match=r"^the KV cache does not fit this attention layer"):
+        layer(inputs(2), dataclasses.replace(cache, positions=cache.positions[1:]))
 
 
 @pytest.mark.parametrize("window, sinks", [(1, 0), (4, 0), (4, 3), (6, 9), (7, 2)])
@@ -165,8 +189,10 @@ def test_banded_sliding_window_equals_naive(window, sinks, first):
     if first:
         out, state = layer(x[:, :first])
         pieces.append(out)
-    out, state = layer(x[:, first:], state)
-    assert 41 - first > 2 * window  # the banded path
+    banded, original = [], Attention._banded
+    with mock.patch.object(Attention, "_banded", lambda *args: banded.append(1) or original(*args)):
+        out, state = layer(x[:, first:], state)
+    assert 41 - first > 2 * window and banded == [1]  # the banded path, O(T·window)
     y = torch.cat([*pieces, out], 1)
     reference = naive(layer, x)
     torch.testing.assert_close(y, reference, rtol=0, atol=1e-12)

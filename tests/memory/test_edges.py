@@ -267,6 +267,11 @@ def test_rule_fields_are_checked():
         LqNormalize(power=0)
     with pytest.raises(TypeError, match="Lp p must be a number, got '3'"):
         Lp(p="3")
+    assert Lp(p=1.0).p == 1.0  # the smooth ℓ1 is allowed
+    with pytest.raises(ValueError, match=r"Lp needs p >= 1, got 0.5"):
+        Lp(p=0.5)
+    with pytest.raises(ValueError, match=r"Lp needs eps > 0 \(the smooth \|x\| = sqrt\(x\^2 \+ eps\)\), got 0.0"):
+        Lp(eps=0.0)
     with pytest.raises(TypeError, match="MLPMemory expansion must be an integer, got 1.5"):
         MLPMemory(expansion=1.5)
     with pytest.raises(TypeError, match="MLPMemory depth must be an integer, got '3'"):

@@ -350,6 +350,24 @@ def test_yaad_by_hand(per):
     _by_hand(rule, ["recurrent", "chunked"], update)
 
 
+def test_huber_losses_and_steps_by_value():
+    """Numbers worked out by hand (δ = 1 unless said): per token, ‖e‖/√d decides for the whole token, the tie
+    ‖e‖/√d = δ taking the ℓ2 branch; per coordinate, each |e_j| against δ."""
+    token, coordinate = Huber(per="token"), Huber(per="coordinate")
+    zero, one = torch.zeros(4, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    e = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)  # ‖e‖ 5, RMS 2.5, Σ|e| 7
+    assert token.loss(e, zero, one).item() == 7.0  # δ Σ|e_j|
+    torch.testing.assert_close(token.output_grad(e, zero, one), torch.tensor([1.0, 1.0, 0.0, 0.0],
+                                                                             dtype=torch.float64))
+    at_tie = torch.full((1,), 2.5, dtype=torch.float64)
+    assert token.loss(e, zero, at_tie).item() == 12.5  # ½‖e‖²
+    torch.testing.assert_close(token.output_grad(e, zero, at_tie), e)
+    e = torch.tensor([0.5, 2.0, -3.0], dtype=torch.float64)
+    assert coordinate.loss(e, zero[:3], one).item() == 0.125 + 1.5 + 2.5  # ½e², δ(|e| − ½δ) twice
+    torch.testing.assert_close(coordinate.output_grad(e, zero[:3], one),
+                               torch.tensor([0.5, 1.0, -1.0], dtype=torch.float64))
+
+
 def test_huber_modes_differ():
     """Per-token switching and per-coordinate clipping are different rules on the same inputs."""
     rules = [MemoryRule(MLP, Huber(per=per), Decay(), GD()) for per in ("token", "coordinate")]

@@ -305,7 +305,9 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
     torch.manual_seed(0)
     model = create(f"{family}-tiny")
     sizes = []
-    for tokens in (259, 2051):  # ends mid-chunk and mid-segment: the mid-chunk fields are views no more
+    # 259 and 2051 end mid-chunk and mid-segment (the mid-chunk fields are views no more); 256 at a segment's end
+    # (a finished segment's cache kept as a view of it would hold the whole segment in an empty tensor)
+    for tokens in (259, 2051, 256):
         with torch.no_grad():
             _, state = model(ids(tokens, batch=1))
         for t in _tensors(state):
@@ -313,7 +315,33 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
         state.save(tmp_path / "state.pt")
         sizes.append((tmp_path / "state.pt").stat().st_size)
     if family != "transformer":  # its cache is the context
-        assert sizes[1] <= 2 * sizes[0], sizes
+        assert sizes[1] <= 2 * sizes[0] and sizes[2] <= sizes[0], sizes
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_detach_cuts_every_tensor_of_the_state_from_the_graph(family):
+    """Truncated BPTT: each piece backpropagates on its own; a state tensor left attached (a KV cache's values,
+    a hybrid's attention cache) made the second backward run into the first piece's freed graph."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny")
+    state = None
+    for piece in (ids(37, seed=1), ids(21, seed=2)):
+        logits, state = model(piece, state)
+        logits.square().mean().backward()
+        state = state.detach()
+        assert not any(t.requires_grad for t in _tensors(state))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_state_bytes_counts_every_tensor_of_the_state(family):
+    """nbytes() and state_bytes() are the state's tensors' bytes (a KV cache's positions and a hybrid's attention
+    cache included), for a state left mid-chunk and mid-window."""
+    torch.manual_seed(0)
+    model = create(f"{family}-tiny")
+    with torch.no_grad():
+        _, state = model(ids(37, batch=3))
+    total = sum(t.numel() * t.element_size() for t in state.tensors())
+    assert state.nbytes() == total and model.state_bytes(state) == total // 3
 
 
 @pytest.mark.parametrize("family", ["titans-lmm", "titans-mac", "memora", "ttt-mlp"])
@@ -522,7 +550,10 @@ def test_a_state_with_values_that_do_not_fit_says_so(family):
     _, state = model(ids(5))
     layer = state.layers[0]
     if family == "titans-mac":
-        bad = [dataclasses.replace(layer, filled=100), dataclasses.replace(layer, keys=layer.keys[:, :, :3])]
+        full = layer.keys.new_zeros(*layer.keys.shape[:2], 2 * model.config.segment, layer.keys.shape[3])
+        bad = [dataclasses.replace(layer, filled=100), dataclasses.replace(layer, keys=layer.keys[:, :, :3]),
+               # a whole segment's cache: a finished segment is never kept (its tokens can see none of the next)
+               dataclasses.replace(layer, filled=model.config.segment, keys=full, values=full)]
         message = "the MAC state does not fit this layer"
     else:
         bad = [dataclasses.replace(layer, keys=layer.keys[:, :, :3]), dataclasses.replace(layer, seen=2)]
