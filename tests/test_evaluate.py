@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import types
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from miras.data.tasks import MQAR, generate
+from miras.data.tasks import MQAR, FactQA, WordNeedle, generate
 from miras.evaluate import (
     WILSON_Z,
     add_eval_arguments,
@@ -81,21 +82,46 @@ class Uniform(nn.Module):
 
 
 class Spy(nn.Module):
-    """Wraps a model and records, at each call, how many logits tensors of earlier calls are still alive."""
+    """Wraps a model and records, at each call, how many logits tensors of earlier calls are still alive, and the
+    width and rows of its input."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.outputs, self.alive, self.widths = model, [], [], []
+        self.model, self.outputs, self.alive, self.widths, self.rows = model, [], [], [], []
 
     def forward(self, ids, state=None):
         self.alive.append(sum(ref() is not None for ref in self.outputs))
         self.widths.append(ids.shape[1])
+        self.rows.append(ids.shape[0])
         logits, state = self.model(ids, state)
         self.outputs.append(weakref.ref(logits))
         return logits, state
 
     def state_bytes(self, state) -> int:
         return self.model.state_bytes(state)
+
+
+class Teacher(nn.Module):
+    """An oracle over known examples: it finds each row's example by the tokens fed so far and predicts its true
+    next token, except at the first answer token of the examples whose index is in ``wrong``."""
+
+    def __init__(self, examples, wrong=()):
+        super().__init__()
+        self.examples, self.wrong = examples, set(wrong)
+
+    def forward(self, ids, state=None):
+        fed = ids if state is None else torch.cat([state, ids], dim=1)
+        start, end = fed.shape[1] - ids.shape[1], fed.shape[1]
+        logits = torch.zeros(*ids.shape, 256)
+        for row in range(len(ids)):
+            index = next(i for i, e in enumerate(self.examples) if torch.equal(e.tokens[:end], fed[row]))
+            example = self.examples[index]
+            nexts = example.tokens[start + 1 : end + 1].clone()  # nexts[t] follows the input at start + t
+            first = int(example.answer.nonzero()[0])
+            if index in self.wrong and start <= first - 1 < end:
+                nexts[first - 1 - start] = (nexts[first - 1 - start] + 1) % 256
+            logits[row, torch.arange(len(nexts)), nexts] = 1.0
+        return logits, fed
 
 
 def tiny(name: str, **overrides):
@@ -158,6 +184,24 @@ def test_task_accuracy_counts_exactly_the_examples_it_gets_right():
                        generate(task, example_generator(5, 48, 7)).tokens)
 
 
+@pytest.mark.parametrize("task", [WordNeedle(context_length=400), FactQA(context_length=400, facts=3),
+                                  FactQA(context_length=400, facts=3, question="object")],
+                         ids=["word_needle", "fact_qa-person", "fact_qa-object"])
+def test_task_accuracy_scores_whole_answers_of_unequal_lengths_in_one_batch(task):
+    """Answers of different lengths in one batch (words, places) start at different positions: every answer token
+    of every example is scored. An oracle wrong at the first answer token of the odd examples gets exactly the
+    even ones right, whatever the batch size."""
+    examples, length = 12, 400
+    drawn = [generate(task, example_generator(2, length, i)) for i in range(examples)]
+    assert len({int(e.answer.sum()) for e in drawn[:8]}) > 1  # the first batch mixes answer lengths
+    for batch_size in (8, 1):
+        teacher = Teacher(drawn, wrong=range(1, examples, 2))
+        (row,) = task_accuracy(teacher, task, [length], examples=examples, seed=2, segment=150, batch_size=batch_size)
+        assert row["correct"] == examples // 2, batch_size
+    (row,) = task_accuracy(Teacher(drawn), task, [length], examples=examples, seed=2, segment=150, batch_size=8)
+    assert row["correct"] == examples
+
+
 def test_untrained_model_is_near_chance():
     task = MQAR(context_length=32, pairs=2, queries=1)
     (row,) = task_accuracy(tiny("titans-lmm-tiny", dim=16), task, [32], examples=16, segment=16, batch_size=8)
@@ -178,6 +222,24 @@ def test_wilson_interval_closed_forms():
         wilson_interval(3, 2)
 
 
+def test_wilson_interval_is_the_95_percent_score_interval():
+    """Against the score interval written out here, (k + z²/2 ± z √(k(n - k)/n + z²/4)) / (n + z²) with z the
+    97.5% quantile of the standard normal; the ends are exactly 0 at no successes and 1 at all; n = 0 is an
+    error (not a division by zero)."""
+    z = statistics.NormalDist().inv_cdf(0.975)
+    assert WILSON_Z == pytest.approx(z, rel=1e-12)
+    for n in (1, 2, 3, 7, 10, 12, 13, 100, 300):
+        for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            half = z * math.sqrt(k * (n - k) / n + z * z / 4)
+            expected = ((k + z * z / 2 - half) / (n + z * z), (k + z * z / 2 + half) / (n + z * z))
+            assert wilson_interval(k, n) == pytest.approx(expected, abs=1e-12), (k, n)
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0  # exactly, not 1e-17 off
+    assert wilson_interval(50, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # the textbook example
+    for successes, trials in ((0, 0), (1, 0), (-1, 5)):
+        with pytest.raises(ValueError, match="need 0 <= successes <= trials and trials >= 1"):
+            wilson_interval(successes, trials)
+
+
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     tokens = (np.arange(1000) * 7 % 50).astype(np.uint16)
     result = perplexity(Uniform(50), tokens, seq_len=64, segment=24, max_tokens=500, batch_size=3)
@@ -185,6 +247,25 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert result["loss"] == pytest.approx(math.log(50), abs=1e-12)
     assert abs(result["perplexity"] - 50) < 1e-5
     assert result["bits_per_token"] == pytest.approx(math.log2(50), abs=1e-12)
+
+
+def test_evaluate_streams_in_segments_and_batches_and_scores_max_tokens():
+    """evaluate feeds each length in segments of ``segment`` tokens and batches of ``batch_size`` (not the other way
+    round), throughput counts the inputs fed (``examples * (L - 1)`` tokens) and the perplexity scores the first
+    ``max_tokens`` targets."""
+    spy = Spy(SuccessorOracle())
+    text = (np.arange(300) % 256).astype(np.uint16)
+    results = evaluate({"m": spy}, {"mqar": MQAR(context_length=40, pairs=4, queries=1)}, [40], examples=6,
+                       segment=16, batch_size=4, text=text, seq_len=50, max_tokens=60)
+    (row,) = results["tasks"]["mqar"]["results"]["m"]
+    # the task: 6 examples of 39 inputs as 4 + 2, in segments 16 + 16 + 7; then the perplexity: 61 tokens give
+    # 60 targets, in windows of 50 (the second padded): one batch of 2, in segments 16 + 16 + 16 + 2
+    assert spy.widths == [16, 16, 7] * 2 + [16, 16, 16, 2] and spy.rows == [4] * 3 + [2] * 3 + [2] * 4
+    fed = sum(w * r for w, r in zip(spy.widths[:6], spy.rows[:6]))
+    assert fed == 6 * 39 and row["tokens_per_s"] == pytest.approx(fed / row["seconds"], rel=1e-9)
+    scored = results["perplexity"]["results"]["m"]
+    assert scored["tokens"] == 60
+    assert scored["tokens_per_s"] == pytest.approx(60 / scored["seconds"], rel=1e-9)
 
 
 def test_streamed_perplexity_equals_the_loss_of_whole_windows():
@@ -226,6 +307,44 @@ def test_reports_are_written(tmp_path):
                                [{"step": s, "loss": 5 / (s + 1)} for s in range(10)] + [{"step": 9, "val_loss": 1.0}]))
     png = plot_losses({"run": metrics}, tmp_path / "loss.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 5000
+
+
+def fake_row(length: int, accuracy: float, low: float, high: float, state_bytes: int | None) -> dict:
+    return {"context_length": length, "examples": 10, "correct": round(10 * accuracy), "accuracy": accuracy,
+            "ci_low": low, "ci_high": high, "seconds": 1.0, "tokens_per_s": 1.0, "state_bytes": state_bytes}
+
+
+def test_markdown_columns_and_state_sizes():
+    """Columns say K and M only for whole multiples of 2**10 and 2**20 (1536 is not "1K"); the state table shows,
+    in KiB, the largest state over the tasks at each length (not the last task's)."""
+    lengths = [1000, 1024, 1536, 2**20, 3 * 2**19]
+    results = {"lengths": lengths, "examples": 10, "tasks": {
+        "a": {"results": {"m": [fake_row(1024, 0.5, 0.2, 0.8, 4096), fake_row(1536, 0.5, 0.2, 0.8, 10 * 2**10)]}},
+        "b": {"results": {"m": [fake_row(1024, 0.5, 0.2, 0.8, 1024), fake_row(1000, 0.5, 0.2, 0.8, 512)]}}}}
+    table = markdown_table(results)
+    assert "| model | 1000 | 1K | 1536 | 1M | 1536K |" in table
+    states = table[table.index("### State size per sequence (KiB)"):].splitlines()
+    assert states[2:5] == ["| model | 1000 | 1K | 1536 | 1M | 1536K |", "|---|---|---|---|---|---|",
+                           "| m | 0.5 | 4.0 | 10.0 | – | – |"]  # 512, max(4096, 1024) and 10240 bytes
+
+
+def test_accuracy_error_bars_run_from_ci_low_to_ci_high(tmp_path, monkeypatch):
+    """The bars are [accuracy - ci_low, ci_high - accuracy] (below, above): a Wilson interval is not symmetric,
+    at 10/10 all of it is below the point."""
+    import matplotlib.axes
+
+    drawn, errorbar = [], matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, yerr=None, **kwargs):
+        drawn.append(np.asarray(yerr))
+        return errorbar(self, x, y, *args, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    results = {"lengths": [64, 128], "tasks": {"mqar": {"results": {"m": [fake_row(64, 1.0, 0.7, 1.0, None),
+                                                                         fake_row(128, 0.2, 0.1, 0.5, None)]}}}}
+    plot_accuracy(results, tmp_path / "accuracy.png")
+    (bars,) = drawn
+    np.testing.assert_allclose(bars, [[0.3, 0.1], [0.0, 0.3]], atol=1e-12)
 
 
 def test_memory_stays_bounded_at_long_context():
@@ -478,3 +597,43 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["run", "--task-params", bad])
     assert "JSON" in capsys.readouterr().err
+
+
+def test_a_length_equal_to_the_task_minimum_is_evaluated(tmp_path, monkeypatch, capsys):
+    """A task fits a length equal to its minimum (MQAR: 2 * pairs + 2 * queries tokens): evaluated there, in
+    ``evaluate`` and ``miras eval``; one token less is skipped (``--lengths 1`` is refused when parsed)."""
+    results = evaluate({"oracle": SuccessorOracle()}, {"mqar": MQAR(context_length=32, pairs=4, queries=1)},
+                       [9, 10, 32], examples=2, segment=16)
+    assert results["tasks"]["mqar"]["skipped_lengths"] == [9]
+    assert [row["context_length"] for row in results["tasks"]["mqar"]["results"]["oracle"]] == [10, 32]
+
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["run", "--lengths", "2,64"]).lengths == [2, 64]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--lengths", "1,64"])
+    assert "'1,64': expected context lengths >= 2" in capsys.readouterr().err
+    config = types.SimpleNamespace(data="task:mqar", seq_len=31, data_params={"pairs": 1, "queries": 1})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, None)
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "3,4", "--examples", "2", "--out",
+                              str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    entry = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["mqar"]
+    assert entry["skipped_lengths"] == [3]
+    assert [(row["context_length"], row["accuracy"]) for row in entry["results"]["run"]] == [(4, 1.0)]
+
+
+def test_a_byte_text_run_is_evaluated_on_passkey_and_mqar_by_default(tmp_path, monkeypatch):
+    """A run trained on text in bytes has no task of its own: without --tasks, the pass key and MQAR."""
+    config = types.SimpleNamespace(data="text:stdlib", seq_len=127, data_params={})
+    fake = types.ModuleType("miras.train")
+    fake.load_run = lambda run_dir, device="cpu": (SuccessorOracle(), config, None)
+    monkeypatch.setitem(sys.modules, "miras.train", fake)
+    parser = add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([str(tmp_path / "run"), "--lengths", "128", "--examples", "1", "--out",
+                              str(tmp_path / "out")])
+    assert run_eval(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["tasks"]) == ["passkey", "mqar"]
+    assert [results["tasks"][name]["config"]["name"] for name in results["tasks"]] == ["passkey", "mqar"]

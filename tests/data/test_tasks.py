@@ -32,6 +32,9 @@ CORPUS = (
     "In spring the meadow below turned yellow with flowers, and children ran through it. "
 )
 LONGEST_CORPUS_SENTENCE = max(len(s) for s in re.split(r"(?<=[.!?\n]) ?", CORPUS)) + 1
+# Sentences of 75 to 217 bytes: far longer than a word, each within the 256 bytes a needle may move back.
+LONG_SENTENCES = "".join(f"The {' '.join(['quiet'] * n)} river runs on. " for n in (10, 25, 17, 33, 12, 29))
+SENTENCE_ENDS = (". ", "! ", "? ", "\n")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -94,6 +97,7 @@ def solve_fact_qa(prompt: str, facts: int) -> str:
     assert len(events) == facts
     for person, verb, thing in events:
         if verb in MOVES:
+            assert place.get(person) != thing  # (bAbI) a move goes somewhere else
             place[person] = thing
         elif verb in ("picked up", "grabbed", "got"):
             assert thing not in holder and person in place
@@ -278,12 +282,162 @@ def test_a_text_haystack_without_sentences_keeps_the_depth_and_whole_characters(
             at = raw.index(b"The pass key")
             assert filler * 0.5 - 12 <= at <= filler * 0.5 and raw[at - 1:at] == b" ", (length, seed, at)
     chinese = "我们的长文本没有空格也没有英文句号" * 200
-    for seed in range(20):
-        for task in (PassKey(context_length=1500, haystack="text", corpus=chinese, depth=0.5),
-                     MultiKeyNeedle(context_length=1501, needles=3, haystack="text", corpus=chinese)):
+    emoji = "😀🎉 " * 300 + "\U00010348" * 50  # 4-byte characters, both leading with the byte F0
+    for seed, corpus in ((seed, corpus) for seed in range(20) for corpus in (chinese, emoji)):
+        for task in (PassKey(context_length=1500, haystack="text", corpus=corpus, depth=0.5),
+                     MultiKeyNeedle(context_length=1501, needles=3, haystack="text", corpus=corpus)):
             example = generate(task, gen(seed))
             bytes(example.tokens.tolist()).decode("utf-8")  # raises on a cut character
             assert len(example.tokens) == task.context_length
+
+
+PIECE = re.compile(r"The pass key is \d+\. Remember it\. \d+ is the pass key\. "
+                   r"|One of the special magic \w+ for [\w-]+ is: [\w-]+\. |" + FACT.pattern)
+
+
+def test_needles_and_facts_start_sentences():
+    """Each needle or fact goes in at a sentence start of the filler: right after ". ", "! ", "? " or a newline,
+    or at the filler's start, so that no filler sentence is cut. (A text haystack begins at a random offset,
+    mid-sentence: a piece before the filler's first sentence end goes to a word start instead.)"""
+    tasks = [PassKey(context_length=1000), MultiKeyNeedle(context_length=1500, needles=4),
+             FactQA(context_length=1500, facts=6), PassKey(context_length=1500, haystack="text", corpus=CORPUS),
+             PassKey(context_length=1500, haystack="text", corpus=LONG_SENTENCES),
+             MultiKeyNeedle(context_length=2500, needles=4, haystack="text", corpus=LONG_SENTENCES),
+             FactQA(context_length=2500, facts=6, haystack="text", corpus=LONG_SENTENCES)]
+    for task in tasks:
+        for seed in range(20):
+            prompt, _ = split(generate(task, gen(seed)))
+            haystack = prompt[: prompt.rindex("\nWh")]
+            pieces = list(PIECE.finditer(haystack))
+            assert len(pieces) == getattr(task, "needles", getattr(task, "facts", 1))
+            for piece in pieces:
+                filler = PIECE.sub("", haystack[: piece.start()])  # the filler before the piece
+                in_first_sentence = task.haystack == "text" and not any(end in filler for end in SENTENCE_ENDS)
+                assert (filler == "" or filler.endswith(SENTENCE_ENDS)
+                        or (in_first_sentence and filler.endswith(" "))), (task, seed, filler[-40:])
+
+
+def test_multikey_the_asked_needle_is_anywhere_among_the_needles():
+    """The asked needle's depth is uniform like the others', and the needles go in in the order of their depths:
+    the asked one is the first, second, third or fourth of 4 equally often (a model cannot learn to answer with
+    the first needle of the text)."""
+    task, trials = MultiKeyNeedle(context_length=1200, needles=4), 120
+    places = [0] * 4
+    for seed in range(trials):
+        prompt, _ = split(generate(task, gen(seed)))
+        asked = re.search(r"What is the special magic number for ([\w-]+)\?", prompt).group(1)
+        places[re.findall(r"One of the special magic numbers for ([\w-]+) is: ", prompt).index(asked)] += 1
+    assert all(15 <= n <= 45 for n in places), places  # 30 each expected (binomial sd 4.7)
+
+
+def test_numbers_have_no_leading_zero_and_multikey_values_are_distinct():
+    """A d-digit number is exactly d digits without a leading zero (every first digit 1-9 occurs, 0 never; 0-9
+    after it), and a multi-key example's values are distinct, so that the asked key has one right answer: with
+    nine one-digit needles they are 1, 2, ..., 9."""
+    firsts, rests = set(), set()
+    for seed in range(150):
+        key = generate(PassKey(context_length=200, digits=3), gen(seed)).answer_text()
+        assert re.fullmatch(r"\d{3}", key)
+        firsts.add(key[0])
+        rests.update(key[1:])
+    assert firsts == set("123456789") and rests == set("0123456789")
+    task = MultiKeyNeedle(context_length=1000, needles=9, digits=1)
+    for seed in range(20):
+        prompt, answer = split(generate(task, gen(seed)))
+        values = re.findall(r"One of the special magic numbers for [\w-]+ is: (\d+)\. ", prompt)
+        assert sorted(values) == list("123456789") and answer == solve_magic(prompt, 9)
+
+
+def test_fact_qa_stories_have_the_given_number_of_people():
+    for people in (2, 3):
+        task = FactQA(context_length=1500, facts=10, people=people)
+        counts = [len({name for name, _, _ in FACT.findall(split(generate(task, gen(seed)))[0])})
+                  for seed in range(30)]
+        assert max(counts) == people, (people, counts)
+
+
+def test_fact_qa_facts_are_scattered_in_order_through_the_filler():
+    """BABILong-style: the facts sit at sorted uniform depths, so the k-th of n is on average at the depth k / (n + 1)
+    of the filler (the mean of the k-th smallest of n uniforms), not clumped together."""
+    facts, trials = 8, 50
+    task = FactQA(context_length=3000, facts=facts)
+    depths = [0.0] * facts
+    for seed in range(trials):
+        prompt, _ = split(generate(task, gen(seed)))
+        haystack = prompt[: prompt.rindex("\nWhere is")]
+        found = list(FACT.finditer(haystack))
+        filler, before = len(haystack) - sum(m.end() - m.start() for m in found), 0
+        for k, fact in enumerate(found):
+            depths[k] += (fact.start() - before) / filler / trials
+            before += fact.end() - fact.start()
+    # the k-th smallest of 8 uniforms has an sd <= 0.16: <= 0.023 for a mean of 50; a fact moves back <= 22 bytes
+    for k, depth in enumerate(depths, 1):
+        assert abs(depth - k / (facts + 1)) < 0.08, (k, depths)
+
+
+def test_cutting_utf8_text_blanks_exactly_the_stray_bytes():
+    """A slice of UTF-8 text at any byte offsets keeps every character it holds whole and turns each byte of a cut
+    character into a space (checked against every slice of characters 1, 2, 3 and 4 bytes long)."""
+    from miras.data.tasks.haystack import _whole_characters
+
+    text = "aé€😀\U00010348 " * 3  # the 4-byte characters begin with F0, the lowest lead byte of their width
+    encoded = text.encode()
+    owner = [c for c, character in enumerate(text) for _ in character.encode()]  # the character of each byte
+    for i in range(len(encoded)):
+        for j in range(i, len(encoded) + 1):
+            whole = {c for c in owner[i:j] if owner[i:j].count(c) == len(text[c].encode())}
+            expected = bytes(encoded[k] if owner[k] in whole else 0x20 for k in range(i, j))
+            assert _whole_characters(encoded[i:j]) == expected, (i, j)
+
+
+# The shortest lengths, by hand from the longest draw: the longest key is 15 bytes ("ancient-glacier": adjective
+# and noun of 7 letters), the longest word "umbrella", place "bathroom", name "Daniel", verb "journeyed to".
+MINIMUMS = [
+    (SelectiveCopy(context_length=100, content_tokens=16), 33),  # 16 content tokens, the separator, their copy
+    (MQAR(context_length=100, pairs=4, queries=2), 12),  # 4 key-value pairs, 2 queries and their values
+    # needle "The pass key is 12345. Remember it. 12345 is the pass key. " 59, question 39, answer 5
+    (PassKey(context_length=1000), 103),
+    # needle "One of the special magic uuids for <key> is: <uuid>. " 35 + 15 + 5 + 36 + 2 = 93, question
+    # "\nWhat is the special magic uuid for <key>? The special magic uuid for <key> is: " 100, the uuid 36
+    (WordNeedle(context_length=1000, kind="uuid"), 229),
+    (WordNeedle(context_length=1000), 65 + 100 + 8),  # the same with "words" and "umbrella"
+    (NumberNeedle(context_length=1000), 66 + 104 + 7),  # "numbers" (2 more bytes than "uuids") and 7 digits
+    (MultiKeyNeedle(context_length=1000, needles=3, digits=2), 3 * 61 + 104 + 2),
+    # facts of up to 34 bytes ("Daniel journeyed to the bathroom. "), the question "\nWhere is the football?
+    # Answer: " 32 and "bathroom" 8 (for any question: a person's is shorter)
+    (FactQA(context_length=1000, facts=1), 74),
+    (FactQA(context_length=1000, facts=3, question="object"), 3 * 34 + 32 + 8),
+]
+
+
+@pytest.mark.parametrize("task, minimum", MINIMUMS, ids=lambda x: getattr(x, "name", str(x)))
+def test_minimum_lengths_are_exact(task, minimum):
+    """The minimum is accepted (and every draw fits there), one token less is refused."""
+    with pytest.raises(ValueError, match=rf"context_length={minimum - 1} is too short.* at least {minimum} tokens"):
+        dataclasses.replace(task, context_length=minimum - 1)
+    shortest = dataclasses.replace(task, context_length=minimum)
+    for seed in range(10):
+        check_answer(generate(shortest, gen(seed)), shortest)
+
+
+def test_the_longest_draw_fills_the_minimum_length():
+    """At its minimum length, an example of the longest draw has no noise or filler at all: the minimum is no
+    larger than it must be. (A pass-key needle is always that long; a magic needle when its key is 15 bytes.)"""
+    example = generate(SelectiveCopy(context_length=33, content_tokens=16), gen(0))
+    assert all(t >= 128 for t in example.tokens[:16].tolist()) and example.tokens[16] == 0
+    prompt, _ = split(generate(PassKey(context_length=103), gen(0)))
+    assert re.fullmatch(r"The pass key is (\d{5})\. Remember it\. \1 is the pass key\. \nWhat is the pass key\? "
+                        r"The pass key is ", prompt)
+    for task in (WordNeedle(context_length=229, kind="uuid"), NumberNeedle(context_length=177)):
+        longest = 0
+        for seed in range(400):
+            prompt, answer = split(generate(task, gen(seed)))
+            key = re.search(r"What is the special magic \w+ for ([\w-]+)\?", prompt).group(1)
+            longest += len(key) == 15
+            if len(key) == 15:
+                assert re.fullmatch(rf"One of the special magic \w+s for {key} is: {answer}\. \nWhat is the special "
+                                    rf"magic \w+ for {key}\? The special magic \w+ for {key} is: ", prompt)
+        assert longest > 0
 
 
 def test_too_short_contexts_and_bad_parameters_are_clear_errors():
@@ -306,10 +460,14 @@ def test_too_short_contexts_and_bad_parameters_are_clear_errors():
         (lambda: WordNeedle(context_length=1000, haystack="book"), r"haystack must be one of 'repeat', 'text'"),
         (lambda: WordNeedle(context_length=1000, kind="emoji"), r"kind must be one of 'word', 'uuid'"),
         (lambda: PassKey(context_length=1000, depth=1.5), r"depth must be a number in \[0, 1\] or None"),
+        # (JSON's true is no depth: a bool would pass as 1.0)
+        (lambda: PassKey(context_length=1000, depth=True), r"depth must be a number .*; got True"),
         (lambda: PassKey(context_length=1000, digits=0), r"digits must be an int in \[1, 64\], got 0"),
         (lambda: MQAR(context_length=100, pairs=4, queries=5), r"queries must be an int in \[1, 4\], got 5"),
         (lambda: MultiKeyNeedle(context_length=9000, needles=20, digits=1), r"needles must be an int in \[2, 9\]"),
         (lambda: FactQA(context_length=1000, facts=1, question="object"), r"facts must be an int >= 2"),
+        # (one person: the last move answers every question unread)
+        (lambda: FactQA(context_length=1000, people=1), r"people must be an int in \[2, 8\], got 1"),
         (lambda: SelectiveCopy(context_length=1.5), r"context_length must be an int >= 2"),
     ]
     for make, message in bad:
@@ -387,3 +545,29 @@ def test_task_batches_slice_by_rank_resume_and_targets():
         batches.batch(0, rank=0, world=3)
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, 1\], got 2"):
         batches.batch(0, rank=2, world=2)
+
+
+def test_task_batches_of_different_seeds_never_share_rows():
+    """The row generator hashes seed, step and row as separate fields: run together, (seed 1, step 23) and
+    (seed 12, step 3) would both be "123", and two runs of different seeds would train on the same rows."""
+    task = MQAR(context_length=64, pairs=4, queries=2)
+    for (seed, step), (other_seed, other_step) in (((1, 23), (12, 3)), ((2, 11), (21, 1))):
+        for row in (0, 3):
+            first = TaskBatches(task, batch_size=4, seed=seed).example(step, row)
+            second = TaskBatches(task, batch_size=4, seed=other_seed).example(other_step, row)
+            assert not torch.equal(first.tokens, second.tokens)
+
+
+def test_an_example_refuses_malformed_tokens_and_answers():
+    """tokens [T] int64 and answer [T] bool (a uint8 mask would index by value), answering >= 1 token and not
+    token 0: nothing precedes it, so no logit predicts it and exact_match would pass it unscored."""
+    tokens, answer = torch.arange(4), torch.tensor([False, False, True, True])
+    assert Example(tokens, answer).answer_text() == "\x02\x03"
+    for bad_tokens, bad_answer in ((tokens.int(), answer), (tokens.float(), answer), (tokens[None], answer[None]),
+                                   (tokens, answer.to(torch.uint8))):
+        with pytest.raises(ValueError, match=r"Example needs tokens \[T\] int64 and answer \[T\] bool"):
+            Example(bad_tokens, bad_answer)
+    for bad_answer in (torch.tensor([True, False, False, True]), torch.zeros(4, dtype=torch.bool),
+                       torch.tensor([False, True, True])):
+        with pytest.raises(ValueError, match="must have the shape of tokens, mark >= 1 token and not token 0"):
+            Example(tokens, bad_answer)

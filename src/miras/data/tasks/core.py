@@ -95,7 +95,8 @@ class Task:
         _check_int(type(self).__name__, "context_length", self.context_length, 2)
 
     def minimum_length(self) -> int:
-        """The shortest context_length that holds every random draw of these parameters."""
+        """A context_length that holds every random draw of these parameters: the shortest one, where a task's
+        own docstring says no otherwise."""
         raise NotImplementedError
 
     def _contents(self) -> str:

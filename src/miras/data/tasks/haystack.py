@@ -313,6 +313,9 @@ class FactQA(_HaystackTask):
         _check_int("FactQA", "people", self.people, 2, len(_NAMES))
 
     def minimum_length(self) -> int:
+        """The longest fact, question and answer counted apart, though no draw holds all three (a person's question
+        is shorter than "the <object>", an object question's story has a pick-up): 3-6 tokens above the longest
+        draw, never below it."""
         verbs = [verb for group in _VERBS.values() for verb in group]
         fact = f"{_longest(_NAMES)} {_longest(verbs)} the {_longest(_PLACES + _OBJECTS)}. "
         return self.facts * len(fact) + len(self._ask("the " + _longest(_NAMES + _OBJECTS))) + len(_longest(_PLACES))
