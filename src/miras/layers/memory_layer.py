@@ -274,10 +274,10 @@ class MemoryLayer(nn.Module):
             memory = memory.to(self.engine_dtype)
         try:
             y, memory = self._engine(q, k, v, gates, memory, fused=fused)
-        except InputRangeError as error:  # NaN gates: say where they come from (checked only on this error path)
+        except InputRangeError as error:  # NaN gates or q, k, v: say where they come from (only on this error path)
             if not bool(torch.isfinite(x).all()):
                 raise InputRangeError(f"{error}: this memory layer's input holds NaN or inf, so an earlier layer, or "
-                                     "the state carried into the model, has diverged") from None
+                                      "the state carried into the model, has diverged") from None
             raise
         return self._output(y, x), MemoryLayerState(memory, conv_tail)
 
