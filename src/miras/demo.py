@@ -518,14 +518,15 @@ def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
         longest = r[-1]["context_length"]
         seeds = ", ".join(f"{a:.2f}" for a in r[-1]["seed_accuracy"])
         below = next((row["context_length"] for row in r if row["accuracy"] < 0.5), None)
+        verdict = _verdict(r)
         # (a model that did not learn the task is below 50% from its first length: nothing fell)
         fall = (f"; first below 50% at {below:,} tokens ({_times(below, own)})"
-                if below and _verdict(r) != "did not learn the task" else "")
+                if below and verdict != "did not learn the task" else "")
         per_seed = [_verdict(r, seed) for seed in range(len(r[-1]["seed_accuracy"]))]
         split = f"; per seed: {', '.join(per_seed)}" if len(set(per_seed)) > 1 else ""
         shortest = "the training length" if r[0]["context_length"] == own else f"{r[0]['context_length']:,} tokens"
         rows_of = "" if own == config.train_length else f" its {own}-token training rows"
-        lines.append(f"**{model.name}** ({ROLES[model.role]}) **{_verdict(r)}**: {r[0]['accuracy']:.2f} at "
+        lines.append(f"**{model.name}** ({ROLES[model.role]}) **{verdict}**: {r[0]['accuracy']:.2f} at "
                      f"{shortest}, {r[-1]['accuracy']:.2f} at {longest:,} tokens "
                      f"({_times(longest, own)}{rows_of}; seeds: {seeds}){split}{fall}"
                      + ("; not evaluated further" if longest < config.eval_lengths[-1] else "") + ".")
@@ -546,9 +547,10 @@ def _conclusions(config: DemoConfig, pooled: dict) -> list[str]:
     if not missed and not untested:
         lines.append(f"The papers' claim holds in this run: {claim}.")
     else:
-        parts = [f"holds here for {', '.join(held)}"] if held else []
-        parts += [f"it does not for {', '.join(missed)}"] if missed and held else []
-        parts += [f"does not hold here: not for {', '.join(missed)}"] if missed and not held else []
+        if held:
+            parts = [f"holds here for {', '.join(held)}"] + ([f"it does not for {', '.join(missed)}"] if missed else [])
+        else:
+            parts = [f"does not hold here: not for {', '.join(missed)}"] if missed else []
         parts += [f"not tested at {multiple}x: {', '.join(untested)}"] if untested else []
         lines.append(f"The papers' claim ({claim}) {'; '.join(parts)}.")
     return lines

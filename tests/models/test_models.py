@@ -127,7 +127,7 @@ def test_state_save_load_round_trips(family, tmp_path):
     _, state = model(x[:, :13])
     state.save(tmp_path / "state.pt")
     loaded = ModelState.load(tmp_path / "state.pt")
-    assert any(t.requires_grad for t in _tensors(state)) and not any(t.requires_grad for t in _tensors(loaded))
+    assert any(t.requires_grad for t in state.tensors()) and not any(t.requires_grad for t in loaded.tensors())
     expected, _ = model(x[:, 13:], state)
     got, _ = model(x[:, 13:], loaded)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -219,12 +219,12 @@ def test_state_to_and_load_map_location(tmp_path):
     with pytest.raises(TypeError, match=r"state.to\(torch.float64\) converts it"):
         model(ids(7), state)
     converted = state.to(torch.float64)
-    assert {t.dtype for t in _tensors(converted)} == {torch.float64} and converted.model == state.model
+    assert {t.dtype for t in converted.tensors()} == {torch.float64} and converted.model == state.model
     assert model(ids(7), converted)[0].dtype == torch.float64
     converted.save(tmp_path / "state.pt")
     loaded = ModelState.load(tmp_path / "state.pt", map_location="cpu")
     assert loaded.model == state.model and loaded.seen == 13
-    for a, b in zip(_tensors(loaded), _tensors(converted)):
+    for a, b in zip(loaded.tensors(), converted.tensors()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -243,7 +243,7 @@ def test_state_to_casts_floating_tensors_only(family):
         assert {p.dtype for p in positions(converted)} == {torch.int64}
         assert all(torch.equal(a, b) for a, b in zip(positions(converted), positions(state)))
         assert positions(state)[0][-1] > 256  # past what bfloat16 holds exactly
-        floats = [t for t in _tensors(converted) if t.is_floating_point()]
+        floats = [t for t in converted.tensors() if t.is_floating_point()]
         assert floats and {t.dtype for t in floats} == {torch.bfloat16}
         by_hand = ModelState(tuple(_cast_floats(s) for s in state.layers), state.seen, state.model)
         bf16 = model.to(torch.bfloat16)
@@ -310,7 +310,7 @@ def test_a_state_holds_no_hidden_storage(family, tmp_path):
     for tokens in (259, 2051, 256):
         with torch.no_grad():
             _, state = model(ids(tokens, batch=1))
-        for t in _tensors(state):
+        for t in state.tensors():
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (family, tuple(t.shape))
         state.save(tmp_path / "state.pt")
         sizes.append((tmp_path / "state.pt").stat().st_size)
@@ -329,7 +329,7 @@ def test_detach_cuts_every_tensor_of_the_state_from_the_graph(family):
         logits, state = model(piece, state)
         logits.square().mean().backward()
         state = state.detach()
-        assert not any(t.requires_grad for t in _tensors(state))
+        assert not any(t.requires_grad for t in state.tensors())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -359,10 +359,10 @@ def test_a_state_does_not_change_when_the_model_is_changed_in_place(family, grad
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     if grad:  # the state is part of the graph: the initial weights themselves, until detached (Memora's
         # memory starts at a softmax of its parameters, a tensor of its own)
-        assert any(t.untyped_storage().data_ptr() in storages for t in _tensors(state)) == (family != "memora")
+        assert any(t.untyped_storage().data_ptr() in storages for t in state.tensors()) == (family != "memora")
         state = state.detach()
     # returned without autograd, or detached: nothing in it requires grad or is a parameter's memory
-    assert not any(t.requires_grad or t.untyped_storage().data_ptr() in storages for t in _tensors(state))
+    assert not any(t.requires_grad or t.untyped_storage().data_ptr() in storages for t in state.tensors())
     with torch.no_grad():
         expected, _ = model(rest, state)
         saved = {name: p.clone() for name, p in model.named_parameters()}
@@ -374,16 +374,6 @@ def test_a_state_does_not_change_when_the_model_is_changed_in_place(family, grad
         got, _ = model(rest, state)
     assert any("initial" in name for name in saved)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def _tensors(value):
-    import dataclasses
-
-    if dataclasses.is_dataclass(value):
-        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
-    if isinstance(value, tuple):
-        return [t for v in value for t in _tensors(v)]
-    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def test_sampling_draws_at_the_temperatures_distribution():
@@ -958,7 +948,7 @@ def test_a_matrix_memory_with_momentum_starts_at_a_stable_step(preset):
     with torch.no_grad():
         logits, state = model(ids)
     assert torch.isfinite(logits).all()
-    assert max(t.abs().max().item() for t in _tensors(state) if t.is_floating_point()) < 100
+    assert max(t.abs().max().item() for t in state.tensors() if t.is_floating_point()) < 100
 
 
 def test_channel_wise_gates_need_a_rule_that_takes_them():

@@ -264,24 +264,30 @@ class InputRangeError(ValueError):
     trainer says so)."""
 
 
+def _reads_values(x: Tensor) -> bool:
+    """Whether the input checks read ``x``'s values: on the CPU only (elsewhere a check would wait for the device at
+    every call), not while compiling, and only where there are any."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.numel() > 0
+
+
 def _check_finite(tensors: dict[str, Tensor]) -> None:
-    """q, k and v hold no NaN or infinity (CPU only, as the gate ranges). ``chunked`` reads a chunk with masked
+    """q, k and v hold no NaN or infinity (read as the gate ranges are). ``chunked`` reads a chunk with masked
     products, where 0 x NaN is NaN: a NaN key or value would reach the tokens before it in its chunk."""
-    first = next(iter(tensors.values()))
-    if first.device.type != "cpu" or torch.compiler.is_compiling() or not first.numel():
+    if not _reads_values(next(iter(tensors.values()))):
         return
     if math.isfinite(sum(float(x.detach().sum()) for x in tensors.values())):  # then every element is finite
         return
     for name, x in tensors.items():  # NaN or inf somewhere, or (unlikely) a finite sum that overflowed
-        if not bool(torch.isfinite(x.detach()).all()):
-            where = [int(i) for i in (~torch.isfinite(x.detach())).nonzero()[0][:3]]
+        bad = ~torch.isfinite(x.detach())
+        if bool(bad.any()):
+            where = [int(i) for i in bad.nonzero()[0][:3]]
             raise InputRangeError(f"{name} must be finite, got NaN or inf at [batch, token, head] = {where}")
 
 
 def _check_gate_values(name: str, gate: Tensor) -> None:
     """Each gate in its range (Gates' docstring). Checked on the CPU only: elsewhere the check would
     wait for the device at every call (a MemoryLayer's gates are in range by construction)."""
-    if gate.device.type != "cpu" or torch.compiler.is_compiling() or name not in GATE_RANGES or not gate.numel():
+    if not _reads_values(gate) or name not in GATE_RANGES:
         return
     low, high, closed = GATE_RANGES[name]
     least, most = (float(x) for x in torch.aminmax(gate.detach()))  # NaN anywhere makes both NaN
