@@ -42,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from .architectures import batch_shared, matmul_linear
 from .fused import fused_chunks
 from .fused import supports as fused_supports
-from .recurrent import initial_state
+from .recurrent import starting_state
 from .rules import MemoryRule
 from .span import SPAN_CHUNKS, SPAN_TOKENS, span_chunks
 from .span import supports as span_supports
@@ -94,8 +94,7 @@ def chunked(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
                          f"fused=True or compile; got recompute={recompute}, fused={fused}, compile={compile}")
     batch, tokens, heads, dk = k.shape
     dv = v.shape[-1]
-    if state is None:
-        state = initial_state(rule, batch, heads, dk, dv, dtype=k.dtype, device=k.device)
+    state = starting_state(rule, k, v, state)
     if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
         return v.new_zeros(v.shape), state
     gates = replace(gates, lr=rule.algorithm.effective_lr(gates.lr, k))

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .architectures import LinearMemory
 from .objectives import GD, L2, Decay, ImplicitGD, NoRetention, PreDecay
-from .recurrent import initial_state
+from .recurrent import starting_state
 from .rules import MemoryRule
 from .state import Gates, MemoryState, check_inputs, check_rule
 
@@ -60,9 +60,8 @@ def delta(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates, state
                          "token); for channel-wise gates use chunked or recurrent")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-    batch, tokens, heads, dk = k.shape
-    if state is None:
-        state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+    batch, tokens, heads, _ = k.shape
+    state = starting_state(rule, k, v, state)
     if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
         return v.new_zeros(v.shape), state
     with torch.autocast(q.device.type, enabled=False):

@@ -58,6 +58,15 @@ def initial_state(rule: MemoryRule, batch: int, heads: int, dk: int, dv: int, *,
     return MemoryState(weights, momentum)
 
 
+def starting_state(rule: MemoryRule, k: Tensor, v: Tensor, state: MemoryState | None) -> MemoryState:
+    """The state a call on keys ``k`` and values ``v`` starts from: ``state``, or else the rule's
+    ``initial_state`` for their batch, heads and dims (every path's default)."""
+    if state is not None:
+        return state
+    batch, _, heads, dk = k.shape
+    return initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+
+
 def read(rule: MemoryRule, state: MemoryState, q: Tensor) -> Tensor:
     """Retrieval without a write (Titans Eq. 15): y = M*(q). q ``[B, T, H, Dk]`` -> ``[B, T, H, Dv]``."""
     check_rule(rule)
@@ -92,8 +101,7 @@ def recurrent(rule: MemoryRule, q: Tensor, k: Tensor, v: Tensor, gates: Gates,
             # clones made outside inference mode: ordinary tensors that autograd can use
             return recurrent(rule, *map_tensors((q, k, v, gates, state), Tensor.clone), chunk_size)
     batch, tokens, heads, dk = k.shape
-    if state is None:
-        state = initial_state(rule, batch, heads, dk, v.shape[-1], dtype=k.dtype, device=k.device)
+    state = starting_state(rule, k, v, state)
     if tokens == 0:  # nothing to write or read (a stream may be cut anywhere): the state as it was
         return v.new_zeros(v.shape), state
     arch, momentum, retention = rule.architecture, rule.algorithm.uses_momentum, rule.retention
