@@ -268,3 +268,38 @@ def test_peak_rss_is_the_case_process_own_not_its_parents():
               f"subprocess.run([sys.executable, '-c', {child!r}], check=True)")
     out = subprocess.run([sys.executable, "-c", parent], check=True, capture_output=True, text=True).stdout
     assert 0 < float(out) < 700
+
+
+def test_memory_gates_reports_the_inner_learning_rate_at_each_role_of_an_mqar_example(monkeypatch):
+    """benchmarks/memory_gates.py: θ at the pair's key (token 0), its value (1), the noise (2..T-3) and the query's
+    key (T-2), each a mean over examples, batch and heads; with θ set by position, each role gets exactly its own."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from miras.layers import MemoryLayer
+    from miras.models import create
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_gates.py"
+    spec = importlib.util.spec_from_file_location("benchmark_memory_gates", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    length = 24
+    by_position = torch.full((length,), 0.01)
+    by_position[0], by_position[1], by_position[length - 2], by_position[length - 1] = 0.1, 0.5, 0.2, 0.9
+    compute = MemoryLayer._gates
+
+    def gates(self, x, dtype):  # the layer's gates with θ replaced by the positions' values (one call: 0..T-1)
+        found = compute(self, x, dtype)
+        return dataclasses.replace(found, lr=by_position[:x.shape[1], None].expand_as(found.lr).to(dtype))
+
+    monkeypatch.setattr(MemoryLayer, "_gates", gates)
+    torch.manual_seed(0)
+    model = create("titans-lmm-tiny")
+    monkeypatch.setattr(script, "load_run", lambda run: (model, None, None))
+    stats = script.gate_statistics("run", length, examples=2, seed=0)
+    expected = {"key": 0.1, "value": 0.5, "noise": 0.01, "query": 0.2}
+    assert len(stats["lr_by_role"]) == model.config.layers
+    for layer in stats["lr_by_role"]:
+        assert layer == pytest.approx(expected, abs=1e-7)
+    assert stats["mean_lr"] == pytest.approx([by_position.mean().item()] * model.config.layers, abs=1e-7)
