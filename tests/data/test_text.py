@@ -636,13 +636,20 @@ def test_cache_files_are_listed_and_cleared_and_nothing_else(folder, tmp_path_fa
 
 
 def test_interrupted_cache_leaves_no_file(folder, tmp_path_factory):
-    class Failing(ByteTokenizer):
+    class Failing(CountingByteTokenizer):
+        """Interrupted on the corpus's second chunk, while the cache's temp file is being written (the cache
+        key's encoding of an empty document passes)."""
+
         def encode_documents(self, texts):
-            raise KeyboardInterrupt
+            if self.calls == 1 and any(texts):
+                raise KeyboardInterrupt
+            return super().encode_documents(texts)
 
     cache = tmp_path_factory.mktemp("cache")
+    tokenizer = Failing()
     with pytest.raises(KeyboardInterrupt):
-        cached_tokens(from_path(folder), Failing(), "train", cache_dir=cache)
+        cached_tokens(from_path(folder), tokenizer, "train", cache_dir=cache, chunk_chars=100)
+    assert tokenizer.calls == 1  # one chunk was written before the interrupt
     assert list(cache.iterdir()) == []
 
 
